@@ -1,0 +1,31 @@
+"""canonreg: measure and induce canonical representations in PyTorch models.
+
+Implements the Canonical Representation Hypothesis (CRH) and Polynomial Alignment Hypothesis (PAH)
+of Ziyin, Chuang, Galanti & Poggio, "Formation of Representations in Neural Networks"
+(arXiv:2410.03006, ICLR 2025), and the noise-equilibrium mechanism of Ziyin, Wang, Li & Wu
+(arXiv:2402.07193).
+"""
+
+from . import functional
+from .errors import CanonRegError
+from .functional import RELATION_PAIRS, RELATIONS, BalanceTerms, PowerLawFit
+from .monitor import CRHMonitor
+from .report import CRHReport
+from .taps import ConvTap, LayerTap, LinearTap, register_tap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "CanonRegError",
+    "RELATIONS",
+    "RELATION_PAIRS",
+    "BalanceTerms",
+    "PowerLawFit",
+    "CRHMonitor",
+    "CRHReport",
+    "LayerTap",
+    "LinearTap",
+    "ConvTap",
+    "register_tap",
+]

@@ -1,0 +1,73 @@
+"""Errors and argument checks shared by every canonreg component.
+
+Every check raises with the argument's name, what was expected and what was received, e.g.
+``Expected `weight_decay` to be a non-negative float, but got -0.1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+__all__ = [
+    "CanonRegError",
+    "check_choice",
+    "check_nonnegative",
+    "check_positive",
+    "check_positive_int",
+    "check_fraction",
+]
+
+T = TypeVar("T")
+
+
+class CanonRegError(RuntimeError):
+    """Misuse of a canonreg lifecycle or of a model it was attached to.
+
+    Raised, for example, by ``compute()`` before any backward pass, by a layer that recorded no
+    samples, by non-finite statistics under the ``"error"`` policy, or by attaching two monitors to
+    one model. Bad argument *values* raise ``ValueError``/``TypeError`` instead.
+    """
+
+
+def check_choice(name: str, value: T, choices: Iterable[T]) -> T:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming ``name``."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"Expected `{name}` to be one of {list(options)!r}, but got {value!r}")
+    return value
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite real >= 0, else raise naming ``name``."""
+    if not _is_real(value) or value < 0:
+        raise ValueError(f"Expected `{name}` to be a non-negative float, but got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite real > 0, else raise naming ``name``."""
+    if not _is_real(value) or value <= 0:
+        raise ValueError(f"Expected `{name}` to be a positive float, but got {value!r}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value: Any, *, open_low: bool = True) -> float:
+    """Return ``float(value)`` if it lies in (0, 1] (or [0, 1] with ``open_low=False``)."""
+    ok = _is_real(value) and (value > 0 if open_low else value >= 0) and value <= 1
+    if not ok:
+        interval = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"Expected `{name}` to be a float in {interval}, but got {value!r}")
+    return float(value)

@@ -1,0 +1,519 @@
+"""Pure tensor functions behind every number canonreg reports.
+
+Notation follows ``crh-spec.md``: a layer ``h_b = W h_a + b`` with ``W`` of shape ``(d_b, d_a)``;
+``g_b = -dℓ/dh_b`` per sample, ``g_a = Wᵀ g_b``. The six matrices are
+
+    H_a = E[h_a h_aᵀ]   G_a = E[g_a g_aᵀ]   Z_a = WᵀW
+    H_b = E[h_b h_bᵀ]   G_b = E[g_b g_bᵀ]   Z_b = WWᵀ
+
+and the six relations of the Canonical Representation Hypothesis (Ziyin, Chuang, Galanti &
+Poggio, "Formation of Representations in Neural Networks", arXiv:2410.03006) claim pairwise
+proportionality on each side (see :data:`RELATION_PAIRS`).
+
+All functions here are stateless, differentiable where that makes sense, and work in the dtype
+they are given (pass float64 for reference-quality numbers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import check_choice, check_fraction, check_positive_int
+
+__all__ = [
+    "RELATIONS",
+    "RELATION_PAIRS",
+    "MATRIX_NAMES",
+    "PREPROCESS_MODES",
+    "Preprocess",
+    "Metric",
+    "preprocess_rows",
+    "second_moment",
+    "moment_from_sums",
+    "alignment",
+    "relation_alignments",
+    "participation_ratio",
+    "entropy_rank",
+    "n_components",
+    "random_orthogonal",
+    "rotation_null_alignment",
+    "PowerLawFit",
+    "power_law_fit",
+    "nc1",
+    "invariance_score",
+    "BalanceTerms",
+    "balance_terms",
+]
+
+Preprocess = Literal["raw", "centered", "normalized"]
+Metric = Literal["pearson", "cosine"]
+
+PREPROCESS_MODES: tuple[Preprocess, ...] = ("raw", "centered", "normalized")
+METRICS: tuple[Metric, ...] = ("pearson", "cosine")
+
+#: The six CRH relations, in the order reports use.
+RELATIONS: tuple[str, ...] = ("f-RGA", "f-GWA", "f-RWA", "b-RGA", "b-GWA", "b-RWA")
+
+#: ``relation -> (A, B)``: the relation claims ``A ∝ B``; a PAH fit reads ``A ∝ B^κ``.
+RELATION_PAIRS: dict[str, tuple[str, str]] = {
+    "f-RGA": ("H_a", "G_a"),
+    "f-GWA": ("G_a", "Z_a"),
+    "f-RWA": ("H_a", "Z_a"),
+    "b-RGA": ("H_b", "G_b"),
+    "b-GWA": ("G_b", "Z_b"),
+    "b-RWA": ("H_b", "Z_b"),
+}
+
+MATRIX_NAMES: tuple[str, ...] = ("H_a", "H_b", "G_a", "G_b", "Z_a", "Z_b")
+
+
+def _check_rows(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(
+            f"Expected `{name}` to be a 2-D (samples, features) tensor, but got shape {tuple(x.shape)}"
+        )
+
+
+def _check_square(name: str, a: Tensor) -> None:
+    if not isinstance(a, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, but got {type(a).__name__}")
+    if a.dim() != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"Expected `{name}` to be a square matrix, but got shape {tuple(a.shape)}")
+
+
+def preprocess_rows(x: Tensor, mode: Preprocess) -> Tensor:
+    """Per-sample preprocessing applied before second moments.
+
+    ``raw`` and ``centered`` return ``x`` unchanged (centering happens in the moment);
+    ``normalized`` returns ``x_i / ‖x_i‖`` (rows of zero norm stay zero, and still count as samples).
+
+    Args:
+        x: ``(n, d)`` rows, one sample each.
+        mode: ``"raw" | "centered" | "normalized"``.
+    """
+    check_choice("preprocess", mode, PREPROCESS_MODES)
+    if mode != "normalized":
+        return x
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def moment_from_sums(sum_xx: Tensor, sum_x: Tensor, count: int | float | Tensor, *, centered: bool) -> Tensor:
+    """Second moment from streaming sums.
+
+    ``raw``: ``S_xx / n``; centred: ``S_xx / n − μ μᵀ`` with ``μ = S_x / n`` (population covariance).
+    """
+    n = float(count)
+    if n <= 0:
+        raise ValueError(f"Expected `count` to be positive, but got {count!r}")
+    m = sum_xx / n
+    if centered:
+        mu = sum_x / n
+        m = m - torch.outer(mu, mu)
+    return m
+
+
+def second_moment(x: Tensor, mode: Preprocess = "raw") -> Tensor:
+    """Second moment of the rows of ``x`` after the spec's preprocessing.
+
+    ``raw``: ``E[x xᵀ]``; ``centered``: ``Cov(x)``; ``normalized``: ``Cov(x/‖x‖)`` (the paper's
+    measurement protocol). Expectations are population means over the ``n`` rows.
+
+    Args:
+        x: ``(n, d)`` samples.
+        mode: preprocessing mode.
+
+    Returns:
+        ``(d, d)`` symmetric matrix.
+
+    Example:
+        >>> second_moment(torch.randn(100, 5), "centered").shape
+        torch.Size([5, 5])
+    """
+    _check_rows("x", x)
+    check_choice("preprocess", mode, PREPROCESS_MODES)
+    if x.shape[0] == 0:
+        raise ValueError("Expected `x` to have at least one row, but got 0 rows")
+    y = preprocess_rows(x, mode)
+    return moment_from_sums(y.T @ y, y.sum(0), y.shape[0], centered=mode != "raw")
+
+
+def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
+    """Alignment score ``α(A, B)`` between two equally shaped matrices.
+
+    ``pearson``: ``Σ(A_ij − Ā)(B_ij − B̄) / sqrt(Σ(A_ij − Ā)² Σ(B_ij − B̄)²)`` (the paper's score);
+    ``cosine``:  ``⟨A, B⟩_F / (‖A‖_F ‖B‖_F)``, equal to 1 exactly when ``A = cB`` with ``c > 0``.
+
+    Both lie in ``[−1, 1]``, are symmetric and invariant to positive rescaling of either argument.
+    The result is NaN when either matrix has zero spread (pearson) or zero norm (cosine): alignment
+    with a constant matrix is undefined. Differentiable.
+
+    Returns:
+        0-d tensor in the promoted dtype of ``a`` and ``b``.
+    """
+    check_choice("metric", metric, METRICS)
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError("Expected `a` and `b` to be torch.Tensors")
+    if a.shape != b.shape:
+        raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
+    x = a.reshape(-1)
+    y = b.reshape(-1)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    x = x.to(dtype)
+    y = y.to(dtype)
+    if metric == "pearson":
+        x = x - x.mean()
+        y = y - y.mean()
+    # Scale each side by its max before the products: exact in real arithmetic, and it keeps
+    # tiny gradient moments (1e-20 and below) from underflowing in float32.
+    sx = x.detach().abs().amax()
+    sy = y.detach().abs().amax()
+    x = x / torch.where(sx > 0, sx, torch.ones_like(sx))
+    y = y / torch.where(sy > 0, sy, torch.ones_like(sy))
+    denom = torch.sqrt((x * x).sum() * (y * y).sum())
+    num = (x * y).sum()
+    nan = torch.full_like(num, float("nan"))
+    return torch.where(denom > 0, num / torch.where(denom > 0, denom, torch.ones_like(denom)), nan).clamp(-1.0, 1.0)
+
+
+def relation_alignments(matrices: Mapping[str, Tensor], metric: Metric = "pearson") -> dict[str, float]:
+    """``α`` of all six relations from a mapping with keys ``H_a, H_b, G_a, G_b, Z_a, Z_b``."""
+    missing = [k for k in MATRIX_NAMES if k not in matrices]
+    if missing:
+        raise ValueError(f"Expected `matrices` to contain {list(MATRIX_NAMES)}, but it lacks {missing}")
+    return {r: float(alignment(matrices[p], matrices[q], metric)) for r, (p, q) in RELATION_PAIRS.items()}
+
+
+def _sym_eigvalsh(h: Tensor) -> Tensor:
+    return torch.linalg.eigvalsh(0.5 * (h + h.T)).clamp_min(0)
+
+
+def participation_ratio(h: Tensor) -> Tensor:
+    """Participation ratio ``(Tr H)² / Tr(H²)`` of a symmetric PSD matrix.
+
+    Equals the rank for a flat spectrum, 1 for rank one; NaN for the zero matrix. Uses
+    ``Tr(H²) = ‖H‖_F²`` (no eigendecomposition).
+    """
+    _check_square("h", h)
+    tr = torch.diagonal(h).sum()
+    fro2 = (h * h).sum()
+    return torch.where(fro2 > 0, tr * tr / torch.where(fro2 > 0, fro2, torch.ones_like(fro2)), torch.full_like(tr, float("nan")))
+
+
+def entropy_rank(h: Tensor) -> Tensor:
+    """Entropy effective rank ``exp(−Σ p_i log p_i)``, ``p_i = λ_i / Σ λ`` (Roy & Vetterli, 2007).
+
+    Negative eigenvalues from round-off are clipped to zero; NaN for the zero matrix.
+    """
+    _check_square("h", h)
+    lam = _sym_eigvalsh(h)
+    total = lam.sum()
+    if not bool(total > 0):
+        return torch.full((), float("nan"), dtype=h.dtype, device=h.device)
+    p = lam / total
+    ent = -(torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))).sum()
+    return torch.exp(ent)
+
+
+def n_components(h: Tensor, threshold: float = 0.95) -> int:
+    """Number of principal components needed to explain ``threshold`` of ``Tr H``.
+
+    Smallest ``k`` with ``Σ_{i≤k} λ_(i) ≥ threshold · Σ λ`` (eigenvalues sorted descending).
+    """
+    _check_square("h", h)
+    check_fraction("threshold", threshold)
+    lam = torch.flip(_sym_eigvalsh(h.detach().double()), dims=(0,))
+    total = lam.sum()
+    if not bool(total > 0):
+        raise ValueError("Expected `h` to have a positive trace; n_components is undefined for the zero matrix")
+    cum = torch.cumsum(lam, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+
+
+def random_orthogonal(d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Haar-distributed random ``d × d`` orthogonal matrix (QR of a Gaussian with sign fix)."""
+    check_positive_int("d", d)
+    g = torch.randn(d, d, generator=generator, dtype=dtype)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=dtype))
+
+
+def rotation_null_alignment(
+    a: Tensor,
+    b: Tensor,
+    metric: Metric = "pearson",
+    *,
+    num_samples: int = 16,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Spectrum-preserving chance level: ``α(A, Q B Qᵀ)`` for Haar-random orthogonal ``Q``.
+
+    ``Q B Qᵀ`` keeps B's eigenvalues but forgets its eigenbasis, so the samples show what
+    alignment two matrices with these spectra reach by chance (the paper's random-projection
+    baseline is α ≈ 0.14).
+
+    Returns:
+        ``(num_samples,)`` tensor of null alignments.
+    """
+    _check_square("a", a)
+    _check_square("b", b)
+    check_positive_int("num_samples", num_samples)
+    out = []
+    for _ in range(num_samples):
+        q = random_orthogonal(b.shape[0], generator=generator, dtype=torch.float64).to(b.dtype)
+        out.append(alignment(a, q @ b @ q.T, metric))
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Result of :func:`power_law_fit` for a pair ``A ∝ B^κ``.
+
+    Attributes:
+        exponent: fitted κ.
+        intercept: fitted c in ``log a = κ log λ + c``.
+        r2: coefficient of determination of the log-log fit.
+        ci_low, ci_high: bootstrap 95% percentile interval of κ.
+        off_diagonal: ``‖VᵀAV − diag(VᵀAV)‖_F / ‖A‖_F`` (0 when A and B share an eigenbasis).
+        n_points: eigenvalues used (above the floor, with positive ``a_i``).
+    """
+
+    exponent: float
+    intercept: float
+    r2: float
+    ci_low: float
+    ci_high: float
+    off_diagonal: float
+    n_points: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "exponent": self.exponent,
+            "intercept": self.intercept,
+            "r2": self.r2,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "off_diagonal": self.off_diagonal,
+            "n_points": self.n_points,
+        }
+
+
+def _ols(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched least squares ``y = k x + c`` along the last dim; returns (k, c)."""
+    xm = x.mean(-1, keepdim=True)
+    ym = y.mean(-1, keepdim=True)
+    sxx = ((x - xm) ** 2).sum(-1)
+    sxy = ((x - xm) * (y - ym)).sum(-1)
+    k = sxy / sxx
+    c = ym.squeeze(-1) - k * xm.squeeze(-1)
+    return k, c
+
+
+def power_law_fit(
+    a: Tensor,
+    b: Tensor,
+    *,
+    floor: float = 1e-6,
+    n_bootstrap: int = 200,
+    generator: torch.Generator | None = None,
+    eig: tuple[Tensor, Tensor] | None = None,
+) -> PowerLawFit:
+    """Fit the PAH exponent κ in ``A ∝ B^κ`` (spec §4).
+
+    With ``B = V Λ Vᵀ`` and ``a_i = v_iᵀ A v_i``, fit ``log a_i = κ log λ_i + c`` over eigenvalues
+    ``λ_i > floor · λ_max`` with ``a_i > 0``. The interval is a 95% percentile bootstrap over the
+    fitted points. Symmetric inputs are assumed (they are symmetrised).
+
+    Args:
+        a, b: symmetric ``(d, d)`` matrices.
+        floor: relative eigenvalue floor (eigenvalues below ``floor · λ_max`` are dropped).
+        n_bootstrap: bootstrap resamples (0 disables the interval: NaN bounds).
+        generator: RNG for the bootstrap.
+        eig: optional precomputed ``(λ, V)`` of ``b`` from ``torch.linalg.eigh``.
+
+    Returns:
+        :class:`PowerLawFit`; exponent, r2 and interval are NaN when fewer than 3 points survive or
+        all surviving eigenvalues are equal (the slope is then undefined).
+    """
+    _check_square("a", a)
+    _check_square("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (isinstance(floor, (int, float)) and 0 <= floor < 1):
+        raise ValueError(f"Expected `floor` to be a float in [0, 1), but got {floor!r}")
+    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
+        raise ValueError(f"Expected `n_bootstrap` to be a non-negative int, but got {n_bootstrap!r}")
+    a64 = a.detach().double()
+    a64 = 0.5 * (a64 + a64.T)
+    if eig is None:
+        b64 = b.detach().double()
+        lam, v = torch.linalg.eigh(0.5 * (b64 + b64.T))
+    else:
+        lam, v = eig[0].double(), eig[1].double()
+    rot = v.T @ a64 @ v
+    diag = torch.diagonal(rot)
+    a_norm = torch.linalg.matrix_norm(a64)
+    off = float(torch.linalg.matrix_norm(rot - torch.diag(diag)) / a_norm) if a_norm > 0 else float("nan")
+    lam_max = lam.max()
+    keep = (lam > floor * lam_max) & (lam > 0) & (diag > 0)
+    n = int(keep.sum())
+    nan = float("nan")
+    if n < 3:
+        return PowerLawFit(nan, nan, nan, nan, nan, off, n)
+    x = torch.log(lam[keep])
+    y = torch.log(diag[keep])
+    if float(x.max() - x.min()) <= 1e-12:
+        return PowerLawFit(nan, nan, nan, nan, nan, off, n)
+    k, c = _ols(x, y)
+    resid = y - (k * x + c)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    lo = hi = nan
+    if n_bootstrap > 0:
+        idx = torch.randint(0, n, (n_bootstrap, n), generator=generator)
+        kb, _ = _ols(x[idx], y[idx])
+        kb = kb[torch.isfinite(kb)]
+        if kb.numel() > 0:
+            lo = float(torch.quantile(kb, 0.025))
+            hi = float(torch.quantile(kb, 0.975))
+    return PowerLawFit(float(k), float(c), r2, lo, hi, off, n)
+
+
+def nc1(features: Tensor, labels: Tensor) -> float:
+    """Neural-collapse NC1 ``Tr(Σ_W Σ_B⁺) / C`` (Papyan, Han & Donoho, 2020).
+
+    ``Σ_W`` is the mean within-class covariance, ``Σ_B`` the covariance of the class means around
+    the global mean, ``C`` the number of classes present. 0 at full collapse.
+
+    Args:
+        features: ``(n, d)`` representations.
+        labels: ``(n,)`` integer class labels.
+    """
+    _check_rows("features", features)
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"Expected `labels` to have shape ({features.shape[0]},), but got {tuple(labels.shape)}"
+        )
+    x = features.detach().double()
+    classes = torch.unique(labels)
+    if classes.numel() < 2:
+        raise ValueError(f"Expected `labels` to contain at least 2 classes, but got {classes.numel()}")
+    mu = x.mean(0)
+    d = x.shape[1]
+    sw = torch.zeros(d, d, dtype=torch.float64)
+    sb = torch.zeros(d, d, dtype=torch.float64)
+    for c in classes:
+        xc = x[labels == c]
+        mc = xc.mean(0)
+        dc = xc - mc
+        sw += dc.T @ dc / xc.shape[0]
+        sb += torch.outer(mc - mu, mc - mu)
+    sw /= classes.numel()
+    sb /= classes.numel()
+    return float(torch.trace(sw @ torch.linalg.pinv(sb, hermitian=True)) / classes.numel())
+
+
+def invariance_score(h_x: Tensor, h_tx: Tensor) -> float:
+    """Invariance of a representation to a nuisance transform ``T`` (spec §6).
+
+    ``E‖h(Tx) − h(x)‖² / E‖h(x) − h(x')‖²`` with ``x, x'`` independent samples; the denominator is
+    computed exactly over all pairs as ``2 Tr Cov(h(x))`` (unbiased). 0 = perfectly invariant,
+    about 1 = the transform moves a representation as far as swapping the input for another.
+    """
+    _check_rows("h_x", h_x)
+    _check_rows("h_tx", h_tx)
+    if h_x.shape != h_tx.shape:
+        raise ValueError(f"Expected `h_x` and `h_tx` to have the same shape, but got {tuple(h_x.shape)} and {tuple(h_tx.shape)}")
+    if h_x.shape[0] < 2:
+        raise ValueError("Expected at least 2 samples for the invariance score")
+    a = h_x.detach().double()
+    b = h_tx.detach().double()
+    num = ((b - a) ** 2).sum(1).mean()
+    den = 2.0 * a.var(0, unbiased=True).sum()
+    return float(num / den) if den > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class BalanceTerms:
+    """Trace form of the three forces on the weight Gram matrices (spec §5), per unit learning rate.
+
+    From ``W⁺ = W + η(M − γW)`` with ``M`` the negative batch gradient,
+    ``Tr E[Δ(WᵀW)]/η = drift + noise + signal − decay`` where
+
+        decay  = γ(2 − ηγ) ‖W‖_F²
+        drift  = 2(1 − ηγ) E⟨g_a, h_a⟩            (= 2(1 − ηγ) E⟨g_b, W h_a⟩)
+        noise  = (η/S) E[‖g_b‖² ‖h_a‖²]            (per-sample weight-gradient norm, /S)
+        signal = η (1 − 1/S) ‖E[g_b h_aᵀ]‖_F²      (squared mean gradient; 0 when not tracked)
+
+    The traces of ``Δ(WᵀW)`` and ``Δ(WWᵀ)`` are equal, so one set of scalars serves both sides.
+    ``noise_share = noise / decay``. Rows are treated as samples (exact for Linear layers on 2-D
+    inputs; for convolutions and sequences each position counts as one sample).
+    """
+
+    decay: float
+    drift: float
+    noise: float
+    signal: float
+    noise_share: float
+    lr: float
+    weight_decay: float
+    batch_size: int
+
+    @property
+    def rho(self) -> float:
+        """``ρ = η / (γ S)``: noise (large ρ) against decay (small ρ); inf without weight decay."""
+        return self.lr / (self.weight_decay * self.batch_size) if self.weight_decay > 0 else math.inf
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "decay": self.decay,
+            "drift": self.drift,
+            "noise": self.noise,
+            "signal": self.signal,
+            "noise_share": self.noise_share,
+            "rho": self.rho,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+        }
+
+
+def balance_terms(
+    weight_sq_norm: float,
+    mean_ga_ha: float,
+    mean_gnorm2_hnorm2: float,
+    *,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    mean_gradient_sq_norm: float = 0.0,
+) -> BalanceTerms:
+    """Balance terms of spec §5 from per-sample means (see :class:`BalanceTerms`).
+
+    Args:
+        weight_sq_norm: ``‖W‖_F²``.
+        mean_ga_ha: ``E⟨g_a, h_a⟩`` with ``g = −dℓ/dh`` per sample.
+        mean_gnorm2_hnorm2: ``E[‖g_b‖² ‖h_a‖²]``.
+        lr, weight_decay, batch_size: η, γ, S of the SGD step.
+        mean_gradient_sq_norm: ``‖E[g_b h_aᵀ]‖_F²`` (optional).
+    """
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"Expected `lr` to be a positive float, but got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"Expected `weight_decay` to be a non-negative float, but got {weight_decay!r}")
+    check_positive_int("batch_size", batch_size)
+    eta, gamma, s = float(lr), float(weight_decay), int(batch_size)
+    decay = gamma * (2.0 - eta * gamma) * weight_sq_norm
+    drift = 2.0 * (1.0 - eta * gamma) * mean_ga_ha
+    noise = eta / s * mean_gnorm2_hnorm2
+    signal = eta * (1.0 - 1.0 / s) * mean_gradient_sq_norm
+    share = noise / decay if decay > 0 else math.inf
+    return BalanceTerms(decay, drift, noise, signal, share, eta, gamma, s)

@@ -1,0 +1,186 @@
+"""Layer selection and owned, removable hook handles (shared by monitor, losses and optimizer).
+
+``layers`` arguments accept, everywhere in canonreg:
+
+* ``None``: every module with a tap (Linear, Conv1d, Conv2d and registered types), except
+  children whose parent applies their weights functionally (``nn.MultiheadAttention.out_proj``),
+  which are listed as excluded with the reason;
+* a qualified name or a sequence of names from ``model.named_modules()``;
+* a module type or a tuple of types;
+* a predicate ``(name, module) -> bool``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import CanonRegError
+from .taps import LayerTap, functional_only_children, get_tap
+
+__all__ = ["LayerSpec", "select_layers", "HookSet", "claim_model", "release_model", "all_reduce_flat"]
+
+LayerSpec = Union[None, str, Sequence[str], type, tuple[type, ...], Callable[[str, nn.Module], bool]]
+
+
+def _display(name: str) -> str:
+    return name if name else "<root>"
+
+
+def select_layers(
+    model: nn.Module,
+    layers: LayerSpec,
+    taps: dict[type[nn.Module], LayerTap] | None = None,
+) -> tuple[dict[str, nn.Module], dict[str, LayerTap], dict[str, str]]:
+    """Resolve a ``layers`` argument to ``({name: module}, {name: tap}, {excluded name: reason})``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``layers`` has an unsupported type.
+        ValueError: a name does not exist, or nothing matches (the message lists what exists).
+        CanonRegError: a requested module has no tap or an unsupported configuration.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}")
+    named = dict(model.named_modules())
+    tappable = {n: m for n, m in named.items() if get_tap(m, taps) is not None}
+    functional = functional_only_children(model)
+    excluded: dict[str, str] = {}
+
+    if layers is None:
+        chosen = {}
+        for n, m in tappable.items():
+            if n in functional:
+                excluded[n] = functional[n]
+            else:
+                chosen[n] = m
+    elif isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers)):
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise ValueError("Expected `layers` to name at least one layer, but got an empty sequence")
+        chosen = {}
+        for n in names:
+            if n not in named:
+                raise ValueError(
+                    f"Expected `layers` to contain names from model.named_modules(), but {n!r} does not exist. "
+                    f"Tappable layers: {sorted(map(_display, tappable))}"
+                )
+            if n not in tappable:
+                raise CanonRegError(
+                    f"Layer {n!r} ({type(named[n]).__name__}) has no tap: canonreg does not know its h_a, W and h_b. "
+                    f"Register one with canonreg.register_tap({type(named[n]).__name__}, tap) or pass `taps=`. "
+                    f"Tappable layers: {sorted(map(_display, tappable))}"
+                )
+            chosen[n] = named[n]
+    elif isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
+        types = layers if isinstance(layers, tuple) else (layers,)
+        chosen = {}
+        for n, m in named.items():
+            if isinstance(m, types):
+                if n not in tappable:
+                    raise CanonRegError(
+                        f"Layer {n!r} ({type(m).__name__}) matches `layers` but has no tap; "
+                        f"register one with canonreg.register_tap({type(m).__name__}, tap)"
+                    )
+                if n in functional:
+                    excluded[n] = functional[n]
+                else:
+                    chosen[n] = m
+    elif callable(layers):
+        chosen = {}
+        for n, m in named.items():
+            if layers(n, m):
+                if n not in tappable:
+                    raise CanonRegError(
+                        f"Layer {n!r} ({type(m).__name__}) matches the `layers` predicate but has no tap; "
+                        f"register one with canonreg.register_tap({type(m).__name__}, tap)"
+                    )
+                chosen[n] = m
+    else:
+        raise TypeError(
+            "Expected `layers` to be None, a layer name, a sequence of names, a module type, a tuple of types "
+            f"or a predicate (name, module) -> bool, but got {layers!r}"
+        )
+    if not chosen:
+        raise ValueError(
+            f"Expected `layers` to match at least one tappable layer, but it matched none. "
+            f"Tappable layers: {sorted(map(_display, tappable))}; all modules: "
+            f"{sorted((_display(n), type(m).__name__) for n, m in named.items())[:50]}"
+        )
+    chosen_taps: dict[str, LayerTap] = {}
+    for n, m in chosen.items():
+        tap = get_tap(m, taps)
+        assert tap is not None
+        tap.check(m, _display(n))
+        chosen_taps[n] = tap
+    return chosen, chosen_taps, excluded
+
+
+class HookSet:
+    """Owns hook handles; ``remove()`` is idempotent and leaves the modules as they were."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+
+_CLAIMS: dict[str, "weakref.WeakKeyDictionary[nn.Module, Any]"] = {}
+
+
+def claim_model(kind: str, model: nn.Module, owner: Any) -> None:
+    """Record that ``owner`` (a monitor, a loss…) has hooks on ``model``; one owner per kind.
+
+    Raises:
+        CanonRegError: another live owner of the same kind is attached to ``model`` or to one of
+        its submodules / parents sharing layers.
+    """
+    table = _CLAIMS.setdefault(kind, weakref.WeakKeyDictionary())
+    for other_model, other in list(table.items()):
+        if other is owner:
+            continue
+        mods = set(map(id, model.modules()))
+        if any(id(m) in mods for m in other_model.modules()):
+            raise CanonRegError(
+                f"A {kind} is already attached to this model (or to a module it shares); "
+                f"detach it first (`.detach()` or leave its `with` block)"
+            )
+    table[model] = owner
+
+
+def release_model(kind: str, model: nn.Module, owner: Any) -> None:
+    table = _CLAIMS.get(kind)
+    if table is not None and table.get(model) is owner:
+        del table[model]
+
+
+def all_reduce_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum ``tensors`` across ranks with one all-reduce of a flat float64 buffer (copies; inputs untouched).
+
+    Without an initialised process group, returns float64 copies.
+    """
+    import torch.distributed as dist
+
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, i = [], 0
+    for t in tensors:
+        k = t.numel()
+        out.append(flat[i : i + k].reshape(t.shape))
+        i += k
+    return out

@@ -1,0 +1,296 @@
+"""CRHReport: the immutable record a monitor's ``compute()`` returns, and how it is built."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .layers import _display
+
+__all__ = ["CRHReport", "build_report", "layer_matrices"]
+
+
+def layer_matrices(
+    sums: Mapping[str, Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    preprocess: F.Preprocess,
+    direct: bool,
+) -> dict[str, Tensor]:
+    """The six matrices of one layer from its float64 running sums.
+
+    ``raw``/``centered`` without direct sums use the exact identities (crh-spec §1)
+
+        H_b = W H_a Wᵀ (+ W μ_a bᵀ + b μ_aᵀ Wᵀ + b bᵀ in raw mode with a bias),   G_a = Wᵀ G_b W,
+
+    with ``μ_a = E[h_a]``; centred moments need no bias term (it cancels).
+    """
+    n = float(sums["n"])
+    centered = preprocess != "raw"
+    w = weight.to(torch.float64)
+    h_a = F.moment_from_sums(sums["Ha_xx"], sums["Ha_x"], n, centered=centered)
+    g_b = F.moment_from_sums(sums["Gb_xx"], sums["Gb_x"], n, centered=centered)
+    if direct:
+        h_b = F.moment_from_sums(sums["Hb_xx"], sums["Hb_x"], n, centered=centered)
+        g_a = F.moment_from_sums(sums["Ga_xx"], sums["Ga_x"], n, centered=centered)
+    else:
+        h_b = w @ h_a @ w.T
+        if not centered and bias is not None:
+            b = bias.to(torch.float64)
+            wmu = w @ (sums["Ha_x"] / n)
+            h_b = h_b + torch.outer(wmu, b) + torch.outer(b, wmu) + torch.outer(b, b)
+        g_a = w.T @ g_b @ w
+    sym = lambda m: 0.5 * (m + m.T)  # noqa: E731 — round-off symmetrisation
+    return {
+        "H_a": sym(h_a), "H_b": sym(h_b), "G_a": sym(g_a), "G_b": sym(g_b),
+        "Z_a": sym(w.T @ w), "Z_b": sym(w @ w.T),
+    }
+
+
+def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str) -> str:
+    def degenerate(m: Tensor) -> bool:
+        return bool((m - m.mean()).abs().max() == 0) if metric == "pearson" else bool(m.abs().max() == 0)
+
+    what = "has constant entries (zero spread)" if metric == "pearson" else "is the zero matrix"
+    bad = [nm for nm, m in ((a_name, a), (b_name, b)) if degenerate(m)]
+    if bad:
+        return f"{' and '.join(bad)} {what}; alignment is undefined"
+    return "non-finite statistics"
+
+
+@dataclass(frozen=True)
+class CRHReport:
+    """What :meth:`CRHMonitor.compute` measured.
+
+    Attributes:
+        alignment: ``alignment[layer][relation]`` → α (float; NaN with a reason in ``nan_reasons``).
+        exponents: ``exponents[layer][relation]`` → :class:`~canonreg.functional.PowerLawFit` of ``A ∝ B^κ``.
+        effective_rank: ``effective_rank[layer][matrix]`` → ``{"participation": …, "entropy": …}``.
+        balance: ``balance[layer]`` → :class:`~canonreg.functional.BalanceTerms` (empty unless η, γ, S given).
+        samples, steps, skipped: rows, committed backward passes and dropped non-finite steps per layer.
+        preprocess, metric: how the scores were measured.
+        derived: whether ``H_b`` and ``G_a`` came from the exact identities.
+        missing, excluded: layers without samples / left out of the default selection, with reasons.
+    """
+
+    alignment: dict[str, dict[str, float]]
+    nan_reasons: dict[str, dict[str, str]]
+    exponents: dict[str, dict[str, F.PowerLawFit]]
+    effective_rank: dict[str, dict[str, dict[str, float]]]
+    balance: dict[str, F.BalanceTerms]
+    samples: dict[str, int]
+    steps: dict[str, int]
+    skipped: dict[str, int]
+    preprocess: str
+    metric: str
+    derived: bool
+    missing: dict[str, str] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    _matrices: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.alignment)
+
+    def matrices(self, layer: str) -> dict[str, Tensor]:
+        """The six float64 matrices ``H_a, H_b, G_a, G_b, Z_a, Z_b`` of ``layer`` (copies)."""
+        if layer not in self._matrices:
+            raise KeyError(f"Expected `layer` to be one of {self.layers}, but got {layer!r}")
+        return {k: v.clone() for k, v in self._matrices[layer].items()}
+
+    def mean_alignment(self, layers: Sequence[str] | None = None, relations: Sequence[str] = F.RELATIONS) -> float:
+        """Mean α over ``layers`` (default all) and ``relations``, ignoring NaN entries."""
+        chosen = self.layers if layers is None else list(layers)
+        for r in relations:
+            if r not in F.RELATIONS:
+                raise ValueError(f"Expected `relations` to contain names from {list(F.RELATIONS)}, but got {r!r}")
+        vals = [self.alignment[n][r] for n in chosen for r in relations if not math.isnan(self.alignment[n][r])]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def phase(self, layer: str, threshold: float = 0.9) -> tuple[str, ...]:
+        """Relations of ``layer`` whose α reaches ``threshold`` (one of the 64 CRH phases)."""
+        return tuple(r for r in F.RELATIONS if self.alignment[layer][r] >= threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python view (JSON-ready: NaN and inf become None)."""
+        d = {
+            "preprocess": self.preprocess,
+            "metric": self.metric,
+            "derived_by_identities": self.derived,
+            "alignment": self.alignment,
+            "nan_reasons": self.nan_reasons,
+            "exponents": {n: {r: f.to_dict() for r, f in e.items()} for n, e in self.exponents.items()},
+            "effective_rank": self.effective_rank,
+            "balance": {n: b.to_dict() for n, b in self.balance.items()},
+            "samples": self.samples,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "missing": self.missing,
+            "excluded": self.excluded,
+        }
+        return _jsonable(d)
+
+    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
+        """Serialise :meth:`to_dict`; also write it to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def table(self, what: str = "alignment") -> str:
+        """A fixed-width text table: ``"alignment"`` (α) or ``"exponents"`` (κ [95% CI])."""
+        names = [_display(n) for n in self.layers]
+        w = max([5] + [len(n) for n in names]) + 2
+        if what == "alignment":
+            head = f"{'layer':<{w}}{'samples':>9} " + "".join(f"{r:>8}" for r in F.RELATIONS)
+            rows = [
+                f"{_display(n):<{w}}{self.samples[n]:>9} " + "".join(f"{_fmt(self.alignment[n][r]):>8}" for r in F.RELATIONS)
+                for n in self.layers
+            ]
+        elif what == "exponents":
+            head = f"{'layer':<{w}}" + "".join(f"{r:>22}" for r in F.RELATIONS)
+            rows = []
+            for n in self.layers:
+                cells = []
+                for r in F.RELATIONS:
+                    f = self.exponents.get(n, {}).get(r)
+                    cells.append(f"{'—' if f is None else _fmt_fit(f):>22}")
+                rows.append(f"{_display(n):<{w}}" + "".join(cells))
+        else:
+            raise ValueError(f"Expected `what` to be 'alignment' or 'exponents', but got {what!r}")
+        return "\n".join([head, "-" * len(head), *rows])
+
+    def __str__(self) -> str:
+        lines = [
+            f"CRH alignment ({self.metric} α; preprocess={self.preprocess}; "
+            f"H_b, G_a {'derived by exact identities' if self.derived else 'accumulated directly'})",
+            self.table("alignment"),
+        ]
+        if self.balance:
+            lines.append("")
+            lines.append("balance per unit lr (trace form): decay  drift  noise  noise/decay")
+            for n, b in self.balance.items():
+                lines.append(f"  {_display(n)}: {b.decay:.4g}  {b.drift:.4g}  {b.noise:.4g}  {b.noise_share:.3g}")
+        for n, reason in self.missing.items():
+            lines.append(f"missing {_display(n)!r}: {reason}")
+        for n, reason in self.excluded.items():
+            lines.append(f"excluded {_display(n)!r}: {reason}")
+        for n, k in self.skipped.items():
+            if k:
+                lines.append(f"skipped {k} non-finite step(s) in {_display(n)!r}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path | None = None, *, pair: tuple[str, str] | None = None) -> Any:
+        """Heatmap of layers × relations and the eigen-scatter of one ``(layer, relation)`` pair.
+
+        Needs matplotlib (``pip install canonreg[recipes]``). Returns the figure; saves it to ``path``.
+        """
+        from .plotting import plot_report
+
+        return plot_report(self, path=path, pair=pair)
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.3f}"
+
+
+def _fmt_fit(f: F.PowerLawFit) -> str:
+    if math.isnan(f.exponent):
+        return "nan"
+    return f"{f.exponent:.2f} [{f.ci_low:.2f},{f.ci_high:.2f}]"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def build_report(
+    *,
+    sums: Mapping[str, Mapping[str, Tensor]],
+    weights: Mapping[str, Tensor],
+    biases: Mapping[str, Tensor | None],
+    preprocess: F.Preprocess,
+    metric: F.Metric,
+    direct: bool,
+    skipped: Mapping[str, int],
+    missing: Mapping[str, str],
+    excluded: Mapping[str, str],
+    balance: Mapping[str, float] | None,
+    exponents: bool,
+    n_bootstrap: int,
+    eig_floor: float,
+    seed: int,
+) -> CRHReport:
+    """Assemble a :class:`CRHReport` from reduced float64 sums (pure; used by the monitor)."""
+    gen = torch.Generator().manual_seed(seed)
+    alignment: dict[str, dict[str, float]] = {}
+    reasons: dict[str, dict[str, str]] = {}
+    fits: dict[str, dict[str, F.PowerLawFit]] = {}
+    ranks: dict[str, dict[str, dict[str, float]]] = {}
+    bal: dict[str, F.BalanceTerms] = {}
+    mats_all: dict[str, dict[str, Tensor]] = {}
+    for name, s in sums.items():
+        mats = layer_matrices(s, weights[name], biases[name], preprocess=preprocess, direct=direct)
+        mats_all[name] = mats
+        alignment[name] = {}
+        reasons[name] = {}
+        for rel, (pa, pb) in F.RELATION_PAIRS.items():
+            a = float(F.alignment(mats[pa], mats[pb], metric))
+            alignment[name][rel] = a
+            if math.isnan(a):
+                reasons[name][rel] = _nan_reason(pa, mats[pa], pb, mats[pb], metric)
+        eig: dict[str, tuple[Tensor, Tensor]] = {}
+        if exponents:
+            fits[name] = {}
+            for rel, (pa, pb) in F.RELATION_PAIRS.items():
+                if pb not in eig:
+                    eig[pb] = torch.linalg.eigh(mats[pb])
+                fits[name][rel] = F.power_law_fit(mats[pa], mats[pb], floor=eig_floor, n_bootstrap=n_bootstrap, generator=gen, eig=eig[pb])
+        ranks[name] = {}
+        for m in ("H_a", "H_b", "G_a", "G_b"):
+            ranks[name][m] = {
+                "participation": float(F.participation_ratio(mats[m])),
+                "entropy": float(F.entropy_rank(mats[m])),
+            }
+        if balance is not None:
+            n = float(s["n"])
+            bal[name] = F.balance_terms(
+                float((weights[name].double() ** 2).sum()),
+                float(s["gh"]) / n,
+                float(s["gnhn"]) / n,
+                lr=balance["lr"],
+                weight_decay=balance["weight_decay"],
+                batch_size=int(balance["batch_size"]),
+                mean_gradient_sq_norm=float("nan"),
+            )
+    return CRHReport(
+        alignment=alignment,
+        nan_reasons={n: r for n, r in reasons.items() if r},
+        exponents=fits,
+        effective_rank=ranks,
+        balance=bal,
+        samples={n: int(float(s["n"])) for n, s in sums.items()},
+        steps={n: int(float(s["steps"])) for n, s in sums.items()},
+        skipped=dict(skipped),
+        preprocess=preprocess,
+        metric=metric,
+        derived=not direct,
+        missing=dict(missing),
+        excluded=dict(excluded),
+        _matrices=mats_all,
+    )
