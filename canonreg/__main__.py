@@ -1,0 +1,7 @@
+"""``python -m canonreg`` — see :mod:`canonreg.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

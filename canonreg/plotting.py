@@ -1,0 +1,109 @@
+"""Matplotlib figures for reports (optional dependency: ``pip install canonreg[recipes]``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .functional import RELATION_PAIRS, RELATIONS
+from .layers import _display
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import CRHReport
+
+__all__ = ["plot_alignment_heatmap", "plot_pair", "plot_report", "plot_history"]
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _has_display():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("Plotting needs matplotlib: pip install 'canonreg[recipes]'") from e
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def plot_alignment_heatmap(report: "CRHReport", ax: Any = None) -> Any:
+    """Layers × relations heatmap of α (NaN cells are hatched grey), annotated with values."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.5 * len(report.layers) + 1.5))
+    data = [[report.alignment[n][r] for r in RELATIONS] for n in report.layers]
+    vmin = -1.0 if report.metric == "pearson" else 0.0
+    im = ax.imshow(data, vmin=vmin, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(RELATIONS)), RELATIONS)
+    ax.set_yticks(range(len(report.layers)), [_display(n) for n in report.layers])
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            text = "nan" if math.isnan(v) else f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color="white" if not math.isnan(v) and v < 0.6 else "black", fontsize=8)
+    ax.set_title(f"CRH alignment ({report.metric}, {report.preprocess})")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="α")
+    return ax
+
+
+def plot_pair(report: "CRHReport", layer: str, relation: str, ax: Any = None, *, floor: float = 1e-6) -> Any:
+    """Eigen-scatter of a relation ``A ∝ B^κ``: ``log λ_i(B)`` against ``log v_iᵀ A v_i`` with the PAH fit."""
+    if relation not in RELATION_PAIRS:
+        raise ValueError(f"Expected `relation` to be one of {list(RELATIONS)}, but got {relation!r}")
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    a_name, b_name = RELATION_PAIRS[relation]
+    mats = report.matrices(layer)
+    lam, v = torch.linalg.eigh(mats[b_name])
+    a_i = torch.diagonal(v.T @ mats[a_name] @ v)
+    keep = (lam > floor * lam.max()) & (a_i > 0)
+    x = torch.log10(lam[keep]).numpy()
+    y = torch.log10(a_i[keep]).numpy()
+    ax.scatter(x, y, s=8, alpha=0.7)
+    fit = report.exponents.get(layer, {}).get(relation)
+    if fit is not None and not math.isnan(fit.exponent) and len(x) > 1:
+        xs = [float(x.min()), float(x.max())]
+        # intercept is in natural logs: log10 a = κ log10 λ + c / ln 10
+        ys = [fit.exponent * t + fit.intercept / math.log(10) for t in xs]
+        ax.plot(xs, ys, "r-", label=f"κ = {fit.exponent:.2f} [{fit.ci_low:.2f}, {fit.ci_high:.2f}], R² = {fit.r2:.2f}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"log10 eigenvalue of {b_name}")
+    ax.set_ylabel(f"log10 vᵀ {a_name} v (v: eigenvectors of {b_name})")
+    ax.set_title(f"{_display(layer)}: {relation} (α = {report.alignment[layer][relation]:.2f})")
+    return ax
+
+
+def plot_report(report: "CRHReport", path: str | Path | None = None, *, pair: tuple[str, str] | None = None) -> Any:
+    """Heatmap plus one eigen-scatter (default: the last layer's ``f-RWA``); saved to ``path`` if given."""
+    plt = _plt()
+    if pair is None:
+        pair = (report.layers[-1], "f-RWA")
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.45 * len(report.layers) + 1.8)), gridspec_kw={"width_ratios": [1.5, 1]})
+    plot_alignment_heatmap(report, axes[0])
+    plot_pair(report, pair[0], pair[1], axes[1])
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_history(steps: list[int], history: dict[str, list[float]], ax: Any = None, *, ylabel: str = "mean α") -> Any:
+    """Line plot of one scalar per series (e.g. mean α per layer) against training steps."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in history.items():
+        ax.plot(steps[: len(ys)], ys, label=_display(name))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return ax
