@@ -9,8 +9,11 @@ of Ziyin, Chuang, Galanti & Poggio, "Formation of Representations in Neural Netw
 from . import functional
 from .errors import CanonRegError
 from .functional import RELATION_PAIRS, RELATIONS, BalanceTerms, PowerLawFit
+from .losses import AlignmentLoss, alignment_loss
 from .monitor import CRHMonitor
+from .optim import NoiseCalibrated
 from .report import CRHReport
+from .writers import CSVWriter, TensorBoardWriter
 from .taps import ConvTap, LayerTap, LinearTap, register_tap
 
 __version__ = "0.1.0"
@@ -23,6 +26,11 @@ __all__ = [
     "BalanceTerms",
     "PowerLawFit",
     "CRHMonitor",
+    "AlignmentLoss",
+    "alignment_loss",
+    "NoiseCalibrated",
+    "CSVWriter",
+    "TensorBoardWriter",
     "CRHReport",
     "LayerTap",
     "LinearTap",

@@ -17,6 +17,8 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_fraction",
+    "check_bool",
+    "check_nonnegative_int",
 ]
 
 T = TypeVar("T")
@@ -71,3 +73,17 @@ def check_fraction(name: str, value: Any, *, open_low: bool = True) -> float:
         interval = "(0, 1]" if open_low else "[0, 1]"
         raise ValueError(f"Expected `{name}` to be a float in {interval}, but got {value!r}")
     return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool``, else raise naming ``name`` (no truthiness coercion)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, but got {value!r}")
+    return value
+
+
+def check_nonnegative_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 0 (not a bool), else raise naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"Expected `{name}` to be a non-negative int, but got {value!r}")
+    return value

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .errors import check_choice, check_fraction, check_positive_int
+from .errors import check_choice, check_fraction, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
 
 __all__ = [
     "RELATIONS",
@@ -160,13 +160,18 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
         0-d tensor in the promoted dtype of ``a`` and ``b``.
     """
     check_choice("metric", metric, METRICS)
-    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-        raise TypeError("Expected `a` and `b` to be torch.Tensors")
+    for arg, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Expected `{arg}` to be a torch.Tensor, but got {type(t).__name__}")
     if a.shape != b.shape:
         raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.numel() == 0:
+        raise ValueError("Expected `a` and `b` to have at least one entry, but got empty tensors")
     x = a.reshape(-1)
     y = b.reshape(-1)
     dtype = torch.promote_types(x.dtype, y.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64  # integer/bool inputs: score them in float64
     x = x.to(dtype)
     y = y.to(dtype)
     if metric == "pearson":
@@ -235,7 +240,8 @@ def n_components(h: Tensor, threshold: float = 0.95) -> int:
     if not bool(total > 0):
         raise ValueError("Expected `h` to have a positive trace; n_components is undefined for the zero matrix")
     cum = torch.cumsum(lam, 0) / total
-    return int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+    k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+    return min(k, lam.numel())  # round-off can leave cum[-1] a hair below 1
 
 
 def random_orthogonal(d: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -265,6 +271,8 @@ def rotation_null_alignment(
     """
     _check_square("a", a)
     _check_square("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
     check_positive_int("num_samples", num_samples)
     out = []
     for _ in range(num_samples):
@@ -282,7 +290,8 @@ class PowerLawFit:
         intercept: fitted c in ``log a = κ log λ + c``.
         r2: coefficient of determination of the log-log fit.
         ci_low, ci_high: bootstrap 95% percentile interval of κ.
-        off_diagonal: ``‖VᵀAV − diag(VᵀAV)‖_F / ‖A‖_F`` (0 when A and B share an eigenbasis).
+        off_diagonal: ``‖VᵀAV − blockdiag(VᵀAV)‖_F / ‖A‖_F`` over B's eigenspaces (0 when A and B
+            share an eigenbasis; see :func:`power_law_fit`).
         n_points: eigenvalues used (above the floor, with positive ``a_i``).
     """
 
@@ -317,6 +326,26 @@ def _ols(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return k, c
 
 
+#: Eigenvalues closer than this (relative to the largest) are one degenerate eigenspace.
+_DEGENERACY_TOL = 1e-9
+
+
+def _eigenspace_labels(lam: Tensor, floor: float) -> Tensor:
+    """Label each eigenvalue with its eigenspace: one label (-1) for all ``λ ≤ floor·λ_max`` (numerical
+    null space), and runs of nonzero eigenvalues within ``_DEGENERACY_TOL·λ_max`` of each other share one."""
+    if lam.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    lam_max = lam.max()
+    values, order = torch.sort(lam)
+    new_run = torch.ones_like(values, dtype=torch.bool)
+    new_run[1:] = (values[1:] - values[:-1]) > _DEGENERACY_TOL * lam_max
+    ids = torch.cumsum(new_run.long(), 0)
+    ids[(values <= floor * lam_max) | (lam_max <= 0)] = -1
+    labels = torch.empty_like(ids)
+    labels[order] = ids
+    return labels
+
+
 def power_law_fit(
     a: Tensor,
     b: Tensor,
@@ -332,6 +361,11 @@ def power_law_fit(
     ``λ_i > floor · λ_max`` with ``a_i > 0``. The interval is a 95% percentile bootstrap over the
     fitted points. Symmetric inputs are assumed (they are symmetrised).
 
+    The off-diagonal mass ``‖VᵀAV − blockdiag(VᵀAV)‖_F / ‖A‖_F`` takes the blocks over B's eigenspaces:
+    for distinct eigenvalues it is the mass off the diagonal; within a degenerate eigenspace (and in
+    B's numerical null space, ``λ ≤ floor · λ_max``) the basis is arbitrary, so A's block there is not
+    counted. This makes it basis-independent, e.g. for ``Z_b = WWᵀ`` of an expanding layer.
+
     Args:
         a, b: symmetric ``(d, d)`` matrices.
         floor: relative eigenvalue floor (eigenvalues below ``floor · λ_max`` are dropped).
@@ -341,16 +375,25 @@ def power_law_fit(
 
     Returns:
         :class:`PowerLawFit`; exponent, r2 and interval are NaN when fewer than 3 points survive or
-        all surviving eigenvalues are equal (the slope is then undefined).
+        all surviving eigenvalues are equal (the slope is then undefined); R² is 1 when all fitted
+        ``a_i`` are equal (the flat fit is exact). Bootstrap resamples that drew a single eigenvalue are
+        dropped (they have no slope).
     """
     _check_square("a", a)
     _check_square("b", b)
     if a.shape != b.shape:
         raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not (isinstance(floor, (int, float)) and 0 <= floor < 1):
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
         raise ValueError(f"Expected `floor` to be a float in [0, 1), but got {floor!r}")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ValueError(f"Expected `n_bootstrap` to be a non-negative int, but got {n_bootstrap!r}")
+    check_nonnegative_int("n_bootstrap", n_bootstrap)
+    if eig is not None and not (
+        isinstance(eig, tuple) and len(eig) == 2 and all(isinstance(t, Tensor) for t in eig)
+        and eig[0].shape == (b.shape[0],) and eig[1].shape == b.shape
+    ):
+        raise ValueError(
+            f"Expected `eig` to be the (eigenvalues ({b.shape[0]},), eigenvectors {tuple(b.shape)}) pair of "
+            f"torch.linalg.eigh(b), but got {type(eig).__name__}"
+        )
     a64 = a.detach().double()
     a64 = 0.5 * (a64 + a64.T)
     if eig is None:
@@ -361,7 +404,9 @@ def power_law_fit(
     rot = v.T @ a64 @ v
     diag = torch.diagonal(rot)
     a_norm = torch.linalg.matrix_norm(a64)
-    off = float(torch.linalg.matrix_norm(rot - torch.diag(diag)) / a_norm) if a_norm > 0 else float("nan")
+    labels = _eigenspace_labels(lam, floor)
+    outside = labels[:, None] != labels[None, :]
+    off = float(torch.linalg.matrix_norm(rot * outside) / a_norm) if a_norm > 0 else float("nan")
     lam_max = lam.max()
     keep = (lam > floor * lam_max) & (lam > 0) & (diag > 0)
     n = int(keep.sum())
@@ -375,12 +420,17 @@ def power_law_fit(
     k, c = _ols(x, y)
     resid = y - (k * x + c)
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    # all a_i equal (up to round-off): the flat fit κ = 0 is exact, R² = 1 by convention
+    flat_y = float(y.max() - y.min()) <= 1e-12
+    r2 = 1.0 if flat_y or ss_tot <= 0 else 1.0 - float((resid**2).sum()) / ss_tot
     lo = hi = nan
     if n_bootstrap > 0:
         idx = torch.randint(0, n, (n_bootstrap, n), generator=generator)
-        kb, _ = _ols(x[idx], y[idx])
-        kb = kb[torch.isfinite(kb)]
+        xb = x[idx]
+        kb, _ = _ols(xb, y[idx])
+        # a resample that drew a single eigenvalue has no slope (round-off would make one up)
+        spread = xb.amax(-1) - xb.amin(-1)
+        kb = kb[(spread > 1e-12) & torch.isfinite(kb)]
         if kb.numel() > 0:
             lo = float(torch.quantile(kb, 0.025))
             hi = float(torch.quantile(kb, 0.975))
@@ -398,6 +448,8 @@ def nc1(features: Tensor, labels: Tensor) -> float:
         labels: ``(n,)`` integer class labels.
     """
     _check_rows("features", features)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"Expected `labels` to be a torch.Tensor, but got {type(labels).__name__}")
     if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
         raise ValueError(
             f"Expected `labels` to have shape ({features.shape[0]},), but got {tuple(labels.shape)}"
@@ -451,7 +503,7 @@ class BalanceTerms:
         decay  = γ(2 − ηγ) ‖W‖_F²
         drift  = 2(1 − ηγ) E⟨g_a, h_a⟩            (= 2(1 − ηγ) E⟨g_b, W h_a⟩)
         noise  = (η/S) E[‖g_b‖² ‖h_a‖²]            (per-sample weight-gradient norm, /S)
-        signal = η (1 − 1/S) ‖E[g_b h_aᵀ]‖_F²      (squared mean gradient; 0 when not tracked)
+        signal = η (1 − 1/S) ‖E[g_b h_aᵀ]‖_F²      (squared mean gradient; NaN when not tracked)
 
     The traces of ``Δ(WᵀW)`` and ``Δ(WWᵀ)`` are equal, so one set of scalars serves both sides.
     ``noise_share = noise / decay``. Rows are treated as samples (exact for Linear layers on 2-D
@@ -503,12 +555,11 @@ def balance_terms(
         mean_ga_ha: ``E⟨g_a, h_a⟩`` with ``g = −dℓ/dh`` per sample.
         mean_gnorm2_hnorm2: ``E[‖g_b‖² ‖h_a‖²]``.
         lr, weight_decay, batch_size: η, γ, S of the SGD step.
-        mean_gradient_sq_norm: ``‖E[g_b h_aᵀ]‖_F²`` (optional).
+        mean_gradient_sq_norm: ``‖E[g_b h_aᵀ]‖_F²`` (optional; pass NaN when it was not measured —
+            :class:`~canonreg.CRHMonitor` does not track it, since it costs one more matmul per step).
     """
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"Expected `lr` to be a positive float, but got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"Expected `weight_decay` to be a non-negative float, but got {weight_decay!r}")
+    check_positive("lr", lr)
+    check_nonnegative("weight_decay", weight_decay)
     check_positive_int("batch_size", batch_size)
     eta, gamma, s = float(lr), float(weight_decay), int(batch_size)
     decay = gamma * (2.0 - eta * gamma) * weight_sq_norm

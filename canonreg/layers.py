@@ -46,6 +46,16 @@ def select_layers(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}")
+    if taps is not None:
+        if not isinstance(taps, dict) or not all(isinstance(k, type) and issubclass(k, nn.Module) for k in taps):
+            raise TypeError(f"Expected `taps` to be a dict {{nn.Module subclass: tap}}, but got {taps!r}")
+        for k, tap in taps.items():
+            for meth in ("check", "input_rows", "output_rows", "weight", "bias"):
+                if not callable(getattr(tap, meth, None)):
+                    raise TypeError(
+                        f"Expected `taps[{k.__name__}]` to implement LayerTap (missing `{meth}`), "
+                        f"but got {type(tap).__name__}"
+                    )
     named = dict(model.named_modules())
     tappable = {n: m for n, m in named.items() if get_tap(m, taps) is not None}
     functional = functional_only_children(model)
@@ -114,7 +124,8 @@ def select_layers(
     chosen_taps: dict[str, LayerTap] = {}
     for n, m in chosen.items():
         tap = get_tap(m, taps)
-        assert tap is not None
+        if tap is None:  # unreachable: chosen ⊆ tappable
+            raise CanonRegError(f"Layer {_display(n)!r} has no tap")
         tap.check(m, _display(n))
         chosen_taps[n] = tap
     return chosen, chosen_taps, excluded

@@ -1,7 +1,7 @@
 """CRHMonitor: streaming measurement of the six CRH relations during ordinary training.
 
 For every monitored layer ``h_b = W h_a + b`` the monitor accumulates, inside the user's own
-forward and backward passes, float64 sums of the preprocessed rows (crh-spec §1–§3):
+forward and backward passes, sums of the preprocessed rows (crh-spec §1–§3):
 
     S_xx(H_a) = Σ_i h̃_a h̃_aᵀ,  S_x(H_a) = Σ_i h̃_a,   and the same for G_b (and, when needed, H_b, G_a)
 
@@ -12,11 +12,21 @@ and ``G_a = Wᵀ G_b W`` replace two of the four accumulations; they use the wei
 ``identities=False`` to accumulate ``H_b`` and ``G_a`` directly). Normalisation breaks the
 identities, so ``normalized`` mode always accumulates all four.
 
+Precision: per-step products are taken in the model's dtype, upcast to at least float32 (half and
+bfloat16 models are upcast); they are summed into float32 (or the model's wider dtype) partial sums
+of at most ``16`` steps, which are folded into float64 totals. ``compute()`` works in float64.
+
+Samples and commits: a layer call counts only once the backward pass reaches its output, so
+``H`` and ``G`` always cover the same rows, and grad-enabled forward passes without a backward
+(for example a validation pass without ``torch.no_grad()``) are ignored.
+
 Gradient scale: a hook sees ``dL/dh_b``; with a loss that is a mean over the batch this is
-``(1/B) dℓ_i/dh_b``. ``grad_scale="batch"`` (default) multiplies by the batch size ``B`` (size of the
-layer input's first dimension) to recover per-sample gradients; ``"none"`` is right for
-sum-reduced losses; a float multiplies by that number (e.g. ``B·T`` for a token-mean loss). The
-alignment scores are invariant to this scale; ``matrices()`` and the balance terms are not.
+``(1/B) dℓ_i/dh_b``. ``grad_scale="batch"`` (default) multiplies by the batch size ``B`` (the first
+dimension of the layer's input, 1 for unbatched inputs; a tap may define ``batch_size``) to recover
+per-sample gradients ``g = −dℓ_i/dh``; ``"none"`` is right for sum-reduced losses; a float multiplies
+by that number (e.g. ``B·T`` for a loss that averages over ``T`` tokens per sequence *and* you want
+per-token gradients, or when the batch is not the first dimension). The alignment scores, exponents
+and ranks are invariant to this scale; ``matrices()`` (the ``G``) and the balance terms are not.
 
 References: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (CRH/PAH); Ziyin, Wang, Li & Wu,
 arXiv:2402.07193 (noise equilibrium).
@@ -26,58 +36,182 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .errors import CanonRegError, check_choice, check_positive, check_positive_int
+from .errors import (
+    CanonRegError,
+    check_bool,
+    check_choice,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive,
+    check_positive_int,
+)
 from .layers import HookSet, LayerSpec, _display, all_reduce_flat, claim_model, release_model, select_layers
 from .report import CRHReport, build_report
-from .taps import LayerTap
+from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size
 
 __all__ = ["CRHMonitor"]
 
 Policy = Literal["error", "warn", "skip"]
 GradScale = Literal["batch", "none"]
 
+#: Partial sums in the working dtype cover at most this many committed calls before they are
+#: folded into the float64 totals (bounds float32 accumulation error to ~16 ulp).
+_FOLD_EVERY = 16
 
-@dataclass
+_MATRIX_KEYS = ("Ha_xx", "Ga_xx", "Hb_xx", "Gb_xx")
+
+#: Grams of more than this many columns are built block-recursively, upper triangle only.
+_SYRK_BLOCK = 256
+
+
+def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha · xᵀx`` on the upper block triangle only (a BLAS-free ``syrk``).
+
+    Split the columns in two halves ``x = [a b]``: ``xᵀx = [[aᵀa, aᵀb], [·, bᵀb]]``; the off-diagonal
+    block is one matmul, the diagonal blocks recurse. Blocks of at most ``_SYRK_BLOCK`` columns are
+    full matmuls, so about ``1/2 + 1/(2k)`` of the flops of ``xᵀx`` are spent for ``k`` leaves; the
+    lower off-diagonal blocks of ``out`` are left untouched (see :func:`_symmetrize_upper`).
+    """
+    d = x.shape[1]
+    if d <= _SYRK_BLOCK:
+        out.addmm_(x.T, x, alpha=alpha)
+        return
+    h = d // 2
+    a, b = x[:, :h], x[:, h:]
+    out[:h, h:].addmm_(a.T, b, alpha=alpha)
+    _gram_upper_(out[:h, :h], a, alpha)
+    _gram_upper_(out[h:, h:], b, alpha)
+
+
+def _symmetrize_upper(m: Tensor) -> Tensor:
+    """The full symmetric matrix from the upper triangle written by :func:`_gram_upper_`."""
+    if m.shape[-1] <= _SYRK_BLOCK:
+        return m
+    return torch.triu(m) + torch.triu(m, 1).T
+
+
+def _gram(x: Tensor) -> Tensor:
+    """A fresh upper-block-triangular Gram ``xᵀx`` (same layout as the partial sums)."""
+    if x.shape[1] <= _SYRK_BLOCK:
+        return x.T @ x
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    _gram_upper_(out, x)
+    return out
+
+
 class _LayerState:
-    """Float64 running sums of one layer (all reduced by summation)."""
+    """Running sums of one layer: float64 totals plus short working-dtype partial sums."""
 
-    sums: dict[str, Tensor] = field(default_factory=dict)
-    skipped: int = 0
-    fired: int = 0  # forward passes seen while active (used to explain missing layers)
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}  # float64 totals
+        self.partial: dict[str, Tensor] = {}  # working dtype, at most _FOLD_EVERY commits
+        self.partial_commits = 0
+        self.n = 0  # committed rows (samples)
+        self.steps = 0  # committed layer calls
+        self.skipped = 0  # calls dropped by the non-finite policy
+        self.fired = 0  # calls seen while active and grad-enabled
+        self.no_grad_output = 0  # of those, calls whose output did not require grad
 
-    def add(self, key: str, value: Tensor) -> None:
-        v = value.detach().to(torch.float64)
+    def _fold_key(self, key: str) -> None:
+        buf = self.partial.pop(key)
+        if key in _MATRIX_KEYS:
+            buf = _symmetrize_upper(buf)
+        v = buf.to(torch.float64)
         if key in self.sums:
-            self.sums[key] += v
+            self.sums[key] = self.sums[key].to(v.device).add_(v)
         else:
-            self.sums[key] = v.clone()
+            self.sums[key] = v if v is not buf else v.clone()
+
+    def _slot(self, key: str, like: Tensor) -> Tensor | None:
+        buf = self.partial.get(key)
+        if buf is not None and (buf.dtype != like.dtype or buf.device != like.device):
+            self._fold_key(key)  # the model changed dtype/device mid-window
+            buf = None
+        return buf
+
+    def add(self, key: str, value: Tensor, alpha: float = 1.0) -> None:
+        """``partial[key] += alpha · value`` (never aliases ``value``: a retained graph may commit it twice)."""
+        buf = self._slot(key, value)
+        if buf is None:
+            self.partial[key] = value * alpha
+        else:
+            buf.add_(value, alpha=alpha)
+
+    def add_gram(self, key: str, rows: Tensor, alpha: float = 1.0) -> None:
+        """``partial[key] += alpha · rowsᵀ rows`` (upper block triangle; fused matmuls into the buffer)."""
+        buf = self._slot(key, rows)
+        if buf is None:
+            g = _gram(rows)
+            self.partial[key] = g.mul_(alpha) if alpha != 1.0 else g
+        else:
+            _gram_upper_(buf, rows, alpha)
+
+    def commit(self, rows: int) -> None:
+        self.n += rows
+        self.steps += 1
+        self.partial_commits += 1
+        if self.partial_commits >= _FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        for key in list(self.partial):
+            self._fold_key(key)
+        self.partial_commits = 0
 
 
 class CRHMonitor:
     """Measure the six CRH relations (and PAH exponents, ranks, balance terms) on any model.
 
+    For each selected layer ``h_b = W h_a + b`` (crh-spec §1) the monitor estimates
+
+        H_a = E[h̃_a h̃_aᵀ]   G_a = E[g̃_a g̃_aᵀ]   Z_a = WᵀW
+        H_b = E[h̃_b h̃_bᵀ]   G_b = E[g̃_b g̃_bᵀ]   Z_b = WWᵀ
+
+    over every sample row seen between ``reset()`` and ``compute()``, with ``g_b = −dℓ_i/dh_b`` per
+    sample, ``g_a = Wᵀ g_b`` and ``x̃`` the preprocessed row (``E[x xᵀ]`` raw, covariance centred,
+    covariance of ``x/‖x‖`` normalized). Rows: every leading position for Linear layers, every
+    output position for convolutions (see :mod:`canonreg.taps`).
+
+    Cost of a collected step: per layer one ``n × d`` Gram per accumulated matrix (``H_a``, ``G_b``
+    in raw/centered mode with the identities; also ``H_b``, ``G_a`` in normalized mode or with
+    ``identities=False``), computed upper-triangle-only in blocks (about 0.6–0.7 of a full matmul for
+    ``d ≥ 512``). For a Linear layer that is about one extra ``n·d²`` matmul per matrix against three
+    for its own forward and backward; for a convolution ``h_a`` is the unfolded patch (``C_in·k²``
+    columns), so its Gram can cost several times the convolution itself. ``every=k`` divides the
+    cost by ``k``; ``max_rows`` caps ``n``. See ``benchmarks/monitor_overhead.py``.
+
     Args:
         model: the model to monitor (hooks go on its submodules; the model itself is never changed).
+            A ``DistributedDataParallel`` wrapper works; layer names then start with ``"module."``.
+            ``nn.DataParallel`` is not supported: its per-device replicas are copies, and the hooks
+            record only the modules they were installed on.
         layers: which layers (see :mod:`canonreg.layers`); default every Linear/Conv layer.
         preprocess: ``"raw" | "centered" | "normalized"`` (default, the paper's protocol).
         metric: ``"pearson"`` (default, the paper's score) or ``"cosine"``.
-        every: collect on every ``every``-th grad-enabled forward call of ``model`` (1 = always).
-        max_rows: keep at most this many randomly chosen rows per layer call (None = all rows).
+        every: collect on every ``every``-th grad-enabled forward call of ``model`` (calls 1,
+            1 + every, 1 + 2·every, …); the backward pass of a skipped call costs nothing.
+        max_rows: keep at most this many uniformly chosen rows per layer call (None = all rows); the
+            same rows are used for ``h_a``, ``h_b`` and the gradients.
         grad_scale: ``"batch" | "none" | float``, see the module docstring.
         identities: derive ``H_b``, ``G_a`` from the exact identities in raw/centered mode.
         track_balance: accumulate the per-sample products the balance terms need.
-        nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients.
+        nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients; ``"warn"``
+            and ``"skip"`` drop the offending layer call (counted in ``report.skipped``).
         on_missing: ``"error" | "warn" | "skip"`` for requested layers that recorded no samples.
         taps: extra ``{module type: tap}`` for this monitor only.
-        sync_dist: all-reduce across ``torch.distributed`` ranks in ``compute()`` (collective call).
+        sync_dist: all-reduce across ``torch.distributed`` ranks in ``compute()`` (a collective call:
+            every rank must call ``compute()``).
         seed: seed of the row sub-sampling generator.
+
+    Raises:
+        ValueError / TypeError: bad arguments (named in the message); no layer matches ``layers``.
+        CanonRegError: an unsupported layer requested explicitly (no tap, grouped convolution).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -117,8 +251,12 @@ class CRHMonitor:
             check_choice("grad_scale", grad_scale, ("batch", "none"))
         else:
             check_positive("grad_scale", grad_scale)
+        check_bool("identities", identities)
+        check_bool("track_balance", track_balance)
+        check_bool("sync_dist", sync_dist)
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
         check_choice("on_missing", on_missing, ("error", "warn", "skip"))
+        check_nonnegative_int("seed", seed)
         self.model = model
         self.layers, self._taps, self.excluded = select_layers(model, layers, taps)
         self._requested_explicitly = layers is not None
@@ -127,12 +265,13 @@ class CRHMonitor:
         self.every = every
         self.max_rows = max_rows
         self.grad_scale = grad_scale
-        self.identities = bool(identities)
-        self.track_balance = bool(track_balance)
+        self.identities = identities
+        self.track_balance = track_balance
         self.nonfinite: Policy = nonfinite
         self.on_missing: Policy = on_missing
-        self.sync_dist = bool(sync_dist)
-        self._gen = torch.Generator().manual_seed(int(seed))
+        self.sync_dist = sync_dist
+        self._seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
         self._hooks = HookSet()
         self._state: dict[str, _LayerState] = {n: _LayerState() for n in self.layers}
         self._calls = 0  # grad-enabled forward calls of the root model
@@ -154,16 +293,22 @@ class CRHMonitor:
             return self
         claim_model("CRHMonitor", self.model, self)
         try:
-            self._hooks.add(self.model.register_forward_pre_hook(self._root_pre_hook))
+            self._hooks.add(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
             for name, module in self.layers.items():
-                self._hooks.add(module.register_forward_hook(self._make_forward_hook(name)))
+                self._hooks.add(module.register_forward_hook(_Hook(self._make_forward_hook(name))))
         except BaseException:
             self.detach()
             raise
         return self
 
     def detach(self) -> None:
-        """Remove every hook (idempotent); the model is left exactly as before ``attach``."""
+        """Remove every hook (idempotent); the model is left exactly as before ``attach``.
+
+        Gradient hooks already placed on live autograd graphs (forward done, backward pending) stay
+        with those graphs and still record when their backward runs. While attached, pickling the
+        model raises a TypeError that says to detach first; ``copy.deepcopy(model)`` works, and the
+        copy's inherited hooks are inert (they only ever record the original modules).
+        """
         self._hooks.remove()
         release_model("CRHMonitor", self.model, self)
 
@@ -174,8 +319,10 @@ class CRHMonitor:
         self.detach()
 
     def reset(self) -> None:
-        """Forget everything accumulated (hooks stay as they are)."""
+        """Forget everything accumulated (hooks stay as they are; the ``every`` count and the row
+        sub-sampling generator restart, so a reset monitor behaves like a fresh one)."""
         self._state = {n: _LayerState() for n in self.layers}
+        self._gen.manual_seed(self._seed)
         self._calls = 0
         self._active = True
 
@@ -184,76 +331,134 @@ class CRHMonitor:
 
     # ------------------------------------------------------------------ hooks
     def _root_pre_hook(self, module: nn.Module, args: object) -> None:
-        if torch.is_grad_enabled():
+        # `module is self.model` guards against hooks that a deepcopy of the model carried along.
+        if module is self.model and torch.is_grad_enabled():
             self._active = self._calls % self.every == 0
             self._calls += 1
 
-    def _scale(self, inputs: tuple[object, ...]) -> float:
-        if isinstance(self.grad_scale, str):
-            if self.grad_scale == "none":
-                return 1.0
-            x = inputs[0]
-            assert isinstance(x, Tensor)
-            return float(x.shape[0]) if x.dim() > 1 else 1.0
+    def _scale(self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> float:
+        if self.grad_scale == "none":
+            return 1.0
+        if self.grad_scale == "batch":
+            return float(tap_batch_size(tap, module, inputs))
         return float(self.grad_scale)
 
-    def _check_finite(self, name: str, what: str, *tensors: Tensor) -> bool:
-        if all(bool(torch.isfinite(t).all()) for t in tensors):
+    def _finite(self, name: str, what: str, call: int, total: Tensor) -> bool:
+        """Policy check on ``total`` = a sum of squares of the rows (finite ⇔ every entry is finite).
+
+        One reduction and one host sync instead of an elementwise ``isfinite`` over the matrices:
+        ``Σ_i ‖x_i‖² = Tr(Σ_i x_i x_iᵀ)`` is NaN/inf exactly when a row is (or its square overflows).
+        """
+        if bool(torch.isfinite(total)):
             return True
         msg = (
-            f"Non-finite {what} in layer {_display(name)!r} at monitored call {self._calls} "
+            f"Non-finite {what} in layer {_display(name)!r} at forward call {call} of the monitored model "
             f"(policy nonfinite={self.nonfinite!r})"
         )
         if self.nonfinite == "error":
-            raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to drop such steps instead")
+            raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to drop such calls instead")
         if self.nonfinite == "warn":
-            warnings.warn(msg + "; the step is dropped for this layer", RuntimeWarning, stacklevel=3)
+            warnings.warn(msg + "; the call is dropped for this layer", RuntimeWarning, stacklevel=3)
         self._state[name].skipped += 1
         return False
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         tap = self._taps[name]
-        mode = self.preprocess
+        layer = self.layers[name]
+        normalized = self.preprocess == "normalized"
 
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not self._active or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if module is not layer or not self._active or not torch.is_grad_enabled():
                 return
             state = self._state[name]
             state.fired += 1
-            with torch.no_grad():
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                state.no_grad_output += 1
+                return
+            call = self._calls
+            with torch.no_grad(), _no_autocast(output):
                 xa = tap.input_rows(module, inputs).detach()
+                x_in = inputs[0]
                 idx = None
                 if self.max_rows is not None and xa.shape[0] > self.max_rows:
                     idx = torch.randperm(xa.shape[0], generator=self._gen)[: self.max_rows].to(xa.device)
                     xa = xa[idx]
                 xa = _work_dtype(xa)
-                ya = F.preprocess_rows(xa, mode)
-                pending: dict[str, Tensor] = {"Ha_xx": ya.T @ ya, "Ha_x": ya.sum(0)}
+                ha_norm2 = _row_norm2(xa)
+                if not self._finite(name, "activations (h_a)", call, ha_norm2.sum()):
+                    return
+                ya = _normalize(xa, ha_norm2) if normalized else xa
+                pending: dict[str, Tensor] = {"Ha_x": ya.sum(0)}
+                # Keep the rows for a fused Gram at commit time when that costs no memory: fresh rows no
+                # larger than the Gram, or a view of a Linear input that autograd saves (and so guards
+                # against in-place changes) anyway; otherwise take the Gram now.
+                version = None
+                if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
+                    if type(tap) is LinearTap and tap.weight(module).requires_grad:
+                        pending["Ha_rows"] = ya
+                        version = (x_in, x_in._version)
+                    else:
+                        pending["Ha_xx"] = _gram(ya)
+                elif ya.shape[0] <= ya.shape[1]:
+                    pending["Ha_rows"] = ya
+                else:
+                    pending["Ha_xx"] = _gram(ya)
                 rows_b = None
-                bias = tap.bias(module)
                 if self.direct or self.track_balance:
-                    hb = tap.output_rows(module, output).detach()
+                    hb = _work_dtype(tap.output_rows(module, output).detach())
                     if idx is not None:
                         hb = hb[idx]
-                    hb = _work_dtype(hb)
                     if self.direct:
-                        yb = F.preprocess_rows(hb, mode)
-                        pending["Hb_xx"] = yb.T @ yb
+                        hb_norm2 = _row_norm2(hb)
+                        if not self._finite(name, "activations (h_b)", call, hb_norm2.sum()):
+                            return
+                        yb = _normalize(hb, hb_norm2) if normalized else hb
+                        fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
+                        pending["Hb_rows" if fresh_small else "Hb_xx"] = yb if fresh_small else _gram(yb)
                         pending["Hb_x"] = yb.sum(0)
                     if self.track_balance:
                         # W h_a = h_b − b, copied now: an in-place op after the layer may overwrite h_b.
-                        rows_b = hb - bias.detach().to(hb.dtype) if bias is not None else hb.clone()
-                        pending["ha_norm2"] = (xa * xa).sum(1)
-                if not self._check_finite(name, "activations", *(v for k, v in pending.items() if k.endswith("_xx"))):
-                    return
-            scale = self._scale(inputs)
-            output.register_hook(self._make_grad_hook(name, module, tap, pending, idx, scale, rows_b))
+                        bias = tap.bias(module)
+                        if bias is not None:
+                            rows_b = hb - bias.detach().to(hb.dtype)
+                        else:
+                            rows_b = hb.clone() if _shares_storage(hb, output) else hb
+            scale = self._scale(tap, module, inputs)
+            commit = _Commit(self, name, module, tap, pending, idx, scale, rows_b, ha_norm2, call, version)
+            node = self._grad_input_node(tap, module, inputs, output)
+            if node is not None:
+                # Linear on 2-D input: autograd computes dL/dh_a = dL/dh_b · W itself; reuse it.
+                grad_fn, slot = node
+                grad_fn.register_hook(lambda grad_inputs, grad_outputs: commit(grad_outputs[0], grad_inputs[slot]))
+            else:
+                output.register_hook(lambda grad: commit(grad, None))
 
         return hook
 
-    def _make_grad_hook(
+    def _grad_input_node(
+        self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: Tensor
+    ) -> tuple[torch.autograd.graph.Node, int] | None:
+        """The autograd node of a plain ``F.linear`` on 2-D input and the slot of its input gradient.
+
+        ``addmm(b, x, Wᵀ)`` / ``mm(x, Wᵀ)`` compute ``dL/dx = dL/dh_b · W`` exactly when ``x`` needs a
+        gradient; a post-hook on that node gets it for free, saving one matmul per step in the modes
+        that accumulate ``G_a`` directly. Anything less certain returns None (the monitor then
+        computes ``dL/dh_b · W`` itself).
+        """
+        if not self.direct or type(tap) is not LinearTap or type(module).forward is not nn.Linear.forward:
+            return None
+        x = inputs[0] if inputs else None
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.requires_grad or output.dim() != 2:
+            return None
+        grad_fn = output.grad_fn
+        kind = type(grad_fn).__name__
+        if kind == "AddmmBackward0":
+            return grad_fn, 1
+        if kind == "MmBackward0":
+            return grad_fn, 0
+        return None
+
+    def _commit_backward(
         self,
         name: str,
         module: nn.Module,
@@ -262,39 +467,68 @@ class CRHMonitor:
         idx: Tensor | None,
         scale: float,
         rows_b: Tensor | None,
-    ) -> Callable[[Tensor], None]:
-        mode = self.preprocess
-
-        def grad_hook(grad: Tensor) -> None:
-            with torch.no_grad():
-                gb = tap.output_rows(module, grad.detach())
-                if idx is not None:
-                    gb = gb[idx]
-                gb = _work_dtype(gb) * (-scale)  # g = −dℓ/dh, per sample
-                yg = F.preprocess_rows(gb, mode)
-                new: dict[str, Tensor] = {"Gb_xx": yg.T @ yg, "Gb_x": yg.sum(0)}
-                if self.direct:
-                    ga = gb @ _work_dtype(tap.weight(module).detach())
-                    yga = F.preprocess_rows(ga, mode)
-                    new["Ga_xx"] = yga.T @ yga
-                    new["Ga_x"] = yga.sum(0)
-                if not self._check_finite(name, "gradients", *(v for k, v in new.items() if k.endswith("_xx"))):
+        ha_norm2: Tensor,
+        call: int,
+        version: tuple[Tensor, int] | None,
+        grad: Tensor,
+        grad_input: Tensor | None,
+    ) -> None:
+        """Second half of one layer call: gradient rows, policy checks, then every sum at once."""
+        normalized = self.preprocess == "normalized"
+        state = self._state[name]
+        with torch.no_grad(), _no_autocast(grad):
+            gb = tap.output_rows(module, grad.detach())
+            if idx is not None:
+                gb = gb[idx]
+            gb = _work_dtype(gb)
+            gb_norm2 = _row_norm2(gb)
+            if not self._finite(name, "gradients (g_b)", call, gb_norm2.sum()):
+                return
+            ga = ga_norm2 = None
+            if self.direct:
+                if grad_input is not None:
+                    ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
+                    if idx is not None:
+                        ga = ga[idx]
+                    ga = _work_dtype(ga)
+                else:
+                    w = tap.weight(module).detach()
+                    ga = gb @ _work_dtype(w).to(gb.dtype)
+                ga_norm2 = _row_norm2(ga)
+                if not self._finite(name, "gradients (g_a)", call, ga_norm2.sum()):
                     return
-                state = self._state[name]
-                n = gb.shape[0]
-                for k, v in pending.items():
-                    if k != "ha_norm2":
-                        state.add(k, v)
-                for k, v in new.items():
+            if version is not None and version[0]._version != version[1]:
+                raise CanonRegError(
+                    f"The input of layer {_display(name)!r} was modified in place between its forward pass and "
+                    "the backward pass; canonreg cannot measure h_a for that call"
+                )
+            # Everything is finite: commit the forward half and the backward half together.
+            for k, v in pending.items():
+                if k.endswith("_rows"):
+                    state.add_gram(k[: -len("_rows")] + "_xx", v)
+                else:
                     state.add(k, v)
-                if self.track_balance and rows_b is not None:
-                    g2 = (gb * gb).sum(1)
-                    state.add("gnhn", (g2 * pending["ha_norm2"]).sum())
-                    state.add("gh", (gb * rows_b).sum())
-                state.add("n", torch.tensor(float(n), dtype=torch.float64, device=gb.device))
-                state.add("steps", torch.tensor(1.0, dtype=torch.float64, device=gb.device))
-
-        return grad_hook
+            # g = −scale · (dL/dh): Grams scale by scale², sums by −scale; normalisation keeps only the sign.
+            if normalized:
+                yg = _normalize(gb, gb_norm2)
+                state.add_gram("Gb_xx", yg)
+                state.add("Gb_x", yg.sum(0), -1.0)
+            else:
+                state.add_gram("Gb_xx", gb, scale * scale)
+                state.add("Gb_x", gb.sum(0), -scale)
+            if ga is not None and ga_norm2 is not None:
+                if normalized:
+                    yga = _normalize(ga, ga_norm2)
+                    state.add_gram("Ga_xx", yga)
+                    state.add("Ga_x", yga.sum(0), -1.0)
+                else:
+                    state.add_gram("Ga_xx", ga, scale * scale)
+                    state.add("Ga_x", ga.sum(0), -scale)
+            if rows_b is not None:
+                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms) and Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩.
+                state.add("gnhn", (gb_norm2 * ha_norm2).sum(), scale * scale)
+                state.add("gh", torch.dot(gb.reshape(-1), rows_b.reshape(-1)), -scale)
+            state.commit(gb.shape[0])
 
     # ------------------------------------------------------------------ results
     def compute(
@@ -310,12 +544,17 @@ class CRHMonitor:
     ) -> CRHReport:
         """Reduce the accumulators (across ranks if distributed) and return a :class:`CRHReport`.
 
+        With ``torch.distributed`` initialised and ``sync_dist=True`` this is a collective call (one
+        all-reduce of a flat float64 buffer): every rank must call it, and every rank gets the report
+        one process would have computed from all ranks' samples. ``report.samples`` is the total over
+        ranks; ``report.steps`` the mean number of committed layer calls per rank.
+
         Args:
             lr, weight_decay, batch_size: η, γ, S of the training step; when all three are given (and
                 the monitor tracks balance) the report includes the balance terms of spec §5.
             exponents: fit PAH exponents for all six relations (4 eigendecompositions per layer).
-            n_bootstrap: bootstrap resamples for the exponent intervals.
-            eig_floor: relative eigenvalue floor of the exponent fits.
+            n_bootstrap: bootstrap resamples for the exponent intervals (0: NaN intervals).
+            eig_floor: relative eigenvalue floor of the exponent fits, in [0, 1).
             seed: seed of the bootstrap.
 
         Raises:
@@ -327,28 +566,50 @@ class CRHMonitor:
             raise ValueError("Expected `lr`, `weight_decay` and `batch_size` to be given together (or none of them)")
         if lr is not None:
             check_positive("lr", lr)
-            if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-                raise ValueError(f"Expected `weight_decay` to be a non-negative float, but got {weight_decay!r}")
+            check_nonnegative("weight_decay", weight_decay)
             check_positive_int("batch_size", batch_size)
             if not self.track_balance:
                 raise CanonRegError("Balance terms need track_balance=True when the monitor is created")
+        check_bool("exponents", exponents)
+        check_nonnegative_int("n_bootstrap", n_bootstrap)
+        if not (isinstance(eig_floor, (int, float)) and not isinstance(eig_floor, bool) and 0 <= eig_floor < 1):
+            raise ValueError(f"Expected `eig_floor` to be a float in [0, 1), but got {eig_floor!r}")
+        check_nonnegative_int("seed", seed)
 
         names = list(self.layers)
         keys = self._keys()
-        flat = [self._state[n].sums.get(k, None) for n in names for k in keys]
-        flat = [t if t is not None else self._zeros_like_key(n, k) for t, (n, k) in zip(flat, [(n, k) for n in names for k in keys])]
+        for state in self._state.values():
+            state.fold()
+        device = self._device()
+        flat: list[Tensor] = []
+        for n in names:
+            state = self._state[n]
+            for k in keys:
+                if k == "n":
+                    flat.append(torch.tensor(float(state.n), dtype=torch.float64, device=device))
+                elif k == "steps":
+                    flat.append(torch.tensor(float(state.steps), dtype=torch.float64, device=device))
+                elif k in state.sums:
+                    flat.append(state.sums[k].to(device))
+                else:
+                    flat.append(self._zeros_like_key(n, k, device))
+        world = 1
         if self.sync_dist:
             reduced = all_reduce_flat(flat)
+            world = _world_size()
         else:
             reduced = [t.detach().to(torch.float64).clone() for t in flat]
         it = iter(reduced)
         sums = {n: {k: next(it).cpu() for k in keys} for n in names}
+        for s in sums.values():
+            s["steps"] = s["steps"] / world
         total = sum(float(s["n"]) for s in sums.values())
         if total == 0:
+            reasons = "; ".join(f"{_display(n)!r}: {self._missing_reason(n)}" for n in names)
             raise CanonRegError(
                 "compute() was called before any backward pass reached a monitored layer: attach the monitor "
                 "(`with monitor:` or `monitor.attach()`), run forward *and* backward with gradients enabled, "
-                "then call compute()"
+                f"then call compute(). Per layer — {reasons}"
             )
         missing = {n: self._missing_reason(n) for n in names if float(sums[n]["n"]) == 0}
         if missing:
@@ -393,29 +654,112 @@ class CRHMonitor:
             keys += ["gnhn", "gh"]
         return keys
 
-    def _zeros_like_key(self, name: str, key: str) -> Tensor:
+    def _device(self) -> torch.device:
+        for state in self._state.values():
+            for t in state.sums.values():
+                return t.device
+        for n in self.layers:
+            return self._taps[n].weight(self.layers[n]).device
+        return torch.device("cpu")
+
+    def _zeros_like_key(self, name: str, key: str, device: torch.device) -> Tensor:
         w = self._taps[name].weight(self.layers[name])
         d_b, d_a = w.shape
         shapes = {
             "Ha_xx": (d_a, d_a), "Ha_x": (d_a,), "Ga_xx": (d_a, d_a), "Ga_x": (d_a,),
             "Hb_xx": (d_b, d_b), "Hb_x": (d_b,), "Gb_xx": (d_b, d_b), "Gb_x": (d_b,),
         }
-        return torch.zeros(shapes.get(key, ()), dtype=torch.float64, device=w.device)
+        return torch.zeros(shapes.get(key, ()), dtype=torch.float64, device=device)
 
     def _missing_reason(self, name: str) -> str:
         if name in self.excluded:
             return self.excluded[name]
-        from .taps import functional_only_children
-
         functional = functional_only_children(self.model)
         if name in functional:
             return functional[name]
-        if self._state[name].fired == 0:
+        state = self._state[name]
+        if state.fired == 0:
             return "the layer never ran in a grad-enabled forward pass while the monitor was attached"
+        if state.no_grad_output == state.fired:
+            return "the layer's output never required grad (frozen layer fed by inputs that need no grad?)"
+        if state.skipped > 0:
+            return f"every call was dropped by the non-finite policy ({state.skipped} call(s))"
         return "the layer ran but no backward pass reached its output"
+
+
+class _Hook:
+    """A module hook that deep-copies as itself and refuses to be pickled with a clear message.
+
+    ``copy.deepcopy(model)`` while attached then shares the hook (its guards ignore the copy's modules)
+    instead of trying to copy the monitor; ``pickle``/``torch.save`` of an attached model explain.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., None]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: object) -> None:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> "_Hook":
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError(
+            "This model has CRHMonitor hooks attached; call monitor.detach() (or leave its `with` block) "
+            "before pickling the model, or save model.state_dict()"
+        )
+
+
+class _Commit:
+    """The backward half of one layer call (a small callable instead of a closure over the frame)."""
+
+    __slots__ = ("monitor", "args")
+
+    def __init__(self, monitor: CRHMonitor, *args: object) -> None:
+        self.monitor = monitor
+        self.args = args
+
+    def __call__(self, grad: Tensor | None, grad_input: Tensor | None) -> None:
+        if grad is None:
+            return
+        self.monitor._commit_backward(*self.args, grad, grad_input)  # type: ignore[arg-type]
+
+
+def _no_autocast(t: object) -> torch.autocast:
+    """Per-step statistics run in the dtypes the monitor chose, never autocast's lower precision."""
+    device = t.device.type if isinstance(t, Tensor) else "cpu"
+    return torch.autocast(device_type=device if device in ("cpu", "cuda", "xpu", "mps") else "cpu", enabled=False)
+
+
+def _row_norm2(x: Tensor) -> Tensor:
+    """``‖x_i‖²`` per row (one reduction, no ``n × d`` temporary)."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _normalize(x: Tensor, norm2: Tensor) -> Tensor:
+    """``x_i / ‖x_i‖`` from precomputed squared norms (zero rows stay zero and still count)."""
+    inv = torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2))
+    return x * inv.unsqueeze(1)
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+        return True
 
 
 def _work_dtype(x: Tensor) -> Tensor:
     """Per-step products in at least float32 (half/bfloat16 models are upcast); sums are float64."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 

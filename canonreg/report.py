@@ -76,7 +76,9 @@ class CRHReport:
         exponents: ``exponents[layer][relation]`` → :class:`~canonreg.functional.PowerLawFit` of ``A ∝ B^κ``.
         effective_rank: ``effective_rank[layer][matrix]`` → ``{"participation": …, "entropy": …}``.
         balance: ``balance[layer]`` → :class:`~canonreg.functional.BalanceTerms` (empty unless η, γ, S given).
-        samples, steps, skipped: rows, committed backward passes and dropped non-finite steps per layer.
+        samples, steps, skipped: per layer, the sample rows (summed over ranks), the committed layer calls
+            (calls whose backward pass reached the layer; mean over ranks) and the calls dropped by the
+            non-finite policy (this rank).
         preprocess, metric: how the scores were measured.
         derived: whether ``H_b`` and ``G_a`` came from the exact identities.
         missing, excluded: layers without samples / left out of the default selection, with reasons.
@@ -109,7 +111,12 @@ class CRHReport:
 
     def mean_alignment(self, layers: Sequence[str] | None = None, relations: Sequence[str] = F.RELATIONS) -> float:
         """Mean α over ``layers`` (default all) and ``relations``, ignoring NaN entries."""
-        chosen = self.layers if layers is None else list(layers)
+        chosen = self.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        for n in chosen:
+            if n not in self.alignment:
+                raise ValueError(f"Expected `layers` to contain layers of this report {self.layers}, but got {n!r}")
+        if isinstance(relations, str):
+            relations = (relations,)
         for r in relations:
             if r not in F.RELATIONS:
                 raise ValueError(f"Expected `relations` to contain names from {list(F.RELATIONS)}, but got {r!r}")
@@ -118,6 +125,10 @@ class CRHReport:
 
     def phase(self, layer: str, threshold: float = 0.9) -> tuple[str, ...]:
         """Relations of ``layer`` whose α reaches ``threshold`` (one of the 64 CRH phases)."""
+        if layer not in self.alignment:
+            raise KeyError(f"Expected `layer` to be one of {self.layers}, but got {layer!r}")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not -1 <= threshold <= 1:
+            raise ValueError(f"Expected `threshold` to be a float in [-1, 1], but got {threshold!r}")
         return tuple(r for r in F.RELATIONS if self.alignment[layer][r] >= threshold)
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,7 +296,7 @@ def build_report(
         effective_rank=ranks,
         balance=bal,
         samples={n: int(float(s["n"])) for n, s in sums.items()},
-        steps={n: int(float(s["steps"])) for n, s in sums.items()},
+        steps={n: int(round(float(s["steps"]))) for n, s in sums.items()},
         skipped=dict(skipped),
         preprocess=preprocess,
         metric=metric,

@@ -10,7 +10,20 @@ A tap turns one call of a module into per-sample rows (crh-spec §1):
   ``h_b = W h_a + b`` holds exactly per position. Grouped convolutions raise a clear error.
 
 Register a tap for a custom module type with :func:`register_tap` (globally) or pass
-``taps={MyModule: MyTap()}`` to a monitor or loss (locally).
+``taps={MyModule: MyTap()}`` to a monitor or loss (locally). A tap may also define
+``batch_size(module, inputs) -> int`` (how many independent samples one call holds, used by
+``grad_scale="batch"``); without it the first dimension of the first input counts (1 for 1-D inputs).
+
+Example (a tap for a hypothetical ``Dense`` module computing ``x @ self.w.T``)::
+
+    class DenseTap:
+        def check(self, module, name): return None
+        def input_rows(self, module, inputs): return inputs[0].reshape(-1, inputs[0].shape[-1])
+        def output_rows(self, module, output): return output.reshape(-1, output.shape[-1])
+        def weight(self, module): return module.w
+        def bias(self, module): return None
+
+    canonreg.register_tap(Dense, DenseTap())
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from torch import Tensor, nn
 
 from .errors import CanonRegError
 
-__all__ = ["LayerTap", "LinearTap", "ConvTap", "register_tap", "get_tap", "default_taps"]
+__all__ = ["LayerTap", "LinearTap", "ConvTap", "register_tap", "get_tap", "default_taps", "tap_batch_size"]
 
 
 @runtime_checkable
@@ -53,10 +66,13 @@ class LinearTap:
         return None
 
     def input_rows(self, module: nn.Module, inputs: tuple[object, ...]) -> Tensor:
-        x = inputs[0]
-        if not isinstance(x, Tensor):
-            raise CanonRegError(f"Layer '{type(module).__name__}' received a non-tensor input; cannot tap it")
+        x = _first_tensor(module, inputs)
         return x.reshape(-1, x.shape[-1])
+
+    def batch_size(self, module: nn.Module, inputs: tuple[object, ...]) -> int:
+        """First dimension of the input (1 for an unbatched 1-D input)."""
+        x = _first_tensor(module, inputs)
+        return int(x.shape[0]) if x.dim() > 1 else 1
 
     def output_rows(self, module: nn.Module, output: Tensor) -> Tensor:
         return output.reshape(-1, output.shape[-1])
@@ -72,27 +88,27 @@ class ConvTap:
     """Tap for ``nn.Conv1d`` / ``nn.Conv2d`` (every output position is a sample)."""
 
     def check(self, module: nn.Module, name: str) -> None:
-        conv = module
-        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+        conv = _as_conv(module, name)
         if conv.groups != 1:
             raise CanonRegError(
                 f"Layer '{name}' is a grouped convolution (groups={conv.groups}); canonreg taps support "
                 "groups=1 only. Exclude it with `layers=` or register a custom tap."
             )
 
-    def _geometry(self, module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        conv = module
+    def _geometry(self, conv: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         if isinstance(conv, nn.Conv1d):
             return (conv.kernel_size[0], 1), (conv.stride[0], 1), (conv.dilation[0], 1)
-        assert isinstance(conv, nn.Conv2d)
         return tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)  # type: ignore[return-value]
 
+    def batch_size(self, module: nn.Module, inputs: tuple[object, ...]) -> int:
+        """Batch dimension of the input (1 for an unbatched ``(C, L)`` / ``(C, H, W)`` input)."""
+        conv = _as_conv(module, type(module).__name__)
+        x = _first_tensor(module, inputs)
+        return 1 if x.dim() == (2 if isinstance(conv, nn.Conv1d) else 3) else int(x.shape[0])
+
     def input_rows(self, module: nn.Module, inputs: tuple[object, ...]) -> Tensor:
-        conv = module
-        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
-        x = inputs[0]
-        if not isinstance(x, Tensor):
-            raise CanonRegError("Convolution received a non-tensor input; cannot tap it")
+        conv = _as_conv(module, type(module).__name__)
+        x = _first_tensor(module, inputs)
         unbatched = x.dim() == (2 if isinstance(conv, nn.Conv1d) else 3)
         if unbatched:
             x = x.unsqueeze(0)
@@ -115,12 +131,38 @@ class ConvTap:
         return output.flatten(2).transpose(1, 2).reshape(-1, output.shape[1])
 
     def weight(self, module: nn.Module) -> Tensor:
-        w = module.weight
-        assert isinstance(w, Tensor)
+        w = _as_conv(module, type(module).__name__).weight
         return w.reshape(w.shape[0], -1)
 
     def bias(self, module: nn.Module) -> Tensor | None:
         return module.bias  # type: ignore[return-value]
+
+
+def _first_tensor(module: nn.Module, inputs: tuple[object, ...]) -> Tensor:
+    x = inputs[0] if inputs else None
+    if not isinstance(x, Tensor):
+        raise CanonRegError(
+            f"Layer of type {type(module).__name__} received a non-tensor first input ({type(x).__name__}); "
+            "cannot tap it"
+        )
+    return x
+
+
+def _as_conv(module: nn.Module, name: str) -> nn.Conv1d | nn.Conv2d:
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        raise CanonRegError(
+            f"Layer {name!r} ({type(module).__name__}) was given ConvTap, which supports nn.Conv1d and nn.Conv2d only"
+        )
+    return module
+
+
+def tap_batch_size(tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> int:
+    """Samples in one call: ``tap.batch_size`` when the tap defines it, else the first input's first dim."""
+    fn = getattr(tap, "batch_size", None)
+    if callable(fn):
+        return int(fn(module, inputs))
+    x = _first_tensor(module, inputs)
+    return int(x.shape[0]) if x.dim() > 1 else 1
 
 
 _REGISTRY: dict[type[nn.Module], LayerTap] = {

@@ -1,0 +1,891 @@
+"""Differentiable CRH alignment losses: push chosen layers toward chosen relations.
+
+For a layer ``h_b = W h_a + b`` the six relations of the Canonical Representation Hypothesis
+(Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006) compare ``A ∝ B`` for the pairs of
+:data:`canonreg.functional.RELATION_PAIRS`. The loss of one (layer, relation) term is
+
+    ℓ(A, B) = 1 − α(A, B),     α = cosine ⟨A,B⟩_F / (‖A‖_F ‖B‖_F)   or   Pearson of the entries,
+
+and :class:`AlignmentLoss` returns ``weight · Σ_{l,r} w_l w_r ℓ_{l,r} / Σ_{l,r} w_l w_r``.
+
+Everything α needs is five scalars, ``⟨A,B⟩_F``, ``‖A‖_F²``, ``‖B‖_F²``, ``1ᵀA1``, ``1ᵀB1``
+(Pearson: ``cov = ⟨A,B⟩ − (1ᵀA1)(1ᵀB1)/N``, ``var_A = ‖A‖² − (1ᵀA1)²/N``, ``N = d²``), and each is
+a trace identity of factored matrices (crh-spec §3), so no ``d × d`` matrix is ever built when the
+operands are a batch moment ``H = FᵀF`` (``F`` the preprocessed, centred rows over ``√n``) or a weight
+Gram ``Z_a = WᵀW`` / ``Z_b = WWᵀ``:
+
+    ⟨FᵀF, WᵀW⟩ = ‖F Wᵀ‖_F²            (= ‖rows of h_b − b, same preprocessing‖²: free for f-RWA)
+    ⟨FᵀF, WWᵀ⟩ = ‖F W‖_F²
+    ⟨FᵀF, GᵀG⟩ = ‖F Gᵀ‖_F²            (n × n'; two d × d moments instead when d < n/2)
+    ‖FᵀF‖_F²   = ‖F Fᵀ‖_F²            (the min(n, d)-sized Gram)
+    ‖WᵀW‖_F²   = ‖W Wᵀ‖_F²            (the min(d_a, d_b)-sized Gram; shared by Z_a and Z_b)
+    1ᵀ FᵀF 1   = ‖F 1‖²,   1ᵀ WᵀW 1 = ‖W 1‖²,   1ᵀ WWᵀ 1 = ‖Wᵀ 1‖²
+    ⟨C, FᵀF⟩   = Σ (F Cᵀ) ∘ F,   ⟨C, WᵀW⟩ = Σ (W Cᵀ) ∘ W,   ⟨C, WWᵀ⟩ = Σ (C W) ∘ W   (C dense)
+
+The functional twins below (:func:`alignment_loss`, :func:`row_moment`, :func:`frobenius_inner`,
+:func:`gram_sqnorm` …) are what :class:`AlignmentLoss` calls; tests check the class against them and
+them against dense matrices.
+
+References: Ziyin, Chuang, Galanti & Poggio, "Formation of Representations in Neural Networks",
+arXiv:2410.03006 (CRH, the six relations, α); Ziyin, Wang, Li & Wu, arXiv:2402.07193 (why they form).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import functional as CF
+from .errors import CanonRegError, check_choice, check_nonnegative
+from .layers import HookSet, LayerSpec, _display, claim_model, release_model, select_layers
+from .taps import LayerTap, tap_batch_size
+
+__all__ = [
+    "GMode",
+    "RowMoment",
+    "WeightGram",
+    "MomentOperand",
+    "row_moment",
+    "gram_sqnorm",
+    "frobenius_inner",
+    "squared_frobenius",
+    "entry_sum",
+    "alignment_from_moments",
+    "factored_alignment",
+    "alignment_loss",
+    "AlignmentLoss",
+]
+
+GMode = Literal["ema", "exact"]
+Side = Literal["a", "b"]
+Policy = Literal["error", "warn", "skip"]
+
+_G_MATRICES = ("G_a", "G_b")
+
+
+# ====================================================================== functional core
+@dataclass(frozen=True, eq=False)
+class RowMoment:
+    """A second moment in factored form, ``M = Fᵀ F`` (``F``: ``(n, d)``), never materialised.
+
+    Build it from samples with :func:`row_moment` (then ``M`` equals
+    :func:`canonreg.functional.second_moment`). ``image`` optionally holds ``F Wᵀ`` for the layer's
+    ``W``, which makes ``⟨M, WᵀW⟩ = ‖F Wᵀ‖²`` free when the layer output is at hand.
+    """
+
+    rows: Tensor
+    image: Tensor | None = None
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.rows.shape[1])
+
+    def dense(self) -> Tensor:
+        """``Fᵀ F`` as a ``(d, d)`` matrix (for references and tests; the losses never call it)."""
+        return self.rows.T @ self.rows
+
+
+@dataclass(frozen=True, eq=False)
+class WeightGram:
+    """A weight Gram matrix in factored form: ``Z_a = WᵀW`` (``side="a"``) or ``Z_b = WWᵀ`` (``"b"``).
+
+    ``W`` is the layer matrix of shape ``(d_b, d_a)``. Two grams of one ``W`` may share ``_cache``
+    so that ``‖Z_a‖_F = ‖Z_b‖_F`` is computed once.
+    """
+
+    weight: Tensor
+    side: Side
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1] if self.side == "a" else self.weight.shape[0])
+
+    def dense(self) -> Tensor:
+        w = self.weight
+        return w.T @ w if self.side == "a" else w @ w.T
+
+
+#: A matrix operand of the alignment functions: dense ``(d, d)`` tensor or a factored form.
+MomentOperand = Union[Tensor, RowMoment, WeightGram]
+
+
+def _sum64(x: Tensor) -> Tensor:
+    """Sum as a float64 scalar: reduced in the working dtype, then the scalar pieces of α are combined
+    in float64 (Pearson subtracts large terms)."""
+    return x.sum().to(torch.float64)
+
+
+def _sq64(x: Tensor) -> Tensor:
+    return (x * x).sum().to(torch.float64)
+
+
+def row_moment(x: Tensor, preprocess: CF.Preprocess = "raw", *, image: Tensor | None = None) -> RowMoment:
+    """Factor ``M = FᵀF`` of the second moment of the rows of ``x`` after the spec's preprocessing.
+
+    ``F = P(x) / √n`` with ``P`` the identity (``raw``), row centring (``centered``), or per-row unit
+    norm followed by centring (``normalized``), so that ``FᵀF`` equals
+    :func:`canonreg.functional.second_moment` ``(x, preprocess)`` (population moments).
+
+    ``image`` (optional, ``(n, d_b)``) is ``x Wᵀ`` for a matrix ``W``; it goes through the same
+    row scaling and centring (both commute with right-multiplication by ``Wᵀ``), so the returned
+    ``RowMoment.image`` is ``F Wᵀ``. For a layer, ``x Wᵀ = h_b − b``: the forward pass already
+    computed it.
+
+    Args:
+        x: ``(n, d)`` samples.
+        preprocess: ``"raw" | "centered" | "normalized"``.
+        image: optional ``(n, d_b)`` rows of ``x Wᵀ``.
+
+    Example:
+        >>> x = torch.randn(50, 6, dtype=torch.float64)
+        >>> m = row_moment(x, "centered")
+        >>> torch.allclose(m.dense(), canonreg.functional.second_moment(x, "centered"))  # doctest: +SKIP
+        True
+    """
+    check_choice("preprocess", preprocess, CF.PREPROCESS_MODES)
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"Expected `x` to be a non-empty 2-D (samples, features) tensor, but got {_describe(x)}")
+    if image is not None and (not isinstance(image, Tensor) or image.dim() != 2 or image.shape[0] != x.shape[0]):
+        raise ValueError(f"Expected `image` to be a ({x.shape[0]}, d_b) tensor, but got {_describe(image)}")
+    n = x.shape[0]
+    y, img = x, image
+    if preprocess == "normalized":
+        # the scaling of canonreg.functional.preprocess_rows, applied to x and to its image alike
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        y = x / norms
+        img = None if image is None else image / norms
+    if preprocess != "raw":
+        y = y - y.mean(0, keepdim=True)
+        img = None if img is None else img - img.mean(0, keepdim=True)
+    scale = 1.0 / math.sqrt(n)
+    return RowMoment(y * scale, None if img is None else img * scale)
+
+
+class _GramSqNorm(torch.autograd.Function):
+    """``‖XᵀX‖_F² = ‖XXᵀ‖_F²`` through the smaller Gram ``K``; backward ``4 K X`` (or ``4 X K``).
+
+    Autograd would differentiate ``X @ X.T`` as a product of two inputs (two matmuls); the Gram is
+    symmetric, so one matmul suffices.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        left = x.shape[0] <= x.shape[1]
+        k = x @ x.T if left else x.T @ x
+        ctx.save_for_backward(x, k)
+        ctx.left = left
+        return _sq64(k)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        x, k = ctx.saved_tensors
+        g = (4.0 * grad).to(x.dtype)
+        return g * (k @ x if ctx.left else x @ k)
+
+
+def gram_sqnorm(x: Tensor) -> Tensor:
+    """``‖XᵀX‖_F² = ‖XXᵀ‖_F²`` (float64 0-d tensor) via the ``min(n, d)``-sized Gram.
+
+    Cost ``n·d·min(n, d)`` multiply-adds forward and the same backward (one matmul each way).
+    First-order differentiable only (raises on double backward).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"Expected `x` to be a 2-D tensor, but got {_describe(x)}")
+    return _GramSqNorm.apply(x)
+
+
+def _describe(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _dim(a: MomentOperand) -> int:
+    if isinstance(a, (RowMoment, WeightGram)):
+        return a.dim
+    if isinstance(a, Tensor) and a.dim() == 2 and a.shape[0] == a.shape[1]:
+        return int(a.shape[0])
+    raise TypeError(f"Expected a square matrix, a RowMoment or a WeightGram, but got {_describe(a)}")
+
+
+def squared_frobenius(a: MomentOperand) -> Tensor:
+    """``‖A‖_F²`` (float64): ``‖FFᵀ‖²`` / ``‖WWᵀ‖²`` via :func:`gram_sqnorm` for factored forms."""
+    if isinstance(a, RowMoment):
+        if "sq" not in a._cache:
+            a._cache["sq"] = gram_sqnorm(a.rows)
+        return a._cache["sq"]
+    if isinstance(a, WeightGram):
+        if "sq" not in a._cache:
+            a._cache["sq"] = gram_sqnorm(a.weight)
+        return a._cache["sq"]
+    _dim(a)
+    return _sq64(a)
+
+
+def entry_sum(a: MomentOperand) -> Tensor:
+    """``1ᵀ A 1`` (float64): ``‖F1‖²``, ``‖W1‖²`` (``Z_a``) or ``‖Wᵀ1‖²`` (``Z_b``)."""
+    if isinstance(a, RowMoment):
+        if "sum" not in a._cache:
+            a._cache["sum"] = _sq64(a.rows.sum(1))
+        return a._cache["sum"]
+    if isinstance(a, WeightGram):
+        key = "sum_" + a.side
+        if key not in a._cache:
+            a._cache[key] = _sq64(a.weight.sum(1 if a.side == "a" else 0))
+        return a._cache[key]
+    _dim(a)
+    return _sum64(a)
+
+
+def frobenius_inner(a: MomentOperand, b: MomentOperand) -> Tensor:
+    """``⟨A, B⟩_F = Tr(AᵀB)`` (float64) by the trace identities in the module docstring.
+
+    Cost (n rows, width d): RowMoment·WeightGram ``n·d_a·d_b`` (0 with an ``image``), RowMoment·RowMoment
+    ``n·n'·d`` (or ``2·n·d²`` when ``d < n/2``), dense·factored ``n·d²`` or ``d_a·d_b·d``.
+    """
+    da, db = _dim(a), _dim(b)
+    if da != db:
+        raise ValueError(f"Expected operands of equal size, but got {da} × {da} and {db} × {db}")
+    rank = {RowMoment: 0, WeightGram: 1}
+    if rank.get(type(b), 2) < rank.get(type(a), 2):  # order: RowMoment, WeightGram, dense
+        a, b = b, a
+    if isinstance(a, RowMoment):
+        f = a.rows
+        if isinstance(b, WeightGram):
+            if b.side == "a":
+                return _sq64(a.image if a.image is not None else f @ b.weight.T)
+            return _sq64(f @ b.weight)
+        if isinstance(b, RowMoment):
+            g = b.rows
+            if 2 * f.shape[1] < min(f.shape[0], g.shape[0]):  # wide batch: two d × d moments are cheaper
+                return _sum64((f.T @ f) * (g.T @ g))
+            return _sq64(f @ g.T)
+        c = b.to(f.dtype)
+        return _sum64((f @ c.T) * f)
+    if isinstance(a, WeightGram):
+        w = a.weight
+        if isinstance(b, WeightGram):
+            if b.side == a.side:
+                return squared_frobenius(a)
+            return _sum64(a.dense() * b.dense())  # ⟨WᵀW, WWᵀ⟩ (square W only); no relation uses it
+        c = b.to(w.dtype)
+        return _sum64((w @ c.T) * w) if a.side == "a" else _sum64((c @ w) * w)
+    return _sum64(a * b.to(a.dtype))
+
+
+def alignment_from_moments(
+    inner: Tensor,
+    sq_a: Tensor,
+    sq_b: Tensor,
+    sum_a: Tensor | None,
+    sum_b: Tensor | None,
+    numel: int | Tensor,
+    metric: CF.Metric = "cosine",
+) -> Tensor:
+    """α from the five scalar moments of two matrices with ``numel`` (``N = d²``) entries each.
+
+    ``cosine``: ``⟨A,B⟩ / sqrt(‖A‖² ‖B‖²)``;
+    ``pearson``: ``(⟨A,B⟩ − s_A s_B/N) / sqrt((‖A‖² − s_A²/N)(‖B‖² − s_B²/N))`` with ``s = 1ᵀM1``.
+
+    Elementwise: pass 1-D tensors (and a tensor ``numel``) to score many pairs at once. ``sum_a``,
+    ``sum_b`` are unused by the cosine. Clamped to ``[−1, 1]``; NaN where a denominator is not
+    positive (alignment undefined), as :func:`canonreg.functional.alignment`.
+    """
+    check_choice("metric", metric, CF.METRICS)
+    if metric == "pearson":
+        if sum_a is None or sum_b is None:
+            raise ValueError("Expected `sum_a` and `sum_b` (entry sums) with metric='pearson', but got None")
+        n = numel if isinstance(numel, Tensor) else float(numel)
+        inner = inner - sum_a * sum_b / n
+        sq_a = sq_a - sum_a * sum_a / n
+        sq_b = sq_b - sum_b * sum_b / n
+    denom2 = sq_a * sq_b
+    ok = denom2 > 0
+    safe = torch.where(ok, denom2, torch.ones_like(denom2))
+    alpha = inner / torch.sqrt(safe)
+    return torch.where(ok, alpha, torch.full_like(alpha, float("nan"))).clamp(-1.0, 1.0)
+
+
+def factored_alignment(a: MomentOperand, b: MomentOperand, metric: CF.Metric = "cosine") -> Tensor:
+    """α(A, B) of dense or factored operands by trace identities (float64 0-d tensor)."""
+    check_choice("metric", metric, CF.METRICS)
+    d = _dim(a)
+    pearson = metric == "pearson"
+    return alignment_from_moments(
+        frobenius_inner(a, b),
+        squared_frobenius(a),
+        squared_frobenius(b),
+        entry_sum(a) if pearson else None,
+        entry_sum(b) if pearson else None,
+        d * d,
+        metric,
+    )
+
+
+def alignment_loss(a: MomentOperand, b: MomentOperand, metric: CF.Metric = "cosine") -> Tensor:
+    """``1 − α(A, B)``: the per-term loss of :class:`AlignmentLoss`, in [0, 2].
+
+    With two dense tensors this is ``1 − canonreg.functional.alignment(A, B, metric)`` (the obvious
+    reference); with a :class:`RowMoment` or :class:`WeightGram` operand it uses the trace identities
+    and never builds the ``d × d`` matrix. Differentiable in every tensor the operands hold.
+
+    Args:
+        a, b: ``(d, d)`` tensors, :class:`RowMoment` (``H``, ``G`` from rows) or :class:`WeightGram` (``Z``).
+        metric: ``"cosine"`` (default for losses: 0 exactly when ``A = cB``, ``c > 0``) or ``"pearson"``.
+
+    Returns:
+        0-d tensor: the dtype of ``a``/``b`` for two dense tensors, float64 otherwise.
+
+    Example:
+        >>> w = torch.randn(16, 8, requires_grad=True)
+        >>> h = row_moment(torch.randn(32, 8), "centered")
+        >>> alignment_loss(h, WeightGram(w, "a")).backward()   # f-RWA of one layer   # doctest: +SKIP
+    """
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return 1.0 - CF.alignment(a, b, metric)
+    return 1.0 - factored_alignment(a, b, metric)
+
+
+# ====================================================================== the module
+@dataclass
+class _Capture:
+    """One call of a hooked layer in the current pass (references only; nothing is computed)."""
+
+    module: nn.Module
+    inputs: tuple[object, ...]
+    output: Tensor
+    rows_b: Tensor | None  # output rows, copied at capture time (safe from later in-place ops)
+    in_version: int
+    out_version: int
+    w_version: int
+
+
+class AlignmentLoss(nn.Module):
+    """Differentiable CRH alignment penalty on chosen layers and relations.
+
+    Returns ``weight · Σ_{l,r} w_l w_r (1 − α_{l,r}) / Σ_{l,r} w_l w_r`` over the selected layers ``l``
+    and ``relations`` ``r``, with ``α_{l,r} = α(A, B)`` for the pair ``(A, B)`` of relation ``r``
+    (``canonreg.functional.RELATION_PAIRS``) in layer ``l``, computed from the most recent
+    grad-enabled call of ``model`` (a "pass"; a layer called several times in one pass contributes
+    the rows of every call).
+
+    Symbols → sources (crh-spec §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
+    current pass (differentiable: gradients reach the weights and every earlier layer); ``Z_a = WᵀW``,
+    ``Z_b = WWᵀ`` from the current weights (differentiable); ``G_a``, ``G_b`` (``g = −dℓ/dh``) from
+
+    * ``g_mode="ema"`` (default): an exponential moving average ``Ḡ ← β Ḡ + (1 − β) G_batch`` of the
+      batch moments seen by backward hooks in *earlier* backward passes; ``Ḡ`` is a constant
+      (detached) target. No extra backward pass; each backward adds one ``n·d²`` moment per needed
+      G matrix and each loss call one ``n·d²`` (or ``d_a·d_b·d``) product. The hook sees the gradient
+      that actually reaches the layer output, i.e. of the *total* loss (task + regularisers,
+      including this loss's own H–Z terms). Before the first backward the G terms raise
+      (``ema_warmup="error"``) or are left out of the mean (``"skip"``).
+    * ``g_mode="exact"``: the current batch's ``g_b = −∂ℓ/∂h_b`` by double backprop, so the task
+      loss must be passed: ``loss = task + align(task)``. ``align(task)`` runs
+      ``torch.autograd.grad(task, layer outputs, create_graph=True)`` — one extra backward pass with
+      graph — and the final ``loss.backward()`` then differentiates through it (second-order terms):
+      expect roughly 2–3× the cost of a plain training step. ``G_a`` uses rows ``g_a = g_b W``.
+
+    Cost of H–Z terms, in multiply-adds forward + backward (``n`` rows, ``W`` of shape
+    ``(d_b, d_a)``; a plain training step costs ``3·n·d_a·d_b`` per layer): ``‖Z_a‖_F = ‖Z_b‖_F``
+    from the ``min(d_a, d_b)``-sized Gram of ``W``, ``2·d_a·d_b·min(d_a, d_b)``, once per layer;
+    ``‖H‖_F`` from the ``min(n, d)``-sized Gram of the rows, ``2·n·d·min(n, d)`` per H;
+    ``⟨H_a, Z_a⟩ = ‖F Wᵀ‖²`` is free (the layer output gives ``h_a Wᵀ = h_b − b``) for plain
+    ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``; ``⟨H_b, Z_b⟩ = ‖F_b W‖²`` costs ``3·n·d_a·d_b``.
+    No ``d × d`` moment matrix is built. Relative to the step, a square ``d × d`` layer pays
+    ``2d/(3n) + 2·min(n, d)/(3d)`` for f-RWA (at least 4/3, at ``n = d``) and about 3 for
+    f-RWA + b-RWA: exact α terms cost a few training steps on wide square layers at moderate batch
+    sizes (they are cheap for thin layers, e.g. ``d_a ≪ d_b``). To amortise, add ``align()`` on every
+    ``k``-th step only: on the other steps the attached hooks just keep references (and one copy
+    of the output rows).
+
+    Scale conventions: α is invariant to positive rescaling of either matrix, so the batch-mean
+    ``1/B`` of hook gradients needs no correction and ``weight`` is not multiplied by the learning
+    rate.
+
+    Memory: the layer inputs and outputs of the last pass stay referenced until the next pass (or
+    :meth:`detach`); output rows are copied at capture time when H_b or f-RWA needs them, so in-place
+    activations after a layer (``nn.ReLU(inplace=True)``) are safe except with ``g_mode="exact"``.
+
+    Args:
+        model: the model (never modified; hooks go on the selected submodules).
+        relations: relations to enforce, names from ``canonreg.RELATIONS``.
+        layers: which layers (see :mod:`canonreg.layers`); default every Linear/Conv layer.
+        metric: ``"cosine"`` (default; 1 iff ``A = cB``, ``c > 0``) or ``"pearson"`` (the paper's score).
+        weight: overall strength (``≥ 0``; settable, e.g. for schedules). ``0`` returns an exact zero
+            without computing anything: training is bit-identical to training without the loss.
+        preprocess: ``"normalized"`` (default: per-sample unit norm then covariance, the paper's
+            measurement protocol and :class:`~canonreg.CRHMonitor`'s default), ``"centered"`` or ``"raw"``.
+        g_mode: ``"ema"`` or ``"exact"`` (see above); irrelevant without G relations.
+        ema_decay: β of the G moving average, in ``[0, 1)`` (0 = last backward only).
+        layer_weights: ``{layer name: w_l ≥ 0}``; unnamed selected layers get 1.
+        relation_weights: ``{relation: w_r ≥ 0}``; unnamed requested relations get 1.
+        ema_warmup: ``"error" | "skip"`` for G relations whose moving average does not exist yet.
+        nonfinite: ``"error" | "warn" | "skip"`` for terms whose α is NaN (a zero or constant matrix,
+            e.g. a dead layer); ``"skip"``/``"warn"`` leave them out of the mean (one host sync per call
+            for ``"error"``/``"warn"``).
+        taps: extra ``{module type: tap}`` for this loss only.
+
+    Raises:
+        ValueError: unknown relation, bad option or weight (the message names the argument).
+        CanonRegError: another AlignmentLoss is attached to the model, or a selected layer has no tap.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> align = AlignmentLoss(model, relations=("f-RWA", "b-RWA"), weight=0.1)
+        >>> x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+        >>> loss = torch.nn.functional.cross_entropy(model(x), y) + align()
+        >>> loss.backward()
+
+    Reference: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (relations and α).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        relations: Sequence[str] = ("f-RWA", "b-RWA"),
+        layers: LayerSpec = None,
+        *,
+        metric: CF.Metric = "cosine",
+        weight: float = 1.0,
+        preprocess: CF.Preprocess = "normalized",
+        g_mode: GMode = "ema",
+        ema_decay: float = 0.9,
+        layer_weights: Mapping[str, float] | None = None,
+        relation_weights: Mapping[str, float] | None = None,
+        ema_warmup: Literal["error", "skip"] = "error",
+        nonfinite: Policy = "error",
+        taps: dict[type[nn.Module], LayerTap] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(relations, str) or not isinstance(relations, Sequence):
+            raise ValueError(f"Expected `relations` to be a sequence of names from {list(CF.RELATIONS)}, but got {relations!r}")
+        rels = tuple(relations)
+        if not rels:
+            raise ValueError(f"Expected `relations` to name at least one of {list(CF.RELATIONS)}, but got an empty sequence")
+        for r in rels:
+            if r not in CF.RELATIONS:
+                raise ValueError(f"Expected `relations` to contain names from {list(CF.RELATIONS)}, but got {r!r}")
+        if len(set(rels)) != len(rels):
+            raise ValueError(f"Expected `relations` without duplicates, but got {list(rels)}")
+        check_choice("metric", metric, CF.METRICS)
+        check_choice("preprocess", preprocess, CF.PREPROCESS_MODES)
+        check_choice("g_mode", g_mode, ("ema", "exact"))
+        check_choice("ema_warmup", ema_warmup, ("error", "skip"))
+        check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
+        if not (isinstance(ema_decay, (int, float)) and not isinstance(ema_decay, bool) and 0 <= ema_decay < 1):
+            raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
+
+        selected, tap_table, excluded = select_layers(model, layers, taps)
+        # Plain attributes: the model must not become a submodule (state_dict, .to(), .train()).
+        object.__setattr__(self, "model", model)
+        self.layer_names: tuple[str, ...] = tuple(selected)
+        self._modules_by_name: dict[str, nn.Module] = dict(selected)
+        self._taps: dict[str, LayerTap] = tap_table
+        self.excluded: dict[str, str] = excluded
+        self.relations: tuple[str, ...] = rels
+        self.metric: CF.Metric = metric
+        self.preprocess: CF.Preprocess = preprocess
+        self.g_mode: GMode = g_mode
+        self.ema_decay = float(ema_decay)
+        self.ema_warmup = ema_warmup
+        self.nonfinite: Policy = nonfinite
+        self.weight = weight
+        self._layer_w = self._check_weights("layer_weights", layer_weights, self.layer_names, _display)
+        self._rel_w = self._check_weights("relation_weights", relation_weights, rels, str)
+        if not any(self._layer_w[n] * self._rel_w[r] > 0 for n in self.layer_names for r in rels):
+            raise ValueError("Expected `layer_weights` and `relation_weights` to leave at least one positive term, but all are 0")
+        needed = {m for r in rels for m in CF.RELATION_PAIRS[r]}
+        self._needs_g: tuple[str, ...] = tuple(m for m in _G_MATRICES if m in needed)
+        self._needs_out_rows = "H_b" in needed or "f-RWA" in rels
+
+        self._hooks = HookSet()
+        self._captures: dict[str, list[_Capture]] = {}
+        self._ema: dict[str, dict[str, Tensor]] = {}
+        self._ema_updates: dict[str, int] = {}
+        #: ``{layer: {relation: α}}`` of the last call (detached 0-d tensors; no host sync until read).
+        self.last_alignment: dict[str, dict[str, Tensor]] = {}
+        self.attach()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def weight(self) -> float:
+        """Overall strength (``≥ 0``); 0 makes the call an exact, free zero."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = check_nonnegative("weight", value)
+
+    @staticmethod
+    def _check_weights(
+        arg: str, given: Mapping[str, float] | None, allowed: Sequence[str], show: Callable[[str], str]
+    ) -> dict[str, float]:
+        out = {k: 1.0 for k in allowed}
+        if given is None:
+            return out
+        if not isinstance(given, Mapping):
+            raise ValueError(f"Expected `{arg}` to be a mapping name -> float, but got {type(given).__name__}")
+        for k, v in given.items():
+            if k not in out:
+                raise ValueError(f"Expected `{arg}` keys from {[show(a) for a in allowed]}, but got {k!r}")
+            out[k] = check_nonnegative(f"{arg}[{k!r}]", v)
+        return out
+
+    @property
+    def uses_g(self) -> bool:
+        """Whether any requested relation involves ``G_a`` or ``G_b``."""
+        return bool(self._needs_g)
+
+    def extra_repr(self) -> str:
+        return (
+            f"relations={list(self.relations)}, layers={[_display(n) for n in self.layer_names]}, "
+            f"metric={self.metric!r}, preprocess={self.preprocess!r}, weight={self.weight}, g_mode={self.g_mode!r}"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def attached(self) -> bool:
+        return len(self._hooks) > 0
+
+    def attach(self) -> "AlignmentLoss":
+        """Install the hooks (idempotent; done at construction). Coexists with a CRHMonitor.
+
+        Raises:
+            CanonRegError: another AlignmentLoss is attached to this model.
+        """
+        if self.attached:
+            return self
+        claim_model("AlignmentLoss", self.model, self)
+        try:
+            self._hooks.add(self.model.register_forward_pre_hook(self._root_pre_hook))
+            for name, module in self._modules_by_name.items():
+                self._hooks.add(module.register_forward_hook(self._make_forward_hook(name)))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> "AlignmentLoss":
+        """Remove every hook and drop captured tensors (idempotent); the G averages are kept."""
+        self._hooks.remove()
+        self._captures = {}
+        release_model("AlignmentLoss", self.model, self)
+        return self
+
+    def __enter__(self) -> "AlignmentLoss":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        """Forget captured tensors and the G moving averages (hooks stay as they are)."""
+        self._captures = {}
+        self._ema = {}
+        self._ema_updates = {}
+        self.last_alignment = {}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The G moving averages (``state_dict()['_extra_state']``); configuration is not state."""
+        return {
+            "ema": {n: {k: v.detach().cpu().clone() for k, v in d.items()} for n, d in self._ema.items()},
+            "ema_updates": dict(self._ema_updates),
+            "weight": self._weight,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or not {"ema", "ema_updates", "weight"} <= set(state):
+            raise ValueError("Expected an AlignmentLoss state with keys 'ema', 'ema_updates', 'weight'")
+        unknown = set(state["ema"]) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"Expected G averages for layers {list(self.layer_names)}, but the state has {sorted(unknown)}")
+        self._ema = {n: {k: v.to(torch.float64).clone() for k, v in d.items()} for n, d in state["ema"].items()}
+        self._ema_updates = {n: int(c) for n, c in state["ema_updates"].items()}
+        self.weight = state["weight"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.attached:
+            raise TypeError(
+                "AlignmentLoss holds hooks on a live model and cannot be pickled or deep-copied while attached; "
+                "call .detach() first (or save align.state_dict())"
+            )
+        state = dict(self.__dict__)
+        state["_captures"] = {}
+        state["last_alignment"] = {}
+        return state
+
+    # ------------------------------------------------------------------ hooks
+    def _root_pre_hook(self, module: nn.Module, args: object) -> None:
+        if torch.is_grad_enabled():
+            self._captures = {}
+
+    def _make_forward_hook(self, name: str) -> Callable[..., None]:
+        tap = self._taps[name]
+
+        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            x = inputs[0] if inputs else None
+            rows_b = None
+            if self._needs_out_rows:
+                # A copy (differentiable, cheap next to the layer's matmul): an in-place op after the layer,
+                # e.g. nn.ReLU(inplace=True), would otherwise overwrite h_b before the loss reads it.
+                rows_b = tap.output_rows(module, output)
+                if rows_b._is_view() or rows_b is output:
+                    rows_b = rows_b.clone()
+            cap = _Capture(
+                module,
+                inputs,
+                output,
+                rows_b,
+                x._version if isinstance(x, Tensor) else 0,
+                output._version,
+                tap.weight(module)._version,
+            )
+            self._captures.setdefault(name, []).append(cap)
+            if self._needs_g and self.g_mode == "ema" and output.requires_grad:
+                output.register_hook(self._make_grad_hook(name, module, tap, inputs))
+
+        return hook
+
+    def _make_grad_hook(self, name: str, module: nn.Module, tap: LayerTap, inputs: tuple[object, ...]) -> Callable[[Tensor], None]:
+        batch = float(tap_batch_size(tap, module, inputs))  # undo the 1/B of a batch-mean loss
+
+        def grad_hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                gb = _work(tap.output_rows(module, grad.detach())) * (-batch)  # g = −dℓ/dh per sample
+                new = {"G_b": CF.second_moment(gb, self.preprocess)} if "G_b" in self._needs_g else {}
+                if "G_a" in self._needs_g:
+                    ga = gb @ _work(tap.weight(module).detach())
+                    new["G_a"] = CF.second_moment(ga, self.preprocess)
+                if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+                    if self.nonfinite == "error":
+                        raise CanonRegError(
+                            f"Non-finite gradients reached layer {_display(name)!r}; its G average was not updated "
+                            "(pass nonfinite='skip' to drop such backward passes silently)"
+                        )
+                    if self.nonfinite == "warn":
+                        warnings.warn(f"Non-finite gradients in layer {_display(name)!r}; G average not updated", RuntimeWarning, stacklevel=2)
+                    return
+                ema = self._ema.setdefault(name, {})
+                beta = self.ema_decay
+                for k, v in new.items():
+                    v = v.to(torch.float64)
+                    if k in ema:
+                        ema[k] = ema[k].to(v.device).mul_(beta).add_(v, alpha=1.0 - beta)
+                    else:
+                        ema[k] = v.clone()
+                self._ema_updates[name] = self._ema_updates.get(name, 0) + 1
+
+        return grad_hook
+
+    # ------------------------------------------------------------------ the loss
+    def forward(self, task_loss: Tensor | None = None) -> Tensor:
+        """The weighted mean of ``1 − α`` over layers and relations, times ``weight``.
+
+        Args:
+            task_loss: the scalar task loss of the current pass; required with ``g_mode="exact"`` when a
+                G relation is requested (it is differentiated with ``create_graph=True``), ignored otherwise.
+
+        Returns:
+            0-d tensor in the dtype of the layer weights (at least float32), on their device.
+
+        Raises:
+            CanonRegError: no grad-enabled forward pass since attaching; a selected layer did not run in the
+                last pass; a layer input or weight was modified in place after the forward pass (e.g.
+                ``optimizer.step()`` before the call), or, with ``g_mode="exact"``, a layer output (e.g.
+                ``nn.ReLU(inplace=True)`` right after it);
+                ``g_mode="ema"`` before any backward pass reached a layer (``ema_warmup="error"``);
+                a NaN α (``nonfinite="error"``).
+            ValueError: ``g_mode="exact"`` with G relations and no ``task_loss``.
+        """
+        ref = next(iter(self._modules_by_name.values()))
+        w0 = self._taps[self.layer_names[0]].weight(ref)
+        out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
+        if self._weight == 0.0:
+            return torch.zeros((), dtype=out_dtype, device=w0.device)
+        if not self.attached:
+            raise CanonRegError("AlignmentLoss is detached: call .attach() (or use `with align:`) before the forward pass")
+        if not self._captures:
+            raise CanonRegError(
+                "AlignmentLoss was called before any grad-enabled forward pass of the model since it was attached "
+                "(or since the last pass began): run `out = model(x)` first, then `loss = task + align()`"
+            )
+        exact_g = bool(self._needs_g) and self.g_mode == "exact"
+        self._check_captures(exact_g)
+        grads = self._exact_grads(task_loss) if exact_g else {}
+
+        # The five scalar moments of every term, then α of all terms in one vectorised call.
+        pieces: list[list[Tensor]] = [[], [], [], [], []]
+        numel: list[int] = []
+        weights: list[float] = []
+        where: list[tuple[str, str]] = []
+        pearson = self.metric == "pearson"
+        with torch.autocast(device_type=w0.device.type, enabled=False):
+            for name in self.layer_names:
+                ops = self._operands(name, grads)
+                for rel in self.relations:
+                    wt = self._layer_w[name] * self._rel_w[rel]
+                    a_name, b_name = CF.RELATION_PAIRS[rel]
+                    a, b = ops.get(a_name), ops.get(b_name)
+                    if wt == 0.0 or a is None or b is None:
+                        continue  # zero weight, or G average not yet available with ema_warmup="skip"
+                    pieces[0].append(frobenius_inner(a, b))
+                    pieces[1].append(squared_frobenius(a))
+                    pieces[2].append(squared_frobenius(b))
+                    if pearson:
+                        pieces[3].append(entry_sum(a))
+                        pieces[4].append(entry_sum(b))
+                    numel.append(_dim(a) ** 2)
+                    weights.append(wt)
+                    where.append((name, rel))
+        self.last_alignment = {}
+        if not where:
+            return torch.zeros((), dtype=out_dtype, device=w0.device)
+        stacked = [torch.stack(p) if p else None for p in pieces]
+        alphas = alignment_from_moments(
+            stacked[0], stacked[1], stacked[2], stacked[3], stacked[4],  # type: ignore[arg-type]
+            torch.tensor(numel, dtype=torch.float64, device=stacked[0].device), self.metric,  # type: ignore[union-attr]
+        )
+        detached = alphas.detach()
+        for i, (name, rel) in enumerate(where):
+            self.last_alignment.setdefault(name, {})[rel] = detached[i]
+        vals = 1.0 - alphas
+        wts = torch.tensor(weights, dtype=vals.dtype, device=vals.device)
+        finite = torch.isfinite(vals)
+        if self.nonfinite != "skip":
+            if not bool(finite.all()):
+                bad = [f"{_display(n)!r}/{r}" for (n, r), ok in zip(where, finite.tolist()) if not ok]
+                msg = (
+                    f"AlignmentLoss: α is undefined (a zero or constant matrix, or non-finite activations) for {bad}"
+                )
+                if self.nonfinite == "error":
+                    raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to leave such terms out")
+                warnings.warn(msg + "; left out of the mean", RuntimeWarning, stacklevel=2)
+        wts = torch.where(finite, wts, torch.zeros_like(wts))
+        vals = torch.where(finite, vals, torch.zeros_like(vals))
+        total = wts.sum()
+        loss = (wts * vals).sum() / torch.where(total > 0, total, torch.ones_like(total))
+        return (self._weight * loss).to(out_dtype)
+
+    # ------------------------------------------------------------------ internals
+    def _check_captures(self, exact_g: bool) -> None:
+        for name in self.layer_names:
+            caps = self._captures.get(name)
+            if not caps:
+                raise CanonRegError(
+                    f"Layer {_display(name)!r} has no hook data from the last forward pass: it did not run in a "
+                    "grad-enabled call of the model (is it used in forward? was the pass under torch.no_grad()?). "
+                    "Select the layers that run with `layers=`"
+                )
+            for cap in caps:
+                x = cap.inputs[0] if cap.inputs else None
+                if isinstance(x, Tensor) and x._version != cap.in_version:
+                    raise CanonRegError(
+                        f"The input of layer {_display(name)!r} was modified in place after its forward pass; "
+                        "AlignmentLoss reads h_a when called. Use an out-of-place operation there"
+                    )
+                if exact_g and cap.output._version != cap.out_version:
+                    raise CanonRegError(
+                        f"The output of layer {_display(name)!r} was modified in place after its forward pass "
+                        "(e.g. nn.ReLU(inplace=True) right after it), so g_mode='exact' cannot differentiate the "
+                        "task loss with respect to h_b. Use an out-of-place activation or g_mode='ema'"
+                    )
+                if self._taps[name].weight(cap.module)._version != cap.w_version:
+                    raise CanonRegError(
+                        f"The weights of layer {_display(name)!r} changed since the forward pass (optimizer.step() "
+                        "before calling the loss?). Call align() after the forward pass and before the optimizer step"
+                    )
+
+    def _exact_grads(self, task_loss: Tensor | None) -> dict[str, list[Tensor]]:
+        if task_loss is None:
+            raise ValueError(
+                "Expected `task_loss` (a scalar tensor) with g_mode='exact' and G relations "
+                f"{[r for r in self.relations if set(CF.RELATION_PAIRS[r]) & set(_G_MATRICES)]}: "
+                "call `loss = task + align(task)`"
+            )
+        if not isinstance(task_loss, Tensor) or task_loss.numel() != 1 or not task_loss.requires_grad:
+            raise ValueError(f"Expected `task_loss` to be a scalar tensor that requires grad, but got {_describe(task_loss)}")
+        outs = [(n, c.output) for n in self.layer_names for c in self._captures[n]]
+        for n, o in outs:
+            if not o.requires_grad:
+                raise CanonRegError(f"The output of layer {_display(n)!r} does not require grad; its G is undefined")
+        gs = torch.autograd.grad(task_loss.reshape(()), [o for _, o in outs], create_graph=True, allow_unused=True)
+        res: dict[str, list[Tensor]] = {}
+        for (n, _), g in zip(outs, gs):
+            if g is None:
+                raise CanonRegError(f"`task_loss` does not depend on the output of layer {_display(n)!r}; its G is undefined")
+            res.setdefault(n, []).append(g)
+        return res
+
+    def _operands(self, name: str, grads: Mapping[str, list[Tensor]]) -> dict[str, MomentOperand | None]:
+        caps = self._captures[name]
+        tap = self._taps[name]
+        module = caps[0].module
+        w = _work(tap.weight(module))
+        needed = {m for r in self.relations for m in CF.RELATION_PAIRS[r]}
+        ops: dict[str, MomentOperand | None] = {}
+        shared: dict[str, Tensor] = {}
+        if "Z_a" in needed:
+            ops["Z_a"] = WeightGram(w, "a", shared)
+        if "Z_b" in needed:
+            ops["Z_b"] = WeightGram(w, "b", shared)
+        out_rows = None
+        if self._needs_out_rows:
+            out_rows = _cat([_work(c.rows_b) for c in caps if c.rows_b is not None])
+        if "H_a" in needed:
+            x = _cat([_work(tap.input_rows(c.module, c.inputs)) for c in caps])
+            image = None
+            if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None:
+                bias = tap.bias(module)
+                image = out_rows - _work(bias) if bias is not None else out_rows
+            ops["H_a"] = row_moment(x, self.preprocess, image=image)
+        if "H_b" in needed:
+            assert out_rows is not None
+            ops["H_b"] = row_moment(out_rows, self.preprocess)
+        if self._needs_g:
+            if self.g_mode == "exact":
+                gb = _cat([_work(tap.output_rows(c.module, g)) for c, g in zip(caps, grads[name])])
+                gb = -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)  # scale-free; no underflow
+                if "G_b" in needed:
+                    ops["G_b"] = row_moment(gb, self.preprocess)
+                if "G_a" in needed:
+                    ops["G_a"] = row_moment(gb @ w, self.preprocess)
+            else:
+                ema = self._ema.get(name, {})
+                for m in self._needs_g:
+                    if m not in ema:
+                        if self.ema_warmup == "error":
+                            raise CanonRegError(
+                                f"g_mode='ema' needs a G average for layer {_display(name)!r}, but no backward pass has "
+                                "reached it since the loss was attached: run one backward pass first (e.g. of the task "
+                                "loss alone), pass ema_warmup='skip' to leave G terms out until then, or use g_mode='exact'"
+                            )
+                        ops[m] = None
+                    else:
+                        c = ema[m]
+                        ops[m] = (c / c.abs().amax().clamp_min(torch.finfo(c.dtype).tiny)).to(w.device, w.dtype)
+        return ops
+
+
+#: Module types whose output is exactly ``W h_a + b`` row by row (so ``h_a Wᵀ = h_b − b``).
+_EXACT_AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _cat(xs: list[Tensor]) -> Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def _work(x: Tensor) -> Tensor:
+    """Loss arithmetic in at least float32 (half/bfloat16 tensors are upcast)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -1,0 +1,1039 @@
+"""NoiseCalibrated: SGD-shaped gradient noise balanced against decoupled weight decay, per layer.
+
+The mechanism behind canonical representations is a balance, on every layer ``h_b = W h_a + b``,
+between weight decay that contracts the weight Gram matrices and gradient noise that expands them
+(crh-spec §5; Ziyin, Wang, Li & Wu, arXiv:2402.07193; Ziyin, Chuang, Galanti & Poggio,
+arXiv:2410.03006). Large batches and adaptive optimizers lose much of SGD's own noise. The wrapper
+gives any ``torch.optim`` optimizer
+
+* **structured noise** added to the gradient of every tapped layer before the base step,
+
+      ξ_W = σ · sqrt(B/m) · Σ_{b∈R} ε_b Σ_t δ_{b,t} h_{a,b,t}ᵀ,     ξ_bias = σ · sqrt(B/m) · Σ_{b∈R} ε_b Σ_t δ_{b,t}
+
+  with ``δ = ∂L/∂h_b`` the gradient that reaches the layer output (the loss as backpropagated),
+  ``ε_b = ±1`` Rademacher signs, one per batch element ``b`` and shared by all layers and positions
+  ``t`` of that element, and ``R`` a uniform random subset of ``m = min(sketch, B)`` of the ``B`` batch
+  elements (shared by all layers). Given the batch, its covariance is exactly
+
+      Cov[ξ] = σ² Σ_b vec(∇L_b) vec(∇L_b)ᵀ,          ∇L_b = sample b's term of the batch gradient,
+
+  jointly over all tapped layers (with a per-layer ``σ_l``: ``σ_l σ_l'`` on the cross blocks). For a
+  mean loss ``L = (1/S) Σ_b ℓ_b`` this is ``(σ²/S) E_b[vec ∇ℓ_b vec ∇ℓ_bᵀ]``: σ² times the per-sample
+  gradient second moment that SGD's minibatch noise carries (spec §5's uncentred form), i.e. the
+  noise of random per-sample loss weights ``1 + σ ε_b``. It is the same for any ``m``; the sketch only
+  saves compute (one ``m``-row matmul per layer instead of the ``B``-row ones of the backward pass).
+* **decoupled weight decay** ``W ← (1 − η_eff γ) W`` before the base step on the parameters chosen by
+  ``decay`` (default: every parameter with ≥ 2 dims — weight matrices, conv kernels, embeddings —
+  never biases or norm scales), with ``η_eff`` from :func:`effective_lr`.
+* an **online balance** per layer (:class:`~canonreg.functional.BalanceTerms`) and, with
+  ``noise="auto"``, a controller that sets ``σ_l`` per layer so that ``noise / decay`` reaches
+  ``target_share``.
+
+Scaling conventions: ``ξ`` is added to ``.grad``, so the base optimizer multiplies it by the learning
+rate, accumulates it in momentum (long-run gain ``1/(1−β)``) and, for Adam, preconditions it — exactly
+as it treats SGD's own noise. At fixed ``σ`` the injected covariance falls as ``1/S`` like SGD's own:
+``σ²`` is the injected noise in units of SGD's noise at the current batch size, and the total noise
+second moment is that of SGD at batch size ``≈ S / (1 + σ²)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .errors import (
+    CanonRegError,
+    check_choice,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
+from .functional import BalanceTerms, balance_terms
+from .layers import (
+    HookSet,
+    LayerSpec,
+    _display,
+    claim_model,
+    release_model,
+    select_layers,
+)
+from .monitor import _work_dtype
+from .taps import LayerTap, tap_batch_size
+
+__all__ = [
+    "DecayRule",
+    "LayerBalanceState",
+    "NoiseCalibrated",
+    "adam_denominator",
+    "balance_from_state",
+    "controller_step",
+    "effective_lr",
+    "noise_share",
+    "per_sample_noise",
+    "ramped_target",
+    "update_balance_state",
+]
+
+Policy = Literal["error", "warn", "skip"]
+DecayRule = Literal["matrices", "layers"] | Callable[[str, Tensor], bool]
+NoiseMode = float | Literal["auto"]
+
+#: Keys the wrapper adds to every param group (``setdefault``: a group that sets one keeps it).
+GROUP_KEYS: tuple[str, ...] = ("nc_weight_decay", "nc_noise", "nc_target_share")
+
+#: Default target noise share for ``noise="auto"``: accuracy-neutral on the MNIST-1D benchmark
+#: (``benchmarks/optim_effect.py``), where τ = 1 — the share small-batch SGD reaches — cost 8 points (SGD)
+#: and 13 points (Adam) of test accuracy at batch 512.
+DEFAULT_TARGET_SHARE = 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: the noise, the decay rule, the balance and the controller.
+# ---------------------------------------------------------------------------------------------
+
+
+def per_sample_noise(delta: Tensor, inputs: Tensor, weights: Tensor, *, bias: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Weighted sum of per-row gradient contributions of one affine layer.
+
+        N_W = Σ_r w_r δ_r h_rᵀ,     N_b = Σ_r w_r δ_r
+
+    With ``w_r = sqrt(B/m) ε_b(r)`` (Rademacher sign of the row's batch element, sketch rescaling) this
+    is the unit-σ noise of :class:`NoiseCalibrated`; with ``w_r = 1`` it is the layer's batch gradient.
+
+    Args:
+        delta: ``(n, d_b)`` output-gradient rows ``δ_r = ∂L/∂h_b``.
+        inputs: ``(n, d_a)`` input rows ``h_r``.
+        weights: ``(n,)`` row weights ``w_r``.
+        bias: also return ``N_b``.
+
+    Returns:
+        ``(N_W, N_b)`` of shapes ``(d_b, d_a)`` and ``(d_b,)`` (``N_b`` is None when ``bias=False``).
+
+    Example:
+        >>> n_w, n_b = per_sample_noise(torch.randn(4, 2), torch.randn(4, 3), torch.ones(4))
+        >>> n_w.shape, n_b.shape
+        (torch.Size([2, 3]), torch.Size([2]))
+    """
+    if delta.dim() != 2 or inputs.dim() != 2 or weights.dim() != 1 or not (delta.shape[0] == inputs.shape[0] == weights.shape[0]):
+        raise ValueError(
+            "Expected `delta` (n, d_b), `inputs` (n, d_a) and `weights` (n,) with the same n, but got "
+            f"{tuple(delta.shape)}, {tuple(inputs.shape)} and {tuple(weights.shape)}"
+        )
+    a = delta * weights.unsqueeze(1)
+    return a.T @ inputs, (a.sum(0) if bias else None)
+
+
+def effective_lr(group: Mapping[str, Any]) -> float:
+    """Long-run step size ``η_eff`` of a param group: what multiplies a persistent gradient.
+
+        η_eff = lr · (1 − dampening) / (1 − β)      SGD-style groups with ``momentum = β > 0``
+        η_eff = lr                                   everything else (plain SGD, Adam, AdamW, ...)
+
+    Momentum β rescales η to η/(1−β) (crh-spec §5); Adam's first moment is an average (gain 1), its
+    per-coordinate scale is the preconditioner :func:`adam_denominator`. The decoupled decay uses
+    ``η_eff``, so with SGD + momentum ``weight_decay=γ`` has the long-run strength of SGD's own coupled
+    ``weight_decay=γ``, and with Adam it is AdamW's ``W ← (1 − lr γ) W``.
+    """
+    lr = float(group["lr"])
+    momentum = group.get("momentum", 0.0)
+    if "betas" not in group and isinstance(momentum, (int, float)) and momentum > 0:
+        return lr * (1.0 - float(group.get("dampening", 0.0))) / (1.0 - float(momentum))
+    return lr
+
+
+def adam_denominator(group: Mapping[str, Any], state: Mapping[str, Any], rows: Tensor | None = None) -> Tensor | None:
+    """Adam's per-coordinate denominator ``sqrt(v̂) + ε`` for one parameter, or None.
+
+        v̂ = v / (1 − β₂^t)   (``max_exp_avg_sq`` with amsgrad),   update = −lr m̂ / (sqrt(v̂) + ε)
+
+    so the preconditioned step size of a coordinate is ``P = lr / (sqrt(v̂) + ε)``. Returns None for
+    groups without ``betas``/``eps`` or before the optimizer has state (first step): the caller then
+    uses the scalar :func:`effective_lr`.
+
+    Args:
+        group, state: the parameter's param group and optimizer state.
+        rows: only these rows of the parameter viewed as ``(d_b, -1)`` (None = all, in its shape).
+    """
+    if not _is_adam_group(group) or "exp_avg_sq" not in state or "step" not in state:
+        return None
+    v = state["max_exp_avg_sq"] if group.get("amsgrad", False) and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+    step = float(state["step"])
+    if step < 1:
+        return None
+    if rows is not None:
+        v = v.reshape(v.shape[0], -1).index_select(0, rows)
+    bc2 = 1.0 - float(group["betas"][1]) ** step
+    return (v / bc2).sqrt_().add_(float(group["eps"]))
+
+
+def _is_adam_group(group: Mapping[str, Any]) -> bool:
+    return "betas" in group and "eps" in group
+
+
+def noise_share(sigma: float, unit_noise: float, decay: float) -> float:
+    """Noise share ``noise / decay = (1 + σ²) n₁ / D`` (spec §5, trace form, per step).
+
+    ``n₁ = E‖P ⊙ N‖²`` is the per-step diffusion of the unit (σ = 1) noise — equal to SGD's own noise
+    term — and ``D = η_eff γ (2 − η_eff γ) ‖W‖²`` the per-step decay of ``Tr WᵀW``.
+    """
+    return (1.0 + sigma * sigma) * unit_noise / decay if decay > 0 else math.inf
+
+
+def controller_step(
+    log1p_sigma2: float,
+    *,
+    decay: float,
+    unit_noise: float,
+    target_share: float,
+    gain: float,
+    max_noise: float,
+) -> float:
+    """One update of the noise controller in log space; returns the new ``u = log(1 + σ²)``.
+
+        u* = log max(1, τ D / n₁)             (the σ² that makes (1+σ²) n₁ / D = τ, never negative)
+        u ← clip(u + k (u* − u), 0, log(1 + σ_max²))
+
+    ``D`` and ``n₁`` are EMA-smoothed measurements (:func:`noise_share`), ``τ = target_share``,
+    ``k = gain``. Each step moves ``u`` a fraction ``k`` of the way to the set point computed from the
+    current measurements (a first-order lag with time constant ``1/k`` steps), so a set point that
+    moves because the weights respond to the noise (on the slow ``1/(η γ)`` time scale) is tracked
+    without overshoot. With Adam, ``n₁`` falls as the injected noise raises ``v̂``, so the reachable
+    share saturates; ``σ_max`` bounds σ then. No decay (``D = 0``) or no noise measurement leaves ``u``
+    unchanged.
+    """
+    u_max = math.log1p(max_noise * max_noise)
+    if not (decay > 0 and unit_noise > 0 and math.isfinite(decay) and math.isfinite(unit_noise)):
+        return min(max(log1p_sigma2, 0.0), u_max)
+    target = math.log(max(1.0, target_share * decay / unit_noise))
+    u = log1p_sigma2 + gain * (target - log1p_sigma2)
+    return min(max(u, 0.0), u_max)
+
+
+@dataclass(frozen=True)
+class LayerBalanceState:
+    """EMA of one layer's per-step balance measurements, plus the controller state.
+
+    All quantities are per optimizer step, for ``Tr WᵀW`` (spec §5), with ``P`` the per-coordinate
+    step size (``η_eff`` for SGD-style groups, ``lr / (sqrt(v̂)+ε)`` for Adam), ``M = −∇_W L`` the clean
+    batch gradient and ``N`` the unit-σ noise sketch:
+
+    Attributes:
+        count: number of measurements.
+        weight_sq_norm: ``‖W‖_F²``.
+        decay: ``η_eff γ (2 − η_eff γ) ‖W‖²`` (contraction).
+        drift: ``⟨W, P ⊙ M⟩`` (half the first-order change).
+        unit_noise: ``‖P ⊙ N‖²`` — SGD's own noise term (``E = (η²/S) E[‖g_b‖²‖h_a‖²]`` for SGD).
+        unit_noise_raw: ``‖N‖²`` (gives the noise-weighted step size ``η̄² = unit_noise/unit_noise_raw``).
+        total_noise: ``(1 + σ²) ‖P ⊙ N‖²`` (SGD's own plus the injected noise).
+        batch_size: samples per step ``S``.
+        decay_rate: the last ``η_eff γ``.
+        decay_time: ``Σ_t η_eff γ`` over the measured steps (the weights equilibrate over ~1 of it).
+        log1p_sigma2: controller state ``u = log(1 + σ²)``.
+    """
+
+    count: int = 0
+    weight_sq_norm: float = 0.0
+    decay: float = 0.0
+    drift: float = 0.0
+    unit_noise: float = 0.0
+    unit_noise_raw: float = 0.0
+    total_noise: float = 0.0
+    batch_size: float = 0.0
+    decay_rate: float = 0.0
+    decay_time: float = 0.0
+    log1p_sigma2: float = 0.0
+
+    @property
+    def sigma(self) -> float:
+        """The controller's ``σ = sqrt(exp(u) − 1)``."""
+        return math.sqrt(math.expm1(self.log1p_sigma2))
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+def update_balance_state(
+    state: LayerBalanceState,
+    *,
+    weight_sq_norm: float,
+    drift: float,
+    unit_noise: float,
+    unit_noise_raw: float,
+    sigma: float,
+    decay_rate: float,
+    batch_size: int,
+    ema: float,
+) -> LayerBalanceState:
+    """Fold one step's measurements into the EMAs: ``x ← ema · x + (1 − ema) · x_t`` (first value as is)."""
+    decay = decay_rate * (2.0 - decay_rate) * weight_sq_norm
+    new = {
+        "weight_sq_norm": weight_sq_norm,
+        "decay": decay,
+        "drift": drift,
+        "unit_noise": unit_noise,
+        "unit_noise_raw": unit_noise_raw,
+        "total_noise": (1.0 + sigma * sigma) * unit_noise,
+        "batch_size": float(batch_size),
+    }
+    beta = ema if state.count > 0 else 0.0
+    merged = {k: beta * getattr(state, k) + (1.0 - beta) * v for k, v in new.items()}
+    return replace(state, count=state.count + 1, decay_rate=decay_rate, decay_time=state.decay_time + decay_rate, **merged)
+
+
+def ramped_target(target_share: float, decay_time: float, ramp: float) -> float:
+    """Target share in effect: ``τ · min(1, Σ_t η_eff γ / ramp)`` (``τ`` itself when ``ramp = 0``).
+
+    Weights approach the noise equilibrium over ``~1/(η γ)`` steps (spec §5; arXiv:2402.07193); before
+    that the drift dominates and SGD's own noise share is far below any stationary target, so holding
+    ``τ`` from the first step would inject the largest noise exactly while the representation forms.
+    """
+    return target_share if ramp <= 0 else target_share * min(1.0, decay_time / ramp)
+
+
+def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
+    """The spec §5 balance terms (per unit step size) of a layer from its EMAs; None before data.
+
+    Calls :func:`canonreg.functional.balance_terms` with the noise-weighted step size
+    ``η̄ = sqrt(‖P⊙N‖² / ‖N‖²)`` (``η_eff`` for SGD-style groups) as ``lr`` and ``γ' = η_eff γ / η̄`` as
+    ``weight_decay``, so that ``η̄ · decay``, ``η̄ · drift`` and ``η̄ · noise`` are the measured per-step
+    changes of ``Tr WᵀW``. ``noise`` is the total (SGD's own + injected); ``noise_share = noise / decay``.
+    For Adam the decay and noise terms are exact in the preconditioned geometry (the preconditioned sums
+    estimated without bias on ``sketch`` random rows of ``W``); the drift uses the gradient, not Adam's
+    first moment (equal on average).
+    """
+    if state.count == 0 or state.unit_noise_raw <= 0 or state.unit_noise <= 0 or state.batch_size <= 0:
+        return None
+    eta = math.sqrt(state.unit_noise / state.unit_noise_raw)
+    s = max(1, round(state.batch_size))
+    return balance_terms(
+        state.weight_sq_norm,
+        state.drift / eta,
+        s * state.total_noise / (eta * eta),
+        lr=eta,
+        weight_decay=state.decay_rate / eta,
+        batch_size=s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks that pickle to nothing.
+# ---------------------------------------------------------------------------------------------
+
+
+def _inert_hook(*args: object, **kwargs: object) -> None:
+    """What a NoiseCalibrated hook becomes in a pickled or deep-copied model: a no-op."""
+    return
+
+
+def _make_inert() -> Callable[..., None]:
+    return _inert_hook
+
+
+class _WeakHook:
+    """A module hook bound weakly to its optimizer (a dropped optimizer leaves a no-op).
+
+    Pickling or deep-copying the *model* turns it into :func:`_inert_hook`: copies of the model are
+    never hooked by this optimizer (their gradients would otherwise be mistaken for the original's).
+    """
+
+    __slots__ = ("_name", "_ref")
+
+    def __init__(self, owner: NoiseCalibrated, name: str | None) -> None:
+        self._ref = weakref.ref(owner)
+        self._name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple[object, ...], output: object = None) -> None:
+        owner = self._ref()
+        if owner is None:
+            return
+        if self._name is None:
+            owner._on_root_call()
+        else:
+            owner._on_forward(self._name, module, inputs, output)
+        return
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return (_make_inert, ())
+
+
+def _release(hooks: HookSet, model: nn.Module, token: object) -> None:
+    hooks.remove()
+    release_model("NoiseCalibrated", model, token)
+
+
+def _strip_inert_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        for table, extras in (
+            (m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
+            (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,)),
+        ):
+            for key in [k for k, v in table.items() if v is _inert_hook]:
+                del table[key]
+                for extra in extras:
+                    extra.pop(key, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """Runtime record of one tapped layer: its parameters and this step's unit-noise accumulators."""
+
+    name: str
+    module: nn.Module
+    tap: LayerTap
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    group: dict[str, Any]
+    noise_w: Tensor | None = None
+    noise_b: Tensor | None = None
+    samples: int = 0
+
+    def clear(self) -> None:
+        self.noise_w = None
+        self.noise_b = None
+        self.samples = 0
+
+
+def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The parameters behind ``tap.weight(module)`` (possibly a reshaped view) and ``tap.bias(module)``."""
+    own = list(module.parameters(recurse=False))
+
+    def find(t: Tensor) -> nn.Parameter | None:
+        return next((p for p in own if p.data_ptr() == t.data_ptr() and p.numel() == t.numel()), None)
+
+    weight = find(tap.weight(module))
+    if weight is None:
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight is not a parameter of the module "
+            "or a reshaped view of one, so NoiseCalibrated cannot tell which parameter receives the noise. "
+            "Exclude it with `layers=`."
+        )
+    b = tap.bias(module)
+    bias = None if b is None else find(b)
+    if b is not None and bias is None:
+        raise CanonRegError(f"Layer {_display(name)!r}: its tap's bias is not a parameter of the module; exclude it with `layers=`")
+    return weight, bias
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class NoiseCalibrated(Optimizer):
+    """Wrap an optimizer: add SGD-shaped gradient noise and decoupled weight decay, balanced per layer.
+
+    Each ``step()`` does, for every tapped layer ``l`` of ``model`` (default: every Linear/Conv layer)
+    and every decaying parameter ``p``:
+
+        ∇W_l ← ∇W_l + σ_l ξ̂_l                (ξ̂: unit structured noise, see the module docstring)
+        p    ← (1 − η_eff γ) p                 (decoupled decay, η_eff = :func:`effective_lr`)
+        base_optimizer.step()
+
+    with ``Cov[σ ξ̂] = σ² Σ_b vec(∇L_b) vec(∇L_b)ᵀ`` — σ² times SGD's own noise covariance at this
+    batch (spec §5; arXiv:2402.07193, arXiv:2410.03006). The noise is added to the gradient, so it is
+    multiplied by the learning rate like the gradient, goes through momentum and is preconditioned by
+    Adam. After ``step()`` the tapped layers' ``.grad`` hold the noised gradient the base step used.
+
+    Symbol → argument: ``σ`` = ``noise`` (or per layer from the controller with ``"auto"``),
+    ``γ`` = ``weight_decay``, ``τ`` = ``target_share``, ``m`` = ``sketch``, ``k`` = ``gain``.
+
+    ``noise="auto"`` sets ``σ_l`` per layer so that the measured noise share
+    ``noise / decay = (1 + σ_l²) n₁ / D`` (:func:`noise_share`; SGD's own noise counts as ``σ = 0``)
+    reaches ``τ`` (:func:`controller_step`), with ``τ`` ramped in over the first ``target_ramp``
+    decay times (:func:`ramped_target`). ``τ = 1`` asks the noise alone to balance the decay of
+    ``Tr WᵀW`` (SGD at batch 32 sits near there); since at stationarity decay ≈ drift + noise,
+    ``τ > 1`` needs a drift that shrinks the weights against the noise and is rarely reachable (σ then
+    runs to ``max_noise``). The default ``τ = 0.3`` lifts the layers where large-batch SGD's own share
+    is far lower and leaves test accuracy unchanged on MNIST-1D; see ``benchmarks/optim_effect.py``
+    for what each rule does to α and accuracy there (in short: fixed ``σ = 1`` gained 3 points of
+    accuracy, no rule raised the final α by 0.1 with SGD; ``τ = 1`` did with Adam, at a large accuracy
+    cost). With Adam the share is measured in the preconditioned geometry and saturates in σ, since
+    the injected noise also raises Adam's ``v̂``.
+
+    The wrapper is a real ``torch.optim.Optimizer`` around the *instance* it is given:
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's (by reference, also after
+    ``load_state_dict``); its hyperparameters live in every param group as ``nc_weight_decay``,
+    ``nc_noise`` and ``nc_target_share`` (added with ``setdefault``: per-group values win), so LR and
+    other schedulers and ``add_param_group`` work. ``state_dict()`` is the base optimizer's plus a
+    ``"noise_calibrated"`` entry (noise RNG state, per-layer EMAs and controller state), so
+    save/restore continues a run exactly.
+
+    Hooks: constructing the wrapper with a model installs forward hooks (owned; ``detach()`` removes
+    them, ``attach()`` re-installs). They coexist with a :class:`~canonreg.CRHMonitor` and an
+    alignment loss on the same model; a second NoiseCalibrated on one model raises. Random signs and
+    the sketch subset are drawn once per grad-enabled forward call of ``model`` (so micro-batches of a
+    gradient-accumulation step get independent draws); the batch dimension of each layer input is
+    dim 0. Pickling or deep-copying the wrapper copies the model with it (one pickle keeps the
+    optimizer's parameters and the model's identical) and re-installs the hooks on the copy; the
+    hooks themselves pickle to no-ops, so ``copy.deepcopy(model)`` or ``torch.save(model)`` while the
+    wrapper is attached give an unhooked model.
+
+    GradScaler: pass ``grad_scaler=scaler`` and call ``scaler.step(opt)``. The noise and the balance
+    use the unscaled gradients (the captured ones are divided by ``scaler.get_scale()``); a step the
+    scaler skips (inf/NaN) never reaches ``step()``, so it injects and decays nothing, and its captures
+    are dropped by the next ``zero_grad()`` (or the next forward after ``set_to_none`` zeroing).
+
+    Args:
+        optimizer: the base optimizer instance (SGD, SGD + momentum, Adam, AdamW, ...).
+        model: the model whose layers receive noise; needed for ``noise != 0`` and for ``balance``.
+        weight_decay: γ ≥ 0 of the decoupled decay.
+        noise: σ ≥ 0 (fixed, in units of SGD's own noise std) or ``"auto"``.
+        target_share: τ > 0, the noise share ``"auto"`` aims at.
+        target_ramp: the target ramps in linearly over this many decay times ``Σ_t η_eff γ``
+            (:func:`ramped_target`; 0 = from the first step).
+        layers: which layers of ``model`` get noise and balance (see :mod:`canonreg.layers`).
+        decay: which parameters decay: ``"matrices"`` (every optimized parameter with ≥ 2 dims; as in
+            nanoGPT), ``"layers"`` (only the weights of the tapped layers) or a predicate
+            ``(name, param) -> bool`` (names from ``model.named_parameters()``, ``""`` without model).
+        sketch: ``m``, batch elements per step used for the noise (None = all). Cost ``≈ m/(3B)`` of a
+            layer's forward + backward matmuls. With Adam, also the number of random output rows on
+            which the preconditioned balance sums are estimated (unbiased; exact for ``d_b ≤ m``).
+        gain: controller gain ``k`` in (0, 1].
+        ema: smoothing of the balance measurements in [0, 1).
+        max_noise: upper bound of σ in ``"auto"`` mode.
+        track_balance: measure the balance every step (three inner products per layer; with Adam two
+            more on ``m`` rows). ``"auto"`` needs it.
+        grad_scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any.
+        nonfinite: ``"error" | "warn" | "skip"`` for a non-finite noise sample (skip = no noise for
+            that layer in that step; the base step still runs).
+        taps: extra ``{module type: tap}``.
+        seed: seed of the noise generator.
+
+    Raises:
+        TypeError: ``optimizer`` is a class, not an optimizer, an LBFGS (re-evaluates closures) or a
+            NoiseCalibrated.
+        ValueError: a negative ``weight_decay``/``noise``, an unknown ``noise`` mode, ``noise`` without
+            ``model``, ``"auto"`` without weight decay, or model layers whose parameters the optimizer
+            does not hold.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> opt = NoiseCalibrated(base, model, weight_decay=5e-4, noise="auto")
+        >>> loss = model(torch.randn(64, 8)).square().mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> sorted(opt.balance)
+        ['0', '2']
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module | None = None,
+        *,
+        weight_decay: float = 0.0,
+        noise: NoiseMode = 0.0,
+        target_share: float = DEFAULT_TARGET_SHARE,
+        target_ramp: float = 1.0,
+        layers: LayerSpec = None,
+        decay: DecayRule = "matrices",
+        sketch: int | None = 32,
+        gain: float = 0.05,
+        ema: float = 0.95,
+        max_noise: float = 10.0,
+        track_balance: bool = True,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        nonfinite: Policy = "error",
+        taps: dict[type[nn.Module], LayerTap] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(optimizer, type):
+            raise TypeError(
+                "Expected `optimizer` to be an optimizer instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), "
+                f"but got the class {optimizer.__name__}"
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"Expected `optimizer` to be a torch.optim.Optimizer instance, but got {type(optimizer).__name__}")
+        if isinstance(optimizer, NoiseCalibrated):
+            raise TypeError("Expected `optimizer` to be a base optimizer, but got a NoiseCalibrated (wrap the base once)")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("Expected `optimizer` to evaluate its closure once per step, but got LBFGS, which re-evaluates it")
+        check_nonnegative("weight_decay", weight_decay)
+        _check_noise("noise", noise)
+        check_positive("target_share", target_share)
+        check_nonnegative("target_ramp", target_ramp)
+        if not (isinstance(decay, str) or callable(decay)):
+            raise TypeError(f"Expected `decay` to be 'matrices', 'layers' or a predicate (name, param) -> bool, but got {decay!r}")
+        if isinstance(decay, str):
+            check_choice("decay", decay, ("matrices", "layers"))
+        if sketch is not None:
+            check_positive_int("sketch", sketch)
+        check_fraction("gain", gain)
+        if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+            raise ValueError(f"Expected `ema` to be a float in [0, 1), but got {ema!r}")
+        check_positive("max_noise", max_noise)
+        check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"Expected `grad_scaler` to be a torch.amp.GradScaler, but got {type(grad_scaler).__name__}")
+        if noise != 0 and model is None:
+            raise ValueError(f"Expected `model` to be given with `noise`={noise!r}: the noise is built from the model's hooks")
+        if noise == "auto" and not track_balance:
+            raise ValueError("Expected `track_balance`=True with `noise`='auto': the controller acts on the measured balance")
+        if noise == "auto" and weight_decay == 0:
+            raise ValueError("Expected `weight_decay` > 0 with `noise`='auto': the controller balances noise against decay")
+        if decay == "layers" and model is None:
+            raise ValueError("Expected `model` to be given with `decay`='layers'")
+        self._config: dict[str, Any] = {
+            "layers": layers, "decay": decay, "sketch": sketch, "gain": float(gain), "ema": float(ema),
+            "max_noise": float(max_noise), "target_ramp": float(target_ramp), "track_balance": bool(track_balance), "grad_scaler": grad_scaler,
+            "nonfinite": nonfinite, "taps": taps, "seed": int(seed),
+        }
+        hyper = {"nc_weight_decay": float(weight_decay), "nc_noise": noise if noise == "auto" else float(noise), "nc_target_share": float(target_share)}
+        for k, v in hyper.items():
+            optimizer.defaults.setdefault(k, v)
+            for group in optimizer.param_groups:
+                group.setdefault(k, v)
+        self._setup(optimizer, model)
+        self._gen.manual_seed(int(seed))
+        if model is not None:
+            self.attach()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _setup(self, optimizer: Optimizer, model: nn.Module | None) -> None:
+        """Everything but hyperparameter validation (shared by ``__init__`` and unpickling)."""
+        self.optimizer = optimizer
+        self.model = model
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+        self._gen = torch.Generator()
+        self._hooks = HookSet()
+        self._token = object()
+        self._finalizer: weakref.finalize | None = None
+        self._draws: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._device_draws: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
+        self._balance: dict[str, LayerBalanceState] = {}
+        self._steps = 0
+        self._layers: dict[str, _Layer] = {}
+        self.excluded: dict[str, str] = {}
+        self._names: dict[int, str] = {}
+        if model is not None:
+            self._resolve_layers(model)
+        self._balance = {n: LayerBalanceState() for n in self._layers}
+
+    def _resolve_layers(self, model: nn.Module) -> None:
+        modules, taps, excluded = select_layers(model, self._config["layers"], self._config["taps"])
+        self.excluded = dict(excluded)
+        groups = self._param_groups_by_id()
+        for name, module in modules.items():
+            weight, bias = _layer_parameters(name, module, taps[name])
+            if not weight.requires_grad:
+                self.excluded[name] = "its weight does not require grad (frozen)"
+                continue
+            missing = [what for what, p in (("weight", weight), ("bias", bias)) if p is not None and p.requires_grad and id(p) not in groups]
+            if missing:
+                raise ValueError(
+                    f"Expected the parameters of `model` layer {_display(name)!r} ({', '.join(missing)}) to be in `optimizer`, "
+                    "but they are not: build the optimizer from model.parameters(), or choose layers with `layers=`"
+                )
+            self._layers[name] = _Layer(name, module, taps[name], weight, bias, groups[id(weight)])
+        self._names = {id(p): n for n, p in model.named_parameters()}
+
+    def _param_groups_by_id(self) -> dict[int, dict[str, Any]]:
+        return {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+    # ------------------------------------------------------------------ Optimizer plumbing (shared by reference)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; missing ``nc_*`` keys come from the wrapper's defaults."""
+        for k in GROUP_KEYS:
+            param_group.setdefault(k, self.defaults[k])
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base optimizer's ``zero_grad``; also drops captured noise of a step that never came (skipped)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for layer in self._layers.values():
+            layer.clear()
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n  ")
+        return f"NoiseCalibrated(\n  {inner},\n  layers={list(map(_display, self._layers))}\n)"
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def attached(self) -> bool:
+        return len(self._hooks) > 0
+
+    def attach(self) -> NoiseCalibrated:
+        """Install the hooks on ``model`` (idempotent). Raises CanonRegError if another NoiseCalibrated holds it."""
+        if self.attached:
+            return self
+        if self.model is None:
+            raise CanonRegError("This NoiseCalibrated has no model to attach to (it was built with model=None)")
+        # The claim is held by a token, not by the wrapper, so that a dropped wrapper can be collected;
+        # its finalizer then removes the hooks and the claim.
+        claim_model("NoiseCalibrated", self.model, self._token)
+        try:
+            _strip_inert_hooks(self.model)
+            self._hooks.add(self.model.register_forward_pre_hook(_WeakHook(self, None)))
+            for name, layer in self._layers.items():
+                self._hooks.add(layer.module.register_forward_hook(_WeakHook(self, name)))
+        except BaseException:
+            self.detach()
+            raise
+        self._finalizer = weakref.finalize(self, _release, self._hooks, self.model, self._token)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks (idempotent); the model is left as it was. Steps with noise then raise."""
+        if self._finalizer is not None:
+            self._finalizer()  # runs _release once and unregisters itself
+            self._finalizer = None
+        for layer in self._layers.values():
+            layer.clear()
+
+    def _sigma(self, name: str) -> float:
+        mode = self._layers[name].group["nc_noise"]
+        return self._balance[name].sigma if mode == "auto" else float(mode)
+
+    def _on_root_call(self) -> None:
+        if torch.is_grad_enabled():
+            self._draws.clear()
+            self._device_draws.clear()
+
+    def _draw(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Per-sample weights ``sqrt(B/m) ε_b`` of the sketch and its subset ``R`` (None = all samples).
+
+        Drawn once per forward call of ``model`` and batch size, shared by all layers.
+        """
+        key = (batch, device)
+        if key not in self._device_draws:
+            if batch not in self._draws:
+                signs = torch.randint(0, 2, (batch,), generator=self._gen).mul_(2).sub_(1).float()
+                m = self._config["sketch"]
+                idx = torch.randperm(batch, generator=self._gen)[:m] if m is not None and m < batch else None
+                weights = signs if idx is None else signs[idx] * math.sqrt(batch / idx.shape[0])
+                self._draws[batch] = (weights, idx)
+            weights, idx = self._draws[batch]
+            self._device_draws[key] = (weights.to(device), None if idx is None else idx.to(device))
+        return self._device_draws[key]
+
+    def _on_forward(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        layer = self._layers[name]
+        if module is not layer.module or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if not (self._config["track_balance"] or layer.group["nc_noise"] == "auto" or self._sigma(name) > 0):
+            return
+        if layer.weight.grad is None:  # a new accumulation window: drop what a skipped step left behind
+            layer.clear()
+        batch = tap_batch_size(layer.tap, module, inputs)
+        x = inputs[0]
+        with torch.no_grad():
+            weights, idx = self._draw(batch, output.device)
+            if idx is not None:  # idx only exists for batch > sketch >= 1: dim 0 is the batch
+                if not isinstance(x, Tensor):
+                    raise CanonRegError(f"Layer {_display(name)!r}: its first input is not a tensor; NoiseCalibrated cannot sketch it")
+                x = x.index_select(0, idx)
+            rows = _work_dtype(layer.tap.input_rows(module, (x, *inputs[1:])).detach())
+            picked = weights.shape[0]
+            if rows.shape[0] != picked:  # several rows (positions) per sample share its weight
+                if rows.shape[0] % picked:
+                    raise CanonRegError(
+                        f"Layer {_display(name)!r}: {rows.shape[0]} input rows do not split into {picked} samples; "
+                        "NoiseCalibrated needs sample-major rows (the batch as dim 0 of each layer input)"
+                    )
+                weights = weights.repeat_interleave(rows.shape[0] // picked)
+            weights = weights.to(rows.dtype)
+        output.register_hook(self._grad_hook(layer, rows, weights, idx, batch))
+
+    def _grad_hook(self, layer: _Layer, rows: Tensor, weights: Tensor, idx: Tensor | None, batch: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                g = grad if idx is None else grad.index_select(0, idx)
+                delta = _work_dtype(layer.tap.output_rows(layer.module, g.detach()))
+                n_w, n_b = per_sample_noise(delta, rows, weights, bias=layer.bias is not None)
+                if layer.noise_w is None:
+                    layer.noise_w, layer.noise_b = n_w, n_b
+                else:
+                    layer.noise_w += n_w
+                    if n_b is not None and layer.noise_b is not None:
+                        layer.noise_b += n_b
+                layer.samples += batch
+
+        return hook
+
+    # ------------------------------------------------------------------ step
+    def _decays(self, p: Tensor) -> bool:
+        rule = self._config["decay"]
+        if rule == "matrices":
+            return p.dim() >= 2
+        if rule == "layers":
+            return any(p is layer.weight for layer in self._layers.values())
+        return bool(rule(self._names.get(id(p), ""), p))
+
+    def _check_groups(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            for k in GROUP_KEYS:
+                group.setdefault(k, self.defaults[k])
+            check_nonnegative(f"param_groups[{i}]['nc_weight_decay']", group["nc_weight_decay"])
+            _check_noise(f"param_groups[{i}]['nc_noise']", group["nc_noise"])
+            check_positive(f"param_groups[{i}]['nc_target_share']", group["nc_target_share"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Inject the noise, apply the decoupled decay, run the base step, update balance and controller.
+
+        ``closure`` (re-computing the loss with gradients) is evaluated once, before the noise.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_groups()
+        groups = self._param_groups_by_id()
+        for layer in self._layers.values():  # groups are replaced by load_state_dict: refresh the references
+            layer.group = groups.get(id(layer.weight), layer.group)
+        scaler = self._config["grad_scaler"]
+        inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+        # 1. measure (one host sync for all layers)
+        active: list[tuple[_Layer, float, Tensor]] = []
+        for layer in self._layers.values():
+            w, g = layer.weight, layer.weight.grad
+            if g is None or id(w) not in groups:
+                continue
+            sigma = self._sigma(layer.name)
+            if layer.noise_w is None:
+                if sigma > 0:
+                    raise CanonRegError(
+                        f"Layer {_display(layer.name)!r} has a gradient but NoiseCalibrated captured no forward/backward "
+                        "through it this step: call the model it is attached to (`opt.attach()` after `detach()`), "
+                        "with gradients enabled"
+                    )
+                continue
+            if sigma > 0 and _distributed():
+                raise CanonRegError(
+                    "NoiseCalibrated does not support data-parallel training yet: each rank would add noise built "
+                    "from its own batch and the replicas would drift apart. Use noise=0 (decay and balance only)"
+                )
+            if inv_scale != 1.0:
+                layer.noise_w.mul_(inv_scale)
+                if layer.noise_b is not None:
+                    layer.noise_b.mul_(inv_scale)
+            active.append((layer, sigma, self._measure(layer, g)))
+        values = torch.stack([v.to("cpu", torch.float64) for _, _, v in active]).tolist() if active else []
+
+        # 2. noise
+        for (layer, sigma, _), (w2, drift, n1, n_raw) in zip(active, values):
+            if not math.isfinite(n_raw):
+                self._nonfinite(layer.name)
+                continue
+            if sigma > 0:
+                assert layer.noise_w is not None and layer.weight.grad is not None
+                layer.weight.grad.add_(layer.noise_w.view_as(layer.weight).to(layer.weight.grad.dtype), alpha=sigma)
+                if layer.bias is not None and layer.bias.grad is not None and layer.noise_b is not None:
+                    layer.bias.grad.add_(layer.noise_b.to(layer.bias.grad.dtype), alpha=sigma)
+
+        # 3. decoupled decay, then the base step
+        for group in self.param_groups:
+            gamma = float(group["nc_weight_decay"])
+            if gamma == 0:
+                continue
+            rate = effective_lr(group) * gamma
+            params = [p for p in group["params"] if p.grad is not None and self._decays(p)]
+            if params:
+                torch._foreach_mul_(params, 1.0 - rate)
+        self.optimizer.step()
+
+        # 4. balance EMAs and controller
+        for (layer, sigma, _), (w2, drift, n1, n_raw) in zip(active, values):
+            if not (self._config["track_balance"] and all(map(math.isfinite, (w2, drift, n1, n_raw)))):
+                continue
+            group = layer.group
+            rate = effective_lr(group) * float(group["nc_weight_decay"]) if self._decays(layer.weight) else 0.0
+            st = update_balance_state(
+                self._balance[layer.name], weight_sq_norm=w2, drift=drift, unit_noise=n1, unit_noise_raw=n_raw,
+                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema=self._config["ema"],
+            )
+            if group["nc_noise"] == "auto":
+                target = ramped_target(float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"])
+                u = controller_step(
+                    st.log1p_sigma2, decay=st.decay, unit_noise=st.unit_noise, target_share=target,
+                    gain=self._config["gain"], max_noise=self._config["max_noise"],
+                )
+                st = replace(st, log1p_sigma2=u)
+            self._balance[layer.name] = st
+        for layer in self._layers.values():
+            layer.clear()
+        self._steps += 1
+        return loss
+
+    def _measure(self, layer: _Layer, grad: Tensor) -> Tensor:
+        """``[‖W‖², ⟨W, P⊙M⟩, ‖P⊙N‖², ‖N‖²]`` of one layer (as a tensor; no host sync)."""
+        assert layer.noise_w is not None
+        w = layer.weight.detach().reshape(-1)
+        n = layer.noise_w.reshape(-1)
+        n_raw = torch.dot(n, n)
+        if not self._config["track_balance"]:
+            zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
+            return torch.stack([zero, zero, zero, n_raw])
+        w2 = torch.dot(w, w)
+        if not _is_adam_group(layer.group):
+            eta = effective_lr(layer.group)
+            drift = torch.dot(w, grad.reshape(-1)) * (-eta)
+            n1 = n_raw * (eta * eta)
+        else:
+            # Preconditioned sums Σ_jk (·)/d_jk over a random subset of m output rows, rescaled (unbiased;
+            # exact when d_b <= m): the denominator costs several passes, a full one per step would not be cheap.
+            d_b = layer.noise_w.shape[0]
+            m = self._config["sketch"] or d_b
+            rows = torch.randperm(d_b, generator=self._gen)[:m].to(n.device) if m < d_b else None
+            denom = adam_denominator(layer.group, self.state.get(layer.weight, {}), rows)
+            if denom is None:  # no second moment yet (first step): no measurement
+                nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
+                return torch.stack([nan, nan, nan, n_raw])
+
+            def sub(t: Tensor) -> Tensor:
+                t = t.reshape(d_b, -1)
+                return (t if rows is None else t.index_select(0, rows)).reshape(-1)
+
+            scale = d_b / m if rows is not None else 1.0
+            lr = float(layer.group["lr"])
+            d = denom.reshape(-1)
+            drift = torch.dot(sub(w), sub(grad) / d) * (-lr * scale)
+            q = sub(n) / d.to(n.dtype)
+            n1 = torch.dot(q, q) * (lr * lr * scale)
+        return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw])
+
+    def _nonfinite(self, name: str) -> None:
+        msg = f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r})"
+        if self._config["nonfinite"] == "error":
+            raise CanonRegError(msg + "; with AMP pass `grad_scaler=` and step through scaler.step(opt), or pass nonfinite='skip'")
+        if self._config["nonfinite"] == "warn":
+            warnings.warn(msg + "; no noise for this layer in this step", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ logging
+    @property
+    def balance(self) -> dict[str, BalanceTerms]:
+        """Per layer: decay, drift, noise (SGD's own + injected), noise share (spec §5), per unit step size."""
+        out = {}
+        for name, st in self._balance.items():
+            terms = balance_from_state(st)
+            if terms is not None:
+                out[name] = terms
+        return out
+
+    @property
+    def noise_scale(self) -> dict[str, float]:
+        """Current σ per tapped layer (the controller's in ``"auto"`` mode)."""
+        return {name: self._sigma(name) for name in self._layers}
+
+    @property
+    def balance_state(self) -> dict[str, LayerBalanceState]:
+        """The raw per-layer EMAs and controller states."""
+        return dict(self._balance)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus ``"noise_calibrated"``: RNG state, EMAs, controller, step count."""
+        sd = self.optimizer.state_dict()
+        sd["noise_calibrated"] = {
+            "version": 1,
+            "rng_state": self._gen.get_state(),
+            "steps": self._steps,
+            "balance": {n: st.to_dict() for n, st in self._balance.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the base optimizer (the groups stay shared) and restore the wrapper's own state.
+
+        A base optimizer's plain state dict is accepted too (the wrapper's state then stays as it is).
+        """
+        sd = dict(state_dict)
+        own = sd.pop("noise_calibrated", None)
+        if own is not None:
+            unknown = sorted(set(own["balance"]) - set(self._balance))
+            if unknown:
+                raise ValueError(
+                    f"Expected `state_dict` to hold layers of this model {sorted(self._balance)}, but it has {unknown}"
+                )
+        self.optimizer.load_state_dict(sd)
+        self._check_groups()
+        groups = self._param_groups_by_id()
+        for layer in self._layers.values():
+            layer.group = groups.get(id(layer.weight), layer.group)
+            layer.clear()
+        if own is not None:
+            self._gen.set_state(own["rng_state"])
+            self._steps = int(own["steps"])
+            fields = LayerBalanceState.__dataclass_fields__
+            for name, values in own["balance"].items():
+                kw = {k: values[k] for k in fields}
+                kw["count"] = int(kw["count"])
+                self._balance[name] = LayerBalanceState(**kw)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer,
+            "model": self.model,
+            "config": self._config,
+            "rng_state": self._gen.get_state(),
+            "balance": self._balance,
+            "steps": self._steps,
+            "attached": self.attached,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._config = state["config"]
+        self._setup(state["optimizer"], state["model"])
+        self._gen.set_state(state["rng_state"])
+        self._balance = dict(state["balance"])
+        self._steps = state["steps"]
+        if state["attached"]:
+            self.attach()
+
+
+def _check_noise(name: str, value: object) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"Expected `{name}` to be a non-negative float or 'auto', but got the unknown mode {value!r}")
+        return
+    check_nonnegative(name, value)

@@ -1,0 +1,268 @@
+"""The compactness and robustness recipes: their helpers against independent references, and each
+recipe's ``--quick`` mode end to end (outputs exist, every arm is present, values are finite and in
+range)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("scipy")
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import _common  # noqa: E402
+import compactness  # noqa: E402
+import robustness  # noqa: E402
+
+from canonreg.data import mnist1d, mnist1d_args  # noqa: E402
+from canonreg.experiment import ARMS, TrialConfig, load_data, run_trial  # noqa: E402
+
+
+# ---------------------------------------------------------------------- robustness helpers
+@pytest.mark.parametrize("overrides", [{}, {"max_translation": 72, "scale_coeff": 1.2, "iid_noise_scale": 0.1, "corr_noise_scale": 0.5, "shear_scale": 2.5}])
+def test_render_reproduces_the_mnist1d_generator(monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any]) -> None:
+    # canonreg.data.mnist1d seeds NumPy's global RNG, runs mnist1d's transform per sample (label
+    # blocks), then permutes; the same draws from RandomState(seed) must give the same samples.
+    monkeypatch.setenv("CANONREG_CACHE_DIR", "off")
+    n, seed = 200, 7
+    ref = mnist1d(num_samples=n, seed=seed, **overrides)
+    args = mnist1d_args(num_samples=n, seed=seed, **overrides)
+    rng = np.random.RandomState(seed)
+    nu = robustness.draw_nuisance(np.repeat(np.arange(10), n // 10), rng, args)
+    perm = rng.permutation(n)
+    x = robustness.render(nu, args)[perm]
+    x = (x - x.mean()) / x.std()
+    torch.testing.assert_close(torch.as_tensor(x, dtype=torch.float32), torch.cat([ref.x, ref.x_test]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.as_tensor(nu.label[perm]), torch.cat([ref.y, ref.y_test]))
+
+
+def test_redraw_changes_only_the_chosen_factor() -> None:
+    args = mnist1d_args()
+    nu = robustness.draw_nuisance(np.arange(50) % 10, np.random.RandomState(0), args)
+    fields = {"shift": "shift", "scale": "u_scale", "iid_noise": "z_iid", "corr_noise": "z_corr", "shear": "u_shear"}
+    assert set(fields) == set(robustness.NUISANCES)
+    for factor, attr in fields.items():
+        new = robustness.redraw(nu, factor, np.random.RandomState(1), {**args, "max_translation": 72})
+        for other in ("label", "pad", *fields.values()):
+            same = np.array_equal(getattr(new, other), getattr(nu, other))
+            assert same == (other != attr), (factor, other)
+    with pytest.raises(ValueError, match="factor"):
+        robustness.redraw(nu, "rotation", np.random.RandomState(1), args)
+
+
+def test_paired_sets_differ_only_by_the_nuisance() -> None:
+    cfg = robustness.RobustnessConfig(n_pairs=40, gauss_sigmas=(0.3,), iid_noise_scale=0.02)
+    x, y, pairs = robustness.paired_sets(cfg, mean=0.0, std=1.0)
+    assert x.shape == (40, 40) and y.shape == (40,)
+    assert set(pairs) == {*robustness.NUISANCES, "all", "gauss 0.3"}
+    # Gaussian: exactly x + σ ε; iid noise at the training strength: the same signal with fresh
+    # iid noise, so the difference is a noise-sized perturbation (std ≈ 0.02·√2 before resampling).
+    torch.testing.assert_close((pairs["gauss 0.3"] - x).std(), torch.tensor(0.3), rtol=0.1, atol=0)
+    assert 0.005 < float((pairs["iid_noise"] - x).std()) < 0.05
+    for tx in pairs.values():
+        assert tx.shape == x.shape and bool(torch.isfinite(tx).all())
+
+
+def test_fgsm_matches_the_sign_gradient_of_a_linear_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    w, b = model.weight.detach(), model.bias.detach()
+    # ∇_x CE(Wx + b, y) = Wᵀ (softmax(Wx + b) − onehot(y)), per sample (hand-computed).
+    grad = (torch.softmax(x @ w.T + b, 1) - torch.nn.functional.one_hot(y, 3).double()) @ w
+    expected = x + 0.1 * grad.sign()
+    torch.testing.assert_close(robustness.fgsm(model, x, y, 0.1), expected, rtol=0, atol=0)
+    assert model.weight.grad is None  # the attack leaves the parameters alone
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert float(loss(model(robustness.fgsm(model, x, y, 1e-3)), y)) > float(loss(model(x), y))
+
+
+def test_robustness_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="test_seed"):
+        robustness.RobustnessConfig(test_seed=42, data_seed=42)
+    with pytest.raises(ValueError, match="max_translation"):
+        robustness.RobustnessConfig(max_translation=73)
+    with pytest.raises(ValueError, match="arms"):
+        robustness.RobustnessConfig(arms=("baseline", "sam"))
+    with pytest.raises(ValueError, match="fgsm_eps"):
+        robustness.RobustnessConfig(fgsm_eps=(0.0,))
+
+
+# ---------------------------------------------------------------------- compactness helpers
+def test_layer_metrics_match_the_spectrum() -> None:
+    torch.manual_seed(0)
+    n, d = 4000, 6
+    z = torch.randn(n, d, dtype=torch.float64)
+    z = (z - z.mean(0)) @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # exact identity covariance
+    lam = torch.tensor([9.0, 4.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    h = z * lam.sqrt()
+    y = torch.arange(n) % 4
+    m = compactness.layer_metrics(h, y, 0.95)
+    assert math.isclose(m["pr"], 14.0**2 / 98.0, rel_tol=1e-9)
+    p = lam[:3] / 14.0
+    assert math.isclose(m["erank"], math.exp(-float((p * p.log()).sum())), rel_tol=1e-6)
+    assert m["pcs"] == 3.0  # 13/14 < 0.95 ≤ 14/14
+    assert compactness.layer_metrics(h, y, 0.9)["pcs"] == 2.0
+    collapsed = torch.nn.functional.one_hot(y, 4).double() * 3.0
+    assert compactness.layer_metrics(collapsed, y)["nc1"] == pytest.approx(0.0, abs=1e-12)
+    dead = compactness.layer_metrics(torch.zeros(n, d), y)
+    assert all(math.isnan(v) for v in dead.values())
+
+
+def test_hidden_representations_are_the_post_activation_inputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(10, 4)
+    reps = _common.hidden_representations(model, x, logits=True)
+    assert list(reps) == ["h1", "h2", "logits"]
+    h1 = torch.relu(model[0](x))
+    torch.testing.assert_close(reps["h1"], h1)
+    torch.testing.assert_close(reps["h2"], torch.relu(model[2](h1)))
+    torch.testing.assert_close(reps["logits"], model(x))
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model)
+
+
+def test_mean_ci_is_the_student_t_interval() -> None:
+    # Closed-form Student-t quantiles: df = 1 (Cauchy) tan(π(p − ½)); df = 2 (2p − 1)·sqrt(2 / (4p(1 − p))).
+    p = 0.975
+    t1 = math.tan(math.pi * (p - 0.5))
+    t2 = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    m, h = _common.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(t2 / math.sqrt(3), rel=1e-12)  # s = 1, n = 3
+    assert _common.mean_ci([1.0, float("nan"), 3.0]) == pytest.approx((2.0, t1))  # NaN dropped; s = √2, n = 2
+    assert _common.mean_ci([5.0])[0] == 5.0 and math.isnan(_common.mean_ci([5.0])[1])
+    assert _common.fmt_ci([0.5, 0.5]) == "0.500 ± 0.000" and _common.fmt_ci([0.25]) == "0.250"
+    # Paired differences: the per-seed offset cancels; * when the interval excludes 0.
+    assert _common.fmt_diff([1.1, 5.2, 9.3], [0.1, 4.2, 8.3]) == "+1.000 ± 0.000 *"
+    assert _common.fmt_diff([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == f"+2.000 ± {t2 / math.sqrt(3):.3f}"
+    with pytest.raises(ValueError, match="equal length"):
+        _common.fmt_diff([1.0], [1.0, 2.0])
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lr: float = 0.1
+    noise: float | str = "auto"
+    mode: Literal["a", "b"] = "a"
+    steps: int = 100
+    quick: bool = False
+
+
+def test_parse_config_types_quick_and_precedence() -> None:
+    quick = {"seeds": (0,), "steps": 10}
+    assert _common.parse_config(_Cfg, [], quick, "") == _Cfg()
+    assert _common.parse_config(_Cfg, ["--quick"], quick, "") == _Cfg(seeds=(0,), steps=10, quick=True)
+    got = _common.parse_config(_Cfg, ["--quick", "--steps", "7", "--seeds", "3", "4", "--noise", "0.5", "--lr", "1", "--mode", "b"], quick, "")
+    assert got == _Cfg(seeds=(3, 4), lr=1.0, noise=0.5, mode="b", steps=7, quick=True)
+    assert isinstance(got.lr, float) and _common.parse_config(_Cfg, ["--noise", "auto"], quick, "").noise == "auto"
+    with pytest.raises(SystemExit):
+        _common.parse_config(_Cfg, ["--mode", "c"], quick, "")
+
+
+def test_recipe_training_is_the_experiment_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recipes' loop must train exactly what canonreg.experiment.run_trial trains.
+    cfg = TrialConfig(arm="both", num_samples=2000, width=16, steps=30, eval_every=10, n_bootstrap=0, seed=3)
+    split = load_data(cfg)
+    trained = _common.train(cfg, split, cache=False)
+    with torch.no_grad():
+        acc = float((trained.model(split.x_test).argmax(1) == split.y_test).double().mean())
+    ref = run_trial(cfg, data=split)
+    assert acc == ref["test_acc"] and not trained.cached
+    assert trained.mean_alpha == pytest.approx(ref["mean_alpha"], rel=1e-9)
+    # The model cache returns the same weights and statistics, and a changed config retrains.
+    monkeypatch.setenv("CANONREG_CACHE_DIR", str(tmp_path))
+    first = _common.train(cfg, split)
+    again = _common.train(cfg, split)
+    assert not first.cached and again.cached and again.mean_alpha == first.mean_alpha
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    torch.testing.assert_close(again.model(split.x_test), trained.model(split.x_test), rtol=0, atol=0)
+    assert not _common.train(cfg.replace(steps=20), split).cached
+    monkeypatch.setenv("CANONREG_CACHE_DIR", "off")
+    assert not _common.train(cfg, split).cached
+
+
+def test_trial_config_copies_the_shared_budget() -> None:
+    cfg = compactness.CompactnessConfig(steps=400, batch_size=64, width=32)
+    trials = [_common.trial_config(cfg, arm, 5) for arm in ARMS]
+    assert {(t.steps, t.batch_size, t.width, t.seed, t.model, t.dataset) for t in trials} == {(400, 64, 32, 5, "mlp", "mnist1d")}
+    assert [t.arm for t in trials] == list(ARMS)
+
+
+# ---------------------------------------------------------------------- --quick end to end
+def _run_quick(recipe: str, out: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES / f"{recipe}.py"), "--quick", "--no-cache", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for arm in ARMS:
+        assert f"| {arm} |" in proc.stdout
+    md = (out / "results.md").read_text()
+    assert all(f"| {arm} |" in md for arm in ARMS)
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["quick"] is True and result["config"]["out"] == str(out)
+    assert result["recipe"] == recipe
+    return result
+
+
+def _finite_in(x: Any, lo: float, hi: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and lo <= x <= hi
+
+
+def test_compactness_quick(tmp_path: Path) -> None:
+    res = _run_quick("compactness", tmp_path)
+    cfg = res["config"]
+    assert (tmp_path / "compactness.png").stat().st_size > 10_000
+    records = res["records"]
+    assert sorted((r["arm"], r["seed"]) for r in records) == sorted((a, s) for a in ARMS for s in cfg["seeds"])
+    for r in records:
+        assert _finite_in(r["test_acc"], 0.0, 1.0) and _finite_in(r["mean_alpha"], -1.0, 1.0)
+        assert r["test_acc"] > 0.15  # above chance (0.1) after the quick budget
+        assert list(r["layers"]) == [f"h{i}" for i in range(1, cfg["depth"])]
+        for m in r["layers"].values():
+            assert _finite_in(m["pr"], 1.0 - 1e-9, cfg["width"]) and _finite_in(m["erank"], 1.0 - 1e-9, cfg["width"])
+            assert m["pr"] <= m["erank"] + 1e-9  # participation ratio ≤ entropy rank (Rényi order)
+            assert _finite_in(m["pcs"], 1, cfg["width"]) and float(m["pcs"]).is_integer()
+            assert _finite_in(m["nc1"], 0.0, 1e6)
+    for arm in ARMS:
+        s = res["summary"][arm]
+        assert len(s["test_acc"]) == 2 and _finite_in(s["test_acc"][0], 0.0, 1.0) and s["test_acc"][1] >= 0
+
+
+def test_robustness_quick(tmp_path: Path) -> None:
+    res = _run_quick("robustness", tmp_path)
+    cfg = res["config"]
+    assert (tmp_path / "robustness.png").stat().st_size > 10_000
+    assert (tmp_path / "invariance.png").stat().st_size > 10_000
+    records = res["records"]
+    assert sorted((r["arm"], r["seed"]) for r in records) == sorted((a, s) for a in ARMS for s in cfg["seeds"])
+    conditions = {"clean", *robustness.NUISANCES, "all", *(f"gauss {s:g}" for s in cfg["gauss_sigmas"]), *(f"fgsm {e:g}" for e in cfg["fgsm_eps"])}
+    transforms = {*robustness.NUISANCES, "all", *(f"gauss {s:g}" for s in cfg["gauss_sigmas"])}
+    for r in records:
+        assert set(r["acc"]) == conditions and all(_finite_in(a, 0.0, 1.0) for a in r["acc"].values())
+        for c, d in r["drop"].items():
+            assert math.isclose(d, 100 * (r["acc"]["clean"] - r["acc"][c]), abs_tol=1e-9)
+        assert r["drop"][f"fgsm {cfg['fgsm_eps'][-1]:g}"] > 0  # FGSM must hurt
+        assert set(r["invariance"]) == transforms
+        for scores in r["invariance"].values():
+            assert list(scores) == [*(f"h{i}" for i in range(1, cfg["depth"])), "logits"]
+            assert all(_finite_in(v, 0.0, 100.0) for v in scores.values())
+    assert all(_finite_in(v, 0.0, 100.0) for v in res["input_invariance"].values())
