@@ -123,11 +123,11 @@ def select_layers(
         )
     chosen_taps: dict[str, LayerTap] = {}
     for n, m in chosen.items():
-        tap = get_tap(m, taps)
-        if tap is None:  # unreachable: chosen ⊆ tappable
+        found = get_tap(m, taps)
+        if found is None:  # unreachable: chosen ⊆ tappable
             raise CanonRegError(f"Layer {_display(n)!r} has no tap")
-        tap.check(m, _display(n))
-        chosen_taps[n] = tap
+        found.check(m, _display(n))
+        chosen_taps[n] = found
     return chosen, chosen_taps, excluded
 
 

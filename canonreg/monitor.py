@@ -451,6 +451,8 @@ class CRHMonitor:
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.requires_grad or output.dim() != 2:
             return None
         grad_fn = output.grad_fn
+        if grad_fn is None:
+            return None
         kind = type(grad_fn).__name__
         if kind == "AddmmBackward0":
             return grad_fn, 1
@@ -724,7 +726,7 @@ class _Commit:
     def __call__(self, grad: Tensor | None, grad_input: Tensor | None) -> None:
         if grad is None:
             return
-        self.monitor._commit_backward(*self.args, grad, grad_input)  # type: ignore[arg-type]
+        self.monitor._commit_backward(*self.args, grad, grad_input)  # type: ignore[arg-type, call-arg]
 
 
 def _no_autocast(t: object) -> torch.autocast:

@@ -125,7 +125,7 @@ class ConvTap:
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
     def output_rows(self, module: nn.Module, output: Tensor) -> Tensor:
-        spatial = module.weight.dim() - 2  # type: ignore[union-attr]
+        spatial = _as_conv(module, type(module).__name__).weight.dim() - 2
         if output.dim() == spatial + 1:  # unbatched input
             output = output.unsqueeze(0)
         return output.flatten(2).transpose(1, 2).reshape(-1, output.shape[1])

@@ -1,0 +1,338 @@
+"""Effect of :class:`canonreg.losses.AlignmentLoss` on an MLP trained on MNIST-1D, over seeds.
+
+For each seed, one initialisation and one batch order are shared by every training of
+``mlp(40, width, depth, 10)`` with SGD (momentum, coupled weight decay):
+
+* ``baseline``: ``CE(f(x), y)``;
+* one arm per ``--arms`` entry ``"REL+REL@LAYERS"``: ``CE(f(x), y) + λ_t · align()`` with
+  ``align = AlignmentLoss(model, relations, layers)``, ``λ_t = λ · min(1, t / ramp)`` (``ramp = 0``:
+  constant). ``LAYERS`` is ``hidden`` (every Linear but the head), ``inner`` (hidden but the first,
+  whose input is the data) or ``all``.
+
+Every model, and the untrained initialisation (``init``), is measured with
+:class:`canonreg.CRHMonitor` (``preprocess`` and ``metric`` of the config; the other metric is
+recomputed from the same matrices and kept in the JSON) on the 1000 held-out samples (forward +
+backward of the cross-entropy, no step), and by test accuracy. Reported: every layer × all six
+relations, mean and 95% interval over seeds (Student t: ``m ± t_{0.975, n−1} · s/√n``), and per arm
+whether the targeted relations reach ``α ≥ target`` in every targeted layer and the paired accuracy
+difference to the baseline.
+
+Why the default arms: f-RWA and b-RWA together ask for ``H_a ∝ WᵀW`` and ``H_b ∝ WWᵀ``; with
+``H_b = W H_a Wᵀ`` (raw/centred moments) this forces ``H_a`` to be flat on the row space of ``W``
+(crh-spec §4: RWA+RWA ⇒ compact ``W``). In the first layer ``H_a`` is the data covariance, which
+training cannot change, so that pair cannot reach α ≈ 1 there; the ``inner`` arm leaves that layer
+out, the ``b-RWA`` arm asks for one relation everywhere.
+
+    python benchmarks/loss_effect.py            # 3 seeds, writes benchmarks/results/loss_effect.{json,md}
+    python benchmarks/loss_effect.py --quick    # 1 seed, 60 steps, width 32 (a smoke run)
+
+Reference: CRH relations and α of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import canonreg
+from canonreg import CRHMonitor
+from canonreg import functional as cf
+from canonreg.data import Split, mnist1d
+from canonreg.losses import AlignmentLoss
+from canonreg.models import mlp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYER_SETS = ("hidden", "inner", "all")
+
+
+@dataclass(frozen=True)
+class Config:
+    num_samples: int = 5000
+    data_seed: int = 42
+    width: int = 128
+    depth: int = 4  # Linear layers: "0", "2", … hidden, the last one is the head
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch: int = 128
+    steps: int = 2000
+    arms: tuple[str, ...] = ("f-RWA+b-RWA@hidden", "f-RWA+b-RWA@inner", "b-RWA@hidden")
+    weight: float = 3.0
+    ramp: int = 0
+    preprocess: str = "normalized"
+    metric: str = "pearson"  # the loss's score and the monitor's
+    target: float = 0.9
+    max_acc_drop: float = 0.01
+    seeds: tuple[int, ...] = (0, 1, 2)
+    threads: int = 1
+    out: str = str(RESULTS / "loss_effect.json")
+    markdown: str = str(RESULTS / "loss_effect.md")
+
+
+QUICK: dict[str, Any] = dict(
+    width=32, steps=60, seeds=(0,), out=str(RESULTS / "loss_effect_quick.json"), markdown=str(RESULTS / "loss_effect_quick.md")
+)
+
+
+def parse(argv: list[str] | None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 60 steps, width 32")
+    for f in dataclasses.fields(Config):
+        if f.name in ("arms", "seeds"):
+            p.add_argument(f"--{f.name}", nargs="+", type=str if f.name == "arms" else int, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+    args = vars(p.parse_args(argv))
+    kw: dict[str, Any] = dict(QUICK) if args.pop("quick") else {}
+    kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
+    cfg = Config(**kw)
+    for arm in cfg.arms:
+        arm_spec(arm)
+    return cfg
+
+
+def arm_spec(arm: str) -> tuple[tuple[str, ...], str]:
+    """``"f-RWA+b-RWA@hidden"`` → ``(("f-RWA", "b-RWA"), "hidden")``."""
+    rels, _, layers = arm.partition("@")
+    relations = tuple(rels.split("+"))
+    if layers not in LAYER_SETS or not all(r in cf.RELATIONS for r in relations):
+        raise ValueError(
+            f"Expected `arms` entries 'REL+REL@LAYERS' with relations from {list(cf.RELATIONS)} and LAYERS in "
+            f"{list(LAYER_SETS)}, but got {arm!r}"
+        )
+    return relations, layers
+
+
+# ---------------------------------------------------------------------- statistics
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (NaN half-width for one value)."""
+    m = statistics.fmean(values)
+    n = len(values)
+    if n < 2:
+        return m, float("nan")
+    return m, _T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
+
+
+def fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
+    m, h = mean_ci([v * scale for v in values])
+    return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+# ---------------------------------------------------------------------- one training
+def measure(model: nn.Module, data: Split, cfg: Config) -> dict[str, Any]:
+    """Six relations of every Linear layer on the test set (both metrics) and the test accuracy."""
+    monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+    with monitor:
+        for i in range(0, data.x_test.shape[0], 250):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(data.x_test[i : i + 250]), data.y_test[i : i + 250]).backward()
+    model.zero_grad(set_to_none=True)
+    report = monitor.compute(exponents=False)
+    other = "cosine" if cfg.metric == "pearson" else "pearson"
+    with torch.no_grad():
+        acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+    return {
+        "test_acc": acc,
+        cfg.metric: report.alignment,
+        other: {n: cf.relation_alignments(report.matrices(n), other) for n in report.layers},  # type: ignore[arg-type]
+    }
+
+
+def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None) -> dict[str, Any]:
+    """Train in place; ``arm=None`` is the baseline."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    align, layers, relations = None, [], ()
+    if arm is not None:
+        relations, which = arm_spec(arm)
+        layers = {"hidden": linear[:-1], "inner": linear[1:-1], "all": linear}[which]
+        align = AlignmentLoss(
+            model, relations, layers, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight  # type: ignore[arg-type]
+        )
+    gen = torch.Generator().manual_seed(10_000 + seed)  # the batch order: shared by both trainings of a seed
+    n = data.x.shape[0]
+    order = torch.randperm(n, generator=gen)
+    pos, t0, last = 0, time.perf_counter(), {}
+    for step in range(cfg.steps):
+        if pos + cfg.batch > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + cfg.batch]
+        pos += cfg.batch
+        task = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        loss = task
+        if align is not None:
+            align.weight = cfg.weight * (min(1.0, (step + 1) / cfg.ramp) if cfg.ramp > 0 else 1.0)
+            reg = align()
+            loss = task + reg
+            last = {"align": float(reg.detach()), "task": float(task.detach())}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if align is not None:
+        align.detach()
+    return {"seconds": time.perf_counter() - t0, "final": last, "layers": layers, "relations": list(relations)}
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "canonreg": canonreg.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---------------------------------------------------------------------- report
+def summarise(cfg: Config, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    seeds = sorted(runs)
+    conditions = ["init", "baseline", *cfg.arms]
+    summary: dict[str, Any] = {"accuracy": {}, "alpha": {}, "arms": {}}
+    for c in conditions:
+        accs = [runs[s][c]["test_acc"] for s in seeds]
+        summary["accuracy"][c] = dict(zip(("mean", "ci95"), mean_ci(accs)), values=accs)
+    for metric in ("pearson", "cosine"):
+        layers = list(runs[seeds[0]]["baseline"][metric])
+        summary["alpha"][metric] = {
+            c: {
+                n: {
+                    r: dict(zip(("mean", "ci95"), mean_ci(v)), values=v)
+                    for r in cf.RELATIONS
+                    for v in [[runs[s][c][metric][n][r] for s in seeds]]
+                }
+                for n in layers
+            }
+            for c in conditions
+        }
+    for arm in cfg.arms:
+        info = runs[seeds[0]][arm]["train"]
+        a = summary["alpha"][cfg.metric][arm]
+        targeted = [a[n][r]["values"] for n in info["layers"] for r in info["relations"]]
+        drops = [runs[s]["baseline"]["test_acc"] - runs[s][arm]["test_acc"] for s in seeds]
+        summary["arms"][arm] = {
+            "layers": info["layers"],
+            "relations": info["relations"],
+            "targets_reached_mean": all(statistics.fmean(v) >= cfg.target for v in targeted),
+            "targets_reached_every_seed": all(min(v) >= cfg.target for v in targeted),
+            "min_targeted_alpha": min(min(v) for v in targeted),
+            "baseline_minus_arm_accuracy": dict(zip(("mean", "ci95"), mean_ci(drops)), values=drops),
+            "accuracy_within_bound_mean": statistics.fmean(drops) <= cfg.max_acc_drop,
+            "train_seconds": [runs[s][arm]["train"]["seconds"] for s in seeds],
+        }
+    return summary
+
+
+def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any]], env: dict[str, Any]) -> str:
+    seeds = sorted(runs)
+    conditions = ["init", "baseline", *cfg.arms]
+    ramp = f", linear warm-up over {cfg.ramp} steps" if cfg.ramp else ""
+    lines = [
+        "# AlignmentLoss effect: MLP on MNIST-1D",
+        "",
+        f"`python benchmarks/loss_effect.py` — mlp(40, {cfg.width}, depth {cfg.depth}, 10) (Linear layers "
+        f"{list(summary['alpha'][cfg.metric]['baseline'])}, the last is the head), SGD lr {cfg.lr}, momentum "
+        f"{cfg.momentum}, weight decay {cfg.weight_decay}, batch {cfg.batch}, {cfg.steps} steps, {len(seeds)} seeds "
+        f"{list(seeds)}. Arms `REL+REL@LAYERS`: `task + λ·AlignmentLoss(model, relations, layers, "
+        f"metric='{cfg.metric}', preprocess='{cfg.preprocess}')`, λ = {cfg.weight}{ramp}.",
+        "",
+        f"Measured by `CRHMonitor(preprocess='{cfg.preprocess}', metric='{cfg.metric}')` on the 1000 held-out "
+        "samples (cross-entropy backward, no step). Cells: mean ± 95% half-width over seeds (Student t). "
+        "**Bold**: targeted by the arm. `init`: the untrained initialisation shared by all trainings of a seed.",
+        "",
+        "## Per arm",
+        "",
+        f"| arm | targeted layers | all targeted α ≥ {cfg.target} (mean / every seed) | lowest targeted α | "
+        "test accuracy (%) | baseline − arm (points, paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    yn = {True: "yes", False: "no"}
+    base_acc = summary["accuracy"]["baseline"]["values"]
+    lines.append(f"| baseline | — | — | — | {fmt(base_acc, 2, 100)} | — |")
+    for arm in cfg.arms:
+        s = summary["arms"][arm]
+        lines.append(
+            f"| {arm} | {s['layers']} | {yn[s['targets_reached_mean']]} / {yn[s['targets_reached_every_seed']]} | "
+            f"{s['min_targeted_alpha']:.3f} | {fmt(summary['accuracy'][arm]['values'], 2, 100)} | "
+            f"{fmt(s['baseline_minus_arm_accuracy']['values'], 2, 100)} |"
+        )
+    lines += [
+        "",
+        f"## α ({cfg.metric}, preprocess={cfg.preprocess}), all six relations",
+        "",
+        "| layer | condition | " + " | ".join(cf.RELATIONS) + " |",
+        "|---|---|" + "---|" * len(cf.RELATIONS),
+    ]
+    table = summary["alpha"][cfg.metric]
+    names = list(table["baseline"])
+    for n in names:
+        for c in conditions:
+            arm = summary["arms"].get(c)
+            cells = []
+            for r in cf.RELATIONS:
+                text = fmt(table[c][n][r]["values"])
+                cells.append(f"**{text}**" if arm and n in arm["layers"] and r in arm["relations"] else text)
+            kind = "head" if n == names[-1] else "hidden"
+            lines.append(f"| {n} ({kind}) | {c} | " + " | ".join(cells) + " |")
+    train_s = sum(runs[s][c]["train"]["seconds"] for s in seeds for c in ["baseline", *cfg.arms])
+    lines += [
+        "",
+        f"Per-seed accuracies, both metrics and every α: `{Path(cfg.out).name}`. Training time {train_s:.0f} s in total "
+        f"on {env['platform']}, torch {env['torch']}, {env['torch_threads']} thread(s), load average at start "
+        f"{[round(x, 1) for x in env['load_average']] if env['load_average'] else None}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse(argv)
+    torch.set_num_threads(cfg.threads)
+    env = environment()
+    data = mnist1d(cfg.num_samples, cfg.data_seed)
+    runs: dict[int, dict[str, Any]] = {}
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        init = mlp(data.num_features, cfg.width, cfg.depth, data.num_classes)
+        linear = [n for n, m in init.named_modules() if isinstance(m, nn.Linear)]
+        runs[seed] = {"init": measure(copy.deepcopy(init), data, cfg)}
+        for c in ["baseline", *cfg.arms]:
+            model = copy.deepcopy(init)
+            torch.manual_seed(seed)  # nothing random in training besides the batch order; kept for safety
+            info = train(model, data, cfg, seed, None if c == "baseline" else c)
+            runs[seed][c] = {**measure(model, data, cfg), "train": info}
+            alphas = runs[seed][c][cfg.metric]
+            print(f"seed {seed} {c:<20} acc {100 * runs[seed][c]['test_acc']:.1f}%  {info['seconds']:.0f}s  "
+                  + "  ".join(f"{n}:{r}={alphas[n][r]:.3f}" for n in info["layers"] for r in info["relations"]), flush=True)
+    summary = summarise(cfg, runs)
+    result = {"config": dataclasses.asdict(cfg), "environment": env, "summary": summary, "runs": runs}
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    md = markdown(cfg, summary, runs, env)
+    Path(cfg.markdown).write_text(md)
+    print(md)
+    print(f"wrote {out} and {cfg.markdown}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

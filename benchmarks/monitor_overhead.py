@@ -1,0 +1,382 @@
+"""Overhead of :class:`canonreg.CRHMonitor` on a training step, measured in one run.
+
+Variants, per model and preprocessing mode (SGD, cross-entropy, one fixed batch set):
+
+* ``plain``    — the training step without canonreg; the reference of every ratio.
+* ``every1``   — the same step with the monitor collecting on every step.
+* ``every10``  — the monitor with ``every=10`` (the per-step average over a window of 10 steps, one of
+  which collects).
+* ``naive``    — the training step plus the obvious way to get the same matrices: per-sample gradients
+  with respect to every layer output from ``torch.func`` (``vmap(grad(...))``), then dense per-sample
+  outer products ``x_i x_iᵀ`` summed in chunks that fit memory (float64 sums), for exactly the matrices
+  the monitor accumulates in that mode (``H_a, G_b`` for raw/centered with the exact identities;
+  ``H_a, H_b, G_a, G_b`` for normalized).
+
+Models: MLPs ``d_in → width → width → width → 10`` (4 Linear layers, ReLU) at batch 512, and a small
+CNN (three 3×3 Conv2d layers + a Linear head on 3×16×16 inputs; every output position is a sample).
+
+Timing (``--clock wall``, the default, or ``--clock cpu`` = process CPU time, which other processes on a
+shared machine barely disturb; use it with ``--threads 1``): warm-up steps per variant, then ``rounds`` rounds that time every variant in turn (interleaved,
+so load drift on a shared machine hits all variants alike); a variant's time per step is the median over
+rounds of the mean over its timed steps, and its ratio is the median over rounds of
+``variant / plain`` of the same round. The cost floor of ``every1`` is about one extra ``n·d²`` matmul
+per accumulated matrix: raw/centered accumulate 2 Grams per layer (``H_a``, ``G_b``), normalized 4.
+
+    python benchmarks/monitor_overhead.py --quick   # < 1 min: d_in 256, widths 256 and 1024, CNN batch 8
+    python benchmarks/monitor_overhead.py           # d_in 1024, widths 256 / 1024 / 2048, CNN batch 64
+
+The naive variant is timed for one step per mode in the first round, and skipped above
+``--naive-max-width`` (default 1024; at width 2048 one naive step takes minutes).
+
+Writes ``benchmarks/results/monitor_overhead.json`` (config, environment, raw timings, ratios).
+Reference: the monitor measures the CRH relations of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+import canonreg
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"every1_max": 1.8, "every10_max": 1.1, "naive_speedup_min": 5.0, "at_width": 1024}
+
+
+@dataclass(frozen=True)
+class Config:
+    widths: tuple[int, ...] = (256, 1024, 2048)
+    d_in: int = 1024
+    batch: int = 512
+    modes: tuple[str, ...] = ("centered", "normalized")
+    cnn: bool = True
+    cnn_batch: int = 64
+    steps: int = 2  # timed steps per variant and round (every10 always times a window of 10)
+    naive_steps: int = 1  # timed in the first round only: it is slow and its ratio is large
+    naive_max_width: int = 1024  # skip the naive variant above this width (minutes per step at 2048)
+    warmup: int = 2
+    rounds: int = 2
+    threads: int = 0  # 0: torch's default
+    clock: str = "wall"  # "cpu": process CPU time (robust on a shared machine with --threads 1)
+    syrk_block: int = 0  # 0: the library's block size for symmetric Grams; >0 overrides it (tuning knob)
+    seed: int = 0
+    out: str = str(RESULTS / "monitor_overhead.json")
+
+
+QUICK = dict(d_in=256, widths=(256, 1024), steps=2, rounds=2, warmup=1, naive_max_width=256, cnn_batch=8)
+
+
+def parse(argv: list[str] | None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="widths 256 and 1024 only, fewer steps (< 1 min)")
+    p.add_argument("--widths", type=int, nargs="+")
+    p.add_argument("--modes", nargs="+", choices=["raw", "centered", "normalized"])
+    p.add_argument("--cnn", action=argparse.BooleanOptionalAction, default=None)
+    for name in (
+        "d_in", "batch", "cnn_batch", "steps", "naive_steps", "naive_max_width", "warmup", "rounds", "threads", "seed",
+        "syrk_block",
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
+    p.add_argument("--clock", choices=["wall", "cpu"], help="wall (default) or process CPU time")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.quick:
+        values["out"] = str(RESULTS / "monitor_overhead_quick.json")
+    for f in dataclasses.fields(Config):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    cfg = Config(**values)
+    for name in ("d_in", "batch", "cnn_batch", "steps", "rounds"):
+        if getattr(cfg, name) < 1:
+            p.error(f"Expected `--{name.replace('_', '-')}` to be a positive int, but got {getattr(cfg, name)}")
+    if any(w < 1 for w in cfg.widths):
+        p.error(f"Expected `--widths` to be positive ints, but got {list(cfg.widths)}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- models and data
+def make_mlp(d_in: int, width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10),
+    )
+
+
+def make_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def weight_layers(model: nn.Sequential) -> list[int]:
+    return [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+# ----------------------------------------------------------------------------- the naive reference
+def _rows_in(module: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _rows_out(y: Tensor) -> Tensor:
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1]) if y.dim() == 4 else y.reshape(-1, y.shape[-1])
+
+
+def _dense_moment(rows: Tensor, mode: str) -> Tensor:
+    """Σ_i x̃_i x̃_iᵀ by materialised per-sample outer products, in chunks of ≤ 2^24 entries (float64 sums)."""
+    if mode == "normalized":
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    d = rows.shape[1]
+    chunk = max(1, (1 << 24) // (d * d))
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, rows.shape[0], chunk):
+        r = rows[i : i + chunk]
+        acc += (r[:, :, None] * r[:, None, :]).sum(0).double()
+    n = rows.shape[0]
+    m = acc / n
+    if mode != "raw":
+        mu = rows.double().mean(0)
+        m = m - torch.outer(mu, mu)
+    return m
+
+
+def naive_matrices(model: nn.Sequential, x: Tensor, y: Tensor, mode: str) -> dict[int, dict[str, Tensor]]:
+    """Per-sample g_b = −dℓ_i/dh_b via torch.func (vmap over samples of grad w.r.t. output offsets)."""
+    idx = weight_layers(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(offsets: list[Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        h = xi.unsqueeze(0)
+        k = 0
+        for i, m in enumerate(model):
+            prefix = f"{i}."
+            sub = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+            h = functional_call(m, sub, (h,)) if sub else m(h)
+            if i in idx:
+                h = h + offsets[k]
+                k += 1
+        return F.cross_entropy(h, yi.unsqueeze(0))
+
+    with torch.no_grad():
+        ins, outs = [], []
+        h = x
+        for i, m in enumerate(model):
+            if i in idx:
+                ins.append(h)
+            h = m(h)
+            if i in idx:
+                outs.append(h)
+    offsets = [torch.zeros_like(o[0:1]) for o in outs]
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(offsets, x, y)  # per layer (B, 1, ...)
+    result: dict[int, dict[str, Tensor]] = {}
+    for k, i in enumerate(idx):
+        mod = model[i]
+        ha = _rows_in(mod, ins[k])
+        gb = -_rows_out(grads[k].squeeze(1))
+        mats = {"H_a": _dense_moment(ha, mode), "G_b": _dense_moment(gb, mode)}
+        if mode == "normalized":
+            w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            mats["H_b"] = _dense_moment(_rows_out(outs[k]), mode)
+            mats["G_a"] = _dense_moment(gb @ w, mode)
+        result[i] = mats
+    return result
+
+
+# ----------------------------------------------------------------------------- timing
+def _timed(step: Callable[[], None], n: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of ``step``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+
+def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Tensor, cfg: Config, naive: bool) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    variants: dict[str, tuple[Callable[[], None], Callable[[], object] | None, int]] = {"plain": (step, None, cfg.steps)}
+    for mode in cfg.modes:
+        variants[f"every1/{mode}"] = (step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode), cfg.steps)
+        variants[f"every10/{mode}"] = (step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, every=10), 10)
+        if naive:
+            def naive_step(mode: str = mode) -> None:
+                step()
+                naive_matrices(model, x, y, mode)
+
+            variants[f"naive/{mode}"] = (naive_step, None, cfg.naive_steps)
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(cfg.rounds):
+        for key, (fn, make_monitor, n) in variants.items():
+            if key.startswith("naive") and r > 0:
+                continue
+            monitor = make_monitor() if make_monitor is not None else None
+            if monitor is not None:
+                monitor.attach()  # type: ignore[attr-defined]
+            try:
+                warm = cfg.warmup if r == 0 else 0
+                if key.startswith("naive"):
+                    warm = 0  # torch.func is warmed once in main(); a naive step takes seconds
+                for _ in range(warm):
+                    fn()
+                wall, proc = _timed(fn, n)
+                times[key].append(wall)
+                cpu[key].append(proc)
+                if monitor is not None:
+                    monitor.compute(exponents=False)  # type: ignore[attr-defined]  # it really measured
+            finally:
+                if monitor is not None:
+                    monitor.detach()  # type: ignore[attr-defined]
+    if cfg.clock == "cpu":
+        times, cpu = cpu, times  # report process CPU time; keep wall time in the JSON
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: statistics.median([t / p for t, p in zip(v, times["plain"])]) for k, v in times.items()}
+    # Contention only ever adds time, so on a busy machine the ratio of the fastest rounds is the
+    # better estimate of the intrinsic cost; on a quiet machine the two agree.
+    ratio_min = {k: min(v) / min(times["plain"]) for k, v in times.items()}
+    spread = max(times["plain"]) / min(times["plain"])
+    return {
+        "model": name, "seconds_per_step": med, "ratio_to_plain": ratio, "ratio_of_fastest": ratio_min,
+        "plain_spread": spread, "raw_seconds": times,
+        f"raw_seconds_{'wall' if cfg.clock == 'cpu' else 'cpu'}": cpu,
+    }
+
+
+def environment() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "canonreg": canonreg.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse(argv)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    import canonreg.monitor as monitor_module
+
+    if cfg.syrk_block > 0:  # a tuning knob: Grams wider than this are built from upper-triangle blocks
+        monitor_module._SYRK_BLOCK = cfg.syrk_block
+    env = environment()
+    env["syrk_block"] = monitor_module._SYRK_BLOCK
+    vmap(grad(lambda t: (t * t).sum()))(torch.ones(2, 2))  # the first torch.func call imports a lot
+    g = torch.Generator().manual_seed(cfg.seed)
+    rows = []
+    t_start = time.perf_counter()
+    for width in cfg.widths:
+        x = torch.randn(cfg.batch, cfg.d_in, generator=g)
+        y = torch.randint(0, 10, (cfg.batch,), generator=g)
+        res = bench_model(f"mlp-{width}", lambda w=width: make_mlp(cfg.d_in, w), x, y, cfg, naive=width <= cfg.naive_max_width)
+        res["width"] = width
+        rows.append(res)
+        print(f"  measured mlp-{width} ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
+    if cfg.cnn:
+        x = torch.randn(cfg.cnn_batch, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (cfg.cnn_batch,), generator=g)
+        res = bench_model("cnn", make_cnn, x, y, cfg, naive=True)
+        res["width"] = None
+        rows.append(res)
+    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["wall_seconds"] = time.perf_counter() - t_start
+
+    table = format_table(rows, cfg)
+    print(table)
+    verdict = targets(rows, cfg)
+    for line in verdict["lines"]:
+        print(line)
+    out = {"config": dataclasses.asdict(cfg), "environment": env, "targets": TARGETS, "verdict": verdict["met"], "results": rows, "table": table}
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {cfg.out}")
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], cfg: Config) -> str:
+    head = f"{'model':<10}{'mode':<12}{'plain s':>9}{'every1 s':>10}{'every1 x':>10}{'every10 x':>11}{'naive s':>10}{'naive x':>9}{'vs naive':>10}"
+    lines = [f"seconds per training step ({cfg.clock} clock, {torch.get_num_threads()} thread(s)); x = ratio to plain", head, "-" * len(head)]
+    noisy = []
+    for r in rows:
+        if r["plain_spread"] > 1.2:
+            noisy.append(f"{r['model']} (plain max/min over rounds {r['plain_spread']:.2f})")
+        s, q = r["seconds_per_step"], r["ratio_to_plain"]
+        for mode in cfg.modes:
+            e1, e10, nk = f"every1/{mode}", f"every10/{mode}", f"naive/{mode}"
+            nv = s.get(nk)
+            naive_s = f"{nv:.3f}" if nv is not None else "—"
+            naive_x = f"{q[nk]:.1f}" if nv is not None else "—"
+            speed = f"{nv / s[e1]:.1f}x" if nv is not None else "—"
+            lines.append(
+                f"{r['model']:<10}{mode:<12}{s['plain']:>9.4f}{s[e1]:>10.4f}{q[e1]:>10.2f}"
+                f"{q[e10]:>11.3f}{naive_s:>10}{naive_x:>9}{speed:>10}"
+            )
+    if noisy:
+        lines.append("noisy timings (busy machine?): " + ", ".join(noisy) + "; see ratio_of_fastest in the JSON")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """Check the issue's targets at width 1024 (every1 ≤ 1.8x, every10 ≤ 1.1x, ≥ 5x faster than naive)."""
+    met: dict[str, bool] = {}
+    lines = []
+    for r in rows:
+        if r["width"] != TARGETS["at_width"]:
+            continue
+        s, q = r["seconds_per_step"], r["ratio_to_plain"]
+        for mode in cfg.modes:
+            checks = {
+                f"every1/{mode} <= {TARGETS['every1_max']}x": q[f"every1/{mode}"] <= TARGETS["every1_max"],
+                f"every10/{mode} <= {TARGETS['every10_max']}x": q[f"every10/{mode}"] <= TARGETS["every10_max"],
+            }
+            if f"naive/{mode}" in s:
+                checks[f"naive/{mode} >= {TARGETS['naive_speedup_min']}x slower than every1"] = (
+                    s[f"naive/{mode}"] / s[f"every1/{mode}"] >= TARGETS["naive_speedup_min"]
+                )
+            for k, ok in checks.items():
+                met[k] = ok
+                lines.append(f"target {k}: {'met' if ok else 'MISSED'}")
+    return {"met": met, "lines": lines}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""CRHReport and its pure builders (layer_matrices, build_report)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import canonreg
+from canonreg import functional as cf
+from canonreg.report import CRHReport, build_report, layer_matrices
+
+from conftest import make_case, ref_moment, run_monitor
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _sums(ha: torch.Tensor, gb: torch.Tensor, hb: torch.Tensor, ga: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return cf.preprocess_rows(x, mode)
+
+    out = {"n": torch.tensor(float(ha.shape[0]), dtype=torch.float64), "steps": torch.tensor(1.0, dtype=torch.float64)}
+    for key, rows in (("Ha", ha), ("Gb", gb), ("Hb", hb), ("Ga", ga)):
+        y = prep(rows)
+        out[f"{key}_xx"] = y.T @ y
+        out[f"{key}_x"] = y.sum(0)
+    out["gnhn"] = ((gb * gb).sum(1) * (ha * ha).sum(1)).sum()
+    out["gh"] = (ga * ha).sum()
+    return out
+
+
+# normalisation breaks the identities, so normalized mode is only ever built from direct sums
+@pytest.mark.parametrize(
+    "mode,direct", [("raw", True), ("raw", False), ("centered", True), ("centered", False), ("normalized", True)]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_matrices_match_dense_moments(mode: str, with_bias: bool, direct: bool) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64) if with_bias else None
+    ha = torch.randn(11, 5, dtype=torch.float64) + 0.5
+    hb = ha @ w.T + (b if b is not None else 0)
+    gb = torch.randn(11, 3, dtype=torch.float64)
+    ga = gb @ w
+    m = layer_matrices(_sums(ha, gb, hb, ga, mode), w, b, preprocess=mode, direct=direct)
+    want = {
+        "H_a": ref_moment(ha, mode), "H_b": ref_moment(hb, mode), "G_a": ref_moment(ga, mode),
+        "G_b": ref_moment(gb, mode), "Z_a": w.T @ w, "Z_b": w @ w.T,
+    }
+    for k, v in want.items():
+        assert_close(m[k], v)
+        assert_close(m[k], m[k].T)
+
+
+def _report(**overrides: object) -> CRHReport:
+    case = make_case("mlp")
+    monitor = run_monitor(case, preprocess="centered")
+    return monitor.compute(lr=0.05, weight_decay=1e-3, batch_size=12, n_bootstrap=20, **overrides)
+
+
+def test_report_views_and_serialisation(tmp_path) -> None:
+    report = _report()
+    assert report.layers == ["0", "2", "4"]
+    d = report.to_dict()
+    assert d["preprocess"] == "centered" and d["metric"] == "pearson" and d["derived_by_identities"] is True
+    assert set(d["alignment"]["2"]) == set(canonreg.RELATIONS)
+    assert set(d["exponents"]["2"]["f-RWA"]) >= {"exponent", "ci_low", "ci_high", "r2", "off_diagonal"}
+    assert d["samples"] == {"0": 21, "2": 21, "4": 21}
+    assert set(d["balance"]["0"]) >= {"decay", "drift", "noise", "noise_share"}
+    text = report.to_json(tmp_path / "r.json")
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded == json.loads(text)
+    assert loaded["alignment"]["4"]["b-RWA"] == pytest.approx(report.alignment["4"]["b-RWA"])
+    # the balance's untracked `signal` term is NaN in Python and null in JSON
+    assert math.isnan(report.balance["0"].signal) and loaded["balance"]["0"]["signal"] is None
+
+
+def test_report_text_tables() -> None:
+    report = _report()
+    s = str(report)
+    assert "pearson" in s and "preprocess=centered" in s and "derived by exact identities" in s
+    for r in canonreg.RELATIONS:
+        assert r in s
+    row = next(line for line in s.splitlines() if line.startswith("2 "))
+    assert f"{report.alignment['2']['f-RWA']:.3f}" in row
+    exp_table = report.table("exponents")
+    assert "f-RGA" in exp_table and "[" in exp_table
+    with pytest.raises(ValueError, match="`what`"):
+        report.table("ranks")
+
+
+def test_report_accessors_and_errors() -> None:
+    report = _report()
+    m = report.matrices("2")
+    m["H_a"].zero_()
+    assert float(report.matrices("2")["H_a"].abs().sum()) > 0  # copies, not views
+    with pytest.raises(KeyError, match="`layer`"):
+        report.matrices("nope")
+    vals = [report.alignment[n][r] for n in report.layers for r in ("f-RWA", "b-RWA")]
+    assert report.mean_alignment(relations=("f-RWA", "b-RWA")) == pytest.approx(sum(vals) / len(vals))
+    assert report.mean_alignment(layers="2", relations="b-RWA") == pytest.approx(report.alignment["2"]["b-RWA"])
+    with pytest.raises(ValueError, match="`relations`"):
+        report.mean_alignment(relations=("f-XYZ",))
+    with pytest.raises(ValueError, match="`layers`"):
+        report.mean_alignment(layers=["9"])
+    assert report.phase("2", threshold=-1.0) == canonreg.RELATIONS
+    assert report.phase("2", threshold=1.0) == tuple(r for r in canonreg.RELATIONS if report.alignment["2"][r] >= 1.0)
+    with pytest.raises(KeyError, match="`layer`"):
+        report.phase("9")
+    with pytest.raises(ValueError, match="`threshold`"):
+        report.phase("2", threshold=2.0)
+
+
+def test_report_is_frozen_and_picklable() -> None:
+    report = _report()
+    with pytest.raises(Exception):
+        report.metric = "cosine"  # type: ignore[misc]
+    again = pickle.loads(pickle.dumps(report))
+    assert again.to_dict() == report.to_dict()
+
+
+def test_build_report_all_zero_sums_gives_nan_with_reasons() -> None:
+    d = 3
+    z = torch.zeros(d, d, dtype=torch.float64)
+    v = torch.zeros(d, dtype=torch.float64)
+    sums = {"0": {"n": torch.tensor(4.0), "steps": torch.tensor(1.0), "Ha_xx": z, "Ha_x": v, "Gb_xx": z, "Gb_x": v}}
+    report = build_report(
+        sums=sums, weights={"0": torch.zeros(d, d)}, biases={"0": None}, preprocess="raw", metric="cosine",
+        direct=False, skipped={"0": 0}, missing={}, excluded={}, balance=None, exponents=True, n_bootstrap=10,
+        eig_floor=1e-6, seed=0,
+    )
+    for r in canonreg.RELATIONS:
+        assert math.isnan(report.alignment["0"][r])
+        assert "zero matrix" in report.nan_reasons["0"][r]
+        assert math.isnan(report.exponents["0"][r].exponent)
+    assert math.isnan(report.effective_rank["0"]["H_a"]["participation"])
+    assert report.to_dict()["alignment"]["0"]["f-RGA"] is None
+    json.dumps(report.to_dict(), allow_nan=False)  # JSON-safe
+
+
+def test_exponent_seed_is_reproducible() -> None:
+    a, b = _report(seed=5), _report(seed=5)
+    assert a.to_dict()["exponents"] == b.to_dict()["exponents"]  # NaN-safe comparison
