@@ -4,9 +4,11 @@ For each seed, one initialisation and one batch order are shared by every traini
 ``mlp(40, width, depth, 10)`` with SGD (momentum, coupled weight decay):
 
 * ``baseline``: ``CE(f(x), y)``;
-* one arm per ``--arms`` entry ``"REL+REL@LAYERS"``: ``CE(f(x), y) + λ_t · align()`` with
+* one arm per ``--arms`` entry ``"REL+REL@LAYERS[:λ]"`` (λ defaults to ``--weight``):
+  ``CE(f(x), y) + λ_t · align()`` with
   ``align = AlignmentLoss(model, relations, layers)``, ``λ_t = λ · min(1, t / ramp)`` (``ramp = 0``:
-  constant). ``LAYERS`` is ``hidden`` (every Linear but the head), ``inner`` (hidden but the first,
+  constant); with ``every = k > 1`` the term ``k·λ_t·align()`` is added on every ``k``-th step only
+  (the same mean strength at about 1/k of the cost). ``LAYERS`` is ``hidden`` (every Linear but the head), ``inner`` (hidden but the first,
   whose input is the data) or ``all``.
 
 Every model, and the untrained initialisation (``init``), is measured with
@@ -71,9 +73,11 @@ class Config:
     weight_decay: float = 5e-4
     batch: int = 128
     steps: int = 2000
-    arms: tuple[str, ...] = ("f-RWA+b-RWA@hidden", "f-RWA+b-RWA@inner", "b-RWA@hidden")
-    weight: float = 3.0
+    # λ per arm: the best of the single-seed sweeps reported in the results (λ ∈ {0.1, 1, 3, 10})
+    arms: tuple[str, ...] = ("f-RWA+b-RWA@hidden:3", "f-RWA+b-RWA@inner:3", "b-RWA@hidden:1")
+    weight: float = 3.0  # λ of arms without ":λ"
     ramp: int = 0
+    every: int = 1
     preprocess: str = "normalized"
     metric: str = "pearson"  # the loss's score and the monitor's
     target: float = 0.9
@@ -84,9 +88,9 @@ class Config:
     markdown: str = str(RESULTS / "loss_effect.md")
 
 
-QUICK: dict[str, Any] = dict(
-    width=32, steps=60, seeds=(0,), out=str(RESULTS / "loss_effect_quick.json"), markdown=str(RESULTS / "loss_effect_quick.md")
-)
+QUICK: dict[str, Any] = {
+    "width": 32, "steps": 60, "seeds": (0,), "out": str(RESULTS / "loss_effect_quick.json"), "markdown": str(RESULTS / "loss_effect_quick.md")
+}
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -101,21 +105,28 @@ def parse(argv: list[str] | None) -> Config:
     kw: dict[str, Any] = dict(QUICK) if args.pop("quick") else {}
     kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None})
     cfg = Config(**kw)
+    if cfg.every < 1:
+        raise ValueError(f"Expected `every` to be a positive int, but got {cfg.every!r}")
     for arm in cfg.arms:
-        arm_spec(arm)
+        arm_spec(arm, cfg.weight)
     return cfg
 
 
-def arm_spec(arm: str) -> tuple[tuple[str, ...], str]:
-    """``"f-RWA+b-RWA@hidden"`` → ``(("f-RWA", "b-RWA"), "hidden")``."""
-    rels, _, layers = arm.partition("@")
+def arm_spec(arm: str, default_weight: float = math.nan) -> tuple[tuple[str, ...], str, float]:
+    """``"f-RWA+b-RWA@hidden:3"`` → ``(("f-RWA", "b-RWA"), "hidden", 3.0)`` (λ defaults to ``default_weight``)."""
+    rels, _, rest = arm.partition("@")
+    layers, _, lam = rest.partition(":")
     relations = tuple(rels.split("+"))
-    if layers not in LAYER_SETS or not all(r in cf.RELATIONS for r in relations):
+    try:
+        weight = float(lam) if lam else default_weight
+    except ValueError:
+        weight = -1.0
+    if layers not in LAYER_SETS or not all(r in cf.RELATIONS for r in relations) or not weight >= 0:
         raise ValueError(
-            f"Expected `arms` entries 'REL+REL@LAYERS' with relations from {list(cf.RELATIONS)} and LAYERS in "
-            f"{list(LAYER_SETS)}, but got {arm!r}"
+            f"Expected `arms` entries 'REL+REL@LAYERS[:λ]' with relations from {list(cf.RELATIONS)}, LAYERS in "
+            f"{list(LAYER_SETS)} and λ >= 0, but got {arm!r}"
         )
-    return relations, layers
+    return relations, layers, weight
 
 
 # ---------------------------------------------------------------------- statistics
@@ -160,13 +171,14 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
     """Train in place; ``arm=None`` is the baseline."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    align, layers, relations = None, [], ()
+    align: AlignmentLoss | None = None
+    layers: list[str] = []
+    relations: tuple[str, ...] = ()
+    lam = 0.0
     if arm is not None:
-        relations, which = arm_spec(arm)
+        relations, which, lam = arm_spec(arm, cfg.weight)
         layers = {"hidden": linear[:-1], "inner": linear[1:-1], "all": linear}[which]
-        align = AlignmentLoss(
-            model, relations, layers, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight  # type: ignore[arg-type]
-        )
+        align = AlignmentLoss(model, relations, layers, metric=cfg.metric, preprocess=cfg.preprocess)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(10_000 + seed)  # the batch order: shared by both trainings of a seed
     n = data.x.shape[0]
     order = torch.randperm(n, generator=gen)
@@ -178,8 +190,8 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
         pos += cfg.batch
         task = F.cross_entropy(model(data.x[idx]), data.y[idx])
         loss = task
-        if align is not None:
-            align.weight = cfg.weight * (min(1.0, (step + 1) / cfg.ramp) if cfg.ramp > 0 else 1.0)
+        if align is not None and step % cfg.every == 0:
+            align.weight = cfg.every * lam * (min(1.0, (step + 1) / cfg.ramp) if cfg.ramp > 0 else 1.0)
             reg = align()
             loss = task + reg
             last = {"align": float(reg.detach()), "task": float(task.detach())}
@@ -188,7 +200,7 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
         opt.step()
     if align is not None:
         align.detach()
-    return {"seconds": time.perf_counter() - t0, "final": last, "layers": layers, "relations": list(relations)}
+    return {"seconds": time.perf_counter() - t0, "final": last, "layers": layers, "relations": list(relations), "weight": lam}
 
 
 def environment() -> dict[str, Any]:
@@ -246,23 +258,26 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
     seeds = sorted(runs)
     conditions = ["init", "baseline", *cfg.arms]
     ramp = f", linear warm-up over {cfg.ramp} steps" if cfg.ramp else ""
+    if cfg.every > 1:
+        ramp += f", added as {cfg.every}·λ·align() on every {cfg.every}-th step only"
     lines = [
         "# AlignmentLoss effect: MLP on MNIST-1D",
         "",
-        f"`python benchmarks/loss_effect.py` — mlp(40, {cfg.width}, depth {cfg.depth}, 10) (Linear layers "
+        (f"`python benchmarks/loss_effect.py` — mlp(40, {cfg.width}, depth {cfg.depth}, 10) (Linear layers "
         f"{list(summary['alpha'][cfg.metric]['baseline'])}, the last is the head), SGD lr {cfg.lr}, momentum "
         f"{cfg.momentum}, weight decay {cfg.weight_decay}, batch {cfg.batch}, {cfg.steps} steps, {len(seeds)} seeds "
-        f"{list(seeds)}. Arms `REL+REL@LAYERS`: `task + λ·AlignmentLoss(model, relations, layers, "
-        f"metric='{cfg.metric}', preprocess='{cfg.preprocess}')`, λ = {cfg.weight}{ramp}.",
+        f"{list(seeds)}. Arms `REL+REL@LAYERS:λ`: `task + λ·AlignmentLoss(model, relations, layers, "
+        f"metric='{cfg.metric}', preprocess='{cfg.preprocess}')`{ramp}; `hidden` = every Linear but the head, "
+        "`inner` = hidden but the first (whose input is the data)."),
         "",
-        f"Measured by `CRHMonitor(preprocess='{cfg.preprocess}', metric='{cfg.metric}')` on the 1000 held-out "
+        (f"Measured by `CRHMonitor(preprocess='{cfg.preprocess}', metric='{cfg.metric}')` on the 1000 held-out "
         "samples (cross-entropy backward, no step). Cells: mean ± 95% half-width over seeds (Student t). "
-        "**Bold**: targeted by the arm. `init`: the untrained initialisation shared by all trainings of a seed.",
+        "**Bold**: targeted by the arm. `init`: the untrained initialisation shared by all trainings of a seed."),
         "",
         "## Per arm",
         "",
-        f"| arm | targeted layers | all targeted α ≥ {cfg.target} (mean / every seed) | lowest targeted α | "
-        "test accuracy (%) | baseline − arm (points, paired) |",
+        (f"| arm | targeted layers | all targeted α ≥ {cfg.target} (mean / every seed) | lowest targeted α | "
+        "test accuracy (%) | baseline − arm (points, paired) |"),
         "|---|---|---|---|---|---|",
     ]
     yn = {True: "yes", False: "no"}
@@ -296,9 +311,9 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
     train_s = sum(runs[s][c]["train"]["seconds"] for s in seeds for c in ["baseline", *cfg.arms])
     lines += [
         "",
-        f"Per-seed accuracies, both metrics and every α: `{Path(cfg.out).name}`. Training time {train_s:.0f} s in total "
+        (f"Per-seed accuracies, both metrics and every α: `{Path(cfg.out).name}`. Training time {train_s:.0f} s in total "
         f"on {env['platform']}, torch {env['torch']}, {env['torch_threads']} thread(s), load average at start "
-        f"{[round(x, 1) for x in env['load_average']] if env['load_average'] else None}.",
+        f"{[round(x, 1) for x in env['load_average']] if env['load_average'] else None}."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -312,7 +327,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         init = mlp(data.num_features, cfg.width, cfg.depth, data.num_classes)
-        linear = [n for n, m in init.named_modules() if isinstance(m, nn.Linear)]
         runs[seed] = {"init": measure(copy.deepcopy(init), data, cfg)}
         for c in ["baseline", *cfg.arms]:
             model = copy.deepcopy(init)

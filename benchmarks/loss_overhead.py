@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -70,7 +71,7 @@ class Config:
     out: str = str(RESULTS / "loss_overhead.json")
 
 
-QUICK = dict(d_in=64, width=128, batch=64, warmup=2, rounds=6, out=str(RESULTS / "loss_overhead_quick.json"))
+QUICK = {"d_in": 64, "width": 128, "batch": 64, "warmup": 2, "rounds": 6, "out": str(RESULTS / "loss_overhead_quick.json")}
 
 
 def parse(argv: list[str] | None) -> Config:
@@ -135,7 +136,7 @@ def macs(cfg: Config) -> dict[str, float]:
     dims = [cfg.d_in] + [cfg.width] * cfg.hidden + [cfg.d_out]
     n = cfg.batch
     plain = extra = 0.0
-    for i, (da, db) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (da, db) in enumerate(itertools.pairwise(dims)):
         plain += (2 if i == 0 else 3) * n * da * db
         extra += 2 * da * db * min(da, db)  # ‖WᵀW‖_F, forward + backward (one matmul each)
         if "f-RWA" in cfg.relations:

@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -44,23 +44,30 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as CF
 from .errors import CanonRegError, check_choice, check_nonnegative
-from .layers import HookSet, LayerSpec, _display, claim_model, release_model, select_layers
+from .layers import (
+    HookSet,
+    LayerSpec,
+    _display,
+    claim_model,
+    release_model,
+    select_layers,
+)
 from .taps import LayerTap, tap_batch_size
 
 __all__ = [
+    "AlignmentLoss",
     "GMode",
+    "MomentOperand",
     "RowMoment",
     "WeightGram",
-    "MomentOperand",
-    "row_moment",
-    "gram_sqnorm",
-    "frobenius_inner",
-    "squared_frobenius",
-    "entry_sum",
     "alignment_from_moments",
-    "factored_alignment",
     "alignment_loss",
-    "AlignmentLoss",
+    "entry_sum",
+    "factored_alignment",
+    "frobenius_inner",
+    "gram_sqnorm",
+    "row_moment",
+    "squared_frobenius",
 ]
 
 GMode = Literal["ema", "exact"]
@@ -115,7 +122,7 @@ class WeightGram:
 
 
 #: A matrix operand of the alignment functions: dense ``(d, d)`` tensor or a factored form.
-MomentOperand = Union[Tensor, RowMoment, WeightGram]
+MomentOperand = Tensor | RowMoment | WeightGram
 
 
 def _sum64(x: Tensor) -> Tensor:
@@ -269,6 +276,7 @@ def frobenius_inner(a: MomentOperand, b: MomentOperand) -> Tensor:
             if 2 * f.shape[1] < min(f.shape[0], g.shape[0]):  # wide batch: two d × d moments are cheaper
                 return _sum64((f.T @ f) * (g.T @ g))
             return _sq64(f @ g.T)
+        assert isinstance(b, Tensor)  # the order above leaves a dense b here
         c = b.to(f.dtype)
         return _sum64((f @ c.T) * f)
     if isinstance(a, WeightGram):
@@ -277,8 +285,10 @@ def frobenius_inner(a: MomentOperand, b: MomentOperand) -> Tensor:
             if b.side == a.side:
                 return squared_frobenius(a)
             return _sum64(a.dense() * b.dense())  # ⟨WᵀW, WWᵀ⟩ (square W only); no relation uses it
+        assert isinstance(b, Tensor)
         c = b.to(w.dtype)
         return _sum64((w @ c.T) * w) if a.side == "a" else _sum64((c @ w) * w)
+    assert isinstance(a, Tensor) and isinstance(b, Tensor)
     return _sum64(a * b.to(a.dtype))
 
 
@@ -449,6 +459,8 @@ class AlignmentLoss(nn.Module):
     Reference: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (relations and α).
     """
 
+    model: nn.Module  # set with object.__setattr__: not a submodule
+
     def __init__(
         self,
         model: nn.Module,
@@ -467,8 +479,12 @@ class AlignmentLoss(nn.Module):
         taps: dict[type[nn.Module], LayerTap] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(relations, str) or not isinstance(relations, Sequence):
-            raise ValueError(f"Expected `relations` to be a sequence of names from {list(CF.RELATIONS)}, but got {relations!r}")
+        if isinstance(relations, str):
+            raise ValueError(  # noqa: TRY004 — a single name is a wrong value, not a wrong type
+                f"Expected `relations` to be a sequence of names, e.g. ({relations!r},), but got the string {relations!r}"
+            )
+        if not isinstance(relations, Sequence):
+            raise TypeError(f"Expected `relations` to be a sequence of names from {list(CF.RELATIONS)}, but got {relations!r}")
         rels = tuple(relations)
         if not rels:
             raise ValueError(f"Expected `relations` to name at least one of {list(CF.RELATIONS)}, but got an empty sequence")
@@ -534,7 +550,7 @@ class AlignmentLoss(nn.Module):
         if given is None:
             return out
         if not isinstance(given, Mapping):
-            raise ValueError(f"Expected `{arg}` to be a mapping name -> float, but got {type(given).__name__}")
+            raise TypeError(f"Expected `{arg}` to be a mapping name -> float, but got {type(given).__name__}")
         for k, v in given.items():
             if k not in out:
                 raise ValueError(f"Expected `{arg}` keys from {[show(a) for a in allowed]}, but got {k!r}")
@@ -557,7 +573,7 @@ class AlignmentLoss(nn.Module):
     def attached(self) -> bool:
         return len(self._hooks) > 0
 
-    def attach(self) -> "AlignmentLoss":
+    def attach(self) -> AlignmentLoss:
         """Install the hooks (idempotent; done at construction). Coexists with a CRHMonitor.
 
         Raises:
@@ -575,14 +591,14 @@ class AlignmentLoss(nn.Module):
             raise
         return self
 
-    def detach(self) -> "AlignmentLoss":
+    def detach(self) -> AlignmentLoss:
         """Remove every hook and drop captured tensors (idempotent); the G averages are kept."""
         self._hooks.remove()
         self._captures = {}
         release_model("AlignmentLoss", self.model, self)
         return self
 
-    def __enter__(self) -> "AlignmentLoss":
+    def __enter__(self) -> AlignmentLoss:  # noqa: PYI034
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -763,15 +779,12 @@ class AlignmentLoss(nn.Module):
         vals = 1.0 - alphas
         wts = torch.tensor(weights, dtype=vals.dtype, device=vals.device)
         finite = torch.isfinite(vals)
-        if self.nonfinite != "skip":
-            if not bool(finite.all()):
-                bad = [f"{_display(n)!r}/{r}" for (n, r), ok in zip(where, finite.tolist()) if not ok]
-                msg = (
-                    f"AlignmentLoss: α is undefined (a zero or constant matrix, or non-finite activations) for {bad}"
-                )
-                if self.nonfinite == "error":
-                    raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to leave such terms out")
-                warnings.warn(msg + "; left out of the mean", RuntimeWarning, stacklevel=2)
+        if self.nonfinite != "skip" and not bool(finite.all()):  # one host sync
+            bad = [f"{_display(n)!r}/{r}" for (n, r), ok in zip(where, finite.tolist()) if not ok]
+            msg = f"AlignmentLoss: α is undefined (a zero or constant matrix, or non-finite activations) for {bad}"
+            if self.nonfinite == "error":
+                raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to leave such terms out")
+            warnings.warn(msg + "; left out of the mean", RuntimeWarning, stacklevel=2)
         wts = torch.where(finite, wts, torch.zeros_like(wts))
         vals = torch.where(finite, vals, torch.zeros_like(vals))
         total = wts.sum()

@@ -46,6 +46,7 @@ arXiv:2402.07193 (noise equilibrium); Power et al., arXiv:2201.02177 (modular ar
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -61,7 +62,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     ARM_COLORS,
     check_arms,
     check_seeds,
@@ -73,11 +74,11 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from canonreg import CRHMonitor, CRHReport  # noqa: E402
-from canonreg.data import modular_addition  # noqa: E402
-from canonreg.experiment import ARMS, TrialConfig, make_arm  # noqa: E402
-from canonreg.functional import RELATIONS  # noqa: E402
-from canonreg.models import TinyTransformer  # noqa: E402
+from canonreg import CRHMonitor, CRHReport
+from canonreg.data import modular_addition
+from canonreg.experiment import ARMS, TrialConfig, make_arm
+from canonreg.functional import RELATIONS
+from canonreg.models import TinyTransformer
 
 #: Layer types, in forward order within a block, then the head.
 LAYER_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2", "head")
@@ -192,7 +193,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
     monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
     history: list[dict[str, Any]] = []
     report: CRHReport | None = None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         for step in range(1, cfg.steps + 1):
             if (step - 1) % cfg.eval_every == cfg.eval_every - cfg.window:  # the last `window` steps of a segment
@@ -220,7 +221,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
         monitor.detach()
         if align is not None:
             align.detach()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     assert report is not None  # steps is a positive multiple of eval_every
     alpha = {r: by_type({n: report.alignment[n][r] for n in report.layers}) for r in RELATIONS}
     kappa = {r: by_type({n: report.exponents[n][r].exponent for n in report.layers}) for r in RELATIONS}
@@ -230,7 +231,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
     exponent_r2 = {kind: {r: kappa_r2[r][kind] for r in RELATIONS} for kind in LAYER_TYPES}
     last = history[-1]
     return {
-        "arm": arm, "seed": seed, "seconds": seconds,
+        "arm": arm, "seed": seed, "seconds": seconds, "cpu_seconds": cpu_seconds,
         "train_acc": last["train_acc"], "test_acc": last["test_acc"], "train_loss": last["train_loss"],
         "mean_alpha": last["mean_alpha"], "history": history,
         "final_alignment_by_type": final_by_type, "exponents_by_type": exponents, "exponent_r2_by_type": exponent_r2,
@@ -261,14 +262,19 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
             flush=True,
         )
     summary = summarise(cfg, runs)
-    text = _markdown(cfg, runs, time.perf_counter() - t_start)
+    timing = {
+        "wall_s": time.perf_counter() - t_start,
+        "train_cpu_s": sum(r["cpu_seconds"] for r in runs),
+        "load_average": os.getloadavg(),
+    }
+    text = _markdown(cfg, runs, timing)
     (out / "results.md").write_text(text)
     print(text)
     plot_alignment(cfg, runs, out / "alignment_over_training.png")
     result = {
         "config": asdict(cfg),
         "environment": environment(),
-        "seconds": time.perf_counter() - t_start,
+        "timing": timing,
         "summary": summary,
         "runs": runs,
     }
@@ -304,16 +310,18 @@ def summarise(cfg: TransformerConfig, runs: list[dict[str, Any]]) -> dict[str, A
     return out
 
 
-def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], seconds: float) -> str:
+def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], timing: dict[str, Any]) -> str:
     n_train = int(cfg.p * cfg.p * cfg.train_fraction)
     parts = [
         "# Transformer: CRH alignment on modular addition",
         "",
-        f"TinyTransformer ({cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads) on (a + b) mod {cfg.p} "
-        f"({n_train} training pairs, {cfg.p * cfg.p - n_train} test pairs), full batch, {cfg.steps} {cfg.optimizer} steps at "
-        f"lr {cfg.lr}, weight decay {cfg.weight_decay}; arms: noise {cfg.noise}, alignment loss weight {cfg.loss_weight} "
-        f"on {', '.join(cfg.relations)}. CRHMonitor on every Linear layer ({cfg.metric} α, {cfg.preprocess}), "
-        f"over the last {cfg.window} steps of every {cfg.eval_every}. Seeds {list(cfg.seeds)}; mean ± 95% Student-t interval.",
+        (
+            f"TinyTransformer ({cfg.layers} blocks, d_model {cfg.d_model}, {cfg.heads} heads) on (a + b) mod {cfg.p} "
+            f"({n_train} training pairs, {cfg.p * cfg.p - n_train} test pairs), full batch, {cfg.steps} {cfg.optimizer} steps at "
+            f"lr {cfg.lr}, weight decay {cfg.weight_decay}; arms: noise {cfg.noise}, alignment loss weight {cfg.loss_weight} "
+            f"on {', '.join(cfg.relations)}. CRHMonitor on every Linear layer ({cfg.metric} α, {cfg.preprocess}), "
+            f"over the last {cfg.window} steps of every {cfg.eval_every}. Seeds {list(cfg.seeds)}; mean ± 95% Student-t interval."
+        ),
         "",
         "## Accuracy and mean alignment (end of training)",
         "",
@@ -333,9 +341,11 @@ def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], seconds: float
     parts += [
         "## PAH exponents κ (A ∝ B^κ per relation pair, spec §4), end of training",
         "",
-        "Per layer: least squares of log v_iᵀAv_i on log λ_i(B) over B's eigenvalues above 1e-6 of the largest; "
-        "averaged over the blocks of a type, then mean ± interval over seeds (per-layer bootstrap intervals and R² are in "
-        "results.json). Spec §8 quotes ≈ 3, 2, 1 read by eye for a 6-layer transformer; this is a smaller model on another task.",
+        (
+            "Per layer: least squares of log v_iᵀAv_i on log λ_i(B) over B's eigenvalues above 1e-6 of the largest; "
+            "averaged over the blocks of a type, then mean ± interval over seeds (per-layer bootstrap intervals and R² are in "
+            "results.json). Spec §8 quotes ≈ 3, 2, 1 read by eye for a 6-layer transformer; this is a smaller model on another task."
+        ),
         "",
     ]
     for arm in cfg.arms:
@@ -347,10 +357,16 @@ def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], seconds: float
     kappas = {(k, rel): mean_ci([r["exponents_by_type"][k][rel] for r in base])[0] for k in LAYER_TYPES for rel in RELATIONS}
     near = {target: sorted((f"{k} {rel}" for (k, rel), v in kappas.items() if math.isfinite(v) and abs(v - target) < 0.25)) for target in (3, 2, 1)}
     parts += [
-        f"Entries of the {cfg.arms[0]} table within 0.25 of 3: {', '.join(near[3]) or 'none'}; of 2: {', '.join(near[2]) or 'none'}; "
-        f"of 1: {', '.join(near[1]) or 'none'}.",
+        (
+            f"Entries of the {cfg.arms[0]} table within 0.25 of 3: {', '.join(near[3]) or 'none'}; of 2: {', '.join(near[2]) or 'none'}; "
+            f"of 1: {', '.join(near[1]) or 'none'}."
+        ),
         "",
-        f"Wall time {seconds:.0f} s ({torch.get_num_threads()} thread(s)).",
+        (
+            f"Wall time {timing['wall_s']:.0f} s with {cfg.workers} worker process(es) × {cfg.threads} thread; CPU time of the "
+            f"training runs {timing['train_cpu_s']:.0f} s (load average {', '.join(f'{v:.1f}' for v in timing['load_average'])} "
+            f"on {os.cpu_count()} CPUs at the end, i.e. a shared machine when above the CPU count)."
+        ),
         "",
     ]
     return "\n".join(parts)

@@ -31,10 +31,11 @@ To follow gradient flow, the step size is re-set every ``ntk_every`` steps to
 outputs (so every mode moves by at most ``lr_factor`` of its distance per step; also re-set whenever
 the loss goes up, a sign that the kernel grew in between), and the flow time is ``t = Σ_k lr_k``.
 The default ``lr_factor = 0.25`` with a refresh every 5 steps was checked against smaller steps
-(``lr_factor = 0.1`` every 2 steps and 0.05 every step agree to 0.1%): the final distance ``h_T``
-moved by ≤ 1% except for the rich deep MLP, whose kernel grows fastest — there ``h_T`` is ≈ 8% above
-the small-step limit (seed 0: 6.97 vs 6.43; 0.5 every 20 steps gives 9.85), so its numbers describe
-gradient descent at this step size; the fit and the prediction use the same discrete trajectory.
+(``lr_factor = 0.1`` every 2 steps; seed 0): the final distance ``h_T`` moved by ≤ 0.1% for the residual
+MLP and the lazy networks and by 3% for the rich CNN (8.92 vs 9.19); the rich deep MLP, whose kernel
+grows fastest, ends ≈ 8% above the small-step limit (6.97 vs 6.43, where 0.05 every step agrees to
+0.1%; 0.5 every 20 steps gives 9.85). Its numbers describe gradient descent at this step size; the
+fit and the prediction always use the same discrete trajectory.
 
 **Networks** (``canonreg.models``; every weight layer He-normal with gain ``√2 · scale``, biases 0):
 a deep ``mlp`` (``depth`` Linear layers of ``width``), a residual MLP ``resmlp`` (``depth − 2``
@@ -89,11 +90,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -102,7 +104,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     ARM_COLORS,
     check_arms,
     check_seeds,
@@ -114,9 +116,9 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from canonreg.experiment import ARMS, TrialConfig, make_arm  # noqa: E402
-from canonreg.layers import select_layers  # noqa: E402
-from canonreg.models import CNN1d, ResidualMLP, mlp  # noqa: E402
+from canonreg.experiment import ARMS, TrialConfig, make_arm
+from canonreg.layers import select_layers
+from canonreg.models import CNN1d, ResidualMLP, mlp
 
 Arch = Literal["mlp", "resmlp", "cnn1d"]
 Regime = Literal["rich", "lazy"]
@@ -533,7 +535,7 @@ def run(cfg: UniversalityConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     runs: list[dict[str, Any]] = []
     for arch in cfg.archs:
         for regime in cfg.regimes:
@@ -554,7 +556,8 @@ def run(cfg: UniversalityConfig) -> dict[str, Any]:
 
     main_rows = summarise(runs, [("arch", a) for a in cfg.archs], cfg.regimes)
     tables = {"main": main_table(cfg, runs), "arms": arms_table(cfg, arm_runs) if arm_runs else ""}
-    text = _markdown(cfg, tables, time.perf_counter() - t_start)
+    timing = {"wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start, "load_average": os.getloadavg()}
+    text = _markdown(cfg, tables, timing)
     (out / "results.md").write_text(text)
     print(text)
     plot_trajectories(cfg, runs, out / "trajectories.png")
@@ -563,7 +566,7 @@ def run(cfg: UniversalityConfig) -> dict[str, Any]:
     result = {
         "config": asdict(cfg),
         "environment": environment(),
-        "seconds": time.perf_counter() - t_start,
+        "timing": timing,
         "summary": main_rows,
         "runs": runs,
         "arm_runs": arm_runs,
@@ -613,11 +616,10 @@ def main_table(cfg: UniversalityConfig, runs: list[dict[str, Any]]) -> str:
             sel = [r for r in runs if r["arch"] == arch and r["regime"] == regime]
             if not sel:
                 continue
-            col = lambda k, d=3: fmt_ci([r[k] for r in sel], d)  # noqa: E731
             rows.append([
-                arch, regime, _fmt_g(sel, "eta_h"), _fmt_g(sel, "eta_y"), col("r2_h"), col("r2_y"), col("r2_w"), col("nrmse_h"),
-                _fmt_g(sel, "h0"), _fmt_g(sel, "h_final"), _fmt_g(sel, "h_inf_pred"), col("h_inf_rel_err"),
-                col("h_inf_rel_err_early"), col("conserved_drift"), col("line_r2"), col("line_slope_over_fit", 2),
+                arch, regime, _fmt_g(sel, "eta_h"), _fmt_g(sel, "eta_y"), _col(sel, "r2_h"), _col(sel, "r2_y"), _col(sel, "r2_w"),
+                _col(sel, "nrmse_h"), _fmt_g(sel, "h0"), _fmt_g(sel, "h_final"), _fmt_g(sel, "h_inf_pred"), _col(sel, "h_inf_rel_err"),
+                _col(sel, "h_inf_rel_err_early"), _col(sel, "conserved_drift"), _col(sel, "line_r2"), _col(sel, "line_slope_over_fit", 2),
                 f"{sum(r['converged'] for r in sel)}/{len(sel)}",
             ])  # fmt: skip
     return markdown_table(header, rows)
@@ -628,12 +630,16 @@ def arms_table(cfg: UniversalityConfig, arm_runs: list[dict[str, Any]]) -> str:
     rows = []
     for arm in cfg.arms:
         sel = [r for r in arm_runs if r["arm"] == arm]
-        col = lambda k, d=3: fmt_ci([r[k] for r in sel], d)  # noqa: E731
         rows.append([
-            arm, col("r2_h"), col("r2_y"), col("r2_w"), _fmt_g(sel, "h_final"), _fmt_g(sel, "h_inf_pred"),
-            col("h_inf_rel_err"), col("conserved_drift"), _fmt_g(sel, "final_loss"), _fmt_g(sel, "steps"),
+            arm, _col(sel, "r2_h"), _col(sel, "r2_y"), _col(sel, "r2_w"), _fmt_g(sel, "h_final"), _fmt_g(sel, "h_inf_pred"),
+            _col(sel, "h_inf_rel_err"), _col(sel, "conserved_drift"), _fmt_g(sel, "final_loss"), _fmt_g(sel, "steps"),
         ])  # fmt: skip
     return markdown_table(header, rows)
+
+
+def _col(sel: list[dict[str, Any]], key: str, digits: int = 3) -> str:
+    """``mean ± half`` of ``key`` over the runs ``sel`` with fixed decimals."""
+    return fmt_ci([r[key] for r in sel], digits)
 
 
 def _fmt_g(sel: list[dict[str, Any]], key: str) -> str:
@@ -644,40 +650,56 @@ def _fmt_g(sel: list[dict[str, Any]], key: str) -> str:
     return f"{m:.3g}" if math.isnan(h) else f"{m:.3g} ± {h:.2g}"
 
 
-def _markdown(cfg: UniversalityConfig, tables: dict[str, str], seconds: float) -> str:
+def _markdown(cfg: UniversalityConfig, tables: dict[str, str], timing: dict[str, Any]) -> str:
     parts = [
         "# Universality: the two-point effective theory (van Rossem & Saxe, arXiv:2402.09142)",
         "",
-        f"Two points (‖Δx‖ = {cfg.input_distance}, ‖Δy*‖ = {cfg.target_distance}, d_in = {cfg.d_in}, d_out = {cfg.d_out}), "
-        f"squared loss, full-batch gradient descent at lr = {cfg.lr_factor}/λ_max(NTK) (flow time t = Σ lr). "
-        f"Networks: mlp ({cfg.depth} Linear × {cfg.width}), resmlp ({cfg.depth - 2} residual blocks × {cfg.width}), "
-        f"cnn1d ({cfg.cnn_depth - 1} conv × {cfg.channels} channels, flattened, Linear readout); h = input of the middle weight layer. "
-        f"Init: He-normal × {cfg.rich_scale} (rich) / × {cfg.lazy_scale} (lazy). "
-        f"Seeds {list(cfg.seeds)}; mean ± 95% Student-t interval.",
+        (
+            f"Two points (‖Δx‖ = {cfg.input_distance}, ‖Δy*‖ = {cfg.target_distance}, d_in = {cfg.d_in}, d_out = {cfg.d_out}), "
+            f"squared loss, full-batch gradient descent at lr = {cfg.lr_factor}/λ_max(NTK) (flow time t = Σ lr). "
+            f"Networks: mlp ({cfg.depth} Linear × {cfg.width}), resmlp ({cfg.depth - 2} residual blocks × {cfg.width}), "
+            f"cnn1d ({cfg.cnn_depth - 1} conv × {cfg.channels} channels, flattened, Linear readout); h = input of the middle weight layer. "
+            f"Init: He-normal × {cfg.rich_scale} (rich) / × {cfg.lazy_scale} (lazy). "
+            f"Seeds {list(cfg.seeds)}; mean ± 95% Student-t interval."
+        ),
         "",
-        "Rates (η_h, η_y) fitted by least squares on the integrated ODE; R² per trajectory; h_∞ predicted by the closed form "
-        "from the fitted rates and the measured (h_0, y_0); 'early fit' uses only the trajectory until the loss falls to "
-        f"{cfg.early_loss} of its initial value. C drift = range(C) / (range(y/h) + (η_y/k_h) range(h)) with C = y/h − η_y h/k_h along the measured "
-        "trajectory (0 = conserved, 1 = no compensation). R² y/h~h: linearity of y/h in h, the conservation law read off the data without a fit in time; "
-        "slope / (η_y/k_h): that line's slope over the ratio the time fit gives (1 = consistent). NRMSE = RMS residual / max|X| "
-        "(R² h is uninformative where h barely moves, as in the lazy regime).",
+        (
+            "Rates (η_h, η_y) fitted by least squares on the integrated ODE; R² per trajectory; h_∞ predicted by the closed form "
+            "from the fitted rates and the measured (h_0, y_0); 'early fit' uses only the trajectory until the loss falls to "
+            f"{cfg.early_loss} of its initial value. C drift = range(C) / (range(y/h) + (η_y/k_h) range(h)) with C = y/h − η_y h/k_h along the measured "
+            "trajectory (0 = conserved, 1 = no compensation). R² y/h~h: linearity of y/h in h, the conservation law read off the data without a fit in time; "
+            "slope / (η_y/k_h): that line's slope over the ratio the time fit gives (1 = consistent). NRMSE = RMS residual / max|X| "
+            "(R² h is uninformative where h barely moves, as in the lazy regime)."
+        ),
         "",
         tables["main"],
     ]
     if tables["arms"]:
         parts += [
             "",
-            f"## The four arms ({cfg.arms_arch}, {cfg.arms_regime}; weight decay {cfg.weight_decay}, noise {cfg.noise}, "
-            f"alignment loss weight {cfg.loss_weight} on {', '.join(cfg.relations)})",
+            (
+                f"## The four arms ({cfg.arms_arch}, {cfg.arms_regime}; weight decay {cfg.weight_decay}, noise {cfg.noise}, "
+                f"alignment loss weight {cfg.loss_weight} on {', '.join(cfg.relations)})"
+            ),
             "",
-            "The theory assumes deterministic gradient flow on the squared loss without decay: the alignment loss changes the "
-            "objective (and with two samples its moments have rank ≤ 1), NoiseCalibrated adds SGD-shaped noise (random per-sample "
-            "loss weights) and, when weight decay > 0, decay. Neither case is covered by the theory. Same data, initialisation, "
-            "step-size and stopping rule per seed; what happens to the fit:",
+            (
+                "The theory assumes deterministic gradient flow on the squared loss without decay: the alignment loss changes the "
+                "objective (and with two samples its moments have rank ≤ 1), NoiseCalibrated adds SGD-shaped noise (random per-sample "
+                "loss weights) and, when weight decay > 0, decay. Neither case is covered by the theory. Same data, initialisation, "
+                "step-size and stopping rule per seed; what happens to the fit:"
+            ),
             "",
             tables["arms"],
         ]
-    parts += ["", f"Wall time {seconds:.0f} s ({torch.get_num_threads()} thread(s)).", ""]
+    load = ", ".join(f"{v:.1f}" for v in timing["load_average"])
+    parts += [
+        "",
+        (
+            f"Wall time {timing['wall_s']:.0f} s, CPU time {timing['cpu_s']:.0f} s ({cfg.threads} thread; load average "
+            f"{load} on {os.cpu_count()} CPUs at the end, i.e. a shared machine when above the CPU count)."
+        ),
+        "",
+    ]
     return "\n".join(parts)
 
 

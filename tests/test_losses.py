@@ -15,6 +15,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    make_case,
+    ref_cosine,
+    ref_matrices,
+    ref_pearson,
+    reference_rows,
+    rows_in,
+    rows_out,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -34,8 +43,6 @@ from canonreg.losses import (
     row_moment,
     squared_frobenius,
 )
-
-from conftest import make_case, ref_cosine, ref_matrices, ref_pearson, reference_rows, rows_in, rows_out
 
 MODES = cf.PREPROCESS_MODES
 METRICS = cf.METRICS
@@ -489,22 +496,22 @@ def test_autocast_bfloat16_is_close_to_float32() -> None:
 def test_bad_arguments_raise_value_errors_naming_the_argument() -> None:
     model = tanh_mlp()
     cases = [
-        (dict(relations=("f-RWA", "x-RWA")), "relations"),
-        (dict(relations=()), "relations"),
-        (dict(relations="f-RWA"), "relations"),
-        (dict(relations=("f-RWA", "f-RWA")), "relations"),
-        (dict(metric="l2"), "metric"),
-        (dict(preprocess="whitened"), "preprocess"),
-        (dict(g_mode="lagged"), "g_mode"),
-        (dict(ema_decay=1.0), "ema_decay"),
-        (dict(weight=-0.1), "weight"),
-        (dict(layer_weights={"7": 1.0}), "layer_weights"),
-        (dict(layer_weights={"0": -1.0}), "layer_weights"),
-        (dict(relation_weights={"b-RWA": 1.0}), "relation_weights"),
-        (dict(layer_weights={"0": 0.0, "2": 0.0, "4": 0.0}), "layer_weights"),
-        (dict(ema_warmup="wait"), "ema_warmup"),
-        (dict(nonfinite="ignore"), "nonfinite"),
-        (dict(layers="nope"), "layers"),
+        ({"relations": ("f-RWA", "x-RWA")}, "relations"),
+        ({"relations": ()}, "relations"),
+        ({"relations": "f-RWA"}, "relations"),
+        ({"relations": ("f-RWA", "f-RWA")}, "relations"),
+        ({"metric": "l2"}, "metric"),
+        ({"preprocess": "whitened"}, "preprocess"),
+        ({"g_mode": "lagged"}, "g_mode"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"weight": -0.1}, "weight"),
+        ({"layer_weights": {"7": 1.0}}, "layer_weights"),
+        ({"layer_weights": {"0": -1.0}}, "layer_weights"),
+        ({"relation_weights": {"b-RWA": 1.0}}, "relation_weights"),
+        ({"layer_weights": {"0": 0.0, "2": 0.0, "4": 0.0}}, "layer_weights"),
+        ({"ema_warmup": "wait"}, "ema_warmup"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"layers": "nope"}, "layers"),
     ]
     for kwargs, arg in cases:
         kwargs.setdefault("relations", ("f-RWA",))
@@ -618,10 +625,9 @@ def test_detach_restores_the_model_and_context_manager_reattaches() -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     pickle.dumps(model)
     copy.deepcopy(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with align:
-            assert align.attached
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), align:
+        assert align.attached
+        raise RuntimeError("boom")
     assert not align.attached
     assert "model" not in dict(align.named_children()) and list(align.parameters()) == []
 
@@ -696,13 +702,14 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path) -> None:
         assert saved["config"]["width"] == 16 and "torch" in saved["environment"]
 
         eff = _load_script("loss_effect").main(
-            ["--quick", "--steps", "3", "--width", "8", "--arms", "b-RWA@hidden", "f-RWA+b-RWA@inner",
+            ["--quick", "--steps", "3", "--width", "8", "--arms", "f-RWA+b-RWA@inner:2",
              "--out", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md")]
         )
     finally:
         torch.set_num_threads(threads)
     md = (tmp_path / "e.md").read_text()
-    assert "| f-RWA+b-RWA@inner | ['2', '4'] |" in md and "**" in md
-    arm = eff["summary"]["arms"]["b-RWA@hidden"]
-    assert arm["layers"] == ["0", "2", "4"] and arm["relations"] == ["b-RWA"]
-    assert set(json.loads((tmp_path / "e.json").read_text())["runs"]["0"]) == {"init", "baseline", "b-RWA@hidden", "f-RWA+b-RWA@inner"}
+    assert "| f-RWA+b-RWA@inner:2 | ['2', '4'] |" in md and "**" in md
+    arm = eff["summary"]["arms"]["f-RWA+b-RWA@inner:2"]
+    assert arm["layers"] == ["2", "4"] and arm["relations"] == ["f-RWA", "b-RWA"]
+    runs = json.loads((tmp_path / "e.json").read_text())["runs"]["0"]
+    assert set(runs) == {"init", "baseline", "f-RWA+b-RWA@inner:2"} and runs["f-RWA+b-RWA@inner:2"]["train"]["weight"] == 2.0

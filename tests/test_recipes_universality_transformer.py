@@ -20,8 +20,8 @@ pytest.importorskip("matplotlib")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
-import transformer  # noqa: E402
-import universality as uv  # noqa: E402
+import transformer
+import universality as uv
 
 
 def _integrate_reference(state0: tuple[float, float, float], k_h: float, eta_y: float, dy2: float, t_end: float, n: int) -> np.ndarray:
@@ -69,7 +69,7 @@ def test_rhs_matches_the_spec_equations_and_the_integrator_matches_rk4(state0: t
 @pytest.mark.parametrize("state0, k_h, eta_y, dy2", CASES)
 def test_the_conserved_quantity_is_conserved(state0: tuple[float, float, float], k_h: float, eta_y: float, dy2: float) -> None:
     t = np.linspace(0.0, 5.0, 200)
-    h, y, w = uv.integrate_two_point(t, state0, k_h, eta_y, dy2, rtol=1e-11)
+    h, y, _ = uv.integrate_two_point(t, state0, k_h, eta_y, dy2, rtol=1e-11)
     c = uv.conserved_quantity(h, y, k_h, eta_y)
     # the two terms move while their difference stays put
     moved = np.ptp(y / h) + eta_y / k_h * np.ptp(h)
