@@ -5,7 +5,9 @@ Variants (each on its own copy of one initialised MLP, same batch, SGD with mome
 * ``plain``      — ``CE(model(x), y)``; the reference.
 * ``attached``   — the same step with the loss attached but never called (hook cost only).
 * ``loss``       — ``CE + align()``, f-RWA + b-RWA on every Linear layer, factored trace identities.
-* ``loss/k``     — ``align()`` added on every ``k``-th step only (per-step average over a cycle).
+* ``loss/k``     — ``align()`` (weighted ``k·λ``) added on every ``k``-th step only, for each ``k`` in
+  ``--every`` (per-step average over one cycle of ``k`` steps): the amortised use the exact per-step
+  cost cannot avoid (see the multiply-add count below).
 * ``dense``      — the naive version: ``H_a, H_b`` as ``d × d`` moments (``second_moment``), ``Z_a = WᵀW``,
   ``Z_b = WWᵀ`` built densely, scored by ``canonreg.functional.alignment``.
 
@@ -62,11 +64,12 @@ class Config:
     preprocess: str = "normalized"
     metric: str = "cosine"
     weight: float = 0.1
-    every: int = 4  # the loss/k variant
+    every: tuple[int, ...] = (4, 16)  # the loss/k variants
     warmup: int = 2
     rounds: int = 8
     dense: bool = True
     threads: int = 0  # 0: torch's default
+    device: str = "cpu"  # e.g. cuda (timed with synchronisation)
     seed: int = 0
     out: str = str(RESULTS / "loss_overhead.json")
 
@@ -80,6 +83,8 @@ def parse(argv: list[str] | None) -> Config:
     for f in dataclasses.fields(Config):
         if f.name == "relations":
             p.add_argument("--relations", nargs="+", default=None)
+        elif f.name == "every":
+            p.add_argument("--every", type=int, nargs="+", default=None)
         elif f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         else:
@@ -87,8 +92,11 @@ def parse(argv: list[str] | None) -> Config:
     args = vars(p.parse_args(argv))
     quick = args.pop("quick")
     kw: dict[str, Any] = dict(QUICK) if quick else {}
-    kw.update({k: (tuple(v) if k == "relations" else v) for k, v in args.items() if v is not None})
-    return Config(**kw)
+    kw.update({k: (tuple(v) if k in ("relations", "every") else v) for k, v in args.items() if v is not None})
+    cfg = Config(**kw)
+    if not cfg.every or any(k < 2 for k in cfg.every):
+        raise ValueError(f"Expected `every` to be one or more ints >= 2, but got {cfg.every!r}")
+    return cfg
 
 
 def environment() -> dict[str, Any]:
@@ -153,16 +161,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     base = mlp(cfg.d_in, cfg.width, cfg.hidden + 1, cfg.d_out)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.batch, cfg.d_in, generator=gen)
-    y = torch.randint(0, cfg.d_out, (cfg.batch,), generator=gen)
+    device = torch.device(cfg.device)
+    base = base.to(device)
+    x = torch.randn(cfg.batch, cfg.d_in, generator=gen).to(device)
+    y = torch.randint(0, cfg.d_out, (cfg.batch,), generator=gen).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def make(kind: str) -> Callable[[int], None]:
+        every = int(kind.split("/")[1]) if kind.startswith("loss/") else 1
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         reg: Callable[[], Tensor] | None = None
-        if kind in ("attached", "loss", "loss/k"):
+        if kind == "attached" or kind.startswith("loss"):
             align = AlignmentLoss(
-                model, cfg.relations, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight  # type: ignore[arg-type]
+                model, cfg.relations, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight * every  # type: ignore[arg-type]
             )
             reg = None if kind == "attached" else align
         elif kind == "dense":
@@ -171,14 +186,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def step(i: int) -> None:
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
-            if reg is not None and (kind != "loss/k" or i % cfg.every == 0):
+            if reg is not None and i % every == 0:
                 loss = loss + reg()
             loss.backward()
             opt.step()
 
         return step
 
-    kinds = ["plain", "attached", "loss", "loss/k"] + (["dense"] if cfg.dense else [])
+    kinds = ["plain", "attached", "loss", *(f"loss/{k}" for k in cfg.every)] + (["dense"] if cfg.dense else [])
     steps = {k: make(k) for k in kinds}
     for k in kinds:
         for i in range(cfg.warmup):
@@ -187,10 +202,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = environment()["load_average"]
     for r in range(cfg.rounds):
         for k in kinds:
-            reps = cfg.every if k == "loss/k" else 1  # one full cycle: align() on 1 of `every` steps
+            reps = int(k.split("/")[1]) if k.startswith("loss/") else 1  # one full cycle: align() on 1 of k steps
+            sync()
             t0 = time.perf_counter()
             for j in range(reps):
                 steps[k](j)
+            sync()
             times[k].append((time.perf_counter() - t0) / reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {

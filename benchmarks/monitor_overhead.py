@@ -73,6 +73,8 @@ class Config:
     rounds: int = 2
     threads: int = 0  # 0: torch's default
     clock: str = "wall"  # "cpu": process CPU time (robust on a shared machine with --threads 1)
+    sync_checks: bool = False  # force the finiteness checks into the hooks (defer_checks=False; one host sync each)
+    device: str = "cpu"  # e.g. cuda: models and data on that device, steps timed with synchronisation
     syrk_block: int = 0  # 0: the library's block size for symmetric Grams; >0 overrides it (tuning knob)
     seed: int = 0
     out: str = str(RESULTS / "monitor_overhead.json")
@@ -93,6 +95,9 @@ def parse(argv: list[str] | None) -> Config:
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
     p.add_argument("--clock", choices=["wall", "cpu"], help="wall (default) or process CPU time")
+    p.add_argument("--sync-checks", dest="sync_checks", action="store_true", default=None,
+                   help="defer_checks=False: finiteness checks with a host sync inside the hooks (default: the monitor's choice)")
+    p.add_argument("--device", help="torch device for models and data (default cpu), e.g. cuda")
     p.add_argument("--out")
     args = p.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -106,6 +111,8 @@ def parse(argv: list[str] | None) -> Config:
     for name in ("d_in", "batch", "cnn_batch", "steps", "rounds"):
         if getattr(cfg, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be a positive int, but got {getattr(cfg, name)}")
+    if torch.device(cfg.device).type != "cpu" and cfg.clock == "cpu":
+        p.error("Expected `--clock wall` with an accelerator `--device`: process CPU time does not count device work")
     if any(w < 1 for w in cfg.widths):
         p.error(f"Expected `--widths` to be positive ints, but got {list(cfg.widths)}")
     return cfg
@@ -148,7 +155,7 @@ def _dense_moment(rows: Tensor, mode: str) -> Tensor:
         rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
     d = rows.shape[1]
     chunk = max(1, (1 << 24) // (d * d))
-    acc = torch.zeros(d, d, dtype=torch.float64)
+    acc = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
     for i in range(0, rows.shape[0], chunk):
         r = rows[i : i + chunk]
         acc += (r[:, :, None] * r[:, None, :]).sum(0).double()
@@ -203,17 +210,24 @@ def naive_matrices(model: nn.Sequential, x: Tensor, y: Tensor, mode: str) -> dic
 
 
 # ----------------------------------------------------------------------------- timing
-def _timed(step: Callable[[], None], n: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds per call of ``step``."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], None], n: int, device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of ``step`` (device work finished before each clock read)."""
+    _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         step()
+    _sync(device)
     return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Tensor, cfg: Config, naive: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    model = build()
+    model = build().to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -224,8 +238,11 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
 
     variants: dict[str, tuple[Callable[[], None], Callable[[], object] | None, int]] = {"plain": (step, None, cfg.steps)}
     for mode in cfg.modes:
-        variants[f"every1/{mode}"] = (step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode), cfg.steps)
-        variants[f"every10/{mode}"] = (step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, every=10), 10)
+        defer = False if cfg.sync_checks else None
+        variants[f"every1/{mode}"] = (step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, defer_checks=defer), cfg.steps)
+        variants[f"every10/{mode}"] = (
+            step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, every=10, defer_checks=defer), 10
+        )
         if naive:
             def naive_step(mode: str = mode) -> None:
                 step()
@@ -248,7 +265,7 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
                     warm = 0  # torch.func is warmed once in main(); a naive step takes seconds
                 for _ in range(warm):
                     fn()
-                wall, proc = _timed(fn, n)
+                wall, proc = _timed(fn, n, x.device)
                 times[key].append(wall)
                 cpu[key].append(proc)
                 if monitor is not None:
@@ -287,6 +304,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -305,15 +323,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     t_start = time.perf_counter()
     for width in cfg.widths:
-        x = torch.randn(cfg.batch, cfg.d_in, generator=g)
-        y = torch.randint(0, 10, (cfg.batch,), generator=g)
+        x = torch.randn(cfg.batch, cfg.d_in, generator=g).to(cfg.device)
+        y = torch.randint(0, 10, (cfg.batch,), generator=g).to(cfg.device)
         res = bench_model(f"mlp-{width}", lambda w=width: make_mlp(cfg.d_in, w), x, y, cfg, naive=width <= cfg.naive_max_width)
         res["width"] = width
         rows.append(res)
         print(f"  measured mlp-{width} ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
     if cfg.cnn:
-        x = torch.randn(cfg.cnn_batch, 3, 16, 16, generator=g)
-        y = torch.randint(0, 10, (cfg.cnn_batch,), generator=g)
+        x = torch.randn(cfg.cnn_batch, 3, 16, 16, generator=g).to(cfg.device)
+        y = torch.randint(0, 10, (cfg.cnn_batch,), generator=g).to(cfg.device)
         res = bench_model("cnn", make_cnn, x, y, cfg, naive=True)
         res["width"] = None
         rows.append(res)
@@ -334,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     head = f"{'model':<10}{'mode':<12}{'plain s':>9}{'every1 s':>10}{'every1 x':>10}{'every10 x':>11}{'naive s':>10}{'naive x':>9}{'vs naive':>10}"
-    lines = [f"seconds per training step ({cfg.clock} clock, {torch.get_num_threads()} thread(s)); x = ratio to plain", head, "-" * len(head)]
+    lines = [f"seconds per training step on {cfg.device} ({cfg.clock} clock, {torch.get_num_threads()} thread(s)); x = ratio to plain", head, "-" * len(head)]
     noisy = []
     for r in rows:
         if r["plain_spread"] > 1.2:

@@ -698,7 +698,7 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path) -> None:
         )
         saved = json.loads((tmp_path / "o.json").read_text())
         assert saved["ratio_to_plain"]["plain"] == 1.0
-        assert set(saved["ratio_to_plain"]) == {"plain", "attached", "loss", "loss/k", "dense"} == set(over["ratio_to_plain"])
+        assert set(saved["ratio_to_plain"]) == {"plain", "attached", "loss", "loss/2", "dense"} == set(over["ratio_to_plain"])
         assert saved["config"]["width"] == 16 and "torch" in saved["environment"]
 
         eff = _load_script("loss_effect").main(

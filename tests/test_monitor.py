@@ -647,6 +647,69 @@ def test_nonfinite_gradients_error_names_layer() -> None:
 
 
 @pytest.mark.parametrize("preprocess", ["raw", "centered", "normalized"])
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "transformer"])
+def test_deferred_checks_give_the_same_report(name: str, preprocess: str) -> None:
+    """defer_checks=True (the accelerator path: masks, no host sync) measures exactly the same numbers."""
+    case = make_case(name)
+    want = run_monitor(case, preprocess=preprocess, defer_checks=False).compute(n_bootstrap=0)
+    got = run_monitor(case, preprocess=preprocess, defer_checks=True).compute(n_bootstrap=0)
+    assert got.samples == want.samples and got.steps == want.steps and got.skipped == want.skipped
+    for layer in case.layers:
+        for k, v in want.matrices(layer).items():
+            assert torch.equal(got.matrices(layer)[k], v), (layer, k)
+
+
+@pytest.mark.parametrize("preprocess", ["centered", "normalized"])
+@pytest.mark.parametrize("policy", ["skip", "warn"])
+def test_deferred_checks_drop_non_finite_calls_like_immediate_checks(policy: str, preprocess: str) -> None:
+    case = make_case("mlp")
+    (x1, y1), (x2, y2) = case.batches
+    bad = x1.clone()
+    bad[0, 0] = float("inf")
+
+    def run(defer: bool) -> tuple[object, list[str]]:
+        monitor = CRHMonitor(case.model, nonfinite=policy, preprocess=preprocess, defer_checks=defer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with monitor:
+                case.loss(case.model(x1), y1).backward()
+                case.loss(case.model(bad).nan_to_num(), y1).backward()
+                case.loss(case.model(x2), y2).backward()
+            report = monitor.compute(n_bootstrap=0)
+        return report, sorted(str(w.message) for w in caught if "Non-finite" in str(w.message))
+
+    want, want_warn = run(False)
+    got, got_warn = run(True)
+    assert got.skipped == want.skipped and got.skipped["0"] == 1
+    assert got.samples == want.samples and got.steps == want.steps
+    assert got_warn == want_warn and (len(got_warn) > 0) == (policy == "warn")
+    for layer in case.layers:
+        for k, v in want.matrices(layer).items():
+            torch.testing.assert_close(got.matrices(layer)[k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_deferred_error_names_layer_and_call_at_the_next_resolution() -> None:
+    case = make_case("mlp")
+    x, y = case.batches[0]
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    monitor = CRHMonitor(case.model, defer_checks=True)
+    with monitor:
+        case.loss(case.model(x), y).backward()
+        case.loss(case.model(bad), y).backward()  # no sync, no error yet
+        with pytest.raises(CanonRegError, match=r"Non-finite activations \(h_a\) in layer '0' at forward call 2"):
+            monitor.compute()
+    # flags are read every 16 committed calls of a layer: a bad call surfaces within that many steps
+    # (here first in layer '4', whose 16th commit comes first in the backward pass; its input was NaN too)
+    monitor2 = CRHMonitor(case.model, defer_checks=True)
+    with monitor2, pytest.raises(CanonRegError, match=r"Non-finite activations \(h_a\) in layer '4' at forward call 3"):
+        for i in range(16):
+            case.loss(case.model(bad if i == 2 else x), y).backward()
+    with pytest.raises(TypeError, match="defer_checks"):
+        CRHMonitor(case.model, defer_checks="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("preprocess", ["raw", "centered", "normalized"])
 def test_all_zero_gradients_give_nan_with_reason(preprocess: str) -> None:
     case = make_case("mlp")
     x, _ = case.batches[0]
