@@ -75,8 +75,26 @@ class Config:
 
 
 QUICK = dict(steps=120, eval_every=40, seeds=(0,), eval_samples=1024, variants=("sgd", "nc-0", "nc-auto1", "adamw", "adam-nc-auto0.3"))
-BASE_OF = {"sgd": "sgd", "nc-0": "sgd", "nc-σ1": "sgd", "nc-σ3": "sgd", "nc-auto0.3": "sgd", "nc-auto1": "sgd",
-           "adamw": "adamw", "adam-nc-σ1": "adamw", "adam-nc-auto0.3": "adamw", "adam-nc-auto1": "adamw"}
+def base_of(variant: str) -> str:
+    """The base optimizer a variant is compared with: ``adam-…``/``adamw`` → ``adamw``, else ``sgd``."""
+    return "adamw" if variant.startswith("adam") else "sgd"
+
+
+def check_variant(variant: str) -> None:
+    """``sgd | adamw | [adam-]nc-0 | [adam-]nc-σ<float> | [adam-]nc-auto<float>``, else a ValueError naming it."""
+    if variant in ("sgd", "adamw"):
+        return
+    rule = variant.removeprefix("adam-")
+    ok = rule.startswith("nc-")
+    rule = rule.removeprefix("nc-")
+    try:
+        if rule != "0":
+            float(rule.removeprefix("σ").removeprefix("auto"))
+        ok = ok and (rule == "0" or rule.startswith(("σ", "auto")))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"Expected `variants` entries like sgd, adamw, nc-0, nc-σ3, nc-auto0.3, adam-nc-auto1, but got {variant!r}")
 
 
 def make_optimizer(variant: str, model: torch.nn.Module, cfg: Config, seed: int) -> torch.optim.Optimizer:
@@ -157,7 +175,7 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str, An
     by = {(r["variant"], r["seed"]): r for r in runs}
     out: dict[str, dict[str, Any]] = {}
     for v in cfg.variants:
-        base = BASE_OF[v]
+        base = base_of(v)
         seeds = [s for s in cfg.seeds if (v, s) in by and (base, s) in by]
         d_alpha = [by[v, s]["alpha"] - by[base, s]["alpha"] for s in seeds]
         d_acc = [100 * (by[v, s]["test_acc"] - by[base, s]["test_acc"]) for s in seeds]
@@ -228,11 +246,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, 5 variants (smoke test)")
     parser.add_argument("--workers", type=int, default=2, help="parallel single-threaded runs")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", default=None, help="e.g. sgd nc-σ3 nc-auto0.5 adamw adam-nc-auto0.3")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/optim_effect[_quick])")
     args = parser.parse_args()
     over: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.steps is not None:
         over["steps"] = args.steps
+    if args.variants is not None:
+        for v in args.variants:
+            check_variant(v)
+        over["variants"] = tuple(args.variants)
     cfg = Config(**over)
     mnist1d(cfg.data_samples, cfg.data_seed)  # generate / cache once before the workers start
     t0 = time.perf_counter()

@@ -13,8 +13,8 @@ from .losses import AlignmentLoss, alignment_loss
 from .monitor import CRHMonitor
 from .optim import NoiseCalibrated
 from .report import CRHReport
-from .writers import CSVWriter, TensorBoardWriter
 from .taps import ConvTap, LayerTap, LinearTap, register_tap
+from .writers import CSVWriter, TensorBoardWriter
 
 __version__ = "0.1.0"
 

@@ -82,7 +82,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 
@@ -163,7 +163,7 @@ class AblationSpec:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "AblationSpec":
+    def from_dict(cls, config: Mapping[str, Any]) -> AblationSpec:
         """Validate a TOML-shaped mapping (module docstring) into a spec.
 
         Raises:
@@ -234,7 +234,7 @@ class AblationSpec:
             d["quick"] = {k: _thaw(v) for k, v in self.quick}
         return d
 
-    def with_quick(self) -> "AblationSpec":
+    def with_quick(self) -> AblationSpec:
         """The ``--quick`` variant: ``[quick]`` scalars fix a field (dropping it from the grid), lists set a factor."""
         fixed = dict(self.fixed)
         grid = dict(self.grid)
@@ -386,7 +386,7 @@ def _check_metric(where: str, m: Any) -> None:
         )
 
 
-def load_spec(source: Union[str, Path, Mapping[str, Any], AblationSpec]) -> AblationSpec:
+def load_spec(source: str | Path | Mapping[str, Any] | AblationSpec) -> AblationSpec:
     """An :class:`AblationSpec` from a TOML path, a TOML-shaped mapping, or a spec (returned as is)."""
     if isinstance(source, AblationSpec):
         return source
@@ -599,7 +599,7 @@ def _init_worker() -> None:
         pass
 
 
-Job = tuple[TrialConfig, str, Union[str, None]]
+Job = tuple[TrialConfig, str, str | None]
 
 
 def _run_local(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig, dict[str, Any]]]:
@@ -686,7 +686,7 @@ class AblationResult:
 
 
 def run_ablation(
-    config: Union[str, Path, Mapping[str, Any], AblationSpec],
+    config: str | Path | Mapping[str, Any] | AblationSpec,
     *,
     out: str | Path | None = None,
     workers: int | None = None,

@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -161,20 +162,29 @@ def run_demo(cfg: DemoConfig) -> dict[str, object]:
     return summary
 
 
+class _Bar(Protocol):
+    """What the demo needs of a progress bar (tqdm's interface)."""
+
+    def set_postfix(self, **kwargs: object) -> None: ...
+    def update(self, n: int = 1) -> object: ...
+    def close(self) -> None: ...
+
+
 class _NoBar:
-    def update(self, k: int) -> None: ...
+    def update(self, n: int = 1) -> None: ...
     def set_postfix(self, **kw: object) -> None: ...
     def close(self) -> None: ...
 
 
-def _progress(total: int, enabled: bool) -> object:
+def _progress(total: int, enabled: bool) -> _Bar:
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc="training", unit="step", mininterval=0.5)
+    bar: _Bar = tqdm(total=total, desc="training", unit="step", mininterval=0.5)
+    return bar
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:

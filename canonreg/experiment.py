@@ -63,7 +63,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ class TrialConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    noise: Union[float, str] = "auto"
+    noise: float | str = "auto"
     loss_weight: float = 0.1
     relations: tuple[str, ...] = ("f-RWA", "b-RWA")
     loss_metric: str = "cosine"
@@ -253,7 +253,7 @@ class TrialConfig:
     def uses_noise(self) -> bool:
         return self.arm in NOISE_ARMS
 
-    def resolved(self) -> "TrialConfig":
+    def resolved(self) -> TrialConfig:
         """This config with the factors that do not act in its arm set to their neutral values.
 
         ``noise = 0.0`` in arms without ``NoiseCalibrated``; ``loss_weight = 0.0``, ``relations = ()``
@@ -276,7 +276,7 @@ class TrialConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrialConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise a ValueError naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -287,7 +287,7 @@ class TrialConfig:
             kw["relations"] = tuple(kw["relations"])
         return cls(**kw)
 
-    def replace(self, **changes: Any) -> "TrialConfig":
+    def replace(self, **changes: Any) -> TrialConfig:
         """``dataclasses.replace`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -318,7 +318,7 @@ def config_id(cfg: TrialConfig) -> str:
 
 
 # ---------------------------------------------------------------------- building blocks
-def load_data(cfg: TrialConfig) -> "Split":
+def load_data(cfg: TrialConfig) -> Split:
     """The dataset of ``cfg`` via :mod:`canonreg.data` (mnist1d is generated locally and cached)."""
     from . import data
 
@@ -363,7 +363,7 @@ def _base_optimizer(cfg: TrialConfig, model: nn.Module, weight_decay: float) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def make_arm(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, "AlignmentLoss | None"]:
+def make_arm(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, AlignmentLoss | None]:
     """The optimizer and (for the loss arms) the attached alignment loss of ``cfg.arm``.
 
     See the module docstring for the exact step of each arm. Weight decay γ acts on the parameters
@@ -416,8 +416,8 @@ class TrialEvent:
 
     step: int
     train_loss: float
-    report: "CRHReport"
-    optimizer_balance: "Mapping[str, CF.BalanceTerms] | None"
+    report: CRHReport
+    optimizer_balance: Mapping[str, CF.BalanceTerms] | None
     final: bool
 
 
@@ -440,7 +440,7 @@ class TrainedTrial:
     config: TrialConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    report: "CRHReport"
+    report: CRHReport
     history: list[dict[str, float]]
     steps_to_alpha: int | None
     train_loss: float
@@ -450,7 +450,7 @@ class TrainedTrial:
 def train_trial(
     cfg: TrialConfig,
     *,
-    data: "Split | None" = None,
+    data: Split | None = None,
     progress: bool = False,
     callback: Callable[[TrialEvent], None] | None = None,
 ) -> TrainedTrial:
@@ -556,7 +556,7 @@ def run_trial(
     *,
     progress: bool = False,
     callback: Callable[[TrialEvent], None] | None = None,
-    data: "Split | None" = None,
+    data: Split | None = None,
 ) -> dict[str, Any]:
     """Train one arm under ``cfg`` (:func:`train_trial`) and return its metrics, JSON-ready.
 
@@ -607,7 +607,7 @@ def run_trial(
     return _jsonable(result)
 
 
-def _optimizer_balance(opt: torch.optim.Optimizer) -> "Mapping[str, CF.BalanceTerms] | None":
+def _optimizer_balance(opt: torch.optim.Optimizer) -> Mapping[str, CF.BalanceTerms] | None:
     bal = getattr(opt, "balance", None)
     if bal is None or not isinstance(bal, Mapping):
         return None
@@ -615,7 +615,7 @@ def _optimizer_balance(opt: torch.optim.Optimizer) -> "Mapping[str, CF.BalanceTe
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: "Split") -> dict[str, Any]:
+def evaluate(model: nn.Module, split: Split) -> dict[str, Any]:
     """Accuracy, cross-entropy and compactness (spec §6) of a trained model on both splits.
 
     For the input ``h`` of every weight layer after the first (the hidden representations; for

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .taps import LayerTap, functional_only_children, get_tap
 
 __all__ = ["LayerSpec", "select_layers", "HookSet", "claim_model", "release_model", "all_reduce_flat"]
 
-LayerSpec = Union[None, str, Sequence[str], type, tuple[type, ...], Callable[[str, nn.Module], bool]]
+LayerSpec = None | str | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
 
 
 def _display(name: str) -> str:
@@ -148,7 +148,7 @@ class HookSet:
         return len(self._handles)
 
 
-_CLAIMS: dict[str, "weakref.WeakKeyDictionary[nn.Module, Any]"] = {}
+_CLAIMS: dict[str, weakref.WeakKeyDictionary[nn.Module, Any]] = {}
 
 
 def claim_model(kind: str, model: nn.Module, owner: Any) -> None:

@@ -98,6 +98,7 @@ class TinyTransformer(nn.Module):
         b, t = tokens.shape
         h = self.embed(tokens) + self.pos[:t]
         for blk in self.blocks:
+            assert isinstance(blk, nn.ModuleDict)
             z = blk["ln1"](h)
             q, k, v = (blk[n](z).view(b, t, self.heads, -1).transpose(1, 2) for n in ("q", "k", "v"))
             att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

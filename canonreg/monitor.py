@@ -302,7 +302,7 @@ class CRHMonitor:
         """Whether ``H_b`` and ``G_a`` are accumulated directly (else derived by identities)."""
         return self.preprocess == "normalized" or not self.identities
 
-    def attach(self) -> "CRHMonitor":
+    def attach(self) -> CRHMonitor:
         """Install the hooks (idempotent). Raises CanonRegError if another monitor holds the model."""
         if self.attached:
             return self
@@ -327,7 +327,7 @@ class CRHMonitor:
         self._hooks.remove()
         release_model("CRHMonitor", self.model, self)
 
-    def __enter__(self) -> "CRHMonitor":
+    def __enter__(self) -> CRHMonitor:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
@@ -772,7 +772,7 @@ class _Hook:
     def __call__(self, *args: object) -> None:
         return self.fn(*args)
 
-    def __deepcopy__(self, memo: dict[int, object]) -> "_Hook":
+    def __deepcopy__(self, memo: dict[int, object]) -> _Hook:
         return self
 
     def __reduce__(self) -> tuple[object, ...]:

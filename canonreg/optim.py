@@ -861,7 +861,7 @@ class NoiseCalibrated(Optimizer):
         values = torch.stack([v.to("cpu", torch.float64) for _, _, v in active]).tolist() if active else []
 
         # 2. noise
-        for (layer, sigma, _), (w2, drift, n1, n_raw) in zip(active, values):
+        for (layer, sigma, _), (*_terms, n_raw) in zip(active, values):
             if not math.isfinite(n_raw):
                 self._nonfinite(layer.name)
                 continue

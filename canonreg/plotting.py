@@ -35,7 +35,7 @@ def _has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def plot_alignment_heatmap(report: "CRHReport", ax: Any = None) -> Any:
+def plot_alignment_heatmap(report: CRHReport, ax: Any = None) -> Any:
     """Layers × relations heatmap of α (NaN cells are hatched grey), annotated with values."""
     plt = _plt()
     if ax is None:
@@ -54,7 +54,7 @@ def plot_alignment_heatmap(report: "CRHReport", ax: Any = None) -> Any:
     return ax
 
 
-def plot_pair(report: "CRHReport", layer: str, relation: str, ax: Any = None, *, floor: float = 1e-6) -> Any:
+def plot_pair(report: CRHReport, layer: str, relation: str, ax: Any = None, *, floor: float = 1e-6) -> Any:
     """Eigen-scatter of a relation ``A ∝ B^κ``: ``log λ_i(B)`` against ``log v_iᵀ A v_i`` with the PAH fit."""
     if relation not in RELATION_PAIRS:
         raise ValueError(f"Expected `relation` to be one of {list(RELATIONS)}, but got {relation!r}")
@@ -82,7 +82,7 @@ def plot_pair(report: "CRHReport", layer: str, relation: str, ax: Any = None, *,
     return ax
 
 
-def plot_report(report: "CRHReport", path: str | Path | None = None, *, pair: tuple[str, str] | None = None) -> Any:
+def plot_report(report: CRHReport, path: str | Path | None = None, *, pair: tuple[str, str] | None = None) -> Any:
     """Heatmap plus one eigen-scatter (default: the last layer's ``f-RWA``); saved to ``path`` if given."""
     plt = _plt()
     if pair is None:

@@ -62,7 +62,7 @@ _BALANCE_TERMS = ("decay", "drift", "noise", "signal", "noise_share", "rho")
 
 
 def report_records(
-    report: "CRHReport",
+    report: CRHReport,
     *,
     exponents: bool = True,
     ranks: bool = True,
@@ -140,7 +140,7 @@ class _Writer:
     def _write(self, step: int, rows: Sequence[Record]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def log_report(self, step: int, report: "CRHReport", *, exponents: bool = True, ranks: bool = True) -> None:
+    def log_report(self, step: int, report: CRHReport, *, exponents: bool = True, ranks: bool = True) -> None:
         """Write :func:`report_records` of ``report`` at ``step``."""
         self._write(_check_step(step), report_records(report, exponents=exponents, ranks=ranks))
 
@@ -167,7 +167,7 @@ class _Writer:
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> _Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -267,7 +267,7 @@ class CSVWriter(_Writer):
         if not self._file.closed:
             self._file.close()
 
-    def __enter__(self) -> "CSVWriter":
+    def __enter__(self) -> CSVWriter:
         return self
 
 
@@ -329,5 +329,5 @@ class TensorBoardWriter(_Writer):
             self._writer.close()
             self._closed = True
 
-    def __enter__(self) -> "TensorBoardWriter":
+    def __enter__(self) -> TensorBoardWriter:
         return self

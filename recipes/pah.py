@@ -177,7 +177,7 @@ class Setting:
     weight_decay: float
 
     @classmethod
-    def parse(cls, text: str) -> "Setting":
+    def parse(cls, text: str) -> Setting:
         parts = text.split(":")
         try:
             name, depth, wd = parts

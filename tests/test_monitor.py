@@ -13,19 +13,12 @@ import pickle
 import sys
 import warnings
 import weakref
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.testing import assert_close
-
-import canonreg
-from canonreg import CanonRegError, CRHMonitor
-from canonreg import functional as cf
-
 from conftest import (
     CASE_NAMES,
     Case,
@@ -38,7 +31,12 @@ from conftest import (
     reference_rows,
     run_monitor,
 )
+from torch import nn
+from torch.testing import assert_close
 
+import canonreg
+from canonreg import CanonRegError, CRHMonitor
+from canonreg import functional as cf
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -46,7 +44,7 @@ pytestmark = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(name: str, bias: bool):
     case = make_case(name, bias)
     return reference_rows(case)

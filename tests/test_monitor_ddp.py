@@ -13,12 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_case
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.testing import assert_close
 
 import canonreg
-
-from conftest import make_case
 
 WORLD = 2
 SCENARIOS = [("mlp", "raw"), ("mlp", "normalized"), ("conv1d", "centered")]

@@ -8,13 +8,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_case, ref_moment, run_monitor
 from torch.testing import assert_close
 
 import canonreg
 from canonreg import functional as cf
 from canonreg.report import CRHReport, build_report, layer_matrices
-
-from conftest import make_case, ref_moment, run_monitor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import rows_in, rows_out
 from torch import nn
 from torch.testing import assert_close
 
@@ -11,8 +12,6 @@ import canonreg
 from canonreg import CanonRegError
 from canonreg.layers import HookSet, all_reduce_flat, claim_model, release_model, select_layers
 from canonreg.taps import ConvTap, LinearTap, default_taps, functional_only_children, get_tap, register_tap, tap_batch_size
-
-from conftest import rows_in, rows_out
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
