@@ -43,7 +43,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -388,6 +388,11 @@ def _strip_inert_hooks(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Keep a layer's unit noise as factors ``Aᵀ X`` while that is cheaper (False: always materialise;
+#: a switch for tests that compare the two paths).
+_FACTORED_NOISE = True
+
+
 @dataclass
 class _Layer:
     """Runtime record of one tapped layer: its parameters and this step's unit-noise accumulators."""
@@ -398,14 +403,70 @@ class _Layer:
     weight: nn.Parameter
     bias: nn.Parameter | None
     group: dict[str, Any]
-    noise_w: Tensor | None = None
+    noise_w: Tensor | None = None  # materialised N_W (d_b, d_a), or None while the factors suffice
     noise_b: Tensor | None = None
+    # N_W = noise_w + Σ aᵀ x over these (a = w ⊙ δ rows (k, d_b), x = input rows (k, d_a)): kept
+    # factored while k (d_a + d_b) < d_a d_b, so ‖N‖², its sketch rows and the injection never
+    # build a d_b × d_a temporary (the injection is one addmm into .grad)
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
 
     def clear(self) -> None:
         self.noise_w = None
         self.noise_b = None
+        self.factors = []
         self.samples = 0
+
+    @property
+    def captured(self) -> bool:
+        return self.noise_w is not None or bool(self.factors)
+
+    def add_noise(self, a: Tensor, x: Tensor, n_b: Tensor | None) -> None:
+        """``N_W += aᵀ x``, ``N_b += n_b``: factored while that is cheaper, else materialised."""
+        rows = a.shape[0] + sum(f[0].shape[0] for f in self.factors)
+        if _FACTORED_NOISE and self.noise_w is None and rows * (a.shape[1] + x.shape[1]) < a.shape[1] * x.shape[1]:
+            self.factors.append((a, x))
+        else:
+            self.materialize()
+            n_w = a.T @ x
+            self.noise_w = n_w if self.noise_w is None else self.noise_w.add_(n_w)
+        if n_b is not None:
+            self.noise_b = n_b if self.noise_b is None else self.noise_b.add_(n_b)
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """All factors as one pair ``(A, X)`` with ``N_W = Aᵀ X`` (only while not materialised)."""
+        if len(self.factors) == 1:
+            return self.factors[0]
+        return torch.cat([a for a, _ in self.factors]), torch.cat([x for _, x in self.factors])
+
+    def materialize(self) -> Tensor | None:
+        """Fold the factors into ``noise_w`` and return it."""
+        if self.factors:
+            a, x = self.stacked()
+            n_w = a.T @ x
+            self.noise_w = n_w if self.noise_w is None else self.noise_w.add_(n_w)
+            self.factors = []
+        return self.noise_w
+
+    def scale_(self, c: float) -> None:
+        """``N ← c N`` (GradScaler's unscale)."""
+        if self.noise_w is not None:
+            self.noise_w.mul_(c)
+        for a, _ in self.factors:
+            a.mul_(c)
+        if self.noise_b is not None:
+            self.noise_b.mul_(c)
+
+    def inject(self, grad: Tensor, sigma: float) -> None:
+        """``grad += σ N_W`` (``grad`` has the weight's shape; one addmm when factored)."""
+        if self.factors and grad.is_contiguous() and grad.dtype == self.factors[0][0].dtype:
+            a, x = self.stacked()
+            grad.view(a.shape[1], x.shape[1]).addmm_(a.T, x, alpha=sigma)
+            if self.noise_w is None:
+                return
+        n_w = self.materialize()
+        assert n_w is not None
+        grad.add_(n_w.view_as(grad).to(grad.dtype), alpha=sigma)
 
 
 def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -789,13 +850,10 @@ class NoiseCalibrated(Optimizer):
             with torch.no_grad():
                 g = grad if idx is None else grad.index_select(0, idx)
                 delta = _work_dtype(layer.tap.output_rows(layer.module, g.detach()))
-                n_w, n_b = per_sample_noise(delta, rows, weights, bias=layer.bias is not None)
-                if layer.noise_w is None:
-                    layer.noise_w, layer.noise_b = n_w, n_b
-                else:
-                    layer.noise_w += n_w
-                    if n_b is not None and layer.noise_b is not None:
-                        layer.noise_b += n_b
+                if delta.shape[0] != rows.shape[0]:
+                    per_sample_noise(delta, rows, weights)  # raises the shape error
+                a = delta * weights.unsqueeze(1)  # N_W = aᵀ rows, N_b = Σ a (per_sample_noise, factored)
+                layer.add_noise(a, rows, a.sum(0) if layer.bias is not None else None)
                 layer.samples += batch
 
         return hook
@@ -841,7 +899,7 @@ class NoiseCalibrated(Optimizer):
             if g is None or id(w) not in groups:
                 continue
             sigma = self._sigma(layer.name)
-            if layer.noise_w is None:
+            if not layer.captured:
                 if sigma > 0:
                     raise CanonRegError(
                         f"Layer {_display(layer.name)!r} has a gradient but NoiseCalibrated captured no forward/backward "
@@ -855,9 +913,7 @@ class NoiseCalibrated(Optimizer):
                     "from its own batch and the replicas would drift apart. Use noise=0 (decay and balance only)"
                 )
             if inv_scale != 1.0:
-                layer.noise_w.mul_(inv_scale)
-                if layer.noise_b is not None:
-                    layer.noise_b.mul_(inv_scale)
+                layer.scale_(inv_scale)
             active.append((layer, sigma, self._measure(layer, g)))
         values = torch.stack([v.to("cpu", torch.float64) for _, _, v in active]).tolist() if active else []
 
@@ -867,8 +923,8 @@ class NoiseCalibrated(Optimizer):
                 self._nonfinite(layer.name)
                 continue
             if sigma > 0:
-                assert layer.noise_w is not None and layer.weight.grad is not None
-                layer.weight.grad.add_(layer.noise_w.view_as(layer.weight).to(layer.weight.grad.dtype), alpha=sigma)
+                assert layer.weight.grad is not None
+                layer.inject(layer.weight.grad, sigma)
                 if layer.bias is not None and layer.bias.grad is not None and layer.noise_b is not None:
                     layer.bias.grad.add_(layer.noise_b.to(layer.bias.grad.dtype), alpha=sigma)
 
@@ -908,10 +964,24 @@ class NoiseCalibrated(Optimizer):
 
     def _measure(self, layer: _Layer, grad: Tensor) -> Tensor:
         """``[‖W‖², ⟨W, P⊙M⟩, ‖P⊙N‖², ‖N‖²]`` of one layer (as a tensor; no host sync)."""
-        assert layer.noise_w is not None
+        assert layer.captured
         w = layer.weight.detach().reshape(-1)
-        n = layer.noise_w.reshape(-1)
-        n_raw = torch.dot(n, n)
+        d_b = layer.weight.shape[0]
+        if layer.noise_w is None:
+            # factored N = Aᵀ X: ‖N‖_F² = Σ (A Aᵀ) ⊙ (X Xᵀ) (k × k Grams; ≥ 0 by the Schur product theorem)
+            fa, fx = layer.stacked()
+            n_raw = ((fa @ fa.T) * (fx @ fx.T)).sum().clamp_min(0.0)
+
+            def noise_rows(rows: Tensor | None) -> Tensor:
+                return ((fa if rows is None else fa.index_select(1, rows)).T @ fx).reshape(-1)
+        else:
+            n_w = layer.noise_w
+            n = n_w.reshape(-1)
+            n_raw = torch.dot(n, n)
+
+            def noise_rows(rows: Tensor | None) -> Tensor:
+                t = n_w.reshape(d_b, -1)
+                return (t if rows is None else t.index_select(0, rows)).reshape(-1)
         if not self._config["track_balance"]:
             zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
             return torch.stack([zero, zero, zero, n_raw])
@@ -923,9 +993,8 @@ class NoiseCalibrated(Optimizer):
         else:
             # Preconditioned sums Σ_jk (·)/d_jk over a random subset of m output rows, rescaled (unbiased;
             # exact when d_b <= m): the denominator costs several passes, a full one per step would not be cheap.
-            d_b = layer.noise_w.shape[0]
             m = self._config["sketch"] or d_b
-            rows = torch.randperm(d_b, generator=self._gen)[:m].to(n.device) if m < d_b else None
+            rows = torch.randperm(d_b, generator=self._gen)[:m].to(w.device) if m < d_b else None
             denom = adam_denominator(layer.group, self.state.get(layer.weight, {}), rows)
             if denom is None:  # no second moment yet (first step): no measurement
                 nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
@@ -939,7 +1008,8 @@ class NoiseCalibrated(Optimizer):
             lr = float(layer.group["lr"])
             d = denom.reshape(-1)
             drift = torch.dot(sub(w), sub(grad) / d) * (-lr * scale)
-            q = sub(n) / d.to(n.dtype)
+            nr = noise_rows(rows)
+            q = nr / d.to(nr.dtype)
             n1 = torch.dot(q, q) * (lr * lr * scale)
         return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw])
 

@@ -279,6 +279,41 @@ def test_noise_covariance_is_the_per_sample_gradient_second_moment(make: type[nn
     torch.testing.assert_close(xi.square().sum(1).mean(), target.trace(), rtol=0.1, atol=0)
 
 
+@pytest.mark.parametrize("base", ["sgd_momentum", "adam"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_factored_noise_equals_materialised_noise(monkeypatch: pytest.MonkeyPatch, base: str, accumulate: int) -> None:
+    """Wide layers keep N = Aᵀ X factored (‖N‖² from k × k Grams, sketch rows, one addmm into .grad):
+    the trajectory and every balance measurement equal the materialised path's (checked by the
+    covariance test above) to float64 round-off, with gradient accumulation over several backward passes too."""
+    import canonreg.optim as optim_module
+
+    batches = [(x.double(), y) for x, y in _batches(6 * accumulate, batch=8, d_in=48)]
+
+    def run(factored: bool) -> tuple[nn.Module, NoiseCalibrated, list[bool]]:
+        monkeypatch.setattr(optim_module, "_FACTORED_NOISE", factored)
+        model = _mlp(d_in=48, width=64).double()
+        opt = NoiseCalibrated(BASES[base](list(model.parameters())), model, weight_decay=1e-2, noise=1.5, sketch=4, seed=2)
+        kept = []
+        for i in range(0, len(batches), accumulate):
+            opt.zero_grad()
+            for x, y in batches[i : i + accumulate]:
+                F.cross_entropy(model(x), y).backward()
+            kept.append(any(bool(layer.factors) for layer in opt._layers.values()))
+            opt.step()
+        return model, opt, kept
+
+    ref_model, ref, kept_ref = run(False)
+    model, opt, kept = run(True)
+    assert all(kept) and not any(kept_ref)  # the two paths really differ
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    for name, st in ref.balance_state.items():
+        got = opt.balance_state[name]
+        for k in ("unit_noise", "unit_noise_raw", "drift", "weight_sq_norm"):
+            if hasattr(st, k):
+                assert getattr(got, k) == pytest.approx(getattr(st, k), rel=1e-9, abs=1e-15), (name, k)
+
+
 def test_model_copies_are_not_hooked() -> None:
     batches = _batches(3)
     ref_model = _mlp()
