@@ -246,12 +246,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, 5 variants (smoke test)")
     parser.add_argument("--workers", type=int, default=2, help="parallel single-threaded runs")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--variants", nargs="+", default=None, help="e.g. sgd nc-σ3 nc-auto0.5 adamw adam-nc-auto0.3")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/optim_effect[_quick])")
     args = parser.parse_args()
     over: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.steps is not None:
         over["steps"] = args.steps
+    if args.seeds is not None:
+        over["seeds"] = tuple(args.seeds)
     if args.variants is not None:
         for v in args.variants:
             check_variant(v)
