@@ -522,10 +522,10 @@ class NoiseCalibrated(Optimizer):
     ``τ > 1`` needs a drift that shrinks the weights against the noise and is rarely reachable (σ then
     runs to ``max_noise``). The default ``τ = 0.3`` lifts the layers where large-batch SGD's own share
     is far lower and leaves test accuracy unchanged on MNIST-1D; see ``benchmarks/optim_effect.py``
-    for what each rule does to α and accuracy there (in short, batch 512, 3 seeds: plain SGD's α falls
-    from 0.72 after 1000 steps to 0.62 after 4000; after 4000 steps ``τ = 0.5`` holds it 0.09 higher
-    at +2.8 points of accuracy and ``τ = 0.7`` 0.12 higher at −1.0 point; ``τ = 1`` costs 10 points;
-    fixed ``σ = 1`` gains 3 points of accuracy but little α). With Adam the share is measured in the preconditioned geometry and saturates in σ, since
+    for what each rule does to α and accuracy there (in short, batch 512: plain SGD's α falls from
+    0.72 after 1000 steps to 0.62 after 4000; after 4000 steps, over 6 seeds, ``τ = 0.6`` holds it
+    0.10 higher at +2.0 points of accuracy and ``τ = 0.7`` 0.12 higher at −0.2 ± 3.9 points; ``τ = 1``
+    costs ~10 points; fixed ``σ = 1`` gains 3 points of accuracy but little α). With Adam the share is measured in the preconditioned geometry and saturates in σ, since
     the injected noise also raises Adam's ``v̂``.
 
     The wrapper is a real ``torch.optim.Optimizer`` around the *instance* it is given:
