@@ -211,9 +211,10 @@ class CRHMonitor:
             adds exactly nothing), and the flags are read once per ``16`` committed calls of a layer
             and in ``compute()``; the policy then acts (raise / warn / count as skipped) naming the
             same layer and call, up to 16 calls later. Measured on an H200 (MLP 4×1024, batch 4096,
-            ``benchmarks/results/monitor_overhead_cuda_*.json``): no clear gain at every step (the
-            cost there is kernel launches, not syncs), ~15% less overhead with ``every=10``; so the
-            default stays ``False``. ``None``: deferred on accelerators, immediate on the CPU.
+            ``benchmarks/results/monitor_overhead_cuda_*.json``, 2 rounds): slower at every step
+            (4.75× vs 4.15× plain, centered; the cost there is kernel launches, not syncs), faster
+            with ``every=10`` (1.14× vs 1.29×); so the default stays ``False``. ``None``: deferred on
+            accelerators, immediate on the CPU.
         on_missing: ``"error" | "warn" | "skip"`` for requested layers that recorded no samples.
         taps: extra ``{module type: tap}`` for this monitor only.
         sync_dist: all-reduce across ``torch.distributed`` ranks in ``compute()`` (a collective call:
