@@ -555,12 +555,12 @@ class CRHMonitor:
                     f"The input of layer {_display(name)!r} was modified in place between its forward pass and "
                     "the backward pass; canonreg cannot measure h_a for that call"
                 )
-            flags = None
+            flags: tuple[tuple[str, ...], Tensor] | None = None
             if deferred is not None:
                 # No host sync: a call with any non-finite row contributes exact zeros (torch.where
                 # never propagates the unselected NaN); its counts are corrected in _resolve.
-                flags = torch.stack([f for _, f in deferred])
-                ok = flags.all()
+                flags = (tuple(w for w, _ in deferred), torch.stack([f for _, f in deferred]))
+                ok = flags[1].all()
                 pending = {k: torch.where(ok, v, 0.0) for k, v in pending.items()}
                 gb, gb_norm2, ha_norm2 = (torch.where(ok, t, 0.0) for t in (gb, gb_norm2, ha_norm2))
                 if ga is not None and ga_norm2 is not None:
@@ -594,8 +594,8 @@ class CRHMonitor:
                 state.add("gnhn", (gb_norm2 * ha_norm2).sum(), scale * scale)
                 state.add("gh", torch.dot(gb.reshape(-1), rows_b.reshape(-1)), -scale)
             state.commit(gb.shape[0])
-            if flags is not None and deferred is not None:
-                state.checks.append((call, tuple(w for w, _ in deferred), flags, gb.shape[0]))
+            if flags is not None:
+                state.checks.append((call, *flags, gb.shape[0]))
                 if len(state.checks) >= _FOLD_EVERY:
                     self._resolve(name)
 

@@ -80,6 +80,7 @@ __all__ = [
     "effective_lr",
     "noise_share",
     "per_sample_noise",
+    "noise_factors",
     "ramped_target",
     "update_balance_state",
 ]
@@ -124,13 +125,22 @@ def per_sample_noise(delta: Tensor, inputs: Tensor, weights: Tensor, *, bias: bo
         >>> n_w.shape, n_b.shape
         (torch.Size([2, 3]), torch.Size([2]))
     """
+    a, n_b = noise_factors(delta, inputs, weights, bias=bias)
+    return a.T @ inputs, n_b
+
+
+def noise_factors(delta: Tensor, inputs: Tensor, weights: Tensor, *, bias: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The factored form of :func:`per_sample_noise`: ``A = w ⊙ δ`` (rows scaled) with ``N_W = Aᵀ H``.
+
+    Returns ``(A, N_b)``: ``A`` of shape ``(n, d_b)``, ``N_b = Σ_r A_r`` (None when ``bias=False``).
+    """
     if delta.dim() != 2 or inputs.dim() != 2 or weights.dim() != 1 or not (delta.shape[0] == inputs.shape[0] == weights.shape[0]):
         raise ValueError(
             "Expected `delta` (n, d_b), `inputs` (n, d_a) and `weights` (n,) with the same n, but got "
             f"{tuple(delta.shape)}, {tuple(inputs.shape)} and {tuple(weights.shape)}"
         )
     a = delta * weights.unsqueeze(1)
-    return a.T @ inputs, (a.sum(0) if bias else None)
+    return a, (a.sum(0) if bias else None)
 
 
 def effective_lr(group: Mapping[str, Any]) -> float:
@@ -403,11 +413,11 @@ class _Layer:
     weight: nn.Parameter
     bias: nn.Parameter | None
     group: dict[str, Any]
-    noise_w: Tensor | None = None  # materialised N_W (d_b, d_a), or None while the factors suffice
+    noise_w: Tensor | None = None  # N_W (d_b, d_a) once materialised
     noise_b: Tensor | None = None
-    # N_W = noise_w + Σ aᵀ x over these (a = w ⊙ δ rows (k, d_b), x = input rows (k, d_a)): kept
-    # factored while k (d_a + d_b) < d_a d_b, so ‖N‖², its sketch rows and the injection never
-    # build a d_b × d_a temporary (the injection is one addmm into .grad)
+    # Before that, N_W = Σ aᵀ x over these (a = w ⊙ δ rows (k, d_b), x = input rows (k, d_a)); never
+    # both. Kept factored while k (d_a + d_b) < d_a d_b, so ‖N‖², its sketch rows and the injection
+    # never build a d_b × d_a temporary (the injection is one addmm into .grad).
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
 
@@ -423,18 +433,15 @@ class _Layer:
 
     def add_noise(self, a: Tensor, x: Tensor, n_b: Tensor | None) -> None:
         """``N_W += aᵀ x``, ``N_b += n_b``: factored while that is cheaper, else materialised."""
-        rows = a.shape[0] + sum(f[0].shape[0] for f in self.factors)
-        if _FACTORED_NOISE and self.noise_w is None and rows * (a.shape[1] + x.shape[1]) < a.shape[1] * x.shape[1]:
-            self.factors.append((a, x))
-        else:
+        self.factors.append((a, x))
+        rows = sum(f[0].shape[0] for f in self.factors)
+        if not (_FACTORED_NOISE and self.noise_w is None and rows * (a.shape[1] + x.shape[1]) < a.shape[1] * x.shape[1]):
             self.materialize()
-            n_w = a.T @ x
-            self.noise_w = n_w if self.noise_w is None else self.noise_w.add_(n_w)
         if n_b is not None:
             self.noise_b = n_b if self.noise_b is None else self.noise_b.add_(n_b)
 
     def stacked(self) -> tuple[Tensor, Tensor]:
-        """All factors as one pair ``(A, X)`` with ``N_W = Aᵀ X`` (only while not materialised)."""
+        """All factors as one pair ``(A, X)`` with ``N_W = Aᵀ X`` (while not materialised)."""
         if len(self.factors) == 1:
             return self.factors[0]
         return torch.cat([a for a, _ in self.factors]), torch.cat([x for _, x in self.factors])
@@ -462,8 +469,7 @@ class _Layer:
         if self.factors and grad.is_contiguous() and grad.dtype == self.factors[0][0].dtype:
             a, x = self.stacked()
             grad.view(a.shape[1], x.shape[1]).addmm_(a.T, x, alpha=sigma)
-            if self.noise_w is None:
-                return
+            return
         n_w = self.materialize()
         assert n_w is not None
         grad.add_(n_w.view_as(grad).to(grad.dtype), alpha=sigma)
@@ -488,6 +494,12 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     if b is not None and bias is None:
         raise CanonRegError(f"Layer {_display(name)!r}: its tap's bias is not a parameter of the module; exclude it with `layers=`")
     return weight, bias
+
+
+def _output_rows(t: Tensor, d_b: int, rows: Tensor | None) -> Tensor:
+    """The output rows ``rows`` (all when None) of a weight-shaped ``t`` viewed as ``(d_b, -1)``, flattened."""
+    t = t.reshape(d_b, -1)
+    return (t if rows is None else t.index_select(0, rows)).reshape(-1)
 
 
 def _distributed() -> bool:
@@ -525,8 +537,9 @@ class NoiseCalibrated(Optimizer):
     for what each rule does to α and accuracy there (in short, batch 512: plain SGD's α falls from
     0.72 after 1000 steps to 0.62 after 4000; after 4000 steps, over 6 seeds, ``τ = 0.6`` holds it
     0.10 higher at +2.0 points of accuracy and ``τ = 0.7`` 0.12 higher at −0.2 ± 3.9 points; ``τ = 1``
-    costs ~10 points; fixed ``σ = 1`` gains 3 points of accuracy but little α). With Adam the share is measured in the preconditioned geometry and saturates in σ, since
-    the injected noise also raises Adam's ``v̂``.
+    costs ~10 points; fixed ``σ = 1`` gains 3 points of accuracy but little α). With Adam the share
+    is measured in the preconditioned geometry and saturates in σ, since the injected noise also
+    raises Adam's ``v̂``.
 
     The wrapper is a real ``torch.optim.Optimizer`` around the *instance* it is given:
     ``param_groups``, ``state`` and ``defaults`` are the base optimizer's (by reference, also after
@@ -850,10 +863,8 @@ class NoiseCalibrated(Optimizer):
             with torch.no_grad():
                 g = grad if idx is None else grad.index_select(0, idx)
                 delta = _work_dtype(layer.tap.output_rows(layer.module, g.detach()))
-                if delta.shape[0] != rows.shape[0]:
-                    per_sample_noise(delta, rows, weights)  # raises the shape error
-                a = delta * weights.unsqueeze(1)  # N_W = aᵀ rows, N_b = Σ a (per_sample_noise, factored)
-                layer.add_noise(a, rows, a.sum(0) if layer.bias is not None else None)
+                a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
+                layer.add_noise(a, rows, n_b)
                 layer.samples += batch
 
         return hook
@@ -980,8 +991,7 @@ class NoiseCalibrated(Optimizer):
             n_raw = torch.dot(n, n)
 
             def noise_rows(rows: Tensor | None) -> Tensor:
-                t = n_w.reshape(d_b, -1)
-                return (t if rows is None else t.index_select(0, rows)).reshape(-1)
+                return _output_rows(n_w, d_b, rows)
         if not self._config["track_balance"]:
             zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
             return torch.stack([zero, zero, zero, n_raw])
@@ -1000,14 +1010,10 @@ class NoiseCalibrated(Optimizer):
                 nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
                 return torch.stack([nan, nan, nan, n_raw])
 
-            def sub(t: Tensor) -> Tensor:
-                t = t.reshape(d_b, -1)
-                return (t if rows is None else t.index_select(0, rows)).reshape(-1)
-
             scale = d_b / m if rows is not None else 1.0
             lr = float(layer.group["lr"])
             d = denom.reshape(-1)
-            drift = torch.dot(sub(w), sub(grad) / d) * (-lr * scale)
+            drift = torch.dot(_output_rows(w, d_b, rows), _output_rows(grad, d_b, rows) / d) * (-lr * scale)
             nr = noise_rows(rows)
             q = nr / d.to(nr.dtype)
             n1 = torch.dot(q, q) * (lr * lr * scale)
