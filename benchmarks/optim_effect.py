@@ -80,21 +80,28 @@ def base_of(variant: str) -> str:
     return "adamw" if variant.startswith("adam") else "sgd"
 
 
-def check_variant(variant: str) -> None:
-    """``sgd | adamw | [adam-]nc-0 | [adam-]nc-σ<float> | [adam-]nc-auto<float>``, else a ValueError naming it."""
+def parse_variant(variant: str) -> tuple[bool, dict[str, Any]] | None:
+    """``sgd | adamw`` → None (the plain bases); ``[adam-]nc-0 | [adam-]nc-σ<float> | [adam-]nc-auto<float>``
+    → ``(adam, NoiseCalibrated keyword arguments)``; anything else a ValueError naming it."""
     if variant in ("sgd", "adamw"):
-        return
+        return None
+    adam = variant.startswith("adam-")
     rule = variant.removeprefix("adam-")
-    ok = rule.startswith("nc-")
-    rule = rule.removeprefix("nc-")
     try:
-        if rule != "0":
-            float(rule.removeprefix("σ").removeprefix("auto"))
-        ok = ok and (rule == "0" or rule.startswith(("σ", "auto")))
+        if not rule.startswith("nc-"):
+            raise ValueError(rule)
+        rule = rule.removeprefix("nc-")
+        if rule == "0":
+            return adam, {"noise": 0.0}
+        if rule.startswith("σ"):
+            return adam, {"noise": float(rule[1:])}
+        if rule.startswith("auto"):
+            return adam, {"noise": "auto", "target_share": float(rule.removeprefix("auto"))}
+        raise ValueError(rule)
     except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"Expected `variants` entries like sgd, adamw, nc-0, nc-σ3, nc-auto0.3, adam-nc-auto1, but got {variant!r}")
+        raise ValueError(
+            f"Expected `variants` entries like sgd, adamw, nc-0, nc-σ3, nc-auto0.3, adam-nc-auto1, but got {variant!r}"
+        ) from None
 
 
 def make_optimizer(variant: str, model: torch.nn.Module, cfg: Config, seed: int) -> torch.optim.Optimizer:
@@ -102,16 +109,11 @@ def make_optimizer(variant: str, model: torch.nn.Module, cfg: Config, seed: int)
         return torch.optim.SGD(model.parameters(), lr=cfg.sgd_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.sgd_weight_decay)
     if variant == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.adam_lr, weight_decay=cfg.adam_weight_decay)
-    adam = variant.startswith("adam-")
+    parsed = parse_variant(variant)
+    assert parsed is not None
+    adam, kw = parsed
     base = (torch.optim.Adam(model.parameters(), lr=cfg.adam_lr) if adam
             else torch.optim.SGD(model.parameters(), lr=cfg.sgd_lr, momentum=cfg.sgd_momentum))
-    rule = variant.removeprefix("adam-").removeprefix("nc-")
-    if rule == "0":
-        kw: dict[str, Any] = {"noise": 0.0}
-    elif rule.startswith("σ"):
-        kw = {"noise": float(rule[1:])}
-    else:
-        kw = {"noise": "auto", "target_share": float(rule.removeprefix("auto"))}
     return NoiseCalibrated(base, model, weight_decay=cfg.adam_weight_decay if adam else cfg.sgd_weight_decay, seed=seed, **kw)
 
 
@@ -257,7 +259,9 @@ def main() -> None:
         over["seeds"] = tuple(args.seeds)
     if args.variants is not None:
         for v in args.variants:
-            check_variant(v)
+            parse_variant(v)
+            if base_of(v) not in args.variants:
+                raise ValueError(f"Expected `variants` to include {base_of(v)!r}, the base that {v!r} is compared with")
         over["variants"] = tuple(args.variants)
     cfg = Config(**over)
     mnist1d(cfg.data_samples, cfg.data_seed)  # generate / cache once before the workers start
