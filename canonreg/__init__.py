@@ -10,6 +10,7 @@ from . import functional
 from .errors import CanonRegError
 from .functional import RELATION_PAIRS, RELATIONS, BalanceTerms, PowerLawFit
 from .losses import AlignmentLoss, alignment_loss
+from .measure import measure_crh, min_alignment
 from .monitor import CRHMonitor
 from .optim import NoiseCalibrated
 from .report import CRHReport
@@ -26,6 +27,8 @@ __all__ = [
     "BalanceTerms",
     "PowerLawFit",
     "CRHMonitor",
+    "measure_crh",
+    "min_alignment",
     "AlignmentLoss",
     "alignment_loss",
     "NoiseCalibrated",

@@ -14,6 +14,9 @@ noise      ``NoiseCalibrated(opt₀, model, weight_decay=γ, noise=noise)`` wher
            strength of SGD's coupled γ; AdamW-style for Adam) and injects SGD-shaped gradient noise
            of strength ``noise`` (σ in units of SGD's own noise; ``"auto"`` = calibrated per layer)
 both       the ``noise`` step on the ``loss`` objective
+crh        baseline step on ``task_loss + crh_loss(model, weight=loss_weight)(task_loss)``: the joint
+           CRH objective of :func:`canonreg.losses.crh_loss` (all six relations; ``relations`` and
+           ``loss_metric`` do not apply)
 =========  ===================================================================================
 
 **Same budget.** Every arm of one grid cell sees the same data, the same initial weights (the model
@@ -27,19 +30,26 @@ their neutral value by :meth:`TrialConfig.resolved` (``noise = 0`` without the w
 **What is measured** (all in the returned dict, JSON-ready):
 
 * accuracy and cross-entropy on the train and test splits;
-* the six relations ``α`` per weight layer (crh-spec §2–§3) from a :class:`~canonreg.CRHMonitor`
-  over the last ``eval_every`` steps, their mean, PAH exponents with intervals (spec §4), and the
-  SGD balance terms of spec §5 (η taken as ``lr / (1 − momentum)`` for SGD with momentum);
-* the mean ``α`` after every window of ``eval_every`` steps and the first step where it reaches
-  ``alpha_threshold`` (``steps_to_alpha``; None if never);
+* the six relations ``α`` per weight layer (crh-spec §2–§3) **after training, over the whole
+  training set, with the task loss's gradient only** (:func:`canonreg.measure_crh`), their mean,
+  their minimum over the inner layers (``min_alpha_inner``: every weight layer but the first, whose
+  input is the data, and the last, the head), PAH exponents with intervals (spec §4);
+* from the training-time :class:`~canonreg.CRHMonitor` over the last ``eval_every`` steps: the SGD
+  balance terms of spec §5 (η taken as ``lr / (1 − momentum)`` for SGD with momentum) and
+  ``window_alpha`` (in the loss arms its ``G`` contains the regulariser's own gradient, so it is
+  never reported as an effect);
+* the window mean ``α`` after every window of ``eval_every`` steps and the first step where it reaches
+  ``alpha_threshold`` (``steps_to_alpha``; None if never); with ``track_crh=True`` also the
+  post-hoc task-only ``min_alpha_inner`` / ``mean_alpha_post`` after every window;
 * compactness on the test split (spec §6): for the input ``h`` of every weight layer after the first
   (the hidden representations), the participation ratio ``(Tr C)² / Tr C²`` and the number of
   principal components for 95% of the variance of the covariance ``C = Cov(h)``; NC1
   ``Tr(Σ_W Σ_B⁺)/C`` of the penultimate representation (the input of the last layer) on both splits;
 * the optimizer's own balance measurement (``NoiseCalibrated.balance``) in the noise arms.
 
-In the loss arms the monitor's ``g = −dℓ/dh`` is the gradient that reaches the layer, i.e. of the
-total objective (task + alignment loss); the loss uses the monitor's ``preprocess``.
+In the loss arms the training monitor's ``g = −dℓ/dh`` is the gradient that reaches the layer, i.e. of
+the total objective (task + alignment loss); that is why the reported α comes from the separate
+post-training measurement. The loss uses the monitor's ``preprocess``.
 
 :func:`train_trial` is the shared loop (it returns the trained model, for recipes that evaluate it
 their own way); :func:`run_trial` = :func:`train_trial` + :func:`evaluate` + the report's numbers.
@@ -73,6 +83,7 @@ from torch import Tensor, nn
 from . import functional as CF
 from .errors import check_choice
 from .layers import select_layers
+from .measure import measure_crh, min_alignment
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Split
@@ -100,17 +111,17 @@ __all__ = [
     "trial_defaults",
 ]
 
-ARMS: tuple[str, ...] = ("baseline", "loss", "noise", "both")
+ARMS: tuple[str, ...] = ("baseline", "loss", "noise", "both", "crh")
 DATASETS: tuple[str, ...] = ("mnist1d", "digits")
 MODELS: tuple[str, ...] = ("mlp", "resmlp", "cnn1d")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-LOSS_ARMS: frozenset[str] = frozenset({"loss", "both"})
+LOSS_ARMS: frozenset[str] = frozenset({"loss", "both", "crh"})
 NOISE_ARMS: frozenset[str] = frozenset({"noise", "both"})
 
 # (features, classes) of the built-in datasets (mnist1d with its default final_seq_length).
 _SHAPES: dict[str, tuple[int, int]] = {"mnist1d": (40, 10), "digits": (64, 10)}
 
-_RESULT_VERSION = 1  # bump when the meaning of a config field or a metric changes (changes run ids)
+_RESULT_VERSION = 2  # bump when the meaning of a config field or a metric changes (changes run ids)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ class TrialConfig:
     """Every factor of one ablation trial (a frozen, validated, JSON-able record).
 
     Attributes:
-        arm: ``"baseline" | "loss" | "noise" | "both"`` (module docstring).
+        arm: ``"baseline" | "loss" | "noise" | "both" | "crh"`` (module docstring).
         dataset: ``"mnist1d"`` (generated locally, cached) or ``"digits"`` (scikit-learn's 8×8).
         num_samples: mnist1d samples in total (train + test, 80/20); ignored for digits.
         data_seed: seed of the dataset generation/split; fixed across trials by default so that
@@ -144,6 +155,8 @@ class TrialConfig:
             larger values cut its overhead, the training is the same).
         alpha_threshold: mean α defining ``steps_to_alpha``.
         n_bootstrap: bootstrap resamples of the PAH exponent intervals (0 = none).
+        track_crh: also measure the task-only α over the training set after every window (one
+            forward/backward pass over the training set each time; the training is unchanged).
 
     Raises:
         TypeError / ValueError naming the field, for a wrong type or a bad value.
@@ -173,6 +186,7 @@ class TrialConfig:
     monitor_every: int = 1
     alpha_threshold: float = 0.5
     n_bootstrap: int = 100
+    track_crh: bool = False
 
     def __post_init__(self) -> None:
         for name in ("arm", "dataset", "model", "optimizer", "loss_metric", "preprocess", "metric"):
@@ -228,7 +242,9 @@ class TrialConfig:
                 f"Expected `weight_decay` > 0 with `noise`='auto' in arm {self.arm!r} (the calibration balances the "
                 "noise against the decay), but got 0.0; set a fixed `noise` or a positive `weight_decay`"
             )
-        if self.arm in LOSS_ARMS and not rel:
+        if not isinstance(self.track_crh, bool):
+            raise TypeError(f"Expected `track_crh` to be a bool, but got {self.track_crh!r}")
+        if self.arm in ("loss", "both") and not rel:
             raise ValueError(f"Expected `relations` to name at least one relation for arm {self.arm!r}, but got ()")
         if self.eval_every > self.steps:
             raise ValueError(f"Expected `eval_every` <= `steps` ({self.steps}), but got {self.eval_every}")
@@ -265,6 +281,8 @@ class TrialConfig:
             changes["noise"] = 0.0
         if not self.uses_loss:
             changes.update(loss_weight=0.0, relations=(), loss_metric="cosine")
+        elif self.arm == "crh":
+            changes.update(relations=(), loss_metric="cosine")  # the joint objective has its own
         if self.optimizer != "sgd":
             changes["momentum"] = 0.0
         return dataclasses.replace(self, **changes) if changes else self
@@ -385,7 +403,11 @@ def make_arm(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer,
     else:
         opt = _base_optimizer(cfg, model, cfg.weight_decay)
     align = None
-    if cfg.uses_loss:
+    if cfg.arm == "crh":
+        from .losses import crh_loss
+
+        align = crh_loss(model, weight=cfg.loss_weight)
+    elif cfg.uses_loss:
         from .losses import AlignmentLoss
 
         # G relations use the loss's moving average of earlier backward passes; at step 1 there is
@@ -508,7 +530,7 @@ def train_trial(
             idx = perm[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + align() if align is not None else task
+            loss = task + align(task) if align is not None else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -530,6 +552,8 @@ def train_trial(
                 mean_alpha = report.mean_alignment()
                 last_loss = window_loss / window_count
                 history.append({"step": step, "mean_alpha": mean_alpha, "train_loss": last_loss})
+                if cfg.track_crh:
+                    history[-1].update(_track(model, split, cfg, [monitor, align, opt]))
                 if steps_to_alpha is None and mean_alpha >= cfg.alpha_threshold:
                     steps_to_alpha = step
                 if callback is not None:
@@ -551,6 +575,24 @@ def train_trial(
     return TrainedTrial(cfg, model, opt, report, history, steps_to_alpha, last_loss, time.perf_counter() - t0)
 
 
+def _track(model: nn.Module, split: Split, cfg: TrialConfig, owners: list[Any]) -> dict[str, float]:
+    """Task-only α over the training set mid-training, with every canonreg hook lifted meanwhile."""
+    attached = [o for o in owners if o is not None and getattr(o, "attached", False)]
+    for o in attached:
+        o.detach()
+    try:
+        post = measure_crh(model, split.x, split.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+    finally:
+        for o in attached:
+            o.attach()
+    return {"min_alpha_inner": min_alignment(post, inner_layers(post.layers)), "mean_alpha_post": post.mean_alignment()}
+
+
+def inner_layers(layers: list[str]) -> list[str]:
+    """The weight layers whose input and output are both learned: all but the first and the last (head)."""
+    return list(layers[1:-1])
+
+
 def run_trial(
     cfg: TrialConfig,
     *,
@@ -568,9 +610,13 @@ def run_trial(
 
     Returns:
         A dict with ``config`` (resolved), ``run_id`` (:func:`config_id`), ``train_acc``,
-        ``test_acc``, ``train_loss``, ``test_loss`` (full splits, after training), ``layers``,
+        ``test_acc``, ``train_loss``, ``test_loss`` (full splits, after training), ``layers``;
+        after training, over the training set, task gradient only (:func:`~canonreg.measure_crh`):
         ``alpha[layer][relation]``, ``mean_alpha``, ``mean_alpha_relation[relation]``,
-        ``mean_alpha_layer[layer]``, ``exponents[layer][relation]`` (PAH fits), ``steps_to_alpha``,
+        ``mean_alpha_layer[layer]``, ``min_alpha_layer[layer]``, ``inner_layers``,
+        ``min_alpha_inner`` (:func:`inner_layers`), ``exponents[layer][relation]`` (PAH fits);
+        from the training-time monitor's last window: ``window_alpha``, ``window_mean_alpha``,
+        ``steps_to_alpha``,
         ``history``, ``hidden_layers``, ``erank[layer]``, ``pcs95[layer]``, ``penultimate``, ``nc1``,
         ``nc1_test``, ``balance[layer]`` (monitor, SGD form), ``optimizer_balance[layer]`` (noise arms),
         ``window_train_loss``, ``train_time_s``, ``wall_time_s``, ``cpu_time_s`` (this process's CPU
@@ -583,11 +629,21 @@ def run_trial(
     cfg = cfg.resolved()
     split = load_data(cfg) if data is None else data
     trained = train_trial(cfg, data=split, progress=progress, callback=callback)
-    report = trained.report
+    window = trained.report
     result: dict[str, Any] = {"config": cfg.to_dict(), "run_id": config_id(cfg)}
     result.update(evaluate(trained.model, split))
+    report = measure_crh(
+        trained.model, split.x, split.y, preprocess=cfg.preprocess, metric=cfg.metric,  # type: ignore[arg-type]
+        exponents=True, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+    )
     layers = report.layers
+    inner = inner_layers(layers)
     result["layers"] = layers
+    result["inner_layers"] = inner
+    result["min_alpha_inner"] = min_alignment(report, inner) if inner else float("nan")
+    result["min_alpha_layer"] = {name: min_alignment(report, [name]) for name in layers}
+    result["window_alpha"] = window.alignment
+    result["window_mean_alpha"] = window.mean_alignment()
     result["alpha"] = report.alignment
     result["mean_alpha"] = report.mean_alignment()
     result["mean_alpha_relation"] = {r: report.mean_alignment(relations=[r]) for r in CF.RELATIONS}
@@ -595,7 +651,7 @@ def run_trial(
     result["exponents"] = {name: {r: fit.to_dict() for r, fit in fits.items()} for name, fits in report.exponents.items()}
     result["steps_to_alpha"] = trained.steps_to_alpha
     result["history"] = trained.history
-    result["balance"] = {name: b.to_dict() for name, b in report.balance.items()}
+    result["balance"] = {name: b.to_dict() for name, b in window.balance.items()}
     ob = _optimizer_balance(trained.optimizer)
     result["optimizer_balance"] = None if ob is None else {name: b.to_dict() for name, b in ob.items()}
     result["window_train_loss"] = trained.train_loss

@@ -191,7 +191,7 @@ def test_run_trial_result_is_complete_consistent_and_json_ready(digits_split: ca
     json.dumps(r, allow_nan=False)
     assert r["run_id"] == config_id(cfg) and r["config"] == cfg.resolved().to_dict()
     assert [h["step"] for h in r["history"]] == [4, 12, 20]  # windows end at `steps`
-    assert r["history"][-1]["mean_alpha"] == pytest.approx(r["mean_alpha"], abs=0)
+    assert r["history"][-1]["mean_alpha"] == pytest.approx(r["window_mean_alpha"], abs=0)
     assert r["steps_to_alpha"] == 4  # threshold -1 is reached at the first window
     assert r["layers"] == ["0", "2", "4"] and r["hidden_layers"] == ["2", "4"] and r["penultimate"] == "4"
     for layer in r["layers"]:
@@ -208,6 +208,34 @@ def test_run_trial_result_is_complete_consistent_and_json_ready(digits_split: ca
     assert r["cpu_time_s"] > 0
     assert m["alpha@2"] == pytest.approx(np.mean(list(r["alpha"]["2"].values())))
     assert m["erank_penultimate"] == r["erank"]["4"] and m["pcs95@2"] == r["pcs95"]["2"]
+
+
+def test_reported_alpha_is_the_post_training_task_only_measurement(digits_split: canonreg.data.Split) -> None:
+    # Reference: a plain loop over the training set with a fresh monitor on the trained model and the
+    # task loss alone. In the loss arm the training monitor's G also holds the regulariser's gradient,
+    # so its window α must differ from the reported one.
+    cfg = tiny(arm="loss", steps=16, eval_every=8, loss_weight=1.0, relations=("f-RWA", "b-GWA"), weight_decay=1e-3)
+    r = run_trial(cfg, data=digits_split)
+    model = train_trial(cfg, data=digits_split).model
+    ref_monitor = canonreg.CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric, track_balance=False)
+    with ref_monitor:
+        for i in range(0, len(digits_split.y), 100):
+            torch.nn.functional.cross_entropy(model(digits_split.x[i : i + 100]), digits_split.y[i : i + 100]).backward()
+    ref = ref_monitor.compute(exponents=False)
+    for layer in r["layers"]:
+        for rel in canonreg.RELATIONS:
+            assert r["alpha"][layer][rel] == pytest.approx(ref.alignment[layer][rel], abs=1e-6)
+    assert r["inner_layers"] == ["2"] and r["min_alpha_inner"] == pytest.approx(min(ref.alignment["2"].values()), abs=1e-6)
+    assert r["window_alpha"] != r["alpha"]
+
+
+def test_track_crh_adds_post_hoc_alpha_without_changing_training(digits_split: canonreg.data.Split) -> None:
+    cfg = tiny(arm="loss", steps=16, eval_every=8, loss_weight=1.0, weight_decay=1e-3)
+    plain = run_trial(cfg, data=digits_split)
+    tracked = run_trial(cfg.replace(track_crh=True), data=digits_split)
+    assert tracked["alpha"] == plain["alpha"] and tracked["test_acc"] == plain["test_acc"]
+    assert all(-1 <= h["min_alpha_inner"] <= h["mean_alpha_post"] <= 1 for h in tracked["history"])
+    assert tracked["history"][-1]["min_alpha_inner"] == pytest.approx(tracked["min_alpha_inner"], abs=1e-9)
 
 
 def test_threshold_never_reached_gives_none(digits_split: canonreg.data.Split) -> None:
@@ -278,7 +306,7 @@ def test_callback_sees_every_window_and_works_with_a_writer(digits_split: canonr
 
         r = run_trial(tiny(arm="noise", noise=0.5, steps=16), data=digits_split, callback=both)
     assert [e.step for e in events] == [8, 16] and [e.final for e in events] == [False, True]
-    assert events[-1].report.mean_alignment() == pytest.approx(r["mean_alpha"], abs=0)
+    assert events[-1].report.mean_alignment() == pytest.approx(r["window_mean_alpha"], abs=0)
     assert events[-1].optimizer_balance is not None
     text = (tmp_path / "log.csv").read_text()
     assert "monitor_balance/noise_share" in text and "balance/noise_share" in text and "train_loss" in text
