@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from canonreg.data import Split
-from canonreg.experiment import ARMS, TrialConfig, build_model, config_id, train_trial
+from canonreg.experiment import ARMS, TrialConfig, build_model, config_id, inner_layers, train_trial
+from canonreg.measure import measure_crh, min_alignment
 from canonreg.layers import select_layers
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 #: One colour per arm in every figure.
-ARM_COLORS: dict[str, str] = {"baseline": "tab:gray", "loss": "tab:blue", "noise": "tab:orange", "both": "tab:green"}
+ARM_COLORS: dict[str, str] = {"baseline": "tab:gray", "loss": "tab:blue", "noise": "tab:orange", "both": "tab:green", "crh": "tab:red"}
 
 #: The :class:`~canonreg.experiment.TrialConfig` fields a recipe config may carry (same names).
 TRIAL_FIELDS: tuple[str, ...] = (
@@ -85,9 +86,12 @@ class Trained:
 
     Attributes:
         model: the trained network (eval mode).
-        mean_alpha: mean CRH alignment α over layers and relations, from a CRHMonitor over the last
-            ``eval_every`` optimizer steps (``preprocess`` and ``metric`` of the config).
+        mean_alpha: mean CRH alignment α over layers and relations, measured after training over the
+            whole training split with the task loss's gradient only (:func:`canonreg.measure_crh`;
+            ``preprocess`` and ``metric`` of the config).
         alpha: ``alpha[layer][relation]`` of that report (NaN where undefined).
+        min_alpha_inner: minimum α over the six relations and the inner layers (all but the first
+            and the head), same measurement.
         train_loss: mean task (cross-entropy) loss over that window.
         seconds: wall time of the training loop (of the original run when ``cached``).
         cached: whether the model was loaded from the model cache instead of trained.
@@ -98,6 +102,7 @@ class Trained:
     alpha: dict[str, dict[str, float]]
     train_loss: float
     seconds: float
+    min_alpha_inner: float = float("nan")
     cached: bool = False
 
 
@@ -129,7 +134,10 @@ def train(cfg: TrialConfig, split: Split, *, cache: bool = True) -> Trained:
         except Exception:  # a corrupt or foreign cache entry is retrained
             pass
     t = train_trial(cfg, data=split)
-    trained = Trained(t.model, t.report.mean_alignment(), t.report.alignment, t.train_loss, t.seconds)
+    post = measure_crh(t.model, split.x, split.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+    inner = inner_layers(post.layers)
+    min_inner = min_alignment(post, inner) if inner else float("nan")
+    trained = Trained(t.model, post.mean_alignment(), post.alignment, t.train_loss, t.seconds, min_inner)
     if path is not None:
         _save_trained(trained, path)
     return trained
@@ -137,7 +145,7 @@ def train(cfg: TrialConfig, split: Split, *, cache: bool = True) -> Trained:
 
 #: The canonreg modules whose source decides what :func:`train` computes (part of the cache key).
 _TRAINING_MODULES: tuple[str, ...] = tuple(
-    f"canonreg.{m}" for m in ("experiment", "losses", "optim", "models", "monitor", "report", "functional", "layers", "taps", "errors")
+    f"canonreg.{m}" for m in ("experiment", "measure", "losses", "optim", "models", "monitor", "report", "functional", "layers", "taps", "errors")
 )
 
 
@@ -163,6 +171,7 @@ def _save_trained(trained: Trained, path: Path) -> None:
         "alpha": trained.alpha,
         "train_loss": trained.train_loss,
         "seconds": trained.seconds,
+        "min_alpha_inner": trained.min_alpha_inner,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +188,10 @@ def _load_trained(cfg: TrialConfig, path: Path) -> Trained:
     model = build_model(cfg)
     model.load_state_dict(record["state_dict"])
     model.eval()
-    return Trained(model, float(record["mean_alpha"]), record["alpha"], float(record["train_loss"]), float(record["seconds"]), cached=True)
+    return Trained(
+        model, float(record["mean_alpha"]), record["alpha"], float(record["train_loss"]), float(record["seconds"]),
+        float(record["min_alpha_inner"]), cached=True,
+    )
 
 
 @torch.no_grad()
@@ -369,4 +381,7 @@ def check_seeds(seeds: Sequence[int]) -> None:
 def progress_line(arm: str, seed: int, trained: Trained, extra: Callable[[], str] = lambda: "") -> str:
     """One line per finished arm/seed for the console."""
     how = "cached" if trained.cached else f"{trained.seconds:.1f}s"
-    return f"  {arm:<8} seed={seed}  train-loss={trained.train_loss:.3f}  α={trained.mean_alpha:.3f}  {extra()}  ({how})"
+    return (
+        f"  {arm:<8} seed={seed}  train-loss={trained.train_loss:.3f}  α={trained.mean_alpha:.3f}  "
+        f"min α inner={trained.min_alpha_inner:.3f}  {extra()}  ({how})"
+    )

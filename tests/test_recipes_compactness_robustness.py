@@ -186,6 +186,7 @@ def test_recipe_training_is_the_experiment_trial(tmp_path: Path, monkeypatch: py
     ref = run_trial(cfg, data=split)
     assert acc == ref["test_acc"] and not trained.cached
     assert trained.mean_alpha == pytest.approx(ref["mean_alpha"], rel=1e-9)
+    assert trained.min_alpha_inner == pytest.approx(ref["min_alpha_inner"], rel=1e-9)
     # The model cache returns the same weights and statistics, and a changed config retrains.
     monkeypatch.setenv("CANONREG_CACHE_DIR", str(tmp_path))
     first = _common.train(cfg, split)
