@@ -285,7 +285,7 @@ def test_per_run_logs(kind: str, tmp_path: Path) -> None:
     cfg["ablation"]["logs"] = kind
     res = run(cfg, tmp_path / "l", plots=False)
     (rid,) = res.records
-    final_alpha = res.records[rid]["result"]["mean_alpha"]
+    final_alpha = res.records[rid]["result"]["window_mean_alpha"]  # the logs follow the training-time monitor
     log_dir = tmp_path / "l" / "logs" / rid
     if kind == "csv":
         rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
