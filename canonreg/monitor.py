@@ -64,8 +64,6 @@ GradScale = Literal["batch", "none"]
 #: folded into the float64 totals (bounds float32 accumulation error to ~16 ulp).
 _FOLD_EVERY = 16
 
-_MATRIX_KEYS = ("Ha_xx", "Ga_xx", "Hb_xx", "Gb_xx")
-
 #: Grams of more than this many columns are built block-recursively, upper triangle only.
 _SYRK_BLOCK = 256
 
@@ -105,12 +103,209 @@ def _gram(x: Tensor) -> Tensor:
     return out
 
 
-class _LayerState:
-    """Running sums of one layer: float64 totals plus short working-dtype partial sums."""
+#: The four streamed moments of a layer; the reduced sums name them ``Ha_xx``/``Ha_x``, ….
+_MOMENTS = ("Ha", "Hb", "Ga", "Gb")
 
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}  # float64 totals
-        self.partial: dict[str, Tensor] = {}  # working dtype, at most _FOLD_EVERY commits
+
+def _pow2_scale(spread: Tensor, fallback: Tensor) -> Tensor:
+    """A float64 power of two near ``spread`` (or ``fallback`` when that is 0; 1 when both are 0 or not finite).
+
+    Window rows are divided by it before their Gram, so products neither overflow (rows of 1e30) nor
+    underflow (gradients of 1e-30) in float32; a power of two makes the division and the float64
+    rescaling at the fold exact.
+    """
+    m = torch.where(spread > 0, spread, fallback).to(torch.float64)
+    m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    return torch.exp2(torch.floor(torch.log2(m)))
+
+
+def _absmax(x: Tensor) -> Tensor:
+    """``max |x_ij|`` as a 0-d tensor (0 for an empty tensor; NaN propagates)."""
+    return x.abs().amax() if x.numel() > 0 else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+class _CallMoment:
+    """One call's rows reduced in its forward hook: ``u = (x − origin)/scale``, ``Σu``, ``Σuuᵀ`` (upper layout)."""
+
+    __slots__ = ("origin", "s_x", "s_xx", "scale", "count")
+
+    def __init__(self, rows: Tensor, centered: bool) -> None:
+        self.count = rows.shape[0]
+        self.origin = rows.mean(0) if centered and self.count > 0 else None
+        dev = rows - self.origin if self.origin is not None else rows
+        self.scale = _pow2_scale(_absmax(dev), _absmax(rows))
+        u = dev * (1.0 / self.scale).to(rows.dtype)
+        self.s_x = u.sum(0)
+        self.s_xx = _gram(u)
+
+
+class _Moment:
+    """Streaming second moment of the rows ``x`` of one matrix (``H_a``, ``H_b``, ``G_a`` or ``G_b``) of a layer.
+
+    Totals, float64: the count ``n``, an origin ``o``, ``s_x = Σ(x − o)`` and ``s_xx = Σ(x − o)(x − o)ᵀ``.
+    Raw moments keep ``o = 0`` (``s_xx = Σ x xᵀ``). Centred moments never form ``Σ x xᵀ − n μ μᵀ`` (which
+    cancels catastrophically when the mean is large against the spread, e.g. inputs of 1000 + N(0, 1)):
+
+    * a window of at most ``_FOLD_EVERY`` calls accumulates, in the working dtype,
+      ``u = (x − c)/s`` with the shift ``c`` = the mean of the window's first call and a power-of-two
+      scale ``s`` (:func:`_pow2_scale`), i.e. ``Σu`` and ``Σuuᵀ``;
+    * the fold turns the window into float64 ``(n_w, mean_w, M2_w)`` and merges it into the totals with
+      Chan, Golub & LeVeque's parallel update (1979)
+      ``M2 ← M2 + M2_w + δδᵀ n n_w/(n + n_w)``, ``μ ← μ + δ n_w/(n + n_w)``, ``δ = mean_w − μ``;
+      the totals then keep ``o = μ`` and ``s_x = 0``.
+
+    ``ok`` (a 0-d bool tensor, deferred finiteness checks) masks a whole contribution to exact zeros.
+    """
+
+    __slots__ = ("centered", "n", "origin", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx")
+
+    def __init__(self, centered: bool) -> None:
+        self.centered = centered
+        self.n: Tensor | None = None
+        self.origin: Tensor | None = None
+        self.s_x: Tensor | None = None
+        self.s_xx: Tensor | None = None
+        self._clear_window()
+
+    def _clear_window(self) -> None:
+        self.w_n: Tensor | int = 0
+        self.w_shift: Tensor | None = None
+        self.w_scale: Tensor | None = None
+        self.w_x: Tensor | None = None
+        self.w_xx: Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.s_xx is None and self.w_xx is None
+
+    def _match(self, like: Tensor) -> None:
+        if self.w_xx is not None and (self.w_xx.dtype != like.dtype or self.w_xx.device != like.device):
+            self.fold()  # the model changed dtype/device mid-window
+
+    def _open(self, shift: Tensor | None, scale: Tensor, ok: Tensor | None, like: Tensor) -> None:
+        if ok is not None:
+            scale = torch.where(ok, scale, torch.ones_like(scale))
+            shift = None if shift is None else torch.where(ok, shift, 0.0)
+        self.w_shift = shift
+        self.w_scale = scale
+        self.w_x = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
+        self.w_xx = torch.zeros(like.shape[-1], like.shape[-1], dtype=like.dtype, device=like.device)
+
+    def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None) -> None:
+        """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``)."""
+        if rows.shape[0] == 0:
+            return
+        self._match(rows)
+        if self.w_xx is None:
+            x0 = rows * factor
+            shift = x0.mean(0) if self.centered else None
+            dev = x0 - shift if shift is not None else x0
+            self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
+        assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
+        u = rows * (factor / self.w_scale).to(rows.dtype)
+        if self.w_shift is not None:
+            u = u - (self.w_shift / self.w_scale).to(rows.dtype)
+        if ok is not None:
+            u = torch.where(ok, u, 0.0)
+        _gram_upper_(self.w_xx, u)
+        self.w_x.add_(u.sum(0))
+        self.w_n = self.w_n + (rows.shape[0] if ok is None else torch.where(ok, rows.shape[0], 0))
+
+    def add_call(self, c: _CallMoment, ok: Tensor | None) -> None:
+        """Add one call reduced in its forward hook, re-expressed in the window's coordinates.
+
+        With ``u_c = (x − o_c)/s_c`` and the window's ``u = (x − c)/s = r u_c + e`` (``r = s_c/s``,
+        ``e = (o_c − c)/s``): ``Σuuᵀ = r² Σu_cu_cᵀ + r(Σu_c eᵀ + e Σu_cᵀ) + n eeᵀ``, ``Σu = r Σu_c + n e``.
+        Every term adds (``Σu_c ≈ 0`` in centred mode): no cancellation.
+        """
+        if c.count == 0:
+            return
+        self._match(c.s_xx)
+        if self.w_xx is None:
+            self._open(c.origin, c.scale, ok, c.s_xx)
+        assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
+        r = (c.scale / self.w_scale).to(c.s_xx.dtype)
+        s_xx = c.s_xx * (r * r)
+        s_x = c.s_x * r
+        if c.origin is not None and self.w_shift is not None:
+            e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_xx.dtype)
+            s_xx = s_xx + torch.outer(s_x, e) + torch.outer(e, s_x) + torch.outer(e, e) * c.count
+            s_x = s_x + e * c.count
+        if ok is not None:
+            s_xx, s_x = torch.where(ok, s_xx, 0.0), torch.where(ok, s_x, 0.0)
+        self.w_xx.add_(s_xx)
+        self.w_x.add_(s_x)
+        self.w_n = self.w_n + (c.count if ok is None else torch.where(ok, c.count, 0))
+
+    def add(self, item: Tensor | _CallMoment, ok: Tensor | None) -> None:
+        if isinstance(item, _CallMoment):
+            self.add_call(item, ok)
+        else:
+            self.add_rows(item, 1.0, ok)
+
+    def fold(self) -> None:
+        """Merge the window into the float64 totals (Chan's update in centred mode)."""
+        if self.w_xx is None or self.w_x is None or self.w_scale is None:
+            return
+        f64 = torch.float64
+        s = self.w_scale
+        p_xx = _symmetrize_upper(self.w_xx).to(f64) * (s * s)
+        p_x = self.w_x.to(f64) * s
+        n_w = torch.as_tensor(self.w_n, dtype=f64, device=p_x.device)
+        shift = None if self.w_shift is None else self.w_shift.to(f64)
+        self._clear_window()
+        if self.s_xx is not None:
+            dev = self.s_xx.device
+            p_xx, p_x, n_w = p_xx.to(dev), p_x.to(dev), n_w.to(dev)
+            shift = None if shift is None else shift.to(dev)
+        if not self.centered:
+            if self.s_xx is None or self.s_x is None or self.n is None:
+                self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
+            else:
+                self.n, self.s_x, self.s_xx = self.n + n_w, self.s_x + p_x, self.s_xx + p_xx
+            return
+        assert shift is not None
+        safe = n_w.clamp_min(1.0)
+        mean_w = shift + p_x / safe
+        m2_w = p_xx - torch.outer(p_x, p_x) / safe
+        if self.s_xx is None or self.n is None or self.origin is None:
+            self.n, self.origin, self.s_xx = n_w, mean_w, m2_w
+            self.s_x = torch.zeros_like(mean_w)
+            return
+        total = self.n + n_w
+        delta = mean_w - self.origin
+        frac = n_w / total.clamp_min(1.0)
+        self.origin = self.origin + delta * frac
+        self.s_xx = self.s_xx + m2_w + torch.outer(delta, delta) * (self.n * frac)
+        self.n = total
+
+    def total_x(self) -> Tensor | None:
+        """``Σ x`` in float64 (after :meth:`fold`), None when empty."""
+        if self.s_x is None or self.n is None:
+            return None
+        return self.s_x if self.origin is None else self.s_x + self.n * self.origin
+
+    def about(self, point: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``(Σ(x − p), Σ(x − p)(x − p)ᵀ)`` in float64 about ``point`` (None: the totals' own origin).
+
+        Re-centring from the origin ``o`` (``δ = o − p``) adds ``s_x δᵀ + δ s_xᵀ + n δδᵀ``: no cancellation
+        when ``p`` is the mean of a superset (the distributed reduction) since ``s_x = 0`` then.
+        """
+        if self.s_x is None or self.s_xx is None or self.n is None:
+            return None
+        if point is None or self.origin is None:
+            return self.s_x, self.s_xx
+        delta = self.origin - point.to(self.origin.device)
+        s_xx = self.s_xx + torch.outer(self.s_x, delta) + torch.outer(delta, self.s_x) + torch.outer(delta, delta) * self.n
+        return self.s_x + delta * self.n, s_xx
+
+
+class _LayerState:
+    """Running statistics of one layer: four :class:`_Moment` and the float64 balance scalars."""
+
+    def __init__(self, centered: bool) -> None:
+        self.moments: dict[str, _Moment] = {k: _Moment(centered) for k in _MOMENTS}
+        self.scalars: dict[str, Tensor] = {}  # float64 sums: gnhn, gh
         self.partial_commits = 0
         self.n = 0  # committed rows (samples)
         self.steps = 0  # committed layer calls
@@ -120,39 +315,10 @@ class _LayerState:
         # deferred finiteness checks: (call, what was checked, device bool flags, rows) per committed call
         self.checks: list[tuple[int, tuple[str, ...], Tensor, int]] = []
 
-    def _fold_key(self, key: str) -> None:
-        buf = self.partial.pop(key)
-        if key in _MATRIX_KEYS:
-            buf = _symmetrize_upper(buf)
-        v = buf.to(torch.float64)
-        if key in self.sums:
-            self.sums[key] = self.sums[key].to(v.device).add_(v)
-        else:
-            self.sums[key] = v if v is not buf else v.clone()
-
-    def _slot(self, key: str, like: Tensor) -> Tensor | None:
-        buf = self.partial.get(key)
-        if buf is not None and (buf.dtype != like.dtype or buf.device != like.device):
-            self._fold_key(key)  # the model changed dtype/device mid-window
-            buf = None
-        return buf
-
-    def add(self, key: str, value: Tensor, alpha: float = 1.0) -> None:
-        """``partial[key] += alpha · value`` (never aliases ``value``: a retained graph may commit it twice)."""
-        buf = self._slot(key, value)
-        if buf is None:
-            self.partial[key] = value * alpha
-        else:
-            buf.add_(value, alpha=alpha)
-
-    def add_gram(self, key: str, rows: Tensor, alpha: float = 1.0) -> None:
-        """``partial[key] += alpha · rowsᵀ rows`` (upper block triangle; fused matmuls into the buffer)."""
-        buf = self._slot(key, rows)
-        if buf is None:
-            g = _gram(rows)
-            self.partial[key] = g.mul_(alpha) if alpha != 1.0 else g
-        else:
-            _gram_upper_(buf, rows, alpha)
+    def add_scalar(self, key: str, value: Tensor) -> None:
+        """``scalars[key] += value`` (a fresh tensor: a retained graph may commit the same value twice)."""
+        old = self.scalars.get(key)
+        self.scalars[key] = value.clone() if old is None else old + value.to(old.device)
 
     def commit(self, rows: int) -> None:
         self.n += rows
@@ -162,8 +328,8 @@ class _LayerState:
             self.fold()
 
     def fold(self) -> None:
-        for key in list(self.partial):
-            self._fold_key(key)
+        for m in self.moments.values():
+            m.fold()
         self.partial_commits = 0
 
 
@@ -289,7 +455,7 @@ class CRHMonitor:
         self._seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self._hooks = HookSet()
-        self._state: dict[str, _LayerState] = {n: _LayerState() for n in self.layers}
+        self._state: dict[str, _LayerState] = {n: _LayerState(self.preprocess != "raw") for n in self.layers}
         self._calls = 0  # grad-enabled forward calls of the root model
         self._active = True
 
@@ -337,7 +503,7 @@ class CRHMonitor:
     def reset(self) -> None:
         """Forget everything accumulated (hooks stay as they are; the ``every`` count and the row
         sub-sampling generator restart, so a reset monitor behaves like a fresh one)."""
-        self._state = {n: _LayerState() for n in self.layers}
+        self._state = {n: _LayerState(self.preprocess != "raw") for n in self.layers}
         self._gen.manual_seed(self._seed)
         self._calls = 0
         self._active = True
@@ -415,6 +581,7 @@ class CRHMonitor:
         tap = self._taps[name]
         layer = self.layers[name]
         normalized = self.preprocess == "normalized"
+        centered = self.preprocess != "raw"
 
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if module is not layer or not self._active or not torch.is_grad_enabled():
@@ -438,21 +605,21 @@ class CRHMonitor:
                 if not self._finite(name, "activations (h_a)", call, ha_norm2.sum(), deferred):
                     return
                 ya = _normalize(xa, ha_norm2) if normalized else xa
-                pending: dict[str, Tensor] = {"Ha_x": ya.sum(0)}
-                # Keep the rows for a fused Gram at commit time when that costs no memory: fresh rows no
-                # larger than the Gram, or a view of a Linear input that autograd saves (and so guards
-                # against in-place changes) anyway; otherwise take the Gram now.
+                pending: dict[str, Tensor | _CallMoment] = {}
+                # Keep the rows until commit time (a fused Gram into the window) when that costs no memory:
+                # fresh rows no larger than the Gram, or a view of a Linear input that autograd saves (and
+                # so guards against in-place changes) anyway; otherwise reduce this call now.
                 version = None
                 if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
                     if type(tap) is LinearTap and tap.weight(module).requires_grad:
-                        pending["Ha_rows"] = ya
+                        pending["Ha"] = ya
                         version = (x_in, x_in._version)
                     else:
-                        pending["Ha_xx"] = _gram(ya)
+                        pending["Ha"] = _CallMoment(ya, centered)
                 elif ya.shape[0] <= ya.shape[1]:
-                    pending["Ha_rows"] = ya
+                    pending["Ha"] = ya
                 else:
-                    pending["Ha_xx"] = _gram(ya)
+                    pending["Ha"] = _CallMoment(ya, centered)
                 rows_b = None
                 if self.direct or self.track_balance:
                     hb = _work_dtype(tap.output_rows(module, output).detach())
@@ -464,8 +631,7 @@ class CRHMonitor:
                             return
                         yb = _normalize(hb, hb_norm2) if normalized else hb
                         fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
-                        pending["Hb_rows" if fresh_small else "Hb_xx"] = yb if fresh_small else _gram(yb)
-                        pending["Hb_x"] = yb.sum(0)
+                        pending["Hb"] = yb if fresh_small else _CallMoment(yb, centered)
                     if self.track_balance:
                         # W h_a = h_b − b, copied now: an in-place op after the layer may overwrite h_b.
                         bias = tap.bias(module)
@@ -515,7 +681,7 @@ class CRHMonitor:
         name: str,
         module: nn.Module,
         tap: LayerTap,
-        pending: dict[str, Tensor],
+        pending: dict[str, Tensor | _CallMoment],
         idx: Tensor | None,
         scale: float,
         rows_b: Tensor | None,
@@ -556,43 +722,34 @@ class CRHMonitor:
                     "the backward pass; canonreg cannot measure h_a for that call"
                 )
             flags: tuple[tuple[str, ...], Tensor] | None = None
+            ok: Tensor | None = None
             if deferred is not None:
                 # No host sync: a call with any non-finite row contributes exact zeros (torch.where
                 # never propagates the unselected NaN); its counts are corrected in _resolve.
                 flags = (tuple(w for w, _ in deferred), torch.stack([f for _, f in deferred]))
                 ok = flags[1].all()
-                pending = {k: torch.where(ok, v, 0.0) for k, v in pending.items()}
-                gb, gb_norm2, ha_norm2 = (torch.where(ok, t, 0.0) for t in (gb, gb_norm2, ha_norm2))
-                if ga is not None and ga_norm2 is not None:
-                    ga, ga_norm2 = torch.where(ok, ga, 0.0), torch.where(ok, ga_norm2, 0.0)
-                if rows_b is not None:
-                    rows_b = torch.where(ok, rows_b, 0.0)
             # Everything is finite (or masked): commit the forward half and the backward half together.
             for k, v in pending.items():
-                if k.endswith("_rows"):
-                    state.add_gram(k[: -len("_rows")] + "_xx", v)
-                else:
-                    state.add(k, v)
-            # g = −scale · (dL/dh): Grams scale by scale², sums by −scale; normalisation keeps only the sign.
+                state.moments[k].add(v, ok)
+            # g = −scale · (dL/dh); normalisation keeps only the sign.
             if normalized:
-                yg = _normalize(gb, gb_norm2)
-                state.add_gram("Gb_xx", yg)
-                state.add("Gb_x", yg.sum(0), -1.0)
+                state.moments["Gb"].add_rows(_normalize(gb, gb_norm2), -1.0, ok)
             else:
-                state.add_gram("Gb_xx", gb, scale * scale)
-                state.add("Gb_x", gb.sum(0), -scale)
+                state.moments["Gb"].add_rows(gb, -scale, ok)
             if ga is not None and ga_norm2 is not None:
                 if normalized:
-                    yga = _normalize(ga, ga_norm2)
-                    state.add_gram("Ga_xx", yga)
-                    state.add("Ga_x", yga.sum(0), -1.0)
+                    state.moments["Ga"].add_rows(_normalize(ga, ga_norm2), -1.0, ok)
                 else:
-                    state.add_gram("Ga_xx", ga, scale * scale)
-                    state.add("Ga_x", ga.sum(0), -scale)
+                    state.moments["Ga"].add_rows(ga, -scale, ok)
             if rows_b is not None:
-                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms) and Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩.
-                state.add("gnhn", (gb_norm2 * ha_norm2).sum(), scale * scale)
-                state.add("gh", torch.dot(gb.reshape(-1), rows_b.reshape(-1)), -scale)
+                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms) and Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩,
+                # in float64 (products of float32 rows of 1e±30 would overflow or underflow).
+                gnhn = (gb_norm2 * ha_norm2).sum() * (scale * scale)
+                gh = torch.dot(gb.reshape(-1).double(), rows_b.reshape(-1).double()) * (-scale)
+                if ok is not None:
+                    gnhn, gh = torch.where(ok, gnhn, 0.0), torch.where(ok, gh, 0.0)
+                state.add_scalar("gnhn", gnhn)
+                state.add_scalar("gh", gh)
             state.commit(gb.shape[0])
             if flags is not None:
                 state.checks.append((call, *flags, gb.shape[0]))
@@ -652,22 +809,27 @@ class CRHMonitor:
         for state in self._state.values():
             state.fold()
         device = self._device()
+        world = _world_size() if self.sync_dist else 1
+        centres = self._global_means(names, device) if world > 1 and self.preprocess != "raw" else {}
         flat: list[Tensor] = []
         for n in names:
             state = self._state[n]
+            exported = {m: state.moments[m].about(centres.get((n, m))) for m in _MOMENTS}
             for k in keys:
                 if k == "n":
                     flat.append(torch.tensor(float(state.n), dtype=torch.float64, device=device))
                 elif k == "steps":
                     flat.append(torch.tensor(float(state.steps), dtype=torch.float64, device=device))
-                elif k in state.sums:
-                    flat.append(state.sums[k].to(device))
+                elif k[:2] in exported and exported[k[:2]] is not None:
+                    pair = exported[k[:2]]
+                    assert pair is not None
+                    flat.append((pair[1] if k.endswith("_xx") else pair[0]).to(device))
+                elif k in state.scalars:
+                    flat.append(state.scalars[k].to(device))
                 else:
                     flat.append(self._zeros_like_key(n, k, device))
-        world = 1
         if self.sync_dist:
             reduced = all_reduce_flat(flat)
-            world = _world_size()
         else:
             reduced = [t.detach().to(torch.float64).clone() for t in flat]
         it = iter(reduced)
@@ -725,10 +887,34 @@ class CRHMonitor:
             keys += ["gnhn", "gh"]
         return keys
 
+    def _global_means(self, names: list[str], device: torch.device) -> dict[tuple[str, str], Tensor]:
+        """Every centred moment's mean over all ranks (one small all-reduce of counts and ``Σx``).
+
+        Each rank then re-centres its sums on the common mean before the main reduction, so the
+        cross-rank sum adds deviations instead of cancelling raw second moments.
+        """
+        parts: list[Tensor] = []
+        slots: list[tuple[str, str, int]] = []
+        for n in names:
+            for m in _MOMENTS:
+                mom = self._state[n].moments[m]
+                d = self._zeros_like_key(n, m + "_x", device).shape[0]
+                total = mom.total_x()
+                parts.append(torch.zeros((), dtype=torch.float64, device=device) if mom.n is None else mom.n.to(device))
+                parts.append(torch.zeros(d, dtype=torch.float64, device=device) if total is None else total.to(device))
+                slots.append((n, m, d))
+        reduced = iter(all_reduce_flat(parts))
+        out: dict[tuple[str, str], Tensor] = {}
+        for n, m, _ in slots:
+            count, total = next(reduced), next(reduced)
+            out[(n, m)] = total / count.clamp_min(1.0)
+        return out
+
     def _device(self) -> torch.device:
         for state in self._state.values():
-            for t in state.sums.values():
-                return t.device
+            for m in state.moments.values():
+                if m.s_xx is not None:
+                    return m.s_xx.device
         for n in self.layers:
             return self._taps[n].weight(self.layers[n]).device
         return torch.device("cpu")
@@ -805,14 +991,18 @@ def _no_autocast(t: object) -> torch.autocast:
 
 
 def _row_norm2(x: Tensor) -> Tensor:
-    """``‖x_i‖²`` per row (one reduction, no ``n × d`` temporary)."""
-    return torch.linalg.vector_norm(x, dim=1).square_()
+    """``‖x_i‖²`` per row in float64 (finite for every finite float32 row, even of 1e30)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
 
 
 def _normalize(x: Tensor, norm2: Tensor) -> Tensor:
-    """``x_i / ‖x_i‖`` from precomputed squared norms (zero rows stay zero and still count)."""
-    inv = torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2))
-    return x * inv.unsqueeze(1)
+    """``x_i / ‖x_i‖`` from precomputed squared norms (zero rows stay zero and still count).
+
+    A division by the norm (never a multiplication by its inverse): ``|x_ij| ≤ ‖x_i‖``, so nothing
+    overflows, even for rows of 1e-30 whose inverse norm would.
+    """
+    norm = norm2.sqrt().to(x.dtype).unsqueeze(1)
+    return torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:

@@ -386,7 +386,11 @@ def test_no_autograd_graph_retained() -> None:
         gc.collect()
         assert ref_out() is None
     for state in monitor._state.values():
-        for t in [*state.sums.values(), *state.partial.values()]:
+        stored = [*state.scalars.values()]
+        for m in state.moments.values():
+            stored += [getattr(m, k) for k in m.__slots__ if isinstance(getattr(m, k), torch.Tensor)]
+        assert stored
+        for t in stored:
             assert not t.requires_grad and t.grad_fn is None
     report = monitor.compute(exponents=False)
     assert report.samples["0"] == x.shape[0]  # the forward-only pass was not counted
