@@ -65,13 +65,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -469,10 +470,15 @@ class TrainedTrial:
     seconds: float
 
 
+ModelFn = Callable[[TrialConfig], nn.Module]
+
+
 def train_trial(
     cfg: TrialConfig,
     *,
-    data: Split | None = None,
+    data: Split | Callable[[TrialConfig], Split] | None = None,
+    model_fn: ModelFn | None = None,
+    threads: int | None = None,
     progress: bool = False,
     callback: Callable[[TrialEvent], None] | None = None,
 ) -> TrainedTrial:
@@ -491,7 +497,13 @@ def train_trial(
 
     Args:
         cfg: the trial (resolved first, see :meth:`TrialConfig.resolved`).
-        data: a preloaded split for ``cfg`` (default: :func:`load_data`).
+        data: a preloaded split for ``cfg``, or a factory ``data(cfg) -> Split`` for your own data
+            (default: :func:`load_data`, the built-in data sets).
+        model_fn: a factory ``model_fn(cfg) -> nn.Module`` for your own model, called right after
+            the global RNG is seeded with ``cfg.seed`` (default: :func:`build_model`). The model must
+            map ``data.x`` rows to class logits (the task loss is cross-entropy).
+        threads: torch intra-op threads for this trial, restored afterwards (None: leave as is).
+            Small trials run much faster with 1 thread when several run side by side.
         progress: show a tqdm bar over the steps (needs tqdm).
         callback: called with a :class:`TrialEvent` after every window (e.g. to feed
             :mod:`canonreg.writers`).
@@ -502,13 +514,16 @@ def train_trial(
     from .monitor import CRHMonitor
 
     cfg = cfg.resolved()
+    if threads is not None:
+        with _num_threads(threads):
+            return train_trial(cfg, data=data, model_fn=model_fn, progress=progress, callback=callback)
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    split = load_data(cfg) if data is None else data
+    split = _data(cfg, data)
     x, y = split.x, split.y
-    model = build_model(cfg)
+    model = build_model(cfg) if model_fn is None else _user_model(cfg, model_fn)
     opt, align = make_arm(cfg, model)
     monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric, every=cfg.monitor_every)  # type: ignore[arg-type]
     order = torch.Generator().manual_seed(cfg.seed)
@@ -575,6 +590,39 @@ def train_trial(
     return TrainedTrial(cfg, model, opt, report, history, steps_to_alpha, last_loss, time.perf_counter() - t0)
 
 
+def _data(cfg: TrialConfig, data: Split | Callable[[TrialConfig], Split] | None) -> Split:
+    from .data import Split
+
+    if data is None:
+        return load_data(cfg)
+    split = data(cfg) if callable(data) and not isinstance(data, Split) else data
+    if not isinstance(split, Split):
+        raise TypeError(f"Expected `data` to be a canonreg.data.Split or a factory returning one, but got {type(split).__name__}")
+    return split
+
+
+def _user_model(cfg: TrialConfig, model_fn: ModelFn) -> nn.Module:
+    if not callable(model_fn):
+        raise TypeError(f"Expected `model_fn` to be callable as model_fn(cfg) -> nn.Module, but got {model_fn!r}")
+    torch.manual_seed(cfg.seed)  # the same initialisation in every arm of a seed
+    model = model_fn(cfg)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model_fn` to return a torch.nn.Module, but got {type(model).__name__}")
+    return model
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"Expected `threads` to be a positive int or None, but got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _track(model: nn.Module, split: Split, cfg: TrialConfig, owners: list[Any]) -> dict[str, float]:
     """Task-only α over the training set mid-training, with every canonreg hook lifted meanwhile."""
     attached = [o for o in owners if o is not None and getattr(o, "attached", False)]
@@ -598,7 +646,9 @@ def run_trial(
     *,
     progress: bool = False,
     callback: Callable[[TrialEvent], None] | None = None,
-    data: Split | None = None,
+    data: Split | Callable[[TrialConfig], Split] | None = None,
+    model_fn: ModelFn | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train one arm under ``cfg`` (:func:`train_trial`) and return its metrics, JSON-ready.
 
@@ -606,7 +656,7 @@ def run_trial(
         cfg: the trial (resolved first, see :meth:`TrialConfig.resolved`).
         progress: show a tqdm bar over the steps (needs tqdm).
         callback: called with a :class:`TrialEvent` after every monitor window.
-        data: a preloaded split for ``cfg`` (default: :func:`load_data`).
+        data, model_fn, threads: your own data and model, and the thread count (see :func:`train_trial`).
 
     Returns:
         A dict with ``config`` (resolved), ``run_id`` (:func:`config_id`), ``train_acc``,
@@ -627,8 +677,11 @@ def run_trial(
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     cfg = cfg.resolved()
-    split = load_data(cfg) if data is None else data
-    trained = train_trial(cfg, data=split, progress=progress, callback=callback)
+    if threads is not None:
+        with _num_threads(threads):
+            return run_trial(cfg, progress=progress, callback=callback, data=data, model_fn=model_fn)
+    split = _data(cfg, data)
+    trained = train_trial(cfg, data=split, model_fn=model_fn, progress=progress, callback=callback)
     window = trained.report
     result: dict[str, Any] = {"config": cfg.to_dict(), "run_id": config_id(cfg)}
     result.update(evaluate(trained.model, split))

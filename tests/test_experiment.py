@@ -318,3 +318,26 @@ def test_every_arm_runs_and_reports_its_balance(arm: str, digits_split: canonreg
     assert [h["step"] for h in r["history"]] == [8, 16]
     assert (r["optimizer_balance"] is not None) == (arm in ("noise", "both"))
     assert sum(1 for h in r["history"] if math.isfinite(h["train_loss"])) == 2
+
+
+def test_user_model_and_data_factories_and_threads(digits_split: canonreg.data.Split) -> None:
+    built: list[TrialConfig] = []
+
+    def model_fn(cfg: TrialConfig) -> nn.Module:
+        built.append(cfg)
+        return nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 10))
+
+    cfg = tiny(steps=16, eval_every=8)
+    before = torch.get_num_threads()
+    a = run_trial(cfg, data=lambda c: digits_split, model_fn=model_fn, threads=1)
+    b = run_trial(cfg, data=digits_split, model_fn=model_fn)
+    assert torch.get_num_threads() == before and a["threads"] == 1
+    assert len(built) == 2 and built[0] == cfg.resolved()
+    assert a["layers"] == ["0", "2", "4"] and a["inner_layers"] == ["2"]
+    assert without_timing(a) | {"threads": 0} == without_timing(b) | {"threads": 0}  # seeded init: same run
+    with pytest.raises(TypeError, match="model_fn"):
+        run_trial(cfg, data=digits_split, model_fn=lambda c: "not a model")  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="data"):
+        run_trial(cfg, data=lambda c: (digits_split.x, digits_split.y))  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="threads"):
+        run_trial(cfg, data=digits_split, threads=0)
