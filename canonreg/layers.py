@@ -2,11 +2,16 @@
 
 ``layers`` arguments accept, everywhere in canonreg:
 
-* ``None``: every module with a tap (Linear, Conv1d, Conv2d and registered types), except
-  children whose parent applies their weights functionally (``nn.MultiheadAttention.out_proj``),
-  which are listed as excluded with the reason;
+* ``None``: every module with a tap (Linear, Conv1d, Conv2d, ``transformers`` Conv1D and
+  registered types) whose configuration the tap supports. Everything else that holds parameters of
+  its own is listed in ``excluded`` with the reason: children whose parent applies their weights
+  functionally (``nn.MultiheadAttention.out_proj``), configurations a tap rejects (grouped
+  convolutions), subclasses that override their parent's ``forward`` (timm's ``StdConv2d``), and
+  modules without a tap (Embedding, LSTM/GRU, MHA ``in_proj``, Bilinear, Conv3d, ConvTranspose,
+  norms, custom modules). Nothing with parameters is left out silently;
 * a qualified name or a sequence of names from ``model.named_modules()``;
-* a module type or a tuple of types;
+* a module type or a tuple of types (``isinstance``); matches without a usable tap (a subclass
+  overriding ``forward``, a grouped convolution) are listed in ``excluded`` with the reason;
 * a predicate ``(name, module) -> bool``.
 """
 
@@ -21,9 +26,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import CanonRegError
-from .taps import LayerTap, functional_only_children, get_tap
+from .taps import LayerTap, _resolve, functional_only_children, get_tap, untapped_reason
 
-__all__ = ["LayerSpec", "select_layers", "HookSet", "claim_model", "release_model", "all_reduce_flat"]
+__all__ = ["LayerSpec", "select_layers", "check_layer_weight", "HookSet", "claim_model", "release_model", "all_reduce_flat"]
 
 LayerSpec = None | str | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
 
@@ -61,13 +66,28 @@ def select_layers(
     functional = functional_only_children(model)
     excluded: dict[str, str] = {}
 
+    def usable(n: str, m: nn.Module) -> bool:
+        """For the filtering forms (None, types): False, with the reason in ``excluded``, if unusable."""
+        if n in functional:
+            excluded[n] = functional[n]
+            return False
+        tap = get_tap(m, taps)
+        if tap is None:
+            excluded[n] = untapped_reason(m, taps) or "no tap"
+            return False
+        try:
+            tap.check(m, _display(n))
+        except CanonRegError as err:
+            excluded[n] = str(err)
+            return False
+        return True
+
     if layers is None:
         chosen = {}
-        for n, m in tappable.items():
-            if n in functional:
-                excluded[n] = functional[n]
-            else:
-                chosen[n] = m
+        for n, m in named.items():
+            if n in tappable or n in functional or any(True for _ in m.parameters(recurse=False)):
+                if usable(n, m):
+                    chosen[n] = m
     elif isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers)):
         names = [layers] if isinstance(layers, str) else list(layers)
         if not names:
@@ -81,7 +101,8 @@ def select_layers(
                 )
             if n not in tappable:
                 raise CanonRegError(
-                    f"Layer {n!r} ({type(named[n]).__name__}) has no tap: canonreg does not know its h_a, W and h_b. "
+                    f"Layer {n!r} ({type(named[n]).__name__}) has no tap: canonreg does not know its h_a, W and h_b "
+                    f"({untapped_reason(named[n], taps)}). "
                     f"Register one with canonreg.register_tap({type(named[n]).__name__}, tap) or pass `taps=`. "
                     f"Tappable layers: {sorted(map(_display, tappable))}"
                 )
@@ -91,14 +112,13 @@ def select_layers(
         chosen = {}
         for n, m in named.items():
             if isinstance(m, types):
-                if n not in tappable:
+                # A subclass overriding `forward` is excluded with its reason; a type without any tap is an error.
+                if n not in tappable and n not in functional and _resolve(m, taps)[2] is None:
                     raise CanonRegError(
                         f"Layer {n!r} ({type(m).__name__}) matches `layers` but has no tap; "
                         f"register one with canonreg.register_tap({type(m).__name__}, tap)"
                     )
-                if n in functional:
-                    excluded[n] = functional[n]
-                else:
+                if usable(n, m):
                     chosen[n] = m
     elif callable(layers):
         chosen = {}
@@ -116,19 +136,48 @@ def select_layers(
             f"or a predicate (name, module) -> bool, but got {layers!r}"
         )
     if not chosen:
+        why = "".join(f"; excluded {_display(n)!r}: {r}" for n, r in list(excluded.items())[:10])
         raise ValueError(
             f"Expected `layers` to match at least one tappable layer, but it matched none. "
             f"Tappable layers: {sorted(map(_display, tappable))}; all modules: "
-            f"{sorted((_display(n), type(m).__name__) for n, m in named.items())[:50]}"
+            f"{sorted((_display(n), type(m).__name__) for n, m in named.items())[:50]}{why}"
         )
     chosen_taps: dict[str, LayerTap] = {}
     for n, m in chosen.items():
         found = get_tap(m, taps)
         if found is None:  # unreachable: chosen ⊆ tappable
-            raise CanonRegError(f"Layer {_display(n)!r} has no tap")
+            raise CanonRegError(f"Layer {_display(n)!r} has no tap: {untapped_reason(m, taps)}")
         found.check(m, _display(n))
+        check_layer_weight(n, m, found)
         chosen_taps[n] = found
     return chosen, chosen_taps, excluded
+
+
+def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data: bool = False) -> None:
+    """Raise :class:`CanonRegError` naming the layer when its ``W`` cannot be measured.
+
+    Always: a weight that is not a 2-D tensor or has a zero dimension (``nn.Linear(4, 0)``: there is
+    no ``h_a``/``h_b`` coordinate to measure). With ``need_data`` (at attach time): a weight on the
+    ``meta`` device (no values; materialise the model first, e.g. ``model.to_empty(device=...)``
+    followed by its initialisation).
+    """
+    w = tap.weight(module)
+    kind = type(module).__name__
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({kind}): its tap's weight must be a 2-D (d_b, d_a) tensor, but got {shape}"
+        )
+    if w.numel() == 0:
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({kind}) has a zero-width weight of shape {tuple(w.shape)}: it has no "
+            "coordinates to measure. Leave it out with `layers=`"
+        )
+    if need_data and w.is_meta:
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({kind}) has its weight on the meta device (shapes only, no values): "
+            "materialise the model first (e.g. model.to_empty(device='cpu') and initialise it), then attach"
+        )
 
 
 class HookSet:

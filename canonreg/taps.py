@@ -7,7 +7,27 @@ A tap turns one call of a module into per-sample rows (crh-spec §1):
 * ``nn.Conv1d`` / ``nn.Conv2d``: every output position is a sample; ``h_a`` is the unfolded input
   patch (``C_in·k`` or ``C_in·kh·kw``) *including* the padding the layer applies, ``W`` the weight
   reshaped to ``(C_out, C_in·k…)``, ``h_b``/``g_b`` the ``C_out`` vectors. Then
-  ``h_b = W h_a + b`` holds exactly per position. Grouped convolutions raise a clear error.
+  ``h_b = W h_a + b`` holds exactly per position. Grouped convolutions fail ``check`` (under
+  ``layers=None`` they are listed in ``excluded`` with the reason).
+* ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives; ``y = x @ weight + bias`` with
+  ``weight`` stored ``(d_a, d_b)``): rows as for ``nn.Linear``, ``W = weight.T``. Resolved by the
+  class's module and name, so canonreg never imports ``transformers``.
+
+**Exact types.** A subclass of a tapped type that defines its own ``forward`` (or, for convolutions,
+``_conv_forward``) may apply a different weight than ``.weight`` (timm's ``StdConv2d`` standardises
+it, ``Conv2dSame`` pads dynamically), so it does not inherit its parent's tap: it has no tap until
+one is registered for it, and ``layers=None`` lists it in ``excluded`` with that reason. Subclasses
+that keep the parent's ``forward`` (``nn.LazyLinear``, parametrized modules, MHA's ``out_proj``)
+use the parent's tap.
+
+**Weight layout** (shared by the monitor, the losses and the noise wrapper). ``tap.weight(module)``
+is ``W`` as a ``(d_b, d_a)`` view of a parameter of the module. Anything else shaped like that
+parameter (its gradient, a noise draw, optimizer state) maps to and from the ``(d_b, d_a)`` layout
+with :func:`matrix_view` and :func:`to_weight_layout`; a tap may define these as methods
+``matrix_view(module, t)`` / ``to_weight_layout(module, m)``, and without them canonreg derives
+both from the strides of ``tap.weight(module)`` relative to the parameter (exact for any view:
+reshape, transpose, slice of a whole parameter), so a user tap returning ``module.w.T`` is handled
+correctly by the noise wrapper too.
 
 Register a tap for a custom module type with :func:`register_tap` (globally) or pass
 ``taps={MyModule: MyTap()}`` to a monitor or loss (locally). A tap may also define
@@ -28,14 +48,30 @@ Example (a tap for a hypothetical ``Dense`` module computing ``x @ self.w.T``)::
 
 from __future__ import annotations
 
+import sys
 from typing import Protocol, runtime_checkable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CanonRegError
 
-__all__ = ["LayerTap", "LinearTap", "ConvTap", "register_tap", "get_tap", "default_taps", "tap_batch_size"]
+__all__ = [
+    "LayerTap",
+    "LinearTap",
+    "ConvTap",
+    "TransposedLinearTap",
+    "register_tap",
+    "get_tap",
+    "default_taps",
+    "tap_batch_size",
+    "weight_matrix",
+    "weight_parameter",
+    "matrix_view",
+    "to_weight_layout",
+    "untapped_reason",
+]
 
 
 @runtime_checkable
@@ -81,6 +117,33 @@ class LinearTap:
 
     def bias(self, module: nn.Module) -> Tensor | None:
         return module.bias  # type: ignore[return-value]
+
+    def matrix_view(self, module: nn.Module, t: Tensor) -> Tensor:
+        """``t`` (shaped like ``weight``) in the ``(d_b, d_a)`` layout: ``t`` itself."""
+        return _expect_shape(t, module.weight, "t")  # type: ignore[arg-type]
+
+    def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
+        """A ``(d_b, d_a)`` matrix in ``weight``'s layout: ``m`` itself."""
+        return _expect_shape(m, module.weight, "m")  # type: ignore[arg-type]
+
+
+class TransposedLinearTap(LinearTap):
+    """Tap for layers computing ``y = x @ weight + bias`` with ``weight`` stored ``(d_a, d_b)``.
+
+    ``W = weightᵀ`` (a view), so ``h_b = W h_a + b`` per row as for ``nn.Linear``. Used for
+    ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP projections).
+    """
+
+    def weight(self, module: nn.Module) -> Tensor:
+        return module.weight.T  # type: ignore[union-attr]
+
+    def matrix_view(self, module: nn.Module, t: Tensor) -> Tensor:
+        """``t`` (shaped like ``weight``, ``(d_a, d_b)``) as ``(d_b, d_a)``: ``tᵀ`` (a view)."""
+        return _expect_shape(t, module.weight, "t").T  # type: ignore[arg-type]
+
+    def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
+        """A ``(d_b, d_a)`` matrix in ``weight``'s ``(d_a, d_b)`` layout: ``mᵀ`` (a view)."""
+        return _expect_shape(m, module.weight.T, "m").T  # type: ignore[union-attr]
 
 
 class ConvTap:
@@ -136,6 +199,23 @@ class ConvTap:
     def bias(self, module: nn.Module) -> Tensor | None:
         return module.bias  # type: ignore[return-value]
 
+    def matrix_view(self, module: nn.Module, t: Tensor) -> Tensor:
+        """``t`` (shaped like ``weight``, ``(C_out, C_in, k…)``) as ``(C_out, C_in·k…)`` (a view when contiguous)."""
+        w = _as_conv(module, type(module).__name__).weight
+        return _expect_shape(t, w, "t").reshape(w.shape[0], -1)
+
+    def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
+        """A ``(C_out, C_in·k…)`` matrix reshaped to ``weight``'s ``(C_out, C_in, k…)``."""
+        w = _as_conv(module, type(module).__name__).weight
+        return _expect_shape(m, self.weight(module), "m").reshape(w.shape)
+
+
+def _expect_shape(t: Tensor, like: Tensor, what: str) -> Tensor:
+    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(like.shape):
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"Expected `{what}` to be a tensor of shape {tuple(like.shape)}, but got {got}")
+    return t
+
 
 def _first_tensor(module: nn.Module, inputs: tuple[object, ...]) -> Tensor:
     x = inputs[0] if inputs else None
@@ -186,18 +266,168 @@ def register_tap(module_type: type[nn.Module], tap: LayerTap) -> None:
     _REGISTRY[module_type] = tap
 
 
+#: Taps for classes of optional libraries, keyed by ``(cls.__module__, cls.__qualname__)``: matched
+#: by name so that canonreg never imports the library; an instance can only exist once it is imported.
+_BY_NAME: dict[tuple[str, str], LayerTap] = {
+    ("transformers.pytorch_utils", "Conv1D"): TransposedLinearTap(),
+    ("transformers.modeling_utils", "Conv1D"): TransposedLinearTap(),  # transformers < 4.20
+}
+
+#: Methods whose override means a subclass may apply another weight than its parent's tap assumes.
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def default_taps() -> dict[type[nn.Module], LayerTap]:
-    """A copy of the global tap registry."""
-    return dict(_REGISTRY)
+    """A copy of the global tap registry (with ``transformers``' Conv1D once ``transformers`` is imported)."""
+    out = dict(_REGISTRY)
+    for (mod, qualname), tap in _BY_NAME.items():
+        cls = getattr(sys.modules.get(mod), qualname, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and (cls.__module__, cls.__qualname__) == (mod, qualname):
+            out.setdefault(cls, tap)
+    return out
+
+
+def _lookup(cls: type, table: dict[type[nn.Module], LayerTap]) -> LayerTap | None:
+    if cls in table:
+        return table[cls]  # type: ignore[index]
+    return _BY_NAME.get((cls.__module__, cls.__qualname__))
+
+
+def _resolve(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | None) -> tuple[LayerTap | None, type | None, type | None]:
+    """``(tap, class it was registered for, overriding class)`` walking ``type(module).__mro__``.
+
+    The walk stops at the first class with a tap; if a class before it defines its own ``forward``
+    (or ``_conv_forward``), the tap is refused and that class returned as the override.
+    """
+    table = _REGISTRY if taps is None else {**_REGISTRY, **taps}
+    override: type | None = None
+    for cls in type(module).__mro__:
+        tap = _lookup(cls, table)
+        if tap is not None:
+            return (None, cls, override) if override is not None else (tap, cls, None)
+        if override is None and any(m in vars(cls) for m in _FORWARD_METHODS):
+            override = cls
+    return None, None, None
 
 
 def get_tap(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | None = None) -> LayerTap | None:
-    """The tap for ``module``: exact type first, then the nearest registered base class (MRO order)."""
-    table = _REGISTRY if taps is None else {**_REGISTRY, **taps}
-    for cls in type(module).__mro__:
-        if cls in table:
-            return table[cls]  # type: ignore[index]
-    return None
+    """The tap for ``module``: its exact type's, else the nearest registered base class's (MRO order).
+
+    A base class's tap is used only if no class between it and ``type(module)`` defines its own
+    ``forward`` (or ``_conv_forward``): such a subclass may apply another weight (see
+    :func:`untapped_reason`) and has no tap until one is registered for it.
+    """
+    return _resolve(module, taps)[0]
+
+
+def untapped_reason(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | None = None) -> str | None:
+    """Why ``module`` has no tap (None when it has one), for ``excluded`` lists and error messages."""
+    tap, base, override = _resolve(module, taps)
+    if tap is not None:
+        return None
+    name = type(module).__name__
+    hint = f"register a tap for it with canonreg.register_tap({name}, tap) to measure it"
+    if base is not None and override is not None:
+        return (
+            f"{name} subclasses {base.__module__}.{base.__qualname__} but {override.__qualname__} defines its own "
+            f"`forward`/`_conv_forward`, so the weight it applies may differ from `.weight` (e.g. timm's "
+            f"StdConv2d standardises it); canonreg does not take it as its parent: {hint}"
+        )
+    for types, why in _UNTAPPED:
+        if isinstance(module, types):
+            return f"{name}: {why}; {hint}"
+    return (
+        f"{name} has parameters but no tap (canonreg measures layers h_b = W h_a + b with a tap: Linear, "
+        f"Conv1d, Conv2d, transformers Conv1D and registered types); {hint}"
+    )
+
+
+#: Reasons for common parameterised modules without a tap (checked in order).
+_UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    ((nn.Embedding, nn.EmbeddingBag), "a lookup table (h_a would be one-hot); no built-in tap"),
+    ((nn.RNNBase,), "recurrent weights are applied inside a fused kernel over all time steps, so hooks see "
+     "only whole sequences; no built-in tap"),
+    ((nn.MultiheadAttention,), "in_proj_weight (q, k, v) is applied functionally inside "
+     "F.multi_head_attention_forward; no built-in tap"),
+    ((nn.Bilinear,), "a bilinear form x1ᵀ A x2, not h_b = W h_a + b; no built-in tap"),
+    ((nn.modules.conv._ConvTransposeNd,), "transposed convolution; no built-in tap"),
+    ((nn.Conv3d,), "3-D convolution; no built-in tap"),
+    ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm),
+     "a normalisation layer: elementwise scale and shift, no weight matrix W"),
+    ((nn.PReLU,), "a learnable activation (elementwise), no weight matrix W"),
+)
+
+
+def _owning_parameter(name: str, module: nn.Module, w: Tensor) -> nn.Parameter:
+    own = list(module.parameters(recurse=False))
+    for p in own:
+        # Same storage object (not just address: meta tensors all sit at 0) and every element covered.
+        if p.numel() == w.numel() and p.untyped_storage()._cdata == w.untyped_storage()._cdata:
+            return p
+    raise CanonRegError(
+        f"Layer {name!r} ({type(module).__name__}): its tap's weight is not a parameter of the module or a view "
+        "of a whole one (reshape, transpose), so its layout in the parameter is unknown"
+    )
+
+
+def weight_matrix(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | None = None) -> Tensor:
+    """``W`` of ``module`` as a differentiable ``(d_b, d_a)`` view (``h_b = W h_a + b``).
+
+    Raises:
+        CanonRegError: ``module`` has no tap (the message says why).
+    """
+    tap = get_tap(module, taps)
+    if tap is None:
+        raise CanonRegError(f"{untapped_reason(module, taps)}")
+    return tap.weight(module)
+
+
+def weight_parameter(tap: LayerTap, module: nn.Module, name: str = "") -> nn.Parameter:
+    """The parameter of ``module`` (its own, not a child's) behind ``tap.weight(module)``.
+
+    Raises:
+        CanonRegError: the tap's weight is no whole parameter or view of one (e.g. computed).
+    """
+    return _owning_parameter(name or type(module).__name__, module, tap.weight(module))
+
+
+def matrix_view(tap: LayerTap, module: nn.Module, t: Tensor) -> Tensor:
+    """``t``, shaped like the weight parameter, in the tap's ``(d_b, d_a)`` layout of ``W``.
+
+    ``matrix_view(tap, m, p) is tap.weight(m)`` elementwise for the parameter ``p`` itself; apply it
+    to ``p.grad``, a noise draw or optimizer state to read or write them as ``(d_b, d_a)`` matrices
+    (GPT-2's Conv1D: ``tᵀ``; a convolution: ``t.reshape(C_out, -1)``). When ``t`` has the
+    parameter's strides the result is a view, so in-place updates (``addmm_``, ``add_``) reach ``t``.
+    Uses the tap's ``matrix_view`` method when it defines one, else the strides of
+    ``tap.weight(module)`` relative to its parameter.
+    """
+    own = getattr(tap, "matrix_view", None)
+    if callable(own):
+        return own(module, t)  # type: ignore[no-any-return]
+    w = tap.weight(module)
+    p = _owning_parameter(type(module).__name__, module, w)
+    _expect_shape(t, p, "t")
+    if t.stride() != p.stride():
+        t = torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    return t.as_strided(w.shape, w.stride(), t.storage_offset() + w.storage_offset() - p.storage_offset())
+
+
+def to_weight_layout(tap: LayerTap, module: nn.Module, m: Tensor) -> Tensor:
+    """The inverse of :func:`matrix_view`: a ``(d_b, d_a)`` matrix as a tensor of the weight parameter's shape.
+
+    ``to_weight_layout(tap, mod, tap.weight(mod))`` equals the parameter; the noise wrapper adds
+    ``to_weight_layout(tap, mod, N)`` to ``p.grad``. Uses the tap's ``to_weight_layout`` method
+    when it defines one, else the strides of ``tap.weight(module)`` relative to its parameter.
+    """
+    own = getattr(tap, "to_weight_layout", None)
+    if callable(own):
+        return own(module, m)  # type: ignore[no-any-return]
+    w = tap.weight(module)
+    p = _owning_parameter(type(module).__name__, module, w)
+    _expect_shape(m, w, "m")
+    out = torch.empty_strided(p.shape, p.stride(), dtype=m.dtype, device=m.device)
+    out.as_strided(w.shape, w.stride(), out.storage_offset() + w.storage_offset() - p.storage_offset()).copy_(m)
+    return out
 
 
 def functional_only_children(model: nn.Module) -> dict[str, str]:

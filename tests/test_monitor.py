@@ -868,9 +868,12 @@ def test_bad_model_and_grouped_conv() -> None:
     with pytest.raises(TypeError, match="`model`"):
         CRHMonitor("not a model")  # type: ignore[arg-type]
     grouped = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(8, 2))
+    monitor = CRHMonitor(grouped)  # layers=None: the grouped conv is excluded with the reason
+    assert list(monitor.layers) == ["2"]
+    assert "grouped convolution (groups=2)" in monitor.excluded["0"]
     with pytest.raises(CanonRegError, match=r"grouped convolution \(groups=2\)"):
-        CRHMonitor(grouped)
-    monitor = CRHMonitor(grouped, layers="2")  # excluding it works
+        CRHMonitor(grouped, layers=["0", "2"])  # asked for by name: the clear error
+    monitor = CRHMonitor(grouped, layers="2")
     assert list(monitor.layers) == ["2"]
 
 

@@ -11,7 +11,21 @@ from torch.testing import assert_close
 import canonreg
 from canonreg import CanonRegError
 from canonreg.layers import HookSet, all_reduce_flat, claim_model, release_model, select_layers
-from canonreg.taps import ConvTap, LinearTap, default_taps, functional_only_children, get_tap, register_tap, tap_batch_size
+from canonreg.taps import (
+    ConvTap,
+    LinearTap,
+    TransposedLinearTap,
+    default_taps,
+    functional_only_children,
+    get_tap,
+    matrix_view,
+    register_tap,
+    tap_batch_size,
+    to_weight_layout,
+    untapped_reason,
+    weight_matrix,
+    weight_parameter,
+)
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -88,8 +102,16 @@ def test_grouped_conv_is_rejected_clearly() -> None:
     conv = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(CanonRegError, match=r"'g' is a grouped convolution \(groups=2\).*groups=1"):
         ConvTap().check(conv, "g")
-    with pytest.raises(CanonRegError, match="grouped"):
-        select_layers(nn.Sequential(conv), None)
+    # layers=None: grouped and depthwise convs are excluded with the reason, not an error
+    model = nn.Sequential(conv, nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1))
+    chosen, _, excluded = select_layers(model, None)
+    assert list(chosen) == ["2"]
+    assert "grouped convolution (groups=2)" in excluded["0"] and "grouped convolution (groups=4)" in excluded["1"]
+    assert list(select_layers(model, nn.Conv2d)[2]) == ["0", "1"]  # a type filter excludes them too
+    with pytest.raises(CanonRegError, match=r"grouped convolution \(groups=2\)"):
+        select_layers(model, ["0", "2"])  # asked for by name: the clear error
+    with pytest.raises(ValueError, match=r"matched none.*excluded '0': .*grouped"):
+        select_layers(nn.Sequential(conv), None)  # nothing left: the reasons are in the message
     with pytest.raises(CanonRegError, match="ConvTap"):
         ConvTap().check(nn.Linear(2, 2), "lin")
 
@@ -204,3 +226,236 @@ def test_all_reduce_flat_without_process_group_copies() -> None:
     out[0].add_(1)
     assert torch.equal(ts[0], torch.ones(2, 2))  # inputs untouched
     assert all_reduce_flat([]) == []
+
+
+# ----------------------------------------------------------------------------- weight layout
+class GPT2StyleConv1D(nn.Module):
+    """``y = x @ weight + bias`` with ``weight`` stored ``(d_a, d_b)``, like transformers' Conv1D."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class UserTransposedTap:
+    """A user tap with only the five required methods, returning the transposed parameter as ``W``."""
+
+    def check(self, module: nn.Module, name: str) -> None:
+        return None
+
+    def input_rows(self, module: nn.Module, inputs: tuple[object, ...]) -> torch.Tensor:
+        x = inputs[0]
+        return x.reshape(-1, x.shape[-1])  # type: ignore[union-attr]
+
+    def output_rows(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        return output.reshape(-1, output.shape[-1])
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.T  # type: ignore[union-attr]
+
+    def bias(self, module: nn.Module) -> torch.Tensor | None:
+        return module.bias  # type: ignore[return-value]
+
+
+class StripLayout:
+    """Wraps a built-in tap, hiding its layout methods, so the stride-derived fallback is exercised."""
+
+    def __init__(self, tap: object) -> None:
+        self.tap = tap
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("matrix_view", "to_weight_layout"):
+            raise AttributeError(name)
+        return getattr(self.tap, name)
+
+
+def test_transposed_linear_tap_rows_satisfy_affine_identity() -> None:
+    layer = GPT2StyleConv1D(nf=5, nx=4).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    tap = TransposedLinearTap()
+    ha, hb = tap.input_rows(layer, (x,)), tap.output_rows(layer, layer(x))
+    w = tap.weight(layer)
+    assert w.shape == (5, 4) and ha.shape == (6, 4) and hb.shape == (6, 5)
+    assert_close(hb, ha @ w.T + tap.bias(layer))  # h_b = W h_a + b with W = weightᵀ
+    assert_close(w, layer.weight.detach().T)
+    assert tap.batch_size(layer, (x,)) == 2
+
+
+LAYOUT_CASES = [
+    (lambda: nn.Linear(4, 3), LinearTap(), lambda p: p),
+    (lambda: nn.Conv1d(2, 3, 4), ConvTap(), lambda p: p.reshape(3, 8)),
+    (lambda: nn.Conv2d(2, 3, (2, 3)), ConvTap(), lambda p: p.reshape(3, 12)),
+    (lambda: GPT2StyleConv1D(3, 4), TransposedLinearTap(), lambda p: p.T),
+    (lambda: GPT2StyleConv1D(3, 4), UserTransposedTap(), lambda p: p.T),
+]
+
+
+@pytest.mark.parametrize("make,tap,expected_view", LAYOUT_CASES, ids=["linear", "conv1d", "conv2d", "conv1D-builtin", "conv1D-user"])
+@pytest.mark.parametrize("strip", [False, True], ids=["own", "derived"])
+def test_weight_layout_round_trip_and_write_through(make, tap, expected_view, strip) -> None:
+    torch.manual_seed(1)
+    module = make().double()
+    tap = StripLayout(tap) if strip else tap
+    p = weight_parameter(tap, module, "layer")
+    assert p is module.weight
+    w = tap.weight(module)
+    # the parameter itself maps to W, W maps back to the parameter
+    assert_close(matrix_view(tap, module, p.detach()), w.detach())
+    assert_close(to_weight_layout(tap, module, w.detach()), p.detach())
+    # any tensor shaped like the parameter (a gradient) follows the same layout, given independently
+    g = torch.randn_like(p)
+    assert_close(matrix_view(tap, module, g), expected_view(g))
+    m = torch.randn(w.shape, dtype=torch.float64)
+    back = to_weight_layout(tap, module, m)
+    assert back.shape == p.shape
+    assert_close(expected_view(back), m)
+    # in-place writes through the view reach the gradient (what the noise wrapper relies on)
+    before = g.clone()
+    matrix_view(tap, module, g).add_(m)
+    assert_close(g, before + to_weight_layout(tap, module, m))
+
+
+def test_weight_layout_refuses_wrong_shapes_and_computed_weights() -> None:
+    lin = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"`t` to be a tensor of shape \(3, 4\)"):
+        matrix_view(LinearTap(), lin, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"`m` to be a tensor of shape \(3, 4\)"):
+        to_weight_layout(StripLayout(TransposedLinearTap()), GPT2StyleConv1D(3, 4), torch.zeros(4, 3))
+
+    class Standardised(UserTransposedTap):
+        def weight(self, module: nn.Module) -> torch.Tensor:
+            return (module.weight - module.weight.mean()).T  # computed: no parameter behind it
+
+    with pytest.raises(CanonRegError, match="not a parameter of the module or a view"):
+        weight_parameter(Standardised(), GPT2StyleConv1D(3, 4), "std")
+    with pytest.raises(CanonRegError, match="not a parameter"):
+        matrix_view(Standardised(), GPT2StyleConv1D(3, 4), torch.zeros(4, 3))
+    assert_close(weight_matrix(lin), lin.weight)
+    with pytest.raises(CanonRegError, match="lookup table"):
+        weight_matrix(nn.Embedding(3, 2))
+
+
+# ----------------------------------------------------------------------------- exact types, coverage
+class StdConv2dLike(nn.Conv2d):
+    """Like timm's StdConv2d: convolves with the standardised weight, not ``.weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
+        return self._conv_forward(x, w, self.bias)
+
+
+class Conv2dSameLike(nn.Conv2d):
+    """Like timm's Conv2dSame: pads dynamically (TF 'SAME') before a padding-free convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F_conv_same(x, self)
+
+
+def F_conv_same(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    ih, iw = x.shape[-2:]
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+    pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+    x = torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+    return torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+class ScaledConvForward(nn.Conv2d):
+    """Overrides only ``_conv_forward`` (scales the weight)."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, 2.0 * weight, bias)
+
+
+class PlainSubclass(nn.Conv2d):
+    """Keeps Conv2d's forward: the parent's tap is exact."""
+
+
+class OwnForwardLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(2 * x)
+
+
+def test_subclass_with_own_forward_is_never_taken_as_its_parent() -> None:
+    std, same, scaled = StdConv2dLike(2, 3, 3), Conv2dSameLike(2, 3, 3, stride=2), ScaledConvForward(2, 3, 3)
+    for m in (std, same, scaled, OwnForwardLinear(3, 2)):
+        assert get_tap(m) is None
+        assert "defines its own `forward`/`_conv_forward`" in (untapped_reason(m) or "")
+    assert isinstance(get_tap(PlainSubclass(2, 3, 3)), ConvTap) and untapped_reason(PlainSubclass(2, 3, 3)) is None
+    assert isinstance(get_tap(nn.LazyLinear(3)), LinearTap)  # keeps Linear's forward
+    # the subclass's affine identity with the parent's tap fails: the reason the tap is refused
+    x = torch.randn(2, 2, 7, 7)
+    ha, hb = ConvTap().input_rows(std, (x,)), ConvTap().output_rows(std, std(x))
+    assert (hb - (ha @ ConvTap().weight(std).T + std.bias)).abs().max() > 0.1
+
+    model = nn.Sequential(std, nn.ReLU(), same, scaled, PlainSubclass(3, 3, 1), nn.Conv2d(3, 2, 1))
+    chosen, _, excluded = select_layers(model, None)
+    assert list(chosen) == ["4", "5"]
+    assert list(excluded) == ["0", "2", "3"]
+    assert "StdConv2dLike subclasses torch.nn.modules.conv.Conv2d" in excluded["0"]
+    assert "register_tap(StdConv2dLike" in excluded["0"]
+    chosen, _, excluded = select_layers(model, nn.Conv2d)  # isinstance matches: excluded, not taken as Conv2d
+    assert list(chosen) == ["4", "5"] and list(excluded) == ["0", "2", "3"]
+    with pytest.raises(CanonRegError, match=r"'0' \(StdConv2dLike\) has no tap.*defines its own `forward`"):
+        select_layers(model, ["0"])
+    # a tap registered for the exact subclass (here: locally) is used
+    chosen, taps, excluded = select_layers(model, None, taps={Conv2dSameLike: ConvTap()})
+    assert list(chosen) == ["2", "4", "5"] and isinstance(taps["2"], ConvTap)
+
+
+class CustomScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+
+class Everything(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.bag = nn.EmbeddingBag(10, 4)
+        self.lstm = nn.LSTM(4, 4)
+        self.gru = nn.GRU(4, 4)
+        self.rnn = nn.RNN(4, 4)
+        self.mha = nn.MultiheadAttention(4, 2)
+        self.bil = nn.Bilinear(4, 4, 2)
+        self.c3 = nn.Conv3d(2, 2, 1)
+        self.ct1 = nn.ConvTranspose1d(2, 2, 3)
+        self.ct2 = nn.ConvTranspose2d(2, 2, 3)
+        self.ln = nn.LayerNorm(4)
+        self.bn = nn.BatchNorm2d(2)
+        self.gn = nn.GroupNorm(1, 2)
+        self.prelu = nn.PReLU()
+        self.custom = CustomScale()
+        self.dw = nn.Conv2d(4, 4, 3, groups=4)
+        self.std = StdConv2dLike(2, 2, 3)
+        self.lin = nn.Linear(4, 2)
+        self.conv = nn.Conv1d(2, 2, 1)
+        self.frozen_bn = nn.BatchNorm1d(2, affine=False)  # no parameters: nothing to report
+
+
+def test_every_module_with_parameters_is_measured_or_excluded_with_a_reason() -> None:
+    model = Everything()
+    chosen, _, excluded = select_layers(model, None)
+    assert list(chosen) == ["lin", "conv"]
+    with_params = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+    assert set(excluded) == with_params - set(chosen)  # nothing with parameters left out silently
+    assert not set(excluded) & set(chosen)
+    expected_words = {
+        "emb": "lookup table", "bag": "lookup table", "lstm": "fused kernel", "gru": "fused kernel",
+        "rnn": "fused kernel", "mha": "in_proj_weight", "mha.out_proj": "functionally", "bil": "bilinear",
+        "c3": "3-D convolution", "ct1": "transposed convolution", "ct2": "transposed convolution",
+        "ln": "normalisation", "bn": "normalisation", "gn": "normalisation", "prelu": "elementwise",
+        "custom": "has parameters but no tap", "dw": "grouped convolution (groups=4)",
+        "std": "defines its own `forward`",
+    }
+    assert set(expected_words) == set(excluded)
+    for name, words in expected_words.items():
+        assert words in excluded[name], (name, excluded[name])
+    assert canonreg.CRHMonitor(model).excluded == excluded  # the monitor reports the same coverage
