@@ -202,23 +202,32 @@ def _sym_eigvalsh(h: Tensor) -> Tensor:
 
 
 def participation_ratio(h: Tensor) -> Tensor:
-    """Participation ratio ``(Tr H)² / Tr(H²)`` of a symmetric PSD matrix.
+    """Participation ratio ``(Σλ)² / Σλ²`` of a symmetric PSD matrix ``H`` with eigenvalues ``λ``.
 
-    Equals the rank for a flat spectrum, 1 for rank one; NaN for the zero matrix. Uses
-    ``Tr(H²) = ‖H‖_F²`` (no eigendecomposition).
+    ``(Tr H)² / Tr(H²)`` for an exactly PSD ``H``. Equals the rank for a flat spectrum, 1 for rank
+    one, and lies in ``[1, rank]`` by construction: negative eigenvalues (round-off in a second
+    moment, which is PSD) are clipped to zero first. NaN for the zero matrix (no spectrum) and for a
+    matrix with non-finite entries.
     """
     _check_square("h", h)
-    tr = torch.diagonal(h).sum()
-    fro2 = (h * h).sum()
-    return torch.where(fro2 > 0, tr * tr / torch.where(fro2 > 0, fro2, torch.ones_like(fro2)), torch.full_like(tr, float("nan")))
+    if not bool(torch.isfinite(h).all()):
+        return torch.full((), float("nan"), dtype=h.dtype, device=h.device)
+    lam = _sym_eigvalsh(h)
+    total = lam.sum()
+    sq = (lam * lam).sum()
+    nan = torch.full_like(total, float("nan"))
+    return torch.where(sq > 0, (total * total / torch.where(sq > 0, sq, torch.ones_like(sq))).clamp_min(1.0), nan)
 
 
 def entropy_rank(h: Tensor) -> Tensor:
     """Entropy effective rank ``exp(−Σ p_i log p_i)``, ``p_i = λ_i / Σ λ`` (Roy & Vetterli, 2007).
 
-    Negative eigenvalues from round-off are clipped to zero; NaN for the zero matrix.
+    Negative eigenvalues from round-off are clipped to zero; NaN for the zero matrix and for a matrix
+    with non-finite entries.
     """
     _check_square("h", h)
+    if not bool(torch.isfinite(h).all()):
+        return torch.full((), float("nan"), dtype=h.dtype, device=h.device)
     lam = _sym_eigvalsh(h)
     total = lam.sum()
     if not bool(total > 0):
@@ -394,6 +403,9 @@ def power_law_fit(
             f"Expected `eig` to be the (eigenvalues ({b.shape[0]},), eigenvectors {tuple(b.shape)}) pair of "
             f"torch.linalg.eigh(b), but got {type(eig).__name__}"
         )
+    nan = float("nan")
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return PowerLawFit(nan, nan, nan, nan, nan, nan, 0)
     a64 = a.detach().double()
     a64 = 0.5 * (a64 + a64.T)
     if eig is None:
@@ -410,7 +422,6 @@ def power_law_fit(
     lam_max = lam.max()
     keep = (lam > floor * lam_max) & (lam > 0) & (diag > 0)
     n = int(keep.sum())
-    nan = float("nan")
     if n < 3:
         return PowerLawFit(nan, nan, nan, nan, nan, off, n)
     x = torch.log(lam[keep])

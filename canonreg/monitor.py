@@ -34,7 +34,9 @@ arXiv:2402.07193 (noise equilibrium).
 
 from __future__ import annotations
 
+import functools
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -51,7 +53,16 @@ from .errors import (
     check_positive,
     check_positive_int,
 )
-from .layers import HookSet, LayerSpec, _display, all_reduce_flat, claim_model, release_model, select_layers
+from .layers import (
+    HookSet,
+    LayerSpec,
+    _display,
+    all_reduce_flat,
+    check_layer_weight,
+    claim_model,
+    release_model,
+    select_layers,
+)
 from .report import CRHReport, build_report
 from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size
 
@@ -412,6 +423,7 @@ class CRHMonitor:
         every: int = 1,
         max_rows: int | None = None,
         grad_scale: GradScale | float = "batch",
+        accumulation: int | None = None,
         identities: bool = True,
         track_balance: bool = True,
         nonfinite: Policy = "error",
@@ -436,6 +448,8 @@ class CRHMonitor:
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
         check_choice("on_missing", on_missing, ("error", "warn", "skip"))
         check_nonnegative_int("seed", seed)
+        if accumulation is not None:
+            check_positive_int("accumulation", accumulation)
         if defer_checks is not None:
             check_bool("defer_checks", defer_checks)
         self.model = model
@@ -446,6 +460,9 @@ class CRHMonitor:
         self.every = every
         self.max_rows = max_rows
         self.grad_scale = grad_scale
+        self.accumulation = accumulation
+        self._grad_marks: dict[str, tuple[weakref.ref[Tensor], int]] = {}
+        self._accumulation_warned = False
         self.identities = identities
         self.track_balance = track_balance
         self.nonfinite: Policy = nonfinite
@@ -458,6 +475,7 @@ class CRHMonitor:
         self._state: dict[str, _LayerState] = {n: _LayerState(self.preprocess != "raw") for n in self.layers}
         self._calls = 0  # grad-enabled forward calls of the root model
         self._active = True
+        self._entered: list[bool] = []  # per open `with` block: was the monitor attached at entry?
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -473,11 +491,19 @@ class CRHMonitor:
         """Install the hooks (idempotent). Raises CanonRegError if another monitor holds the model."""
         if self.attached:
             return self
+        for name, module in self.layers.items():
+            check_layer_weight(name, module, self._taps[name], need_data=True)
         claim_model("CRHMonitor", self.model, self)
         try:
             self._hooks.add(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
             for name, module in self.layers.items():
                 self._hooks.add(module.register_forward_hook(_Hook(self._make_forward_hook(name))))
+                leaf = self._weight_leaf(module) if self.accumulation is None else None
+                if leaf is not None:
+                    self._hooks.add(leaf.register_hook(_Hook(functools.partial(self._param_hook, name, leaf))))
+                    self._hooks.add(
+                        leaf.register_post_accumulate_grad_hook(_Hook(functools.partial(self._param_post_hook, name, leaf)))
+                    )
         except BaseException:
             self.detach()
             raise
@@ -495,10 +521,14 @@ class CRHMonitor:
         release_model("CRHMonitor", self.model, self)
 
     def __enter__(self) -> CRHMonitor:
+        """Attach for the block; blocks nest: each one restores the attachment state it found."""
+        self._entered.append(self.attached)
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        was_attached = self._entered.pop() if self._entered else False
+        if not was_attached:
+            self.detach()
 
     def reset(self) -> None:
         """Forget everything accumulated (hooks stay as they are; the ``every`` count and the row
@@ -519,11 +549,51 @@ class CRHMonitor:
             self._calls += 1
 
     def _scale(self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> float:
+        k = float(self.accumulation or 1)
         if self.grad_scale == "none":
-            return 1.0
+            return k
         if self.grad_scale == "batch":
-            return float(tap_batch_size(tap, module, inputs))
-        return float(self.grad_scale)
+            return float(tap_batch_size(tap, module, inputs)) * k
+        return float(self.grad_scale) * k
+
+    # Gradient accumulation detection (accumulation=None): a backward pass that adds into a `.grad`
+    # nobody touched since the previous backward finished (no zero_grad, no optimizer writes) is a
+    # micro-batch of an accumulated step. Best effort: wrappers that rewrite `.grad` in place (DDP's
+    # all-reduce) hide it.
+    def _weight_leaf(self, module: nn.Module) -> Tensor | None:
+        w = getattr(module, "weight", None)
+        if isinstance(w, Tensor) and w.is_leaf and w.requires_grad:
+            return w
+        return next((p for p in module.parameters(recurse=False) if p.requires_grad), None)
+
+    def _param_hook(self, name: str, leaf: Tensor, grad: Tensor) -> None:
+        self._grad_pre_hook(name, leaf, grad)
+
+    def _param_post_hook(self, name: str, leaf: Tensor, param: Tensor) -> None:
+        # `param is leaf` guards against hooks that a deepcopy of the model carried along.
+        if param is leaf:
+            self._grad_post_hook(name, param)
+
+    def _grad_pre_hook(self, name: str, param: Tensor, grad: Tensor) -> None:
+        old = param.grad
+        mark = self._grad_marks.get(name)
+        if old is None or mark is None or mark[0]() is not old or old._version != mark[1]:
+            return
+        if not self._accumulation_warned:
+            self._accumulation_warned = True
+            warnings.warn(
+                f"CRHMonitor: a backward pass added to the .grad of layer {_display(name)!r} that was not reset since "
+                "the previous backward (gradient accumulation?). If each micro-batch loss is divided by k, the "
+                "recorded gradients — G_a, G_b and the balance terms, not the α — are 1/k of the per-sample ones: "
+                "pass accumulation=k (or accumulation=1 if the passes are independent steps) to CRHMonitor",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _grad_post_hook(self, name: str, param: Tensor) -> None:
+        g = param.grad
+        if g is not None:
+            self._grad_marks[name] = (weakref.ref(g), g._version)
 
     def _defer(self, device: torch.device) -> bool:
         return device.type != "cpu" if self.defer_checks is None else self.defer_checks
@@ -591,6 +661,11 @@ class CRHMonitor:
             if not isinstance(output, Tensor) or not output.requires_grad:
                 state.no_grad_output += 1
                 return
+            if output.is_meta:
+                raise CanonRegError(
+                    f"Layer {_display(name)!r} ran on the meta device (no values to measure); detach the monitor "
+                    "before meta-device passes, or materialise the model"
+                )
             call = self._calls
             deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
             with torch.no_grad(), _no_autocast(output):

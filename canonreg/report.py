@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from . import functional as F
+from .errors import CanonRegError, check_choice
 from .layers import _display
 
 __all__ = ["CRHReport", "build_report", "layer_matrices"]
+
+NanPolicy = Literal["warn", "omit", "propagate", "error"]
 
 
 def layer_matrices(
@@ -56,13 +60,23 @@ def layer_matrices(
     }
 
 
-def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str) -> str:
+def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, samples: float, preprocess: str) -> str:
+    """Why ``α(A, B)`` is NaN, naming the matrix at fault."""
+    pairs = ((a_name, a), (b_name, b))
+    nonfinite = [nm for nm, m in pairs if not bool(torch.isfinite(m).all())]
+    if nonfinite:
+        why = " (the layer's weights are not finite)" if any(nm.startswith("Z") for nm in nonfinite) else ""
+        return f"{' and '.join(nonfinite)} {'has' if len(nonfinite) == 1 else 'have'} non-finite entries{why}"
+    if preprocess != "raw" and samples < 2:
+        return f"only {int(samples)} sample recorded: a covariance ({preprocess} mode) needs at least 2, so every H and G is zero"
+
     def degenerate(m: Tensor) -> bool:
         return bool((m - m.mean()).abs().max() == 0) if metric == "pearson" else bool(m.abs().max() == 0)
 
-    what = "has constant entries (zero spread)" if metric == "pearson" else "is the zero matrix"
-    bad = [nm for nm, m in ((a_name, a), (b_name, b)) if degenerate(m)]
+    bad = [nm for nm, m in pairs if degenerate(m)]
     if bad:
+        verb = "has" if len(bad) == 1 else "have"
+        what = f"{verb} constant entries (zero spread)" if metric == "pearson" else f"{'is the zero matrix' if len(bad) == 1 else 'are each the zero matrix'}"
         return f"{' and '.join(bad)} {what}; alignment is undefined"
     return "non-finite statistics"
 
@@ -109,8 +123,28 @@ class CRHReport:
             raise KeyError(f"Expected `layer` to be one of {self.layers}, but got {layer!r}")
         return {k: v.clone() for k, v in self._matrices[layer].items()}
 
-    def mean_alignment(self, layers: Sequence[str] | None = None, relations: Sequence[str] = F.RELATIONS) -> float:
-        """Mean α over ``layers`` (default all) and ``relations``, ignoring NaN entries."""
+    def mean_alignment(
+        self,
+        layers: Sequence[str] | None = None,
+        relations: Sequence[str] = F.RELATIONS,
+        *,
+        on_nan: NanPolicy = "warn",
+    ) -> float:
+        """Mean α over ``layers`` (default all) and ``relations``.
+
+        A NaN α (undefined alignment, see ``nan_reasons``: zero matrices, a single sample, non-finite
+        weights after a diverged step…) never enters the mean silently. ``on_nan``:
+
+        * ``"warn"`` (default): average the finite entries and emit a RuntimeWarning that lists the
+          left-out ``layer/relation`` entries with their reasons (NaN when none is finite);
+        * ``"omit"``: the same, without the warning (an explicit choice);
+        * ``"propagate"``: NaN as soon as one chosen entry is NaN;
+        * ``"error"``: raise :class:`~canonreg.CanonRegError` naming the entries.
+
+        Raises:
+            ValueError: an unknown layer, relation or ``on_nan``.
+        """
+        check_choice("on_nan", on_nan, ("warn", "omit", "propagate", "error"))
         chosen = self.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         for n in chosen:
             if n not in self.alignment:
@@ -120,7 +154,24 @@ class CRHReport:
         for r in relations:
             if r not in F.RELATIONS:
                 raise ValueError(f"Expected `relations` to contain names from {list(F.RELATIONS)}, but got {r!r}")
-        vals = [self.alignment[n][r] for n in chosen for r in relations if not math.isnan(self.alignment[n][r])]
+        entries = [(n, r, self.alignment[n][r]) for n in chosen for r in relations]
+        vals = [a for _, _, a in entries if not math.isnan(a)]
+        bad = [(n, r) for n, r, a in entries if math.isnan(a)]
+        if bad and on_nan != "omit":
+            listed = "; ".join(
+                f"{_display(n)}/{r}: {self.nan_reasons.get(n, {}).get(r, 'NaN')}" for n, r in bad[:8]
+            ) + (f"; … ({len(bad) - 8} more)" if len(bad) > 8 else "")
+            msg = f"{len(bad)} of {len(entries)} alignment entries are NaN — {listed}"
+            if on_nan == "error":
+                raise CanonRegError(f"mean_alignment: {msg}")
+            if on_nan == "propagate":
+                return float("nan")
+            warnings.warn(
+                f"mean_alignment averages the {len(vals)} finite entries only; {msg}. "
+                "Pass on_nan='omit' to accept that, or 'propagate' to get NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return sum(vals) / len(vals) if vals else float("nan")
 
     def phase(self, layer: str, threshold: float = 0.9) -> tuple[str, ...]:
@@ -264,14 +315,14 @@ def build_report(
             a = float(F.alignment(mats[pa], mats[pb], metric))
             alignment[name][rel] = a
             if math.isnan(a):
-                reasons[name][rel] = _nan_reason(pa, mats[pa], pb, mats[pb], metric)
+                reasons[name][rel] = _nan_reason(pa, mats[pa], pb, mats[pb], metric, float(s["n"]), preprocess)
         eig: dict[str, tuple[Tensor, Tensor]] = {}
         if exponents:
             fits[name] = {}
             for rel, (pa, pb) in F.RELATION_PAIRS.items():
-                if pb not in eig:
+                if pb not in eig and bool(torch.isfinite(mats[pb]).all()):
                     eig[pb] = torch.linalg.eigh(mats[pb])
-                fits[name][rel] = F.power_law_fit(mats[pa], mats[pb], floor=eig_floor, n_bootstrap=n_bootstrap, generator=gen, eig=eig[pb])
+                fits[name][rel] = F.power_law_fit(mats[pa], mats[pb], floor=eig_floor, n_bootstrap=n_bootstrap, generator=gen, eig=eig.get(pb))
         ranks[name] = {}
         for m in ("H_a", "H_b", "G_a", "G_b"):
             ranks[name][m] = {
