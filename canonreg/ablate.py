@@ -45,8 +45,18 @@ combination of the other varying factors), ``plots/<metric>_vs_<factor>.png``, `
 with ``logs``, ``logs/<run id>/``.
 
 Resuming: a run's id is a hash of its resolved config (:func:`canonreg.experiment.config_id`). On
-start, the ids already in ``results.jsonl`` are skipped; a line left incomplete by a crash is dropped
-(each record is written with a single ``write`` and ``fsync``, so earlier lines are never touched).
+start, the ids already in ``results.jsonl`` are skipped. Each record is written with a single
+``write`` and ``fsync``, so a crash can only leave the last line incomplete. Every line is checked
+(:func:`load_results`): JSON, a ``run_id``, a ``config`` that is a valid TrialConfig whose id is the
+``run_id``, a ``result`` table. A line that fails — an incomplete last line, corrupt text, a damaged
+config — is moved to ``results.rejected.jsonl`` (line number, reason, text) with one warning naming
+the line, and its run is recomputed; every valid record is kept byte for byte. A complete last
+record that lacks only its final newline is valid: it is kept and the newline added.
+
+Interrupts: SIGTERM (when the runner runs in the main thread with the default SIGTERM action) and
+Ctrl-C stop the worker processes before the runner exits — no worker or resource tracker outlives
+it; a worker also exits by itself if its parent dies. Finished runs stay in ``results.jsonl``; the
+next start resumes. The CLI exits with status 143 after SIGTERM, 130 after Ctrl-C.
 
 Determinism: every trial runs with ``torch.set_num_threads(1)`` (worker processes, Ray tasks and the
 in-process mode alike) and is seeded from its config, so the same config gives the same numbers bit
@@ -76,7 +86,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
+import time
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -112,6 +125,7 @@ __all__ = [
     "mean_ci",
     "t_quantile",
     "code_fingerprint",
+    "Terminated",
     "main",
 ]
 
@@ -394,6 +408,8 @@ def load_spec(source: str | Path | Mapping[str, Any] | AblationSpec) -> Ablation
         return AblationSpec.from_dict(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if path.is_dir():
+            raise ValueError(f"Expected `config` to be a TOML file, but {str(path)!r} is a folder")
         if not path.is_file():
             raise FileNotFoundError(f"Expected `config` to be an existing TOML file, but {str(path)!r} does not exist")
         if sys.version_info >= (3, 11):
@@ -401,10 +417,19 @@ def load_spec(source: str | Path | Mapping[str, Any] | AblationSpec) -> Ablation
         else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"Expected {str(path)!r} to be UTF-8 TOML text, but byte {e.start} is not UTF-8") from None
+        except OSError as e:
+            raise ValueError(f"Cannot read the config {str(path)!r}: {e.strerror or e}") from None
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"Invalid TOML in {str(path)!r}: {e}") from None
-        return AblationSpec.from_dict(data)
+        try:
+            return AblationSpec.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"In {str(path)!r}: {e}") from None
     raise TypeError(f"Expected `config` to be a TOML path, a mapping or an AblationSpec, but got {type(source).__name__}")
 
 
@@ -530,33 +555,98 @@ def _append_line(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def load_results(path: str | Path, *, repair: bool = False) -> dict[str, dict[str, Any]]:
-    """``{run_id: record}`` of a ``results.jsonl`` (the last record wins for a repeated id).
+    """``{run_id: record}`` of the valid records of a ``results.jsonl`` (the last one wins for a repeated id).
 
-    An incomplete last line (a crash mid-write) is ignored, and removed from the file with
-    ``repair=True``; any other unreadable line raises, naming the line number.
+    A line is a valid record when it is a JSON object with a string ``run_id``, a ``config`` that
+    :meth:`TrialConfig.from_dict` accepts and whose :func:`~canonreg.experiment.config_id` is the
+    ``run_id``, and a ``result`` table. A complete last record without its final newline is valid.
+    Any other line (an incomplete last line left by a crash, corrupt text, a damaged config) is
+    skipped with one ``RuntimeWarning`` naming the file and the line numbers; with ``repair=True``
+    those lines are moved to ``results.rejected.jsonl`` beside the file (``{"line", "reason",
+    "text", "at"}`` per line) and the file is rewritten atomically with the valid lines, byte for
+    byte (a missing final newline is added). Nothing is ever deleted.
     """
-    from .writers import repair_partial_line
-
     p = Path(path)
     if not p.exists():
         return {}
-    if repair:
-        repair_partial_line(p)
-    text = p.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = lines[:-1]  # the part after the last newline is "" or an unfinished record
-    out: dict[str, dict[str, Any]] = {}
-    for i, line in enumerate(complete, 1):
-        if not line.strip():
+    data = p.read_bytes()
+    pieces = data.split(b"\n")
+    tail = pieces.pop()  # b"" when the file ends with a newline, else an unterminated last line
+    good: list[tuple[bytes, dict[str, Any]]] = []
+    bad: list[tuple[int, str, bytes]] = []
+    for i, raw in enumerate([*pieces, tail] if tail else pieces, 1):
+        if not raw.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Corrupt line {i} in {str(p)!r}: {e}") from None
-        if not isinstance(rec, dict) or "run_id" not in rec or "result" not in rec:
-            raise ValueError(f"Line {i} in {str(p)!r} is not a canonreg ablation record")
-        out[str(rec["run_id"])] = rec
+        rec, problem = _parse_record(raw)
+        if problem is not None and raw is tail and problem.startswith("is not valid JSON"):
+            problem = "is incomplete (no final newline and not valid JSON: an interrupted write)"
+        if problem is None:
+            good.append((raw, rec))
+        else:
+            bad.append((i, problem, raw))
+    out = {str(rec["run_id"]): rec for _, rec in good}
+    if bad:
+        rejected = p.with_name(p.stem + ".rejected.jsonl")
+        shown = "; ".join(f"line {n} of {str(p)!r} {why}" for n, why, _ in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        action = f"moved to {str(rejected)!r}; their runs will be recomputed" if repair else "skipped"
+        warnings.warn(f"{shown}{more} ({len(bad)} damaged line(s) {action})", RuntimeWarning, stacklevel=2)
+    if repair and bad:
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for n, why, raw in bad:
+            _append_line(rejected, {"line": n, "reason": why, "text": raw.decode("utf-8", errors="replace"), "at": stamp})
+        _atomic_write(p, b"".join(raw + b"\n" for raw, _ in good))
+    elif repair and tail:
+        with open(p, "ab") as f:  # a complete last record: only its newline was missing
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
     return out
+
+
+def _parse_record(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    """``(record, None)`` for a valid results line, else ``({}, reason)`` (see :func:`load_results`)."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {}, "is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return {}, f"is not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(rec, dict):
+        return {}, f"is not a JSON object but a {type(rec).__name__}"
+    rid = rec.get("run_id")
+    if not isinstance(rid, str):
+        return {}, f"has no string `run_id` (got {rid!r})"
+    cfg = rec.get("config")
+    if not isinstance(cfg, dict):
+        return {}, f"has no `config` table (got {type(cfg).__name__})"
+    try:
+        trial = TrialConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        return {}, f"has a damaged config: {e}"
+    missing = [f for f in _FIELDS if f not in cfg]
+    if missing:  # records hold the complete resolved config; summaries read every field
+        return {}, f"has a damaged config: missing field(s) {missing}"
+    if config_id(trial) != rid:
+        return {}, (
+            f"has run id {rid!r}, which is not the id of its config ({config_id(trial)!r}): a damaged record, "
+            "or one written by a canonreg with another result version"
+        )
+    if not isinstance(rec.get("result"), dict):
+        return {}, f"has no `result` table (got {type(rec.get('result')).__name__})"
+    if not isinstance(rec.get("env", {}), dict):
+        return {}, "has an `env` that is not a table"
+    return rec, None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (temporary file in the same folder, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ====================================================================== running
@@ -591,12 +681,61 @@ def _execute(cfg_dict: dict[str, Any], log_kind: str, log_dir: str | None) -> di
         torch.set_num_threads(threads)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set in this process
         pass
+    if parent is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="canonreg-orphan-watch").start()
+
+
+def _exit_when_orphaned(parent: int, period: float = 0.5) -> None:
+    """End this worker process as soon as its parent is gone (killed with a signal it cannot catch)."""
+    while True:
+        time.sleep(period)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+class Terminated(SystemExit):
+    """Raised in the runner's main thread on SIGTERM, so that workers are stopped before it exits.
+
+    A ``SystemExit`` with code ``128 + signum`` (143): uncaught, the process exits quietly with
+    that status, as the shell reports a process ended by SIGTERM.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class _SigtermRaises:
+    """Context manager: SIGTERM raises :class:`Terminated` in the main thread while inside.
+
+    Only when called from the main thread and SIGTERM still has its default action (a handler
+    the caller installed is left alone); the previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _SigtermRaises:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+            self._installed = True
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 Job = tuple[TrialConfig, str, str | None]
@@ -611,7 +750,7 @@ def _run_local(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_execute, cfg.to_dict(), kind, log_dir): cfg for cfg, kind, log_dir in jobs}
         pending = set(futures)
@@ -624,8 +763,26 @@ def _run_local(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig,
                 except Exception as e:  # the worker process died (e.g. killed for memory)
                     outcome = {"run_id": config_id(cfg), "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
                 yield cfg, outcome
+    except BaseException:
+        # Interrupted (SIGTERM, Ctrl-C, an error in the parent) or the consumer stopped early:
+        # a running trial would otherwise finish in its worker after the parent has gone.
+        _terminate_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate_workers(pool: Any, timeout: float = 5.0) -> None:
+    """Terminate (then kill) a ``ProcessPoolExecutor``'s worker processes and wait for them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout)
 
 
 def _run_ray(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig, dict[str, Any]]]:
@@ -717,8 +874,24 @@ def run_ablation(
         ValueError / TypeError: a bad config or argument (before anything runs).
         ImportError: ``backend="ray"`` without ray, ``progress=True`` without tqdm.
     """
+    spec, configs, out_dir, backend, nworkers = _prepare(config, out=out, workers=workers, backend=backend, quick=quick, progress=progress)
+    return _run_prepared(spec, configs, out_dir, backend, nworkers, resume=resume, progress=progress, plots=plots)
+
+
+def _prepare(
+    config: str | Path | Mapping[str, Any] | AblationSpec,
+    *,
+    out: str | Path | None,
+    workers: int | None,
+    backend: Backend | None,
+    quick: bool,
+    progress: bool,
+) -> tuple[AblationSpec, list[TrialConfig], Path, Backend, int | None]:
+    """Every check of :func:`run_ablation` that comes before anything runs or is written."""
     spec = load_spec(config)
     if quick:
+        if not spec.quick:
+            raise ValueError(f"Expected a [quick] table in the config of ablation {spec.name!r} for quick mode (--quick), but it has none")
         spec = spec.with_quick()
     backend = spec.backend if backend is None else backend
     if backend not in BACKENDS:
@@ -739,8 +912,25 @@ def run_ablation(
         base = spec.out if spec.out is not None else str(Path("runs") / spec.name)
         out = base + "-quick" if quick else base
     out_dir = Path(out)
-    configs = spec.configs()
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"Expected the output folder `out` to be a folder (created if missing), but {str(probe)!r} is a file")
+    return spec, spec.configs(), out_dir, backend, nworkers
 
+
+def _run_prepared(
+    spec: AblationSpec,
+    configs: list[TrialConfig],
+    out_dir: Path,
+    backend: Backend,
+    nworkers: int | None,
+    *,
+    resume: bool,
+    progress: bool,
+    plots: bool,
+) -> AblationResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec.json").write_text(json.dumps({"spec": spec.to_dict(), "runs": len(configs)}, indent=2))
     results_path = out_dir / "results.jsonl"
@@ -770,25 +960,28 @@ def run_ablation(
         jobs: list[Job] = [(c, spec.logs, None if spec.logs == "none" else str(log_root / config_id(c))) for c in todo]
         env = _environment()
         bar = _tqdm()(total=len(configs), initial=skipped, desc=spec.name, unit="run", dynamic_ncols=True) if progress else _NoBar()
+        runs = _run_ray(jobs, n) if backend == "ray" else _run_local(jobs, n)
         try:
-            for cfg, outcome in _run_ray(jobs, n) if backend == "ray" else _run_local(jobs, n):
-                rid = outcome["run_id"]
-                stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                if "error" in outcome:
-                    failures[rid] = outcome["error"]
-                    _append_line(errors_path, {"run_id": rid, "config": cfg.to_dict(), "error": outcome["error"],
-                                               "traceback": outcome["traceback"], "at": stamp})  # fmt: skip
-                    bar.set_postfix_str(f"FAILED {rid}: {outcome['error'][:60]}")
-                else:
-                    result = {k: v for k, v in outcome["result"].items() if k not in ("config", "run_id")}
-                    record = {"run_id": rid, "config": cfg.to_dict(), "result": result, "env": env, "finished_at": stamp}
-                    _append_line(results_path, record)
-                    finished[rid] = record
-                    new_runs += 1
-                    m = scalar_metrics(result)
-                    bar.set_postfix_str(f"{cfg.arm} test_acc={m['test_acc']:.3f} α={m['mean_alpha']:.3f}")
-                bar.update(1)
+            with _SigtermRaises():
+                for cfg, outcome in runs:
+                    rid = outcome["run_id"]
+                    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                    if "error" in outcome:
+                        failures[rid] = outcome["error"]
+                        _append_line(errors_path, {"run_id": rid, "config": cfg.to_dict(), "error": outcome["error"],
+                                                   "traceback": outcome["traceback"], "at": stamp})  # fmt: skip
+                        bar.set_postfix_str(f"FAILED {rid}: {outcome['error'][:60]}")
+                    else:
+                        result = {k: v for k, v in outcome["result"].items() if k not in ("config", "run_id")}
+                        record = {"run_id": rid, "config": cfg.to_dict(), "result": result, "env": env, "finished_at": stamp}
+                        _append_line(results_path, record)
+                        finished[rid] = record
+                        new_runs += 1
+                        m = scalar_metrics(result)
+                        bar.set_postfix_str(f"{cfg.arm} test_acc={m['test_acc']:.3f} α={m['mean_alpha']:.3f}")
+                    bar.update(1)
         finally:
+            runs.close()  # stops the workers now if the loop was left by an exception
             bar.close()
 
     records = {rid: finished[rid] for rid in ids if rid in finished}
@@ -1064,59 +1257,81 @@ def _sort_key(v: Any) -> tuple[int, float, str]:
 
 
 # ====================================================================== CLI
+PROG = "canonreg ablate"
+
+
+def _workers_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int (0 = in this process), but got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="canonreg ablate",
+    from .cli import OneLineParser
+
+    p = OneLineParser(
+        prog=PROG,
         description="Run an ablation grid from a TOML config (see `python -c 'import canonreg.ablate as a; help(a)'`): "
         "parallel, resumable, summarised over seeds as Markdown/CSV tables and plots.",
     )
     p.add_argument("config", help="TOML file with [ablation], [fixed], [grid], [[plot]], [quick] tables")
     p.add_argument("--out", default=None, help="output folder (default: the config's ablation.out, else runs/<name>)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's, else all CPUs; 0 = in this process)")
+    p.add_argument("--workers", type=_workers_arg, default=None, help="worker processes (default: the config's, else all CPUs; 0 = in this process)")
     p.add_argument("--backend", choices=list(BACKENDS), default=None, help="local processes or Ray (default: the config's, else local)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="skip runs already in results.jsonl (default: on)")
     p.add_argument("--quick", action="store_true", help="apply the config's [quick] overrides (a smoke-test-sized grid)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the figures")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``canonreg ablate CONFIG [--out DIR] [--workers N] [--backend local|ray] [--resume/--no-resume] [--quick]``.
+def main(argv: Sequence[str] | None = None) -> int:
+    """``canonreg ablate CONFIG [--out DIR] [--workers N] [--backend local|ray] [--resume/--no-resume] [--quick] [--debug]``.
 
-    Prints the Markdown summary. Returns 0 when every run finished, 1 when some failed (see
-    ``errors.jsonl``; they are retried on the next start), 2 for a bad config or argument.
+    Prints the Markdown summary. Exit status: 0 when every run finished; 1 when some failed (see
+    ``errors.jsonl``; they are retried on the next start); 2 for a bad flag, config or output folder
+    (one line on stderr naming it; nothing ran or was written); 143 after SIGTERM, 130 after Ctrl-C
+    (workers stopped; finished runs kept, the next start resumes). Warnings (e.g. damaged result
+    lines moved aside) are one line each on stderr. ``--debug`` shows tracebacks instead.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run_ablation(
-            args.config,
-            out=args.out,
-            workers=args.workers,
-            backend=args.backend,
-            resume=args.resume,
-            quick=args.quick,
-            progress=args.progress,
-            plots=args.plots,
+    from .cli import UsageError, check_out_dir, run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        if args.out is not None:
+            check_out_dir("--out", args.out, PROG)
+        try:
+            prepared = _prepare(args.config, out=args.out, workers=args.workers, backend=args.backend, quick=args.quick, progress=args.progress)
+        except (ValueError, TypeError, OSError, ImportError) as e:
+            raise UsageError(" ".join(str(e).split()), PROG) from e
+        try:
+            result = _run_prepared(*prepared, resume=args.resume, progress=args.progress, plots=args.plots)
+        except Terminated as e:
+            print(f"{PROG}: stopped by {signal.Signals(e.signum).name}; finished runs are kept, rerun to resume", file=sys.stderr)
+            return int(e.code) if isinstance(e.code, int) else 143
+        print(result.markdown)
+        print()
+        print(
+            f"{len(result.configs)} runs: {result.new_runs} run now, {result.skipped_runs} already finished"
+            + (f", {len(result.failures)} FAILED (see {result.out / 'errors.jsonl'})" if result.failures else "")
         )
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"canonreg ablate: error: {e}", file=sys.stderr)
-        return 2
-    print(result.markdown)
-    print()
-    print(
-        f"{len(result.configs)} runs: {result.new_runs} run now, {result.skipped_runs} already finished"
-        + (f", {len(result.failures)} FAILED (see {result.out / 'errors.jsonl'})" if result.failures else "")
-    )
-    cpu = [r["result"].get("cpu_time_s") for r in result.records.values()]
-    cpu_total = sum(c for c in cpu if isinstance(c, (int, float)))
-    print(f"trial CPU time: {cpu_total:.0f} s in total over {len(result.records)} finished runs")
-    if result.stale_runs:
-        print(f"note: {len(result.stale_runs)} finished run(s) came from different canonreg code (--no-resume reruns them)")
-    print(f"wrote {result.out / 'results.jsonl'}, {result.out / 'summary.md'}, {result.out / 'summary.csv'}"
-          + (f" and {len(result.plots)} plot(s) in {result.out / 'plots'}" if result.plots else ""))  # fmt: skip
-    return 1 if result.failures else 0
+        cpu = [r["result"].get("cpu_time_s") for r in result.records.values()]
+        cpu_total = sum(c for c in cpu if isinstance(c, (int, float)))
+        print(f"trial CPU time: {cpu_total:.0f} s in total over {len(result.records)} finished runs")
+        if result.stale_runs:
+            print(f"note: {len(result.stale_runs)} finished run(s) came from different canonreg code (--no-resume reruns them)")
+        print(f"wrote {result.out / 'results.jsonl'}, {result.out / 'summary.md'}, {result.out / 'summary.csv'}"
+              + (f" and {len(result.plots)} plot(s) in {result.out / 'plots'}" if result.plots else ""))  # fmt: skip
+        return 1 if result.failures else 0
+
+    return run_command(PROG, body, debug="--debug" in argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,23 +4,39 @@
 package's own generator — nothing is downloaded) for about a minute on 2 CPU cores, with the
 CRHMonitor on every Linear layer, and prints the six-relation table per layer, the PAH exponents
 and the balance terms; it writes the report (JSON) and figures to ``--out``.
+
+Errors (both commands, :func:`main`): every flag is checked before anything is generated, trained or
+written. A bad flag, config or file prints one line, ``canonreg <command>: error: <what was expected
+and what was received, naming the flag>``, on stderr and exits with status 2; a failure while
+running (e.g. training diverged) prints one line and exits with status 1; SIGTERM during an ablation
+exits with status 143 (:mod:`canonreg.ablate`). ``--debug`` lets the exception propagate with its
+traceback instead.
+
+The batch size must not exceed the training split (``--num-samples`` × 0.8): a larger batch would
+train on fewer samples per step than the balance terms and ``summary.json`` record, so it is
+rejected rather than clamped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DemoConfig", "run_demo", "main"]
+from .errors import check_bool, check_choice, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
+
+__all__ = ["DemoConfig", "run_demo", "main", "UsageError", "OneLineParser", "run_command"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +60,39 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Check every field (the CLI's only validation: its messages name the flags instead).
+
+        Raises:
+            ValueError / TypeError naming the field, the expected and the received value.
+        """
         for name in ("steps", "width", "depth", "batch_size", "window", "num_samples"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"Expected `{name}` to be a positive int, but got {v!r}")
+            check_positive_int(name, getattr(self, name))
+        for name in ("seed", "threads"):
+            check_nonnegative_int(name, getattr(self, name))
+        check_positive("lr", self.lr)
+        m = self.momentum
+        if not (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1):
+            raise ValueError(f"Expected `momentum` to be a float in [0, 1), but got {m!r}")
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_choice("preprocess", self.preprocess, ("raw", "centered", "normalized"))
+        check_choice("metric", self.metric, ("pearson", "cosine"))
+        check_bool("progress", self.progress)
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"Expected `out` to be a folder path, but got {self.out!r}")
+        if self.depth < 2:
+            raise ValueError(f"Expected `depth` >= 2 (at least one hidden layer), but got {self.depth}")
         if self.window > self.steps:
             raise ValueError(f"Expected `window` <= `steps` ({self.steps}), but got {self.window}")
+        if self.batch_size > self.train_samples:
+            raise ValueError(
+                f"Expected `batch_size` <= the {self.train_samples} training samples "
+                f"(80% of `num_samples` = {self.num_samples}), but got {self.batch_size}"
+            )
+
+    @property
+    def train_samples(self) -> int:
+        """Size of MNIST-1D's training split: ``num_samples · 4 // 5`` (mnist1d's ``train_split`` = 0.8)."""
+        return self.num_samples * 4 // 5
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -199,27 +242,132 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=d.out)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quick", action="store_true", help="a few-second run (600 steps) for smoke tests")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``canonreg`` command and ``python -m canonreg``."""
-    parser = argparse.ArgumentParser(prog="canonreg", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
-    pa = sub.add_parser("ablate", help="run an ablation grid from a TOML config (see canonreg.ablate)", add_help=False)
-    pa.add_argument("rest", nargs=argparse.REMAINDER)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "ablate":
-        from .ablate import main as ablate_main
+# ---------------------------------------------------------------------- error handling shared by both commands
+class UsageError(ValueError):
+    """A bad command line: argparse's complaint, or a value a config rejected (``prog`` names the command)."""
 
-        return int(ablate_main(list(args.rest) + list(rest)))
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    kw = {k: v for k, v in vars(args).items() if k not in ("command", "quick")}
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of printing usage and exiting.
+
+    :func:`run_command` turns the error into one line on stderr and exit status 2.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Let "--weight-decay -1e-3" reach the value check instead of reading "-1e-3" as an option.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-inf$")
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
+def flag_message(message: str) -> str:
+    """A config's message with its backticked field names shown as flags: ```batch_size``` → ```--batch-size```."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: f"`--{m.group(1).replace('_', '-')}`", message)
+
+
+#: Exit status for a bad flag, config or file (argparse's convention).
+EXIT_USAGE = 2
+#: Exit status for a failure while running (training diverged, a run failed).
+EXIT_FAILURE = 1
+
+
+def run_command(prog: str, body: Callable[[], int], *, debug: bool) -> int:
+    """Run a command's ``body`` with canonreg's CLI error policy; returns the exit status.
+
+    ``UsageError``, ``ValueError``, ``TypeError`` and ``OSError`` raised before ``body`` starts its
+    work are the caller's business (``body`` raises them as :class:`UsageError`). Here: a
+    :class:`UsageError` → one line, status 2; any other exception → one line naming its type, status
+    1; ``KeyboardInterrupt`` → one line, status 130; ``SystemExit`` passes through. Warnings are
+    shown as one line each (``<prog>: warning: …``). With ``debug`` every exception propagates.
+    """
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = show
+        try:
+            return body()
+        except UsageError as e:
+            if debug:
+                raise
+            print(f"{e.prog}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if debug:
+                raise
+            print(f"{prog}: error: {type(e).__name__}: {_one_line(str(e))} (--debug shows the traceback)", file=sys.stderr)
+            return EXIT_FAILURE
+
+
+def check_out_dir(flag: str, path: str | Path, prog: str) -> None:
+    """Raise :class:`UsageError` unless ``path`` is a folder or can be created as one (checked, not created)."""
+    p = Path(path)
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == p else f"lies under {str(probe)!r}, which is a file"
+        raise UsageError(f"Expected `{flag}` to be a folder (created if missing), but {str(p)!r} {what}", prog)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "debug")}
     if args.quick:
         kw.update(steps=600, window=200, num_samples=2000)
-    run_demo(DemoConfig(**kw))
+    try:
+        cfg = DemoConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise UsageError(flag_message(str(e)), "canonreg demo") from e
+    check_out_dir("--out", cfg.out, "canonreg demo")
+    run_demo(cfg)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``canonreg`` command and ``python -m canonreg``; returns the exit status.
+
+    0: done; 1: a failure while running; 2: a bad flag, config or file (one line on stderr, nothing
+    run or written); 130: interrupted; 143: SIGTERM during an ablation. ``--debug`` (on either
+    command) lets errors propagate with their traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = OneLineParser(prog="canonreg", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _demo_parser(sub)
+    sub.add_parser("ablate", help="run an ablation grid from a TOML config (see canonreg.ablate)", add_help=False)
+
+    def body() -> int:
+        if argv[:1] == ["ablate"]:
+            from .ablate import main as ablate_main
+
+            return int(ablate_main(argv[1:]))
+        args, rest = parser.parse_known_args(argv)
+        if rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}", f"canonreg {args.command}")
+        return _demo_command(args)
+
+    return run_command("canonreg demo" if argv[:1] == ["demo"] else "canonreg", body, debug=debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -219,11 +219,13 @@ def test_run_summarise_plot_and_resume(tmp_path: Path, monkeypatch: pytest.Monke
     assert (again.new_runs, again.skipped_runs) == (0, 4)
     assert (out / "results.jsonl").read_bytes() == before
 
-    # A crash mid-write leaves a partial line: it is dropped, earlier lines are kept, and an extended
-    # grid runs only what is new.
+    # A crash mid-write leaves a partial line: it is moved aside with a warning naming it, earlier
+    # lines are kept, and an extended grid runs only what is new.
     with open(out / "results.jsonl", "a") as f:
         f.write('{"run_id": "0123", "config": {"arm": "bas')
-    more = run(grid_config(arm=["baseline", "loss"], seed=[0, 1, 2]), out)
+    with pytest.warns(RuntimeWarning, match="line 5 of .* is incomplete"):
+        more = run(grid_config(arm=["baseline", "loss"], seed=[0, 1, 2]), out)
+    assert '"bas' in (out / "results.rejected.jsonl").read_text()
     assert (more.new_runs, more.skipped_runs) == (2, 4)
     after = (out / "results.jsonl").read_bytes()
     assert after.startswith(before) and len(after.splitlines()) == 6
