@@ -102,7 +102,9 @@ def preprocess_rows(x: Tensor, mode: Preprocess) -> Tensor:
     check_choice("preprocess", mode, PREPROCESS_MODES)
     if mode != "normalized":
         return x
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    # the norm in float64 (at least): a float32 norm of rows of 1e-30 underflows to 0, of 1e30 overflows
+    wide = torch.promote_types(x.dtype, torch.float64) if x.dtype.is_floating_point else torch.float64
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=wide).to(x.dtype)
     return x / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
@@ -125,7 +127,9 @@ def second_moment(x: Tensor, mode: Preprocess = "raw") -> Tensor:
     """Second moment of the rows of ``x`` after the spec's preprocessing.
 
     ``raw``: ``E[x xᵀ]``; ``centered``: ``Cov(x)``; ``normalized``: ``Cov(x/‖x‖)`` (the paper's
-    measurement protocol). Expectations are population means over the ``n`` rows.
+    measurement protocol). Expectations are population means over the ``n`` rows. Covariances are
+    formed from the centred rows ``(x − x̄)ᵀ(x − x̄)/n`` (never ``E[xxᵀ] − x̄x̄ᵀ``, which cancels when
+    the mean is large against the spread).
 
     Args:
         x: ``(n, d)`` samples.
@@ -143,7 +147,10 @@ def second_moment(x: Tensor, mode: Preprocess = "raw") -> Tensor:
     if x.shape[0] == 0:
         raise ValueError("Expected `x` to have at least one row, but got 0 rows")
     y = preprocess_rows(x, mode)
-    return moment_from_sums(y.T @ y, y.sum(0), y.shape[0], centered=mode != "raw")
+    if mode == "raw":
+        return y.T @ y / y.shape[0]
+    yc = y - y.mean(0)
+    return yc.T @ yc / y.shape[0]
 
 
 def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:

@@ -13,8 +13,12 @@ and ``G_a = Wᵀ G_b W`` replace two of the four accumulations; they use the wei
 identities, so ``normalized`` mode always accumulates all four.
 
 Precision: per-step products are taken in the model's dtype, upcast to at least float32 (half and
-bfloat16 models are upcast); they are summed into float32 (or the model's wider dtype) partial sums
-of at most ``16`` steps, which are folded into float64 totals. ``compute()`` works in float64.
+bfloat16 models are upcast). Centred moments (``centered``, ``normalized``) never subtract ``n μ μᵀ``
+from a raw second moment: a window of at most ``16`` committed calls accumulates the rows shifted by
+the window's first-call mean and divided by a power of two (so float32 products neither cancel for
+data like ``1000 + N(0, 1)`` nor overflow/underflow for scales of ``1e±30``); each window is merged
+into float64 ``(n, mean, M2)`` totals with Chan's parallel update. Row norms, the finiteness checks
+and the balance scalars are float64. ``compute()`` works in float64.
 
 Samples and commits: a layer call counts only once the backward pass reaches its output, so
 ``H`` and ``G`` always cover the same rows, and grad-enabled forward passes without a backward
@@ -27,6 +31,15 @@ per-sample gradients ``g = −dℓ_i/dh``; ``"none"`` is right for sum-reduced l
 by that number (e.g. ``B·T`` for a loss that averages over ``T`` tokens per sequence *and* you want
 per-token gradients, or when the batch is not the first dimension). The alignment scores, exponents
 and ranks are invariant to this scale; ``matrices()`` (the ``G``) and the balance terms are not.
+
+Gradient accumulation: with ``k`` micro-batches per optimizer step, each loss divided by ``k``, the
+hooks see ``1/k`` of the per-sample gradients; ``accumulation=k`` multiplies them back (with any
+``grad_scale``), so ``G`` and the balance terms equal those of the one full batch (pass the full
+batch size to ``compute(batch_size=...)``). With ``accumulation=None`` (default) the monitor
+watches the weights' ``.grad``: a backward pass that adds into a ``.grad`` nobody reset since the
+previous backward raises one RuntimeWarning asking for ``accumulation=k`` (or ``accumulation=1`` for
+independent passes). The detection is best effort (wrappers that rewrite ``.grad`` in place, such as
+DDP's all-reduce, hide it).
 
 References: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (CRH/PAH); Ziyin, Wang, Li & Wu,
 arXiv:2402.07193 (noise equilibrium).
@@ -378,6 +391,8 @@ class CRHMonitor:
         max_rows: keep at most this many uniformly chosen rows per layer call (None = all rows); the
             same rows are used for ``h_a``, ``h_b`` and the gradients.
         grad_scale: ``"batch" | "none" | float``, see the module docstring.
+        accumulation: micro-batches per optimizer step whose losses are each divided by it (gradients
+            are multiplied back); None: 1, and warn once when accumulated backward passes are detected.
         identities: derive ``H_b``, ``G_a`` from the exact identities in raw/centered mode.
         track_balance: accumulate the per-sample products the balance terms need.
         nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients; ``"warn"``
@@ -398,9 +413,14 @@ class CRHMonitor:
             every rank must call ``compute()``).
         seed: seed of the row sub-sampling generator.
 
+    Lifecycle: ``attach()``/``detach()`` are idempotent; ``with monitor:`` blocks nest, each restoring
+    the attachment it found (an inner block inside an outer one, or inside ``attach()``, leaves the
+    monitor attached).
+
     Raises:
         ValueError / TypeError: bad arguments (named in the message); no layer matches ``layers``.
-        CanonRegError: an unsupported layer requested explicitly (no tap, grouped convolution).
+        CanonRegError: an unsupported layer requested explicitly (no tap, grouped convolution); a
+            zero-width layer; (at ``attach``) a layer whose weight is on the meta device.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -846,7 +866,8 @@ class CRHMonitor:
         """Reduce the accumulators (across ranks if distributed) and return a :class:`CRHReport`.
 
         With ``torch.distributed`` initialised and ``sync_dist=True`` this is a collective call (one
-        all-reduce of a flat float64 buffer): every rank must call it, and every rank gets the report
+        all-reduce of a flat float64 buffer, preceded in centred modes by a small one of the counts and
+        sums that gives every rank the common means to re-centre on): every rank must call it, and every rank gets the report
         one process would have computed from all ranks' samples. ``report.samples`` is the total over
         ranks; ``report.steps`` the mean number of committed layer calls per rank.
 

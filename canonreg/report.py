@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,10 +205,35 @@ class CRHReport:
         return _jsonable(d)
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
-        """Serialise :meth:`to_dict`; also write it to ``path`` when given."""
+        """Serialise :meth:`to_dict` (strict JSON: NaN and inf become null); also write it to ``path``.
+
+        The file is written atomically (a temporary file in the same directory, then renamed): an
+        interrupted write leaves the previous file, never half of a new one.
+
+        Raises:
+            FileNotFoundError: the directory of ``path`` does not exist.
+            IsADirectoryError: ``path`` is a directory.
+        """
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
-            Path(path).write_text(text)
+            if not isinstance(path, (str, Path)):
+                raise TypeError(f"Expected `path` to be a str or pathlib.Path, but got {type(path).__name__}")
+            target = Path(path)
+            if target.is_dir():
+                raise IsADirectoryError(f"Expected `path` to name a file, but {str(target)!r} is a directory")
+            if not target.parent.is_dir():
+                raise FileNotFoundError(
+                    f"Expected the directory of `path` to exist, but {str(target.parent)!r} does not (path {str(target)!r})"
+                )
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         return text
 
     def table(self, what: str = "alignment") -> str:
