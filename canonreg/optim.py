@@ -55,6 +55,7 @@ from .errors import (
     check_choice,
     check_fraction,
     check_nonnegative,
+    check_nonnegative_int,
     check_positive,
     check_positive_int,
 )
@@ -199,6 +200,17 @@ def noise_share(sigma: float, unit_noise: float, decay: float) -> float:
     return (1.0 + sigma * sigma) * unit_noise / decay if decay > 0 else math.inf
 
 
+#: Fast-EMA factor of the controller's overshoot guard (time constant ~5 steps).
+FAST_EMA = 0.8
+
+#: The fast guard cuts σ when the fast estimate of the share exceeds this multiple of the target.
+OVERSHOOT = 1.2
+
+#: ``growth_limit``: the controller never raises σ while ‖W‖² grows faster than this fraction of the
+#: decay rate, and backs off toward σ = 0 while it grows faster than the decay itself (a runaway).
+GROWTH_LIMIT = 0.25
+
+
 def controller_step(
     log1p_sigma2: float,
     *,
@@ -207,25 +219,40 @@ def controller_step(
     target_share: float,
     gain: float,
     max_noise: float,
+    unit_noise_fast: float | None = None,
+    growth: float = 0.0,
+    growth_limit: float = GROWTH_LIMIT,
 ) -> float:
     """One update of the noise controller in log space; returns the new ``u = log(1 + σ²)``.
 
-        u* = log max(1, τ D / n₁)             (the σ² that makes (1+σ²) n₁ / D = τ, never negative)
-        u ← clip(u + k (u* − u), 0, log(1 + σ_max²))
+        need = τ D / n₁                         (the 1 + σ² that makes (1+σ²) n₁ / D = τ)
+        u*   = log max(1, need)                 if need ≤ 1 + σ_max²,  else 0   (unreachable: back off)
+        u*   = min(u*, u)                       if Δ̄ > g D     (weights expanding: never raise σ)
+        u*   = 0                                if Δ̄ > D       (expanding faster than decay contracts: back off)
+        u    ← clip(u + k (u* − u), 0, log(1 + σ_max²))             (slow, first-order lag 1/k steps)
+        u    ← min(u, log max(1, c τ D / n₁ᶠ))                      (fast: an overshoot is cut at once)
 
-    ``D`` and ``n₁`` are EMA-smoothed measurements (:func:`noise_share`), ``τ = target_share``,
-    ``k = gain``. Each step moves ``u`` a fraction ``k`` of the way to the set point computed from the
-    current measurements (a first-order lag with time constant ``1/k`` steps), so a set point that
-    moves because the weights respond to the noise (on the slow ``1/(η γ)`` time scale) is tracked
-    without overshoot. With Adam, ``n₁`` falls as the injected noise raises ``v̂``, so the reachable
-    share saturates; ``σ_max`` bounds σ then. No decay (``D = 0``) or no noise measurement leaves ``u``
-    unchanged.
+    ``D`` (decay), ``n₁`` (unit noise) and ``Δ̄`` (the measured per-step change of ``‖W‖²``) are EMAs
+    (:func:`noise_share`), ``n₁ᶠ`` a fast EMA of ``n₁`` (:data:`FAST_EMA`), ``c`` = :data:`OVERSHOOT`
+    (the fast estimate is noisy: cutting at ``τ`` itself would bias σ low), ``τ = target_share``,
+    ``k = gain``, ``g = growth_limit``. The asymmetry (slow up, immediate down) is what keeps the
+    realised share from overshooting when SGD's own noise jumps (the loss rises under the noise, so do
+    the per-sample gradients: a positive feedback the lag of a symmetric controller turns into
+    oscillation). The two back-off rules are where noise cannot help: SGD's own share is so small
+    that the target needs ``σ > σ_max`` (the drift, not the noise, balances the decay; with Adam the
+    preconditioned share also saturates in σ), or the injected noise is inflating the weights instead
+    of balancing their decay. No decay (``D = 0``) or no noise measurement leaves ``u`` unchanged.
     """
     u_max = math.log1p(max_noise * max_noise)
     if not (decay > 0 and unit_noise > 0 and math.isfinite(decay) and math.isfinite(unit_noise)):
         return min(max(log1p_sigma2, 0.0), u_max)
-    target = math.log(max(1.0, target_share * decay / unit_noise))
+    need = target_share * decay / unit_noise
+    target = 0.0 if need > 1.0 + max_noise * max_noise else math.log(max(1.0, need))
+    if math.isfinite(growth) and growth > growth_limit * decay:
+        target = 0.0 if growth > decay else min(target, log1p_sigma2)
     u = log1p_sigma2 + gain * (target - log1p_sigma2)
+    if unit_noise_fast is not None and unit_noise_fast > 0 and math.isfinite(unit_noise_fast):
+        u = min(u, math.log(max(1.0, OVERSHOOT * target_share * decay / unit_noise_fast)))
     return min(max(u, 0.0), u_max)
 
 
@@ -235,20 +262,32 @@ class LayerBalanceState:
 
     All quantities are per optimizer step, for ``Tr WᵀW`` (spec §5), with ``P`` the per-coordinate
     step size (``η_eff`` for SGD-style groups, ``lr / (sqrt(v̂)+ε)`` for Adam), ``M = −∇_W L`` the clean
-    batch gradient and ``N`` the unit-σ noise sketch:
+    batch gradient, ``N`` the unit-σ noise sketch and ``r = η_eff γ``. For plain SGD the step
+    ``W⁺ = (1 − r) W + P ⊙ (M + σ N)`` gives exactly
+
+        Δ‖W‖² = −decay + 2 (1 − r) drift + (1 + σ²) ‖P⊙N‖² + signal + 2σ⟨P⊙M, P⊙N⟩    (last term: mean 0)
+
+    with ``signal = ‖P⊙M‖² − ‖P⊙N‖²`` (``≈ (1 − 1/S) η² ‖E M‖²``: the squared *mean* gradient, the
+    second-order term the noise does not contain); with momentum or Adam it holds on average over the
+    ``1/(1−β)`` steps a kick takes to act.
 
     Attributes:
         count: number of measurements.
         weight_sq_norm: ``‖W‖_F²``.
-        decay: ``η_eff γ (2 − η_eff γ) ‖W‖²`` (contraction).
+        decay: ``r (2 − r) ‖W‖²`` (contraction).
         drift: ``⟨W, P ⊙ M⟩`` (half the first-order change).
         unit_noise: ``‖P ⊙ N‖²`` — SGD's own noise term (``E = (η²/S) E[‖g_b‖²‖h_a‖²]`` for SGD).
         unit_noise_raw: ``‖N‖²`` (gives the noise-weighted step size ``η̄² = unit_noise/unit_noise_raw``).
         total_noise: ``(1 + σ²) ‖P ⊙ N‖²`` (SGD's own plus the injected noise).
-        batch_size: samples per step ``S``.
-        decay_rate: the last ``η_eff γ``.
+        batch_size: samples per step ``S`` (summed over the micro-batches of an accumulation window).
+        decay_rate: the last ``r = η_eff γ``.
         decay_time: ``Σ_t η_eff γ`` over the measured steps (the weights equilibrate over ~1 of it).
         log1p_sigma2: controller state ``u = log(1 + σ²)``.
+        signal: ``‖P⊙M‖² − ‖P⊙N‖²`` (the squared-mean-gradient term; was missing before, issue 9).
+        growth: the measured ``‖W_t‖² − ‖W_{t−1}‖²`` (what the terms above must add up to).
+        last_weight_sq_norm: the last raw ``‖W‖²`` (NaN before the first step), for ``growth``.
+        unit_noise_fast: fast EMA (:data:`FAST_EMA`) of ``unit_noise`` for the overshoot guard.
+        micro_batches: backward passes per step (``> 1``: gradient accumulation, detected).
     """
 
     count: int = 0
@@ -262,11 +301,21 @@ class LayerBalanceState:
     decay_rate: float = 0.0
     decay_time: float = 0.0
     log1p_sigma2: float = 0.0
+    signal: float = 0.0
+    growth: float = 0.0
+    last_weight_sq_norm: float = math.nan
+    unit_noise_fast: float = 0.0
+    micro_batches: float = 1.0
 
     @property
     def sigma(self) -> float:
         """The controller's ``σ = sqrt(exp(u) − 1)``."""
         return math.sqrt(math.expm1(self.log1p_sigma2))
+
+    @property
+    def net(self) -> float:
+        """``−decay + 2(1 − r) drift + total_noise + signal``: the predicted per-step change of ``‖W‖²``."""
+        return -self.decay + 2.0 * (1.0 - self.decay_rate) * self.drift + self.total_noise + self.signal
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
@@ -283,8 +332,14 @@ def update_balance_state(
     decay_rate: float,
     batch_size: int,
     ema: float,
+    grad_sq: float | None = None,
+    micro_batches: int = 1,
 ) -> LayerBalanceState:
-    """Fold one step's measurements into the EMAs: ``x ← ema · x + (1 − ema) · x_t`` (first value as is)."""
+    """Fold one step's measurements into the EMAs: ``x ← ema · x + (1 − ema) · x_t`` (first value as is).
+
+    ``grad_sq = ‖P⊙M‖²`` gives ``signal = grad_sq − unit_noise`` (0 when not given); ``growth`` is the
+    change of the raw ``weight_sq_norm`` since the previous call (its EMA starts at the second call).
+    """
     decay = decay_rate * (2.0 - decay_rate) * weight_sq_norm
     new = {
         "weight_sq_norm": weight_sq_norm,
@@ -294,20 +349,37 @@ def update_balance_state(
         "unit_noise_raw": unit_noise_raw,
         "total_noise": (1.0 + sigma * sigma) * unit_noise,
         "batch_size": float(batch_size),
+        "signal": 0.0 if grad_sq is None else grad_sq - unit_noise,
+        "micro_batches": float(micro_batches),
     }
     beta = ema if state.count > 0 else 0.0
     merged = {k: beta * getattr(state, k) + (1.0 - beta) * v for k, v in new.items()}
-    return replace(state, count=state.count + 1, decay_rate=decay_rate, decay_time=state.decay_time + decay_rate, **merged)
+    fast = FAST_EMA if state.count > 0 else 0.0
+    merged["unit_noise_fast"] = fast * state.unit_noise_fast + (1.0 - fast) * unit_noise
+    if math.isfinite(state.last_weight_sq_norm):
+        step = weight_sq_norm - state.last_weight_sq_norm
+        merged["growth"] = (ema * state.growth + (1.0 - ema) * step) if state.count > 1 else step
+    return replace(
+        state, count=state.count + 1, decay_rate=decay_rate, decay_time=state.decay_time + decay_rate,
+        last_weight_sq_norm=weight_sq_norm, **merged,
+    )
 
 
-def ramped_target(target_share: float, decay_time: float, ramp: float) -> float:
-    """Target share in effect: ``τ · min(1, Σ_t η_eff γ / ramp)`` (``τ`` itself when ``ramp = 0``).
+def ramped_target(target_share: float, decay_time: float, ramp: float, steps: int = 0, ramp_steps: int = 0) -> float:
+    """Target share in effect: ``τ · min(1, max(Σ_t η_eff γ / ramp, t / ramp_steps))``.
 
-    Weights approach the noise equilibrium over ``~1/(η γ)`` steps (spec §5; arXiv:2402.07193); before
-    that the drift dominates and SGD's own noise share is far below any stationary target, so holding
-    ``τ`` from the first step would inject the largest noise exactly while the representation forms.
+    ``τ`` itself when ``ramp = 0``; ``ramp_steps = 0`` ends the ramp by decay time only. Weights approach the noise equilibrium over
+    ``~1/(η γ)`` steps (spec §5; arXiv:2402.07193); before that the drift dominates and SGD's own noise
+    share is far below any stationary target, so holding ``τ`` from the first step would inject the
+    largest noise exactly while the representation forms. With a small ``η γ`` one decay time can be
+    longer than the whole run, so the ramp also ends after ``ramp_steps`` steps, whichever comes first.
     """
-    return target_share if ramp <= 0 else target_share * min(1.0, decay_time / ramp)
+    if ramp <= 0:
+        return target_share
+    frac = decay_time / ramp
+    if ramp_steps > 0:
+        frac = max(frac, steps / ramp_steps)
+    return target_share * min(1.0, frac)
 
 
 def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
@@ -316,7 +388,9 @@ def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
     Calls :func:`canonreg.functional.balance_terms` with the noise-weighted step size
     ``η̄ = sqrt(‖P⊙N‖² / ‖N‖²)`` (``η_eff`` for SGD-style groups) as ``lr`` and ``γ' = η_eff γ / η̄`` as
     ``weight_decay``, so that ``η̄ · decay``, ``η̄ · drift`` and ``η̄ · noise`` are the measured per-step
-    changes of ``Tr WᵀW``. ``noise`` is the total (SGD's own + injected); ``noise_share = noise / decay``.
+    changes of ``Tr WᵀW``. ``noise`` is the total (SGD's own + injected); ``noise_share = noise / decay``;
+    ``signal`` is the squared-mean-gradient term ``‖P⊙M‖² − ‖P⊙N‖²`` (per unit step size), so that
+    ``η̄ (drift + noise + signal − decay)`` is the per-step change of ``‖W‖²`` (:attr:`LayerBalanceState.net`).
     For Adam the decay and noise terms are exact in the preconditioned geometry (the preconditioned sums
     estimated without bias on ``sketch`` random rows of ``W``); the drift uses the gradient, not Adam's
     first moment (equal on average).
@@ -332,6 +406,7 @@ def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
         lr=eta,
         weight_decay=state.decay_rate / eta,
         batch_size=s,
+        mean_gradient_sq_norm=state.signal / (eta * eta * (1.0 - 1.0 / s)) if s > 1 else 0.0,
     )
 
 
@@ -420,12 +495,14 @@ class _Layer:
     # never build a d_b × d_a temporary (the injection is one addmm into .grad).
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
+    passes: int = 0  # backward passes through the layer since the last step (> 1: gradient accumulation)
 
     def clear(self) -> None:
         self.noise_w = None
         self.noise_b = None
         self.factors = []
         self.samples = 0
+        self.passes = 0
 
     @property
     def captured(self) -> bool:
@@ -494,6 +571,20 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     if b is not None and bias is None:
         raise CanonRegError(f"Layer {_display(name)!r}: its tap's bias is not a parameter of the module; exclude it with `layers=`")
     return weight, bias
+
+
+def _has_memory(group: Mapping[str, Any]) -> bool:
+    """The group's step is not the current gradient alone (SGD momentum > 0, or Adam-style)."""
+    m = group.get("momentum", 0.0)
+    return _is_adam_group(group) or (isinstance(m, (int, float)) and m > 0)
+
+
+def _all_finite(layer: _Layer) -> Tensor:
+    """A 0-dim bool tensor: the layer's weight and bias gradients are finite everywhere (no host sync)."""
+    ok = torch.isfinite(layer.weight.grad).all() if layer.weight.grad is not None else torch.ones((), dtype=torch.bool)
+    if layer.bias is not None and layer.bias.grad is not None:
+        ok = ok & torch.isfinite(layer.bias.grad).all()
+    return ok
 
 
 def _output_rows(t: Tensor, d_b: int, rows: Tensor | None) -> Tensor:
@@ -572,6 +663,8 @@ class NoiseCalibrated(Optimizer):
         target_share: τ > 0, the noise share ``"auto"`` aims at.
         target_ramp: the target ramps in linearly over this many decay times ``Σ_t η_eff γ``
             (:func:`ramped_target`; 0 = from the first step).
+        ramp_steps: ... or over this many steps, whichever ends first (0 = by decay time only), so that
+            the ramp fits runs shorter than one decay time ``1/(η_eff γ)``.
         layers: which layers of ``model`` get noise and balance (see :mod:`canonreg.layers`).
         decay: which parameters decay: ``"matrices"`` (every optimized parameter with ≥ 2 dims; as in
             nanoGPT), ``"layers"`` (only the weights of the tapped layers) or a predicate
@@ -585,8 +678,11 @@ class NoiseCalibrated(Optimizer):
         track_balance: measure the balance every step (three inner products per layer; with Adam two
             more on ``m`` rows). ``"auto"`` needs it.
         grad_scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any.
-        nonfinite: ``"error" | "warn" | "skip"`` for a non-finite noise sample (skip = no noise for
-            that layer in that step; the base step still runs).
+        nonfinite: ``"error" | "warn" | "skip"`` for non-finite values. A non-finite *gradient* of a
+            tapped layer (checked on the whole gradient, whatever the sketch) raises CanonRegError, or
+            skips the whole step (no noise, decay or base step; counted in ``skipped_steps``) with a
+            warning ("warn") or silently ("skip"). A non-finite noise sample with a finite gradient
+            raises, or gets no noise for that layer in that step (the base step still runs).
         taps: extra ``{module type: tap}``.
         seed: seed of the noise generator.
 
@@ -594,8 +690,9 @@ class NoiseCalibrated(Optimizer):
         TypeError: ``optimizer`` is a class, not an optimizer, an LBFGS (re-evaluates closures) or a
             NoiseCalibrated.
         ValueError: a negative ``weight_decay``/``noise``, an unknown ``noise`` mode, ``noise`` without
-            ``model``, ``"auto"`` without weight decay, or model layers whose parameters the optimizer
-            does not hold.
+            ``model``, ``"auto"`` without weight decay, model layers whose parameters the optimizer
+            does not hold, or a base param group with its own ``weight_decay > 0`` on parameters the
+            wrapper decays too (they would decay twice; AdamW's default is 0.01).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
@@ -616,10 +713,11 @@ class NoiseCalibrated(Optimizer):
         noise: NoiseMode = 0.0,
         target_share: float = DEFAULT_TARGET_SHARE,
         target_ramp: float = 1.0,
+        ramp_steps: int = 200,
         layers: LayerSpec = None,
         decay: DecayRule = "matrices",
         sketch: int | None = 32,
-        gain: float = 0.05,
+        gain: float = 0.1,
         ema: float = 0.95,
         max_noise: float = 10.0,
         track_balance: bool = True,
@@ -643,6 +741,7 @@ class NoiseCalibrated(Optimizer):
         _check_noise("noise", noise)
         check_positive("target_share", target_share)
         check_nonnegative("target_ramp", target_ramp)
+        check_nonnegative_int("ramp_steps", ramp_steps)
         if not (isinstance(decay, str) or callable(decay)):
             raise TypeError(f"Expected `decay` to be 'matrices', 'layers' or a predicate (name, param) -> bool, but got {decay!r}")
         if isinstance(decay, str):
@@ -666,7 +765,7 @@ class NoiseCalibrated(Optimizer):
             raise ValueError("Expected `model` to be given with `decay`='layers'")
         self._config: dict[str, Any] = {
             "layers": layers, "decay": decay, "sketch": sketch, "gain": float(gain), "ema": float(ema),
-            "max_noise": float(max_noise), "target_ramp": float(target_ramp), "track_balance": bool(track_balance), "grad_scaler": grad_scaler,
+            "max_noise": float(max_noise), "target_ramp": float(target_ramp), "ramp_steps": int(ramp_steps), "track_balance": bool(track_balance), "grad_scaler": grad_scaler,
             "nonfinite": nonfinite, "taps": taps, "seed": int(seed),
         }
         hyper = {"nc_weight_decay": float(weight_decay), "nc_noise": noise if noise == "auto" else float(noise), "nc_target_share": float(target_share)}
@@ -675,6 +774,7 @@ class NoiseCalibrated(Optimizer):
             for group in optimizer.param_groups:
                 group.setdefault(k, v)
         self._setup(optimizer, model)
+        self._check_groups()
         self._gen.manual_seed(int(seed))
         if model is not None:
             self.attach()
@@ -700,6 +800,7 @@ class NoiseCalibrated(Optimizer):
         self._device_draws: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
         self._balance: dict[str, LayerBalanceState] = {}
         self._steps = 0
+        self.skipped_steps = 0
         self._layers: dict[str, _Layer] = {}
         self.excluded: dict[str, str] = {}
         self._names: dict[int, str] = {}
@@ -758,6 +859,11 @@ class NoiseCalibrated(Optimizer):
         for k in GROUP_KEYS:
             param_group.setdefault(k, self.defaults[k])
         self.optimizer.add_param_group(param_group)
+        try:
+            self._check_double_decay(len(self.param_groups) - 1, self.param_groups[-1])
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The base optimizer's ``zero_grad``; also drops captured noise of a step that never came (skipped)."""
@@ -866,6 +972,7 @@ class NoiseCalibrated(Optimizer):
                 a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
                 layer.add_noise(a, rows, n_b)
                 layer.samples += batch
+                layer.passes += 1
 
         return hook
 
@@ -885,6 +992,26 @@ class NoiseCalibrated(Optimizer):
             check_nonnegative(f"param_groups[{i}]['nc_weight_decay']", group["nc_weight_decay"])
             _check_noise(f"param_groups[{i}]['nc_noise']", group["nc_noise"])
             check_positive(f"param_groups[{i}]['nc_target_share']", group["nc_target_share"])
+            self._check_double_decay(i, group)
+
+    def _check_double_decay(self, i: int, group: Mapping[str, Any]) -> None:
+        """Refuse a group that the base optimizer decays *and* the wrapper decays (issue 10, item 2).
+
+        Both would shrink the same weights every step — ``(1 − η_eff γ)`` here and the base's own
+        ``weight_decay`` (coupled for SGD/Adam, ``(1 − lr λ)`` for AdamW, whose default is 0.01) — so the
+        decay would silently be about twice the one asked for, and the balance would count only half.
+        """
+        own = group.get("weight_decay", 0.0)
+        if not (isinstance(own, (int, float)) and own > 0 and float(group["nc_weight_decay"]) > 0):
+            return
+        if not any(self._decays(p) for p in group["params"]):
+            return
+        raise ValueError(
+            f"Expected the base optimizer's param_groups[{i}]['weight_decay'] to be 0 when NoiseCalibrated decays the same "
+            f"parameters (weight_decay={float(group['nc_weight_decay'])!r}), but got {own!r}: the weights would decay twice. "
+            f"Build the base optimizer with weight_decay=0 (note torch.optim.AdamW's default is 0.01), or keep the base's "
+            f"decay and pass weight_decay=0 to NoiseCalibrated"
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -903,7 +1030,8 @@ class NoiseCalibrated(Optimizer):
         scaler = self._config["grad_scaler"]
         inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-        # 1. measure (one host sync for all layers)
+        # 1. measure (one host sync for all layers); the finiteness of every tapped layer's full gradient is
+        # checked here, on the gradient itself, never on the sketch's rows (issue 10, item 3)
         active: list[tuple[_Layer, float, Tensor]] = []
         for layer in self._layers.values():
             w, g = layer.weight, layer.weight.grad
@@ -911,6 +1039,9 @@ class NoiseCalibrated(Optimizer):
                 continue
             sigma = self._sigma(layer.name)
             if not layer.captured:
+                if not bool(_all_finite(layer)):  # a host sync, only on this rare path
+                    self._nonfinite_gradient([layer.name])
+                    return loss
                 if sigma > 0:
                     raise CanonRegError(
                         f"Layer {_display(layer.name)!r} has a gradient but NoiseCalibrated captured no forward/backward "
@@ -927,9 +1058,13 @@ class NoiseCalibrated(Optimizer):
                 layer.scale_(inv_scale)
             active.append((layer, sigma, self._measure(layer, g)))
         values = torch.stack([v.to("cpu", torch.float64) for _, _, v in active]).tolist() if active else []
+        bad = [layer.name for (layer, _, _), v in zip(active, values) if v[-1] != 1.0]
+        if bad:
+            self._nonfinite_gradient(bad)
+            return loss
 
         # 2. noise
-        for (layer, sigma, _), (*_terms, n_raw) in zip(active, values):
+        for (layer, sigma, _), (*_terms, n_raw, _g2, _ok) in zip(active, values):
             if not math.isfinite(n_raw):
                 self._nonfinite(layer.name)
                 continue
@@ -950,21 +1085,35 @@ class NoiseCalibrated(Optimizer):
                 torch._foreach_mul_(params, 1.0 - rate)
         self.optimizer.step()
 
-        # 4. balance EMAs and controller
-        for (layer, sigma, _), (w2, drift, n1, n_raw) in zip(active, values):
-            if not (self._config["track_balance"] and all(map(math.isfinite, (w2, drift, n1, n_raw)))):
+        # 4. the realised second-order term of momentum / Adam steps (one more host sync, those groups only)
+        if self._config["track_balance"]:
+            post = [(i, self._update_sq(layer)) for i, (layer, _, _) in enumerate(active) if _has_memory(layer.group)]
+            if post:
+                got = torch.stack([t.to("cpu", torch.float64) for _, t in post]).tolist()
+                for (i, _), (u2, coef) in zip(post, got):
+                    _w2, _d, n1_i, _nr, _g2, ok_i = values[i]
+                    sigma_i = active[i][1]
+                    values[i] = [_w2, _d, n1_i, _nr, u2 - coef * (1.0 + sigma_i * sigma_i) * n1_i + n1_i, ok_i]
+
+        # 5. balance EMAs and controller
+        for (layer, sigma, _), (w2, drift, n1, n_raw, g2, _ok) in zip(active, values):
+            if not (self._config["track_balance"] and all(map(math.isfinite, (w2, drift, n1, n_raw, g2)))):
                 continue
             group = layer.group
             rate = effective_lr(group) * float(group["nc_weight_decay"]) if self._decays(layer.weight) else 0.0
             st = update_balance_state(
                 self._balance[layer.name], weight_sq_norm=w2, drift=drift, unit_noise=n1, unit_noise_raw=n_raw,
-                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema=self._config["ema"],
+                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema=self._config["ema"], grad_sq=g2,
+                micro_batches=layer.passes,
             )
             if group["nc_noise"] == "auto":
-                target = ramped_target(float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"])
+                target = ramped_target(
+                    float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"], st.count, self._config.get("ramp_steps", 0)
+                )
                 u = controller_step(
                     st.log1p_sigma2, decay=st.decay, unit_noise=st.unit_noise, target_share=target,
-                    gain=self._config["gain"], max_noise=self._config["max_noise"],
+                    gain=self._config["gain"], max_noise=self._config["max_noise"], unit_noise_fast=st.unit_noise_fast,
+                    growth=st.growth if st.count > 2 else 0.0,
                 )
                 st = replace(st, log1p_sigma2=u)
             self._balance[layer.name] = st
@@ -974,8 +1123,12 @@ class NoiseCalibrated(Optimizer):
         return loss
 
     def _measure(self, layer: _Layer, grad: Tensor) -> Tensor:
-        """``[‖W‖², ⟨W, P⊙M⟩, ‖P⊙N‖², ‖N‖²]`` of one layer (as a tensor; no host sync)."""
+        """``[‖W‖², ⟨W, P⊙M⟩, ‖P⊙N‖², ‖N‖², ‖P⊙M‖², finite]`` of one layer (a tensor; no host sync).
+
+        ``finite`` is 1.0 when the layer's whole weight (and bias) gradient is finite, else 0.0.
+        """
         assert layer.captured
+        ok = _all_finite(layer)
         w = layer.weight.detach().reshape(-1)
         d_b = layer.weight.shape[0]
         if layer.noise_w is None:
@@ -992,14 +1145,17 @@ class NoiseCalibrated(Optimizer):
 
             def noise_rows(rows: Tensor | None) -> Tensor:
                 return _output_rows(n_w, d_b, rows)
+        ok = ok.to(n_raw.dtype)
         if not self._config["track_balance"]:
             zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
-            return torch.stack([zero, zero, zero, n_raw])
+            return torch.stack([zero, zero, zero, n_raw, zero, ok])
         w2 = torch.dot(w, w)
         if not _is_adam_group(layer.group):
             eta = effective_lr(layer.group)
-            drift = torch.dot(w, grad.reshape(-1)) * (-eta)
+            flat = grad.reshape(-1)
+            drift = torch.dot(w, flat) * (-eta)
             n1 = n_raw * (eta * eta)
+            g2 = torch.dot(flat, flat).to(n_raw.dtype) * (eta * eta)
         else:
             # Preconditioned sums Σ_jk (·)/d_jk over a random subset of m output rows, rescaled (unbiased;
             # exact when d_b <= m): the denominator costs several passes, a full one per step would not be cheap.
@@ -1008,16 +1164,80 @@ class NoiseCalibrated(Optimizer):
             denom = adam_denominator(layer.group, self.state.get(layer.weight, {}), rows)
             if denom is None:  # no second moment yet (first step): no measurement
                 nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
-                return torch.stack([nan, nan, nan, n_raw])
+                return torch.stack([nan, nan, nan, n_raw, nan, ok])
 
             scale = d_b / m if rows is not None else 1.0
             lr = float(layer.group["lr"])
             d = denom.reshape(-1)
-            drift = torch.dot(_output_rows(w, d_b, rows), _output_rows(grad, d_b, rows) / d) * (-lr * scale)
+            pg = _output_rows(grad, d_b, rows) / d
+            drift = torch.dot(_output_rows(w, d_b, rows), pg) * (-lr * scale)
+            g2 = torch.dot(pg, pg).to(n_raw.dtype) * (lr * lr * scale)
             nr = noise_rows(rows)
             q = nr / d.to(nr.dtype)
             n1 = torch.dot(q, q) * (lr * lr * scale)
-        return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw])
+        return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw, g2, ok])
+
+    def _update_sq(self, layer: _Layer) -> Tensor:
+        """``[‖U‖², c]`` after a momentum / Adam base step: ``U`` the step the base optimizer just took
+        (``W⁺ = (1 − r) W − U``; on ``sketch`` random rows for Adam) and ``c`` the factor by which its
+        second moment carries the per-step gradient noise (white noise ``ξ``: ``E‖U_ξ‖² = c ‖P⊙ξ‖²``).
+
+            heavy ball  U = lr b,  b ← β b + (1−d) ĝ:   c = (1−β)² / (1−β²)
+            Nesterov    U = lr (ĝ + β b):                 c = (1−β)² ((1+β)² + β⁴/(1−β²))
+            Adam        U = lr m̂ / (sqrt(v̂)+ε):          c = (1−β₁)/(1+β₁) · (1−β₁^{2t}) / (1−β₁^t)²
+
+        (``P⊙ξ`` uses ``η_eff = lr(1−d)/(1−β)`` for the momentum groups, hence the ``(1−β)²``.)
+        """
+        group, st = layer.group, self.state.get(layer.weight, {})
+        w = layer.weight
+        dev = w.device
+        if _is_adam_group(group):
+            m = st.get("exp_avg")
+            d_b = w.shape[0]
+            k = self._config["sketch"] or d_b
+            rows = torch.randperm(d_b, generator=self._gen)[:k].to(dev) if k < d_b else None
+            denom = adam_denominator(group, st, rows)
+            if m is None or denom is None:
+                return torch.tensor([math.nan, 0.0], dtype=torch.float64, device=dev)
+            b1, t = float(group["betas"][0]), float(st["step"])
+            bc1 = 1.0 - b1**t
+            q = _output_rows(m, d_b, rows) / bc1 / denom.reshape(-1)
+            scale = d_b / k if rows is not None else 1.0
+            lr = float(group["lr"])
+            coef = (1.0 - b1) / (1.0 + b1) * (1.0 - b1 ** (2 * t)) / (bc1 * bc1)
+            u2 = torch.dot(q, q).to(torch.float64) * (lr * lr * scale)
+        else:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                return torch.tensor([math.nan, 0.0], dtype=torch.float64, device=dev)
+            beta, damp, lr = float(group["momentum"]), float(group.get("dampening", 0.0)), float(group["lr"])
+            if group.get("nesterov", False) and w.grad is not None:
+                u = (w.grad + beta * buf).reshape(-1)
+                coef = (1.0 - beta) ** 2 * ((1.0 + beta) ** 2 + beta**4 / (1.0 - beta * beta))
+            else:
+                u = buf.reshape(-1)
+                coef = (1.0 - beta) ** 2 / (1.0 - beta * beta)
+            u2 = torch.dot(u, u).to(torch.float64) * (lr * lr)
+        return torch.stack([u2, torch.tensor(coef, dtype=torch.float64, device=dev)])
+
+    def _nonfinite_gradient(self, names: list[str]) -> None:
+        """A non-finite gradient in a tapped layer: raise ("error"), or skip the whole step ("warn"/"skip").
+
+        Skipping means no noise, no decay and no base step (the base step would write NaN/inf into
+        the weights), like a step GradScaler skips; counted in :attr:`skipped_steps`.
+        """
+        shown = ", ".join(repr(_display(n)) for n in names)
+        msg = (
+            f"Non-finite gradient in layer(s) {shown} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r}): "
+            "checked on the full gradient, not on the noise sketch"
+        )
+        if self._config["nonfinite"] == "error":
+            raise CanonRegError(msg + "; check the loss and inputs, with AMP step through scaler.step(opt), or pass nonfinite='skip'")
+        if self._config["nonfinite"] == "warn":
+            warnings.warn(msg + "; the whole step is skipped (no noise, decay or base step)", RuntimeWarning, stacklevel=3)
+        self.skipped_steps += 1
+        for layer in self._layers.values():
+            layer.clear()
 
     def _nonfinite(self, name: str) -> None:
         msg = f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r})"
@@ -1055,6 +1275,7 @@ class NoiseCalibrated(Optimizer):
             "version": 1,
             "rng_state": self._gen.get_state(),
             "steps": self._steps,
+            "skipped_steps": self.skipped_steps,
             "balance": {n: st.to_dict() for n, st in self._balance.items()},
         }
         return sd
@@ -1064,14 +1285,20 @@ class NoiseCalibrated(Optimizer):
 
         A base optimizer's plain state dict is accepted too (the wrapper's state then stays as it is).
         """
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+            raise ValueError(f"Expected `state_dict` to be an optimizer state dict with 'state' and 'param_groups', but got {got}")
         sd = dict(state_dict)
         own = sd.pop("noise_calibrated", None)
         if own is not None:
+            if not isinstance(own, Mapping) or not isinstance(own.get("balance"), Mapping):
+                raise ValueError("Expected `state_dict['noise_calibrated']` to be NoiseCalibrated's own state (with 'balance'), but it is damaged")
             unknown = sorted(set(own["balance"]) - set(self._balance))
             if unknown:
                 raise ValueError(
                     f"Expected `state_dict` to hold layers of this model {sorted(self._balance)}, but it has {unknown}"
                 )
+        self._check_state_shapes(sd)
         self.optimizer.load_state_dict(sd)
         self._check_groups()
         groups = self._param_groups_by_id()
@@ -1081,11 +1308,42 @@ class NoiseCalibrated(Optimizer):
         if own is not None:
             self._gen.set_state(own["rng_state"])
             self._steps = int(own["steps"])
+            self.skipped_steps = int(own.get("skipped_steps", 0))
             fields = LayerBalanceState.__dataclass_fields__
             for name, values in own["balance"].items():
-                kw = {k: values[k] for k in fields}
-                kw["count"] = int(kw["count"])
+                # fields added later (signal, growth, ...) keep their defaults when loading an older checkpoint
+                kw = {k: values[k] for k in fields if k in values}
+                kw["count"] = int(kw.get("count", 0))
                 self._balance[name] = LayerBalanceState(**kw)
+
+    def _check_state_shapes(self, sd: Mapping[str, Any]) -> None:
+        """Refuse a base state dict saved for parameters of other shapes (issue 10, item 8).
+
+        torch only compares the *number* of parameters per group; a momentum buffer or Adam moment of
+        another shape would be accepted and fail (or broadcast) inside the next ``step()``.
+        """
+        groups = sd["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            n = len(groups) if isinstance(groups, list) else type(groups).__name__
+            raise ValueError(f"Expected `state_dict` to have {len(self.param_groups)} param groups like this optimizer, but it has {n}")
+        names = {id(p): n for n, p in self.model.named_parameters()} if self.model is not None else {}
+        state = sd["state"]
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            ids = saved.get("params", []) if isinstance(saved, Mapping) else []
+            if len(ids) != len(group["params"]):
+                raise ValueError(
+                    f"Expected `state_dict` param group {gi} to have {len(group['params'])} parameters like this optimizer, "
+                    f"but it has {len(ids)}: it was saved for another model"
+                )
+            for k, p in zip(ids, group["params"]):
+                entry = state.get(k, {}) if isinstance(state, Mapping) else {}
+                for key, value in entry.items() if isinstance(entry, Mapping) else ():
+                    if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        where = names.get(id(p), f"param_groups[{gi}] parameter {group['params'].index(p)}")
+                        raise ValueError(
+                            f"Expected `state_dict` state {key!r} of parameter {where!r} to have this model's shape "
+                            f"{tuple(p.shape)}, but it has {tuple(value.shape)}: the state dict was saved for a model of another shape"
+                        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {
