@@ -1,0 +1,396 @@
+"""Integrations: GPT-2's Conv1D through the tap contract, flat metric keys, Lightning and HF callbacks.
+
+Frameworks are optional: each test skips (pytest.importorskip) when its package is absent. Models are
+built from configs (nothing is downloaded). torchvision and timm are deliberately not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib
+import pickle
+import posixpath
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import canonreg
+from canonreg import CanonRegError
+from canonreg.integrations import flat_metrics, metric_key
+from canonreg.taps import TransposedLinearTap, default_taps, get_tap, matrix_view, to_weight_layout, weight_parameter
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+# ----------------------------------------------------------------------------- lazy imports
+def test_importing_canonreg_imports_no_framework() -> None:
+    code = "import sys, canonreg, canonreg.integrations; print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "module,blocked,extra",
+    [
+        ("canonreg.integrations.lightning", ("lightning", "lightning.pytorch", "pytorch_lightning"), "lightning"),
+        ("canonreg.integrations.hf", ("transformers",), "hf"),
+    ],
+)
+def test_missing_framework_raises_importerror_naming_the_extra(monkeypatch, module, blocked, extra) -> None:
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'canonreg[{extra}]'")):
+        importlib.import_module(module)
+
+
+# ----------------------------------------------------------------------------- flat metrics
+def _mlflow_accepts(key: str) -> bool:
+    """MLflow's metric-name rule, restated: [\\w/.\\- ] only, and normpath must leave the name unchanged."""
+    if not re.fullmatch(r"[/\w.\- ]*", key):
+        return False
+    norm = posixpath.normpath(key)
+    return norm == key and norm != "." and not norm.startswith("..") and not norm.startswith("/")
+
+
+def _tensorboard_clean(key: str) -> str:
+    """TensorBoard's tag cleaning: characters outside [-/\\w.] become '_' (a valid tag is unchanged)."""
+    return re.sub(r"[^-/\w\.]", "_", key)
+
+
+class OddNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"in proj": nn.Linear(4, 6), "in_proj": nn.Linear(6, 6), "<q>/k": nn.Linear(6, 3)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.blocks.values():
+            x = torch.tanh(m(x))
+        return x
+
+
+@pytest.fixture(scope="module")
+def odd_report() -> canonreg.CRHReport:
+    torch.manual_seed(0)
+    model = OddNames().double()
+    with canonreg.CRHMonitor(model) as monitor:
+        for _ in range(2):
+            x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        return monitor.compute(exponents=True, n_bootstrap=0)
+
+
+def test_flat_metric_keys_are_accepted_by_mlflow_tensorboard_and_wandb(odd_report) -> None:
+    metrics = flat_metrics(odd_report, prefix="train/crh")
+    assert metrics and all(isinstance(v, float) for v in metrics.values())
+    for key in metrics:
+        assert re.fullmatch(r"[A-Za-z0-9_./-]+", key), key  # no '<', '>', spaces
+        assert _mlflow_accepts(key), key
+        assert _tensorboard_clean(key) == key, key
+        assert key.split("/")[0] == "train" and "" not in key.split("/")  # W&B groups by the first segment
+    # MLflow's file store keeps a metric at its key's path: no key may be a directory of another
+    keys = sorted(metrics)
+    assert not any(b.startswith(a + "/") for a, b in zip(keys, keys[1:]))
+    # an independent check that the validator restated above rejects what it must
+    for bad in ("crh/alpha/<root>/f-RGA", "crh//x", "/crh", "crh/../x", "crh/a<b"):
+        assert not (_mlflow_accepts(bad) and _tensorboard_clean(bad) == bad)
+
+
+def test_flat_metrics_values_and_names(odd_report) -> None:
+    m = flat_metrics(odd_report)
+    names = {"blocks.in proj": "blocks.in_proj", "blocks.in_proj": "blocks.in_proj_2", "blocks.<q>/k": "blocks._q__k"}
+    assert set(odd_report.layers) == set(names)
+    for layer, seg in names.items():
+        for rel in canonreg.RELATIONS:
+            assert m[f"crh/alpha/{seg}/{rel}"] == odd_report.alignment[layer][rel]
+            assert m[f"crh/kappa/{seg}/{rel}"] == odd_report.exponents[layer][rel].exponent
+        assert m[f"crh/samples/{seg}"] == odd_report.samples[layer] == 64
+    values = [odd_report.alignment[n][r] for n in names for r in canonreg.RELATIONS]
+    assert m["crh/alpha_mean/all"] == pytest.approx(sum(values) / len(values))
+    assert m["crh/alpha_min/all"] == min(values)
+    for rel in canonreg.RELATIONS:
+        assert m[f"crh/alpha_mean/{rel}"] == pytest.approx(sum(odd_report.alignment[n][rel] for n in names) / 3)
+    assert metric_key("crh", "", "..", "a b") == "crh/root/_/a_b"
+    with pytest.raises(ValueError, match="`prefix`"):
+        flat_metrics(odd_report, prefix="crh/")
+    with pytest.raises(ValueError, match="`prefix`"):
+        flat_metrics(odd_report, prefix="a b")
+    with pytest.raises(TypeError, match="`report`"):
+        flat_metrics({"alignment": {}})  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- GPT-2 Conv1D
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+CONV1D_NAMES = [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def test_gpt2_conv1d_layers_are_measured_and_match_a_dense_reference() -> None:
+    model = _tiny_gpt2().double()
+    from transformers.pytorch_utils import Conv1D
+
+    assert Conv1D in default_taps() and isinstance(get_tap(model.transformer.h[0].attn.c_attn), TransposedLinearTap)
+    rows: dict[str, dict[str, list[torch.Tensor]]] = {n: {"x": [], "y": [], "gx": [], "gy": []} for n in CONV1D_NAMES}
+
+    def capture(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            rows[name]["x"].append(x.detach().reshape(-1, x.shape[-1]))
+            rows[name]["y"].append(output.detach().reshape(-1, output.shape[-1]))
+            x.register_hook(lambda g: rows[name]["gx"].append(g.reshape(-1, g.shape[-1])))
+            output.register_hook(lambda g: rows[name]["gy"].append(g.reshape(-1, g.shape[-1])))
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(capture(n)) for n in CONV1D_NAMES]
+    ids = torch.randint(0, 50, (3, 2, 8), generator=torch.Generator().manual_seed(1))
+    monitors = {
+        "direct": canonreg.CRHMonitor(model, preprocess="raw", identities=False, grad_scale="none"),
+        "identities": canonreg.CRHMonitor(model, preprocess="raw", grad_scale="none"),
+    }
+    reports = {}
+    for kind, monitor in monitors.items():
+        assert list(monitor.layers) == [*CONV1D_NAMES, "lm_head"]
+        assert {"transformer.wte", "transformer.wpe", "transformer.ln_f"} <= set(monitor.excluded)
+        with monitor:
+            for batch in ids:
+                model.zero_grad()
+                model(input_ids=batch, labels=batch).loss.backward()
+        reports[kind] = monitor.compute(exponents=False)
+    for h in handles:
+        h.remove()
+    for name in CONV1D_NAMES:
+        module = model.get_submodule(name)
+        weight, bias = module.weight.detach(), module.bias.detach()  # weight stored (d_a, d_b): W = weightᵀ
+        cat = {k: torch.cat(v) for k, v in rows[name].items()}
+        n = cat["x"].shape[0] // 2  # each monitor saw one of the two identical passes
+        assert n == 3 * 2 * 8
+        ref = {
+            "H_a": cat["x"][:n].T @ cat["x"][:n] / n,
+            "H_b": cat["y"][:n].T @ cat["y"][:n] / n,
+            "G_a": cat["gx"][:n].T @ cat["gx"][:n] / n,
+            "G_b": cat["gy"][:n].T @ cat["gy"][:n] / n,
+            "Z_a": weight @ weight.T,
+            "Z_b": weight.T @ weight,
+        }
+        # the layout: h_b = W h_a + b with W = weightᵀ, so H_b = W H_a Wᵀ + W μ bᵀ + b μᵀ Wᵀ + b bᵀ in raw mode
+        mu = cat["x"][:n].mean(0)
+        w = weight.T
+        assert_close(ref["H_b"], w @ ref["H_a"] @ w.T + torch.outer(w @ mu, bias) + torch.outer(bias, w @ mu) + torch.outer(bias, bias))
+        for kind, report in reports.items():
+            got = report.matrices(name)
+            for key, expected in ref.items():
+                assert_close(got[key], expected, rtol=1e-9, atol=1e-12, msg=f"{kind} {name} {key}")
+
+
+def test_gpt2_conv1d_weight_layout_for_the_noise_wrapper() -> None:
+    model = _tiny_gpt2()
+    layer = model.transformer.h[0].mlp.c_fc
+    tap = get_tap(layer)
+    assert tap is not None and weight_parameter(tap, layer) is layer.weight
+    assert tap.weight(layer).shape == (layer.nf, layer.weight.shape[0])  # (d_b, d_a)
+    noise = torch.randn(tap.weight(layer).shape)
+    into_grad = to_weight_layout(tap, layer, noise)
+    assert into_grad.shape == layer.weight.shape and torch.equal(into_grad, noise.T)
+    grad = torch.zeros_like(layer.weight)
+    matrix_view(tap, layer, grad).add_(noise)  # writing the (d_b, d_a) view reaches the gradient
+    assert torch.equal(grad, noise.T)
+    assert not torch.equal(noise.reshape(layer.weight.shape), noise.T)  # a reshape would scramble it
+
+
+# ----------------------------------------------------------------------------- Lightning
+def _lightning():
+    return pytest.importorskip("lightning.pytorch")
+
+
+def _data(n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def _make_lit(pl):
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.penalties: list[float] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            from canonreg.integrations.lightning import alignment_penalty
+
+            x, y = batch
+            task = F.cross_entropy(self(x), y)
+            penalty = alignment_penalty(self, task)
+            self.penalties.append(float(penalty.detach()))
+            return task + penalty
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Lit()
+
+
+def _trainer(pl, tmp_path, callbacks, max_steps: int = 4):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+
+
+def test_lightning_callback_logs_windows_and_final_measurement(tmp_path) -> None:
+    pl = _lightning()
+    from canonreg.integrations.lightning import CRHCallback
+
+    loader = _data()
+    module = _make_lit(pl)
+    cb = CRHCallback(every_n_steps=2, measure_at_end=loader)
+    trainer = _trainer(pl, tmp_path, [cb])
+    trainer.fit(module, loader)
+
+    # reference: the same training written as a plain loop with a monitor reset every 2 steps
+    ref_model = _make_lit(pl)
+    opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    windows = {}
+    with canonreg.CRHMonitor(ref_model) as monitor:
+        for step, (x, y) in enumerate(loader, start=1):
+            opt.zero_grad()
+            F.cross_entropy(ref_model(x), y).backward()
+            opt.step()
+            if step % 2 == 0:
+                windows[step] = flat_metrics(monitor.compute(exponents=False))
+                monitor.reset()
+    for p, q in zip(module.parameters(), ref_model.parameters()):
+        assert_close(p, q)  # the callback did not change training
+    final_ref = flat_metrics(canonreg.measure_crh(ref_model, loader), "crh_final")
+
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        logged = list(csv.DictReader(f))
+    by_step: dict[int, dict[str, float]] = {}
+    for row in logged:
+        by_step.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"})
+    for step, expected in windows.items():
+        got = {k: v for k, v in by_step[step].items() if k.startswith("crh/")}
+        assert set(got) == set(expected)
+        for k, v in expected.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True), k
+    got_final = {k: v for k, v in by_step[4].items() if k.startswith("crh_final/")}
+    assert set(got_final) == set(final_ref)
+    for k, v in final_ref.items():
+        assert got_final[k] == pytest.approx(v, rel=1e-6, abs=1e-9, nan_ok=True), k
+    assert cb.final_metrics == pytest.approx(final_ref, nan_ok=True)
+
+    # nothing of canonreg stays on the module: no hooks, copyable, picklable
+    assert cb.monitor is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    copy.deepcopy(module)
+    pickle.loads(pickle.dumps(module.net))
+
+
+def test_lightning_alignment_wiring_and_lr_find(tmp_path) -> None:
+    pl = _lightning()
+    from lightning.pytorch.tuner import Tuner
+
+    from canonreg.integrations.lightning import CRHCallback, alignment_penalty
+
+    loader = _data()
+    plain = _make_lit(pl)
+    _trainer(pl, tmp_path / "plain", [CRHCallback(every_n_steps=2)]).fit(plain, loader)
+    wired = _make_lit(pl)
+    cb = CRHCallback(every_n_steps=2, align={"relations": ["f-RWA"], "weight": 0.5})
+    trainer = _trainer(pl, tmp_path / "wired", [cb])
+    Tuner(trainer).lr_find(wired, train_dataloaders=loader, num_training=3, min_lr=1e-3, max_lr=1e-2, update_attr=False)
+    assert cb.monitor is None and cb.align is None  # lr_find's inner fit attached and detached cleanly
+    wired.penalties.clear()
+    trainer.fit(wired, loader)
+    assert wired.penalties and all(p > 0 for p in wired.penalties)  # the wired loss acted in every step
+    assert all(p == 0 for p in plain.penalties)  # without `align=` the helper is an exact zero
+    assert float(alignment_penalty(wired, torch.tensor(2.0))) == 0.0  # outside fit: zero
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        CRHCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="both are None"):
+        CRHCallback(every_n_steps=None)
+    with pytest.raises(ValueError, match="`prefix`"):
+        CRHCallback(prefix="crh alpha")
+
+
+# ----------------------------------------------------------------------------- Hugging Face Trainer
+class _TokenData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, 50, (16, 8), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_hf_trainer_callback_metrics_reach_report_to(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from canonreg.integrations.hf import CRHTrainerCallback
+
+    class Reporter(transformers.TrainerCallback):
+        """Stands for a report_to integration: those receive exactly the `on_log` events."""
+
+        def __init__(self) -> None:
+            self.logs: list[dict[str, float]] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs or {}))
+
+    reporter = Reporter()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0,
+    )
+    trainer = transformers.Trainer(model=_tiny_gpt2(), args=args, train_dataset=_TokenData(), callbacks=[reporter])
+    trainer.remove_callback(transformers.PrinterCallback)
+    cb = CRHTrainerCallback.add_to(trainer, every_n_steps=2)
+    trainer.train()
+    crh_logs = [log for log in reporter.logs if "crh/alpha_mean/all" in log]
+    assert len(crh_logs) == 2  # steps 2 and 4
+    assert crh_logs[-1] == {**cb.last_metrics, "epoch": crh_logs[-1]["epoch"]}
+    history = [h for h in trainer.state.log_history if "crh/alpha_mean/all" in h]
+    assert [h["step"] for h in history] == [2, 4]
+    layers = [*CONV1D_NAMES, "lm_head"]
+    assert cb.last_report is not None and cb.last_report.layers == layers
+    for name in layers:  # tokens are samples: 2 steps × 4 sequences × 8 positions per window
+        assert crh_logs[-1][f"crh/samples/{name}"] == 64.0
+        assert all(-1 <= crh_logs[-1][f"crh/alpha/{name}/{r}"] <= 1 for r in canonreg.RELATIONS)
+    assert cb.monitor is None and all(not m._forward_hooks for m in trainer.model.modules())
+
+
+def test_hf_callback_needs_its_trainer() -> None:
+    pytest.importorskip("transformers")
+    from canonreg.integrations.hf import CRHTrainerCallback
+
+    with pytest.raises(CanonRegError, match=r"add_to\(trainer"):
+        CRHTrainerCallback(every_n_steps=2).on_train_begin(None, None, None, model=nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="`trainer`"):
+        CRHTrainerCallback(object())
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        CRHTrainerCallback(every_n_steps=0)
