@@ -352,7 +352,7 @@ _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
     ((nn.Bilinear,), "a bilinear form x1ᵀ A x2, not h_b = W h_a + b; no built-in tap"),
     ((nn.modules.conv._ConvTransposeNd,), "transposed convolution; no built-in tap"),
     ((nn.Conv3d,), "3-D convolution; no built-in tap"),
-    ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm),
+    ((nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm)),  # RMSNorm: torch>=2.4
      "a normalisation layer: elementwise scale and shift, no weight matrix W"),
     ((nn.PReLU,), "a learnable activation (elementwise), no weight matrix W"),
 )
