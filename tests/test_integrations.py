@@ -14,6 +14,7 @@ import posixpath
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -307,6 +308,45 @@ def test_lightning_callback_logs_windows_and_final_measurement(tmp_path) -> None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
     copy.deepcopy(module)
     pickle.loads(pickle.dumps(module.net))
+
+
+def test_lightning_gradient_accumulation_windows_match_a_plain_loop(tmp_path) -> None:
+    pl = _lightning()
+    from lightning.pytorch.loggers import CSVLogger
+
+    from canonreg.integrations.lightning import CRHCallback
+
+    loader = _data()
+    module = _make_lit(pl)
+    cb = CRHCallback(every_n_steps=2)
+    trainer = pl.Trainer(
+        max_steps=4, accumulate_grad_batches=2, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    assert not [w for w in caught if "gradient accumulation" in str(w.message)]
+
+    # reference: two micro-batches per step, each loss / 2, monitor told so; window of 2 steps = 4 batches
+    ref_model = _make_lit(pl)
+    opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    batches = [b for _ in range(2) for b in loader]
+    with canonreg.CRHMonitor(ref_model, accumulation=2) as monitor:
+        for i, (x, y) in enumerate(batches, start=1):
+            (F.cross_entropy(ref_model(x), y) / 2).backward()
+            if i % 2 == 0:
+                opt.step()
+                opt.zero_grad()
+            if i % 4 == 0:
+                expected = monitor.compute(exponents=False)
+                monitor.reset()
+    assert cb.last_report is not None
+    for layer in expected.layers:
+        got, want = cb.last_report.matrices(layer), expected.matrices(layer)
+        for key in want:
+            assert_close(got[key], want[key], msg=f"{layer} {key}")
+    assert cb.last_report.samples == expected.samples == {"net.0": 64, "net.2": 64}
 
 
 def test_lightning_alignment_wiring_and_lr_find(tmp_path) -> None:

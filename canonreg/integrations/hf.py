@@ -50,7 +50,8 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         every_n_steps: window length in optimizer steps; the monitor is reset after each window.
         layers: which layers (see :mod:`canonreg.layers`); default every measurable layer (GPT-2's
             ``Conv1D`` projections included; embeddings and norms are listed in ``monitor.excluded``).
-        monitor_kwargs: extra :class:`~canonreg.CRHMonitor` options.
+        monitor_kwargs: extra :class:`~canonreg.CRHMonitor` options; ``accumulation`` defaults to
+            ``args.gradient_accumulation_steps``.
         compute_kwargs: extra :meth:`~canonreg.CRHMonitor.compute` options (default ``exponents=False``).
         prefix: key prefix of the logged metrics.
 
@@ -120,7 +121,9 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         if not isinstance(model, nn.Module):
             raise CanonRegError(f"CRHTrainerCallback received no model at on_train_begin (got {type(model).__name__})")
         self.detach()
-        self.monitor = CRHMonitor(model, layers=self.layers, **self.monitor_kwargs).attach()
+        # The Trainer scales each micro-batch loss to ~1/gradient_accumulation_steps: the monitor multiplies back.
+        kwargs = {"accumulation": int(getattr(args, "gradient_accumulation_steps", 1) or 1), **self.monitor_kwargs}
+        self.monitor = CRHMonitor(model, layers=self.layers, **kwargs).attach()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None or state.global_step % self.every_n_steps:

@@ -76,7 +76,8 @@ class CRHCallback(Callback):  # type: ignore[misc]
         batch_to_xy: maps one batch to ``(x, y)`` for ``measure_at_end`` (default: the batch is ``(x, y)``
             or a sequence starting with them). Tensors are moved to the module's device.
         layers: which layers (see :mod:`canonreg.layers`); default every measurable layer.
-        monitor_kwargs: extra :class:`~canonreg.CRHMonitor` options (``preprocess``, ``metric``…).
+        monitor_kwargs: extra :class:`~canonreg.CRHMonitor` options (``preprocess``, ``metric``…);
+            ``accumulation`` defaults to the trainer's ``accumulate_grad_batches``.
         compute_kwargs: extra :meth:`~canonreg.CRHMonitor.compute` options (default ``exponents=False``).
         measure_kwargs: extra :func:`~canonreg.measure_crh` options.
         align: options of an :class:`~canonreg.AlignmentLoss` built on the module when fitting starts
@@ -149,7 +150,9 @@ class CRHCallback(Callback):  # type: ignore[misc]
         if self.align_kwargs is not None:
             self.align = AlignmentLoss(pl_module, **{"layers": self.layers, **self.align_kwargs})
         if self.every_n_steps is not None:
-            self.monitor = CRHMonitor(pl_module, layers=self.layers, **self.monitor_kwargs).attach()
+            # Lightning divides each micro-batch loss by accumulate_grad_batches: the monitor multiplies back.
+            kwargs = {"accumulation": int(trainer.accumulate_grad_batches), **self.monitor_kwargs}
+            self.monitor = CRHMonitor(pl_module, layers=self.layers, **kwargs).attach()
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
