@@ -1,0 +1,324 @@
+"""Reliability catalogue for canonreg.NoiseCalibrated: bad arguments, lifecycle misuse, numerical
+faults and damaged or mismatched state dicts (issue 10, items 2, 3, 4, 8). Each case asserts the
+documented outcome: a clear error naming the problem, or a result checked against a reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from canonreg.errors import CanonRegError
+from canonreg.optim import NoiseCalibrated
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _mlp(width: int = 8, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def _data(batch: int = 16, seed: int = 1) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, generator=g), torch.randint(0, 3, (batch,), generator=g)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+# ------------------------------------------------------------------ arguments: (build, exception, message)
+
+Case = Callable[[], object]
+
+
+def _sgd(model: nn.Module, **kw: object) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, **kw)  # type: ignore[arg-type]
+
+
+def _double_decay_via_group() -> object:
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(list(model[0].parameters()), lr=0.1), model, weight_decay=0.01, layers=["0"])
+    opt.add_param_group({"params": list(model[2].parameters()), "weight_decay": 0.1})
+    return opt
+
+
+ARGUMENT_CASES: dict[str, tuple[Case, type[Exception], str]] = {
+    "optimizer class": (lambda: NoiseCalibrated(torch.optim.SGD, _mlp()), TypeError, "optimizer instance"),  # type: ignore[arg-type]
+    "not an optimizer": (lambda: NoiseCalibrated(object(), _mlp()), TypeError, "torch.optim.Optimizer"),  # type: ignore[arg-type]
+    "LBFGS": (lambda: NoiseCalibrated(torch.optim.LBFGS(_mlp().parameters()), None), TypeError, "LBFGS"),
+    "nested wrapper": (
+        lambda: NoiseCalibrated(NoiseCalibrated(_sgd(m := _mlp()), None), m),  # noqa: F841
+        TypeError, "wrap the base once",
+    ),
+    "noise without model": (lambda: NoiseCalibrated(_sgd(_mlp()), None, noise=1.0), ValueError, "`model`"),
+    # item 2: the base decays and the wrapper decays the same weights
+    "double decay SGD": (
+        lambda: NoiseCalibrated(_sgd(m := _mlp(), weight_decay=0.1), m, weight_decay=0.01),
+        ValueError, r"param_groups\[0\]\['weight_decay'\] to be 0 .* but got 0.1",
+    ),
+    "double decay AdamW default": (
+        lambda: NoiseCalibrated(torch.optim.AdamW((m := _mlp()).parameters(), lr=0.1), m, weight_decay=0.01),
+        ValueError, r"AdamW's default is 0.01",
+    ),
+    "double decay via add_param_group": (_double_decay_via_group, ValueError, r"param_groups\[1\]\['weight_decay'\]"),
+    "negative ramp_steps": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, ramp_steps=-1), ValueError, "`ramp_steps`"),
+    "float ramp_steps": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, ramp_steps=2.5), ValueError, "`ramp_steps`"),  # type: ignore[arg-type]
+    "nan weight_decay": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, weight_decay=math.nan), ValueError, "`weight_decay`"),
+    "inf noise": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, noise=math.inf), ValueError, "`noise`"),
+    "bool sketch": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, sketch=True), ValueError, "`sketch`"),  # type: ignore[arg-type]
+    "layers decay rule without model": (lambda: NoiseCalibrated(_sgd(_mlp()), None, decay="layers"), ValueError, "`decay`='layers'"),
+    "decay rule of wrong type": (lambda: NoiseCalibrated(_sgd(m := _mlp()), m, decay=3), TypeError, "`decay`"),  # type: ignore[arg-type]
+    "model parameters not in optimizer": (
+        lambda: NoiseCalibrated(torch.optim.SGD(_mlp().parameters(), lr=0.1), _mlp(seed=1)),
+        ValueError, "to be in `optimizer`",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARGUMENT_CASES))
+def test_bad_arguments(name: str) -> None:
+    build, exc, match = ARGUMENT_CASES[name]
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_double_decay_refused_group_is_not_added() -> None:
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(list(model[0].parameters()), lr=0.1), model, weight_decay=0.01, layers=["0"])
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": list(model[2].parameters()), "weight_decay": 0.1})
+    assert len(opt.param_groups) == 1
+
+
+def test_base_decay_alone_decays_once() -> None:
+    # the explicit alternative policy: keep AdamW's decay and give the wrapper none -> W ← (1 − lr λ) W once
+    model = _mlp()
+    w0 = model[0].weight.detach().clone()
+    opt = NoiseCalibrated(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01), model, weight_decay=0.0)
+    model(torch.zeros(2, 4)).sum().backward()
+    for p in model.parameters():
+        p.grad.zero_()  # Adam's update of a zero gradient is zero: only the decay acts
+    opt.step()
+    torch.testing.assert_close(model[0].weight, w0 * (1 - 0.1 * 0.01), rtol=0, atol=1e-7)
+
+
+def test_group_hyperparameter_damaged_later() -> None:
+    model = _mlp()
+    opt = NoiseCalibrated(_sgd(model), model, weight_decay=0.01)
+    opt.param_groups[0]["nc_noise"] = "loud"
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['nc_noise'\].*'loud'"):
+        opt.step()
+    opt.param_groups[0]["nc_noise"] = 0.0
+    opt.param_groups[0]["weight_decay"] = 0.1  # e.g. a scheduler that touches the base's decay
+    with pytest.raises(ValueError, match="decay twice"):
+        opt.step()
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+def test_second_wrapper_on_one_model() -> None:
+    model = _mlp()
+    first = NoiseCalibrated(_sgd(model), model, noise=0.5)  # kept alive: a dropped wrapper releases the model
+    with pytest.raises(CanonRegError, match="already attached"):
+        NoiseCalibrated(_sgd(model), model)
+    first.detach()
+    NoiseCalibrated(_sgd(model), model)  # detaching released the claim
+
+
+def test_noise_step_after_detach() -> None:
+    model = _mlp()
+    opt = NoiseCalibrated(_sgd(model), model, noise=0.5)
+    opt.detach()
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(CanonRegError, match="captured no forward/backward"):
+        opt.step()
+
+
+def test_attach_without_model() -> None:
+    opt = NoiseCalibrated(_sgd(_mlp()), None, weight_decay=0.01)
+    with pytest.raises(CanonRegError, match="no model to attach"):
+        opt.attach()
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def _sketch_of(opt: NoiseCalibrated, batch: int) -> set[int]:
+    """The sketch subset the wrapper's next forward will draw (replays its generator; see ``_draw``)."""
+    g = torch.Generator()
+    g.set_state(opt._gen.get_state())
+    torch.randint(0, 2, (batch,), generator=g)
+    return set(torch.randperm(batch, generator=g)[: opt._config["sketch"]].tolist())
+
+
+@pytest.mark.parametrize("noise", [0.5, 0.0])
+def test_nonfinite_input_outside_the_sketch_is_caught(noise: float) -> None:
+    # item 3: one inf input in a batch of 64 whose sample the sketch (4 rows) does not pick
+    model = _mlp()
+    opt = NoiseCalibrated(_sgd(model), model, noise=noise, sketch=4, weight_decay=0.01)
+    x, y = _data(64)
+    missed = next(i for i in range(64) if i not in _sketch_of(opt, 64))
+    x[missed, 0] = math.inf
+    before = copy.deepcopy(model.state_dict())
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(CanonRegError, match=r"Non-finite gradient in layer\(s\) '0'"):
+        opt.step()
+    for k, v in model.state_dict().items():  # raised before anything changed
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("policy", ["skip", "warn"])
+def test_nonfinite_gradient_skips_the_whole_step(policy: str) -> None:
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, noise=1.0, weight_decay=0.01, nonfinite=policy)  # type: ignore[arg-type]
+    x, y = _data()
+    _step(model, opt, x, y)
+    before = copy.deepcopy(model.state_dict())
+    buf = opt.state[model[0].weight]["momentum_buffer"].clone()
+    opt.zero_grad()
+    (F.cross_entropy(model(x), y) * math.nan).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert (len([w for w in caught if "Non-finite gradient" in str(w.message)]) == 1) == (policy == "warn")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no noise, no decay, no base step
+    assert torch.equal(opt.state[model[0].weight]["momentum_buffer"], buf)
+    assert opt.skipped_steps == 1
+    _step(model, opt, x, y)  # training continues normally
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _one_hot_layer() -> tuple[nn.Linear, Tensor, Tensor]:
+    """One Linear layer whose per-sample weight gradients have disjoint supports (one-hot inputs), so that
+    ‖N‖² = Σ_b ‖∇L_b‖² for every draw of the signs: the noise term is deterministic."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 3).double()
+    x = torch.eye(16, dtype=torch.float64) * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)[:, None]
+    y = torch.randn(16, 3, dtype=torch.float64)
+    return layer, x, y
+
+
+def test_gradient_accumulation_gives_the_full_batch_balance() -> None:
+    # item 4: 4 micro-batches of loss/4 must give the full batch's balance, not 1/16 of its noise term
+    def run(k: int) -> NoiseCalibrated:
+        layer, x, y = _one_hot_layer()
+        opt = NoiseCalibrated(torch.optim.SGD(layer.parameters(), lr=0.05), layer, weight_decay=0.1, sketch=None, ema=0.0)
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (F.mse_loss(layer(xs), ys, reduction="sum") / x.shape[0]).backward()
+        opt.step()
+        return opt
+
+    full, acc = run(1), run(4)
+    # dense reference: per-sample gradients of the full-batch mean loss
+    layer, x, y = _one_hot_layer()
+    per = [torch.autograd.grad(F.mse_loss(layer(x[b : b + 1]), y[b : b + 1], reduction="sum") / 16, layer.weight)[0] for b in range(16)]
+    ref_noise = 0.05**2 * sum(float(p.square().sum()) for p in per)  # η² Σ_b ‖∇L_b‖²
+    for opt in (full, acc):
+        assert opt.balance_state[""].unit_noise == pytest.approx(ref_noise, rel=1e-10)
+        assert opt.balance_state[""].batch_size == 16
+    assert acc.balance_state[""].micro_batches == 4 and full.balance_state[""].micro_batches == 1  # detected
+    for k in ("decay", "drift", "noise", "signal", "noise_share"):
+        assert getattr(acc.balance[""], k) == pytest.approx(getattr(full.balance[""], k), rel=1e-9), k
+
+
+def test_zero_strength_with_nan_free_inputs_is_still_bit_exact() -> None:
+    # the new finiteness check must not change a finite run: zero strength == the base optimizer
+    ref_model, model = _mlp(), _mlp()
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    for seed in range(4):
+        x, y = _data(seed=seed)
+        _step(ref_model, ref, x, y)
+        _step(model, opt, x, y)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------ state dicts
+
+
+def _trained(width: int, **kw: object) -> tuple[nn.Module, NoiseCalibrated]:
+    model = _mlp(width)
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, weight_decay=0.01, **kw)  # type: ignore[arg-type]
+    x, y = _data()
+    _step(model, opt, x, y)
+    return model, opt
+
+
+def test_load_state_dict_from_a_model_of_another_shape() -> None:
+    # item 8: a wider model's momentum buffers must be refused at load time, naming the parameter
+    _, wide = _trained(16)
+    model, opt = _trained(8)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter '0.weight' .* \(8, 4\), but it has \(16, 4\)"):
+        opt.load_state_dict(wide.state_dict())
+    x, y = _data()
+    _step(model, opt, x, y)  # the optimizer was left usable
+
+
+def test_load_state_dict_with_other_layers() -> None:
+    _, other = _trained(8)
+    sd = other.state_dict()
+    sd["noise_calibrated"]["balance"]["encoder.fc"] = sd["noise_calibrated"]["balance"]["0"]
+    _, opt = _trained(8)
+    with pytest.raises(ValueError, match="encoder.fc"):
+        opt.load_state_dict(sd)
+
+
+def test_load_state_dict_with_other_group_count() -> None:
+    _, src = _trained(8)
+    sd = src.state_dict()
+    sd["param_groups"] = sd["param_groups"] * 2
+    _, opt = _trained(8)
+    with pytest.raises(ValueError, match="1 param groups"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", [None, {"state": {}}, {"state": {}, "param_groups": [], "noise_calibrated": 3}])
+def test_load_state_dict_damaged(bad: object) -> None:
+    _, opt = _trained(8)
+    with pytest.raises(ValueError, match="`state_dict"):
+        opt.load_state_dict(bad)  # type: ignore[arg-type]
+
+
+def test_load_older_checkpoint_without_new_balance_fields() -> None:
+    model, src = _trained(8, noise=0.5)
+    sd = src.state_dict()
+    for values in sd["noise_calibrated"]["balance"].values():
+        for k in ("signal", "growth", "last_weight_sq_norm", "unit_noise_fast", "micro_batches"):
+            values.pop(k)
+    model2 = copy.deepcopy(model)
+    src.detach()
+    opt = NoiseCalibrated(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), model2, weight_decay=0.01, noise=0.5)
+    opt.load_state_dict(sd)
+    st = opt.balance_state["0"]
+    assert st.count == src.balance_state["0"].count and st.signal == 0.0 and math.isnan(st.last_weight_sq_norm)
+
+
+def test_skipped_steps_survive_a_round_trip() -> None:
+    model, opt = _trained(8, nonfinite="skip")
+    x, y = _data()
+    opt.zero_grad()
+    (F.cross_entropy(model(x), y) * math.inf).backward()
+    opt.step()
+    sd = opt.state_dict()
+    model2 = copy.deepcopy(model)
+    opt.detach()
+    opt2 = NoiseCalibrated(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), model2, weight_decay=0.01)
+    opt2.load_state_dict(sd)
+    assert opt2.skipped_steps == 1
