@@ -12,6 +12,8 @@ A tap turns one call of a module into per-sample rows (crh-spec §1):
 * ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives; ``y = x @ weight + bias`` with
   ``weight`` stored ``(d_a, d_b)``): rows as for ``nn.Linear``, ``W = weight.T``. Resolved by the
   class's module and name, so canonreg never imports ``transformers``.
+* ``nn.Embedding`` (opt-in, :class:`EmbeddingTap`): ``h_a = onehot(index)``, ``W = weight.T``; for
+  small vocabularies (its moments are ``num_embeddings``-sized), so not registered by default.
 
 **Exact types.** A subclass of a tapped type that defines its own ``forward`` (or, for convolutions,
 ``_conv_forward``) may apply a different weight than ``.weight`` (timm's ``StdConv2d`` standardises
@@ -62,6 +64,7 @@ __all__ = [
     "LinearTap",
     "ConvTap",
     "TransposedLinearTap",
+    "EmbeddingTap",
     "register_tap",
     "get_tap",
     "default_taps",
@@ -143,6 +146,47 @@ class TransposedLinearTap(LinearTap):
 
     def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
         """A ``(d_b, d_a)`` matrix in ``weight``'s ``(d_a, d_b)`` layout: ``mᵀ`` (a view)."""
+        return _expect_shape(m, module.weight.T, "m").T  # type: ignore[union-attr]
+
+
+class EmbeddingTap:
+    """Opt-in tap for ``nn.Embedding``: a lookup is ``h_b = W h_a`` with ``h_a = onehot(index)``.
+
+    ``W = weightᵀ`` (``(embedding_dim, num_embeddings)``, a view), no bias; every looked-up position
+    is a sample (padding positions included). ``H_a``, ``G_a`` and ``Z_a`` are
+    ``num_embeddings × num_embeddings`` and the rows are dense one-hot vectors, so this is for small
+    vocabularies only; it is not registered by default (``layers=None`` lists embeddings as excluded).
+    Use it with ``taps={nn.Embedding: EmbeddingTap()}``.
+    """
+
+    def check(self, module: nn.Module, name: str) -> None:
+        if not isinstance(module, nn.Embedding):
+            raise CanonRegError(f"Layer {name!r} ({type(module).__name__}) was given EmbeddingTap, which supports nn.Embedding only")
+
+    def input_rows(self, module: nn.Module, inputs: tuple[object, ...]) -> Tensor:
+        idx = _first_tensor(module, inputs)
+        return F.one_hot(idx.reshape(-1), module.num_embeddings).to(module.weight.dtype)  # type: ignore[arg-type, union-attr]
+
+    def batch_size(self, module: nn.Module, inputs: tuple[object, ...]) -> int:
+        """First dimension of the index tensor (a 1-D index tensor is a batch of single lookups)."""
+        idx = _first_tensor(module, inputs)
+        return int(idx.shape[0]) if idx.dim() >= 1 else 1
+
+    def output_rows(self, module: nn.Module, output: Tensor) -> Tensor:
+        return output.reshape(-1, output.shape[-1])
+
+    def weight(self, module: nn.Module) -> Tensor:
+        return module.weight.T  # type: ignore[union-attr]
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        return None
+
+    def matrix_view(self, module: nn.Module, t: Tensor) -> Tensor:
+        """``t`` (shaped like ``weight``, ``(num_embeddings, dim)``) as ``(dim, num_embeddings)``: ``tᵀ``."""
+        return _expect_shape(t, module.weight, "t").T  # type: ignore[arg-type]
+
+    def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
+        """A ``(dim, num_embeddings)`` matrix in ``weight``'s layout: ``mᵀ``."""
         return _expect_shape(m, module.weight.T, "m").T  # type: ignore[union-attr]
 
 
@@ -344,7 +388,9 @@ def untapped_reason(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | N
 
 #: Reasons for common parameterised modules without a tap (checked in order).
 _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
-    ((nn.Embedding, nn.EmbeddingBag), "a lookup table (h_a would be one-hot); no built-in tap"),
+    ((nn.Embedding,), "a lookup table (h_a one-hot, num_embeddings-sized moments); its tap is opt-in for small "
+     "vocabularies: taps={nn.Embedding: canonreg.taps.EmbeddingTap()}"),
+    ((nn.EmbeddingBag,), "a lookup table with pooling; no built-in tap"),
     ((nn.RNNBase,), "recurrent weights are applied inside a fused kernel over all time steps, so hooks see "
      "only whole sequences; no built-in tap"),
     ((nn.MultiheadAttention,), "in_proj_weight (q, k, v) is applied functionally inside "

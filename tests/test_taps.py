@@ -13,6 +13,7 @@ from canonreg import CanonRegError
 from canonreg.layers import HookSet, all_reduce_flat, claim_model, release_model, select_layers
 from canonreg.taps import (
     ConvTap,
+    EmbeddingTap,
     LinearTap,
     TransposedLinearTap,
     default_taps,
@@ -291,10 +292,11 @@ LAYOUT_CASES = [
     (lambda: nn.Conv2d(2, 3, (2, 3)), ConvTap(), lambda p: p.reshape(3, 12)),
     (lambda: GPT2StyleConv1D(3, 4), TransposedLinearTap(), lambda p: p.T),
     (lambda: GPT2StyleConv1D(3, 4), UserTransposedTap(), lambda p: p.T),
+    (lambda: nn.Embedding(5, 3), EmbeddingTap(), lambda p: p.T),
 ]
 
 
-@pytest.mark.parametrize("make,tap,expected_view", LAYOUT_CASES, ids=["linear", "conv1d", "conv2d", "conv1D-builtin", "conv1D-user"])
+@pytest.mark.parametrize("make,tap,expected_view", LAYOUT_CASES, ids=["linear", "conv1d", "conv2d", "conv1D-builtin", "conv1D-user", "embedding"])
 @pytest.mark.parametrize("strip", [False, True], ids=["own", "derived"])
 def test_weight_layout_round_trip_and_write_through(make, tap, expected_view, strip) -> None:
     torch.manual_seed(1)
@@ -459,3 +461,36 @@ def test_every_module_with_parameters_is_measured_or_excluded_with_a_reason() ->
     for name, words in expected_words.items():
         assert words in excluded[name], (name, excluded[name])
     assert canonreg.CRHMonitor(model).excluded == excluded  # the monitor reports the same coverage
+
+
+class EmbedNet(nn.Module):
+    def __init__(self, first: nn.Module) -> None:
+        super().__init__()
+        self.first, self.head = first, nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.first(x))).mean(1)
+
+
+def test_embedding_tap_equals_a_linear_layer_on_one_hot_inputs() -> None:
+    torch.manual_seed(0)
+    emb = EmbedNet(nn.Embedding(6, 3, padding_idx=0)).double()
+    lin = EmbedNet(nn.Linear(6, 3, bias=False)).double()
+    with torch.no_grad():
+        lin.first.weight.copy_(emb.first.weight.T)
+        lin.head.load_state_dict(emb.head.state_dict())
+    idx = torch.randint(0, 6, (4, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 4, (4,), generator=torch.Generator().manual_seed(2))
+    assert "first" in select_layers(emb, None)[2]  # opt-in: excluded by default, the reason names the tap
+    assert "EmbeddingTap" in select_layers(emb, None)[2]["first"]
+    reports = []
+    for model, x in ((emb, idx), (lin, torch.nn.functional.one_hot(idx, 6).double())):
+        monitor = canonreg.CRHMonitor(model, taps={nn.Embedding: EmbeddingTap()}, preprocess="raw")
+        with monitor:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        reports.append(monitor.compute(exponents=False))
+    assert reports[0].samples["first"] == 20
+    for key, value in reports[1].matrices("first").items():
+        assert_close(reports[0].matrices("first")[key], value, msg=key)
+    with pytest.raises(CanonRegError, match="EmbeddingTap"):
+        EmbeddingTap().check(nn.Linear(2, 2), "lin")
