@@ -327,6 +327,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="parallel single-threaded runs")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 512)")
     parser.add_argument("--variants", nargs="+", default=None, help="e.g. sgd nc-σ3 nc-auto0.5 adamw adam-nc-auto0.3")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default benchmarks/results/optim_effect[_quick])")
     args = parser.parse_args()
@@ -335,6 +336,10 @@ def main() -> None:
         over["steps"] = args.steps
     if args.seeds is not None:
         over["seeds"] = tuple(args.seeds)
+    if args.batch is not None:
+        if args.batch < 1:
+            raise ValueError(f"Expected `--batch` to be a positive int, but got {args.batch}")
+        over["batch"] = args.batch
     if args.variants is not None:
         for v in args.variants:
             parse_variant(v)

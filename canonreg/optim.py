@@ -620,17 +620,26 @@ class NoiseCalibrated(Optimizer):
     ``noise="auto"`` sets ``σ_l`` per layer so that the measured noise share
     ``noise / decay = (1 + σ_l²) n₁ / D`` (:func:`noise_share`; SGD's own noise counts as ``σ = 0``)
     reaches ``τ`` (:func:`controller_step`), with ``τ`` ramped in over the first ``target_ramp``
-    decay times (:func:`ramped_target`). ``τ = 1`` asks the noise alone to balance the decay of
-    ``Tr WᵀW`` (SGD at batch 32 sits near there); since at stationarity decay ≈ drift + noise,
-    ``τ > 1`` needs a drift that shrinks the weights against the noise and is rarely reachable (σ then
-    runs to ``max_noise``). The default ``τ = 0.3`` lifts the layers where large-batch SGD's own share
-    is far lower and leaves test accuracy unchanged on MNIST-1D; see ``benchmarks/optim_effect.py``
-    for what each rule does to α and accuracy there (in short, batch 512: plain SGD's α falls from
-    0.72 after 1000 steps to 0.62 after 4000; after 4000 steps, over 6 seeds, ``τ = 0.6`` holds it
-    0.10 higher at +2.0 points of accuracy and ``τ = 0.7`` 0.12 higher at −0.2 ± 3.9 points; ``τ = 1``
-    costs ~10 points; fixed ``σ = 1`` gains 3 points of accuracy but little α). With Adam the share
-    is measured in the preconditioned geometry and saturates in σ, since the injected noise also
-    raises Adam's ``v̂``.
+    decay times or ``ramp_steps`` steps, whichever ends first (:func:`ramped_target`). The controller
+    raises σ slowly and cuts it at once when a fast estimate of the share overshoots; it backs off
+    toward σ = 0 where noise cannot help: where the target would need ``σ > max_noise`` (SGD's own
+    share is tiny, the drift balances the decay) or while ‖W‖² grows faster than the decay contracts
+    it. ``τ = 1`` asks the noise alone to balance the decay of ``Tr WᵀW`` (SGD at batch 32 sits near
+    there); since at stationarity decay ≈ drift + noise + signal, ``τ > 1`` needs a drift that shrinks
+    the weights against the noise and is rarely reachable. The terms add up: :attr:`balance` reports
+    decay, drift, noise and the squared-mean-gradient ``signal`` (measured from the step the base
+    optimizer really took, so momentum and Adam are accounted for), and
+    :attr:`LayerBalanceState.growth` the measured change of ‖W‖² they must match. What the rules do
+    to the post-training α and accuracy on MNIST-1D is in ``benchmarks/optim_effect.py`` and its
+    results. With Adam the share is measured in the preconditioned geometry and saturates in σ,
+    since the injected noise also raises Adam's ``v̂``.
+
+    Weight decay is applied once: a base param group with its own ``weight_decay > 0`` on parameters
+    the wrapper decays too is refused (ValueError naming ``param_groups[i]['weight_decay']``); build
+    the base with ``weight_decay=0`` (AdamW's default is 0.01) or give the wrapper ``weight_decay=0``.
+    Gradient accumulation (several backward passes before ``step()``, each of ``loss / k``) is
+    detected (``balance_state[l].micro_batches``) and handled: the noise and the balance are those of
+    the whole accumulated batch.
 
     The wrapper is a real ``torch.optim.Optimizer`` around the *instance* it is given:
     ``param_groups``, ``state`` and ``defaults`` are the base optimizer's (by reference, also after
