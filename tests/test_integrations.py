@@ -403,8 +403,13 @@ def test_hf_trainer_callback_metrics_reach_report_to(tmp_path) -> None:
             self.logs.append(dict(logs or {}))
 
     reporter = Reporter()
+    try:  # the real report_to path too, when TensorBoard is installed (it is in the `test` extra)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        EventAccumulator = None
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+        report_to=["tensorboard"] if EventAccumulator is not None else [],
         save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0,
     )
     trainer = transformers.Trainer(model=_tiny_gpt2(), args=args, train_dataset=_TokenData(), callbacks=[reporter])
@@ -422,6 +427,15 @@ def test_hf_trainer_callback_metrics_reach_report_to(tmp_path) -> None:
         assert crh_logs[-1][f"crh/samples/{name}"] == 64.0
         assert all(-1 <= crh_logs[-1][f"crh/alpha/{name}/{r}"] <= 1 for r in canonreg.RELATIONS)
     assert cb.monitor is None and all(not m._forward_hooks for m in trainer.model.modules())
+    if EventAccumulator is not None:  # TensorBoardCallback (report_to) wrote them, as train/<key>
+        events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+        assert events
+        acc = EventAccumulator(str(events[0].parent))
+        acc.Reload()
+        scalars = acc.Scalars("train/crh/alpha_mean/all")
+        assert [e.step for e in scalars] == [2, 4]
+        assert scalars[-1].value == pytest.approx(cb.last_metrics["crh/alpha_mean/all"], rel=1e-6)
+        assert f"train/crh/alpha/{CONV1D_NAMES[0]}/f-RGA" in acc.Tags()["scalars"]
 
 
 def test_hf_callback_needs_its_trainer() -> None:
