@@ -226,9 +226,11 @@ class _Moment:
             dev = x0 - shift if shift is not None else x0
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
-        u = rows * (factor / self.w_scale).to(rows.dtype)
-        if self.w_shift is not None:
-            u = u - (self.w_shift / self.w_scale).to(rows.dtype)
+        k = (factor / self.w_scale).to(rows.dtype)
+        if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
+            u = torch.addcmul((self.w_shift / self.w_scale).to(rows.dtype).neg_(), rows, k)
+        else:
+            u = rows * k
         if ok is not None:
             u = torch.where(ok, u, 0.0)
         _gram_upper_(self.w_xx, u)
@@ -273,7 +275,8 @@ class _Moment:
             return
         f64 = torch.float64
         s = self.w_scale
-        p_xx = _symmetrize_upper(self.w_xx).to(f64) * (s * s)
+        # the window buffer is dropped below, so the float64 copy may be updated in place
+        p_xx = _symmetrize_upper(self.w_xx).to(f64).mul_(s * s)
         p_x = self.w_x.to(f64) * s
         n_w = torch.as_tensor(self.w_n, dtype=f64, device=p_x.device)
         shift = None if self.w_shift is None else self.w_shift.to(f64)
@@ -286,12 +289,14 @@ class _Moment:
             if self.s_xx is None or self.s_x is None or self.n is None:
                 self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
             else:
-                self.n, self.s_x, self.s_xx = self.n + n_w, self.s_x + p_x, self.s_xx + p_xx
+                self.n, self.s_x = self.n + n_w, self.s_x + p_x
+                self.s_xx.add_(p_xx)
             return
         assert shift is not None
         safe = n_w.clamp_min(1.0)
         mean_w = shift + p_x / safe
-        m2_w = p_xx - torch.outer(p_x, p_x) / safe
+        v = p_x / safe.sqrt()
+        m2_w = p_xx.addr_(v, v, alpha=-1.0)  # M2_w = Σuuᵀ − (Σu)(Σu)ᵀ/n_w, scaled back
         if self.s_xx is None or self.n is None or self.origin is None:
             self.n, self.origin, self.s_xx = n_w, mean_w, m2_w
             self.s_x = torch.zeros_like(mean_w)
@@ -300,7 +305,8 @@ class _Moment:
         delta = mean_w - self.origin
         frac = n_w / total.clamp_min(1.0)
         self.origin = self.origin + delta * frac
-        self.s_xx = self.s_xx + m2_w + torch.outer(delta, delta) * (self.n * frac)
+        e = delta * (self.n * frac).sqrt()
+        self.s_xx.add_(m2_w).addr_(e, e)  # M2 += M2_w + δδᵀ n n_w/(n + n_w)
         self.n = total
 
     def total_x(self) -> Tensor | None:
@@ -837,10 +843,11 @@ class CRHMonitor:
                 else:
                     state.moments["Ga"].add_rows(ga, -scale, ok)
             if rows_b is not None:
-                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms) and Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩,
-                # in float64 (products of float32 rows of 1e±30 would overflow or underflow).
+                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms, from the float64 row norms) and
+                # Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩ (one dot in the working dtype: its products g·h stay in range
+                # unless |g_ij h_ij| > 3e38 in float32), both summed in float64.
                 gnhn = (gb_norm2 * ha_norm2).sum() * (scale * scale)
-                gh = torch.dot(gb.reshape(-1).double(), rows_b.reshape(-1).double()) * (-scale)
+                gh = torch.dot(gb.reshape(-1), rows_b.reshape(-1)).double() * (-scale)
                 if ok is not None:
                     gnhn, gh = torch.where(ok, gnhn, 0.0), torch.where(ok, gh, 0.0)
                 state.add_scalar("gnhn", gnhn)
@@ -1098,7 +1105,7 @@ def _normalize(x: Tensor, norm2: Tensor) -> Tensor:
     overflows, even for rows of 1e-30 whose inverse norm would.
     """
     norm = norm2.sqrt().to(x.dtype).unsqueeze(1)
-    return torch.where(norm > 0, x / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # a zero row has zero entries: it stays zero
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:
