@@ -270,6 +270,12 @@ class CRHReport:
             lines.append("balance per unit lr (trace form): decay  drift  noise  noise/decay")
             for n, b in self.balance.items():
                 lines.append(f"  {_display(n)}: {b.decay:.4g}  {b.drift:.4g}  {b.noise:.4g}  {b.noise_share:.3g}")
+        for n, reasons in self.nan_reasons.items():
+            by_reason: dict[str, list[str]] = {}
+            for rel, why in reasons.items():
+                by_reason.setdefault(why, []).append(rel)
+            for why, rels in by_reason.items():
+                lines.append(f"nan in {_display(n)!r} ({', '.join(rels)}): {why}")
         for n, reason in self.missing.items():
             lines.append(f"missing {_display(n)!r}: {reason}")
         for n, reason in self.excluded.items():

@@ -460,6 +460,7 @@ def test_nan_loss_with_skip_policy_does_not_average_silently() -> None:
             opt.step()
     report = monitor.compute()  # exponents too: the old code crashed in eigh on the NaN weights
     assert report.skipped == {"0": 3, "2": 3}
+    assert "nan in '0' (f-GWA, f-RWA): Z_a has non-finite entries" in str(report)
     nan_entries = [(n, r) for n in report.layers for r in canonreg.RELATIONS if math.isnan(report.alignment[n][r])]
     finite = [report.alignment[n][r] for n in report.layers for r in canonreg.RELATIONS if (n, r) not in nan_entries]
     assert len(nan_entries) == 8 and len(finite) == 4
