@@ -36,10 +36,12 @@ Gradient accumulation: with ``k`` micro-batches per optimizer step, each loss di
 hooks see ``1/k`` of the per-sample gradients; ``accumulation=k`` multiplies them back (with any
 ``grad_scale``), so ``G`` and the balance terms equal those of the one full batch (pass the full
 batch size to ``compute(batch_size=...)``). With ``accumulation=None`` (default) the monitor
-watches the weights' ``.grad``: a backward pass that adds into a ``.grad`` nobody reset since the
-previous backward raises one RuntimeWarning asking for ``accumulation=k`` (or ``accumulation=1`` for
-independent passes). The detection is best effort (wrappers that rewrite ``.grad`` in place, such as
-DDP's all-reduce, hide it).
+watches the weights' ``.grad``: backward passes that add into a ``.grad`` nobody reset since the
+previous backward, followed by an in-place update of the weights (an optimizer step), raise one
+RuntimeWarning asking for ``accumulation=k`` (or ``accumulation=1``). Accumulated passes without a
+weight update (a measurement loop over batches that never zeroes ``.grad``) are not flagged: each pass
+is then an ordinary batch mean. The detection is best effort (wrappers that rewrite ``.grad`` in
+place, such as DDP's all-reduce, hide it).
 
 References: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (CRH/PAH); Ziyin, Wang, Li & Wu,
 arXiv:2402.07193 (noise equilibrium).
@@ -398,7 +400,8 @@ class CRHMonitor:
             same rows are used for ``h_a``, ``h_b`` and the gradients.
         grad_scale: ``"batch" | "none" | float``, see the module docstring.
         accumulation: micro-batches per optimizer step whose losses are each divided by it (gradients
-            are multiplied back); None: 1, and warn once when accumulated backward passes are detected.
+            are multiplied back); None: 1, and warn once when accumulated backward passes followed by a
+            weight update are detected.
         identities: derive ``H_b``, ``G_a`` from the exact identities in raw/centered mode.
         track_balance: accumulate the per-sample products the balance terms need.
         nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients; ``"warn"``
@@ -489,6 +492,7 @@ class CRHMonitor:
         self.accumulation = accumulation
         self._grad_marks: dict[str, tuple[weakref.ref[Tensor], int]] = {}
         self._accumulation_warned = False
+        self._accumulating: dict[str, tuple[weakref.ref[Tensor], int]] = {}  # layer: (weight, its version)
         self.identities = identities
         self.track_balance = track_balance
         self.nonfinite: Policy = nonfinite
@@ -601,20 +605,37 @@ class CRHMonitor:
             self._grad_post_hook(name, param)
 
     def _grad_pre_hook(self, name: str, param: Tensor, grad: Tensor) -> None:
+        self._check_accumulation(name, param)
         old = param.grad
         mark = self._grad_marks.get(name)
         if old is None or mark is None or mark[0]() is not old or old._version != mark[1]:
             return
-        if not self._accumulation_warned:
-            self._accumulation_warned = True
-            warnings.warn(
-                f"CRHMonitor: a backward pass added to the .grad of layer {_display(name)!r} that was not reset since "
-                "the previous backward (gradient accumulation?). If each micro-batch loss is divided by k, the "
-                "recorded gradients — G_a, G_b and the balance terms, not the α — are 1/k of the per-sample ones: "
-                "pass accumulation=k (or accumulation=1 if the passes are independent steps) to CRHMonitor",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        # this pass adds into an untouched .grad: remember the weights' version at the first such pass
+        self._accumulating.setdefault(name, (weakref.ref(param), param._version))
+
+    def _check_accumulation(self, name: str, param: Tensor | None = None) -> None:
+        """Warn (once) when accumulated backward passes were followed by an in-place weight update.
+
+        Accumulated passes alone are also what a measurement loop without ``zero_grad`` produces (each
+        pass a plain batch mean: nothing to correct); an optimizer step after them marks a training
+        loop with gradient accumulation, whose micro-batch losses are usually divided by ``k``.
+        """
+        seen = self._accumulating.get(name)
+        if seen is None or self._accumulation_warned:
+            return
+        leaf = seen[0]() if param is None else param
+        if leaf is None or leaf._version == seen[1]:
+            return
+        self._accumulation_warned = True
+        warnings.warn(
+            f"CRHMonitor: backward passes added to the .grad of layer {_display(name)!r} without a reset in "
+            "between, and the weights were then updated: gradient accumulation? If each micro-batch loss is "
+            "divided by k, the recorded gradients — G_a, G_b and the balance terms, not the α — are 1/k of the "
+            "per-sample ones: pass accumulation=k to CRHMonitor (or accumulation=1 if the passes are meant as "
+            "they are; if gradients are never reset, call optimizer.zero_grad() before each step's backward)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _grad_post_hook(self, name: str, param: Tensor) -> None:
         g = param.grad
@@ -908,6 +929,7 @@ class CRHMonitor:
         names = list(self.layers)
         keys = self._keys()
         for name in names:
+            self._check_accumulation(name)
             self._resolve(name)
         for state in self._state.values():
             state.fold()

@@ -11,6 +11,7 @@ scales, mixed dtypes) with few examples, so the file stays fast.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pickle
@@ -163,7 +164,7 @@ def test_argument_catalogue(case: tuple[str, Callable[[], object], type[BaseExce
 def test_nested_with_blocks_keep_the_outer_block_attached() -> None:
     """Issue 10 item 5: leaving an inner ``with monitor:`` must not detach the outer one (16 rows, not 8)."""
     m = _mlp()
-    monitor = CRHMonitor(m, accumulation=1)  # independent passes without zero_grad
+    monitor = CRHMonitor(m)
     with monitor:
         m(torch.randn(4, 5)).sum().backward()
         with monitor:
@@ -278,7 +279,7 @@ def test_reset_mid_window_then_more_steps_matches_a_fresh_monitor() -> None:
     torch.manual_seed(3)
     m = nn.Sequential(nn.Linear(4, 3)).double()
     xs = [500 + torch.randn(6, 4, dtype=torch.float64) for _ in range(5)]
-    monitor = CRHMonitor(m, preprocess="centered", accumulation=1)
+    monitor = CRHMonitor(m, preprocess="centered")
     with monitor:
         for x in xs[:3]:
             m(x).square().mean().backward()
@@ -294,7 +295,7 @@ def test_large_offset_centered_moments_do_not_cancel() -> None:
     """Issue 10 item 1: 20 steps of inputs 1000 + N(0, 1) in float32; H_a must be the covariance (≈ I)."""
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(4, 4))
-    mon = CRHMonitor(m, preprocess="centered", accumulation=1)  # the issue's loop never zeroes .grad
+    mon = CRHMonitor(m, preprocess="centered")
     mon.attach()
     xs = []
     for _ in range(20):
@@ -425,7 +426,7 @@ def test_empty_batch_adds_nothing() -> None:
     torch.manual_seed(10)
     m = nn.Sequential(nn.Linear(4, 3))
     x = torch.randn(8, 4)
-    monitor = CRHMonitor(m, preprocess="centered", accumulation=1)
+    monitor = CRHMonitor(m, preprocess="centered")
     with monitor:
         m(torch.randn(0, 4)).square().sum().backward()
     with pytest.raises(CanonRegError, match="before any backward pass"):
@@ -480,21 +481,25 @@ def test_nan_loss_with_skip_policy_does_not_average_silently() -> None:
 
 
 def test_gradient_accumulation_matches_the_full_batch() -> None:
-    """Issue 10 item 4: 4 micro-batches of loss/4 give the full batch's G_b and balance terms with
-    accumulation=4; left unspecified, the monitor warns instead of reporting 1/16 silently."""
+    """Issue 10 item 4: 4 micro-batches of loss/4 per SGD step give the full batch's G_b and balance
+    terms with accumulation=4; left unspecified, the monitor warns instead of reporting 1/16 silently."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
+    init = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(3, 64, 5, dtype=torch.float64), torch.randn(3, 64, 3, dtype=torch.float64)
 
     def run(k: int, accumulation: int | None) -> tuple[canonreg.CRHReport, list[str]]:
+        m = copy.deepcopy(init)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
         monitor = CRHMonitor(m, preprocess="centered", accumulation=accumulation)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with monitor:
-                m.zero_grad()
-                for xb, yb in zip(x.chunk(k), y.chunk(k)):
-                    ((m(xb) - yb).square().mean() / k).backward()
-            report = monitor.compute(lr=0.1, weight_decay=1e-3, batch_size=64, exponents=False)
+                for step in range(3):
+                    opt.zero_grad()
+                    for xb, yb in zip(x[step].chunk(k), y[step].chunk(k)):
+                        ((m(xb) - yb).square().mean() / k).backward()
+                    opt.step()
+            report = monitor.compute(lr=0.05, weight_decay=1e-3, batch_size=64, exponents=False)
         return report, [str(w.message) for w in caught if "accumulation" in str(w.message)]
 
     full, full_warn = run(1, None)
@@ -506,10 +511,21 @@ def test_gradient_accumulation_matches_the_full_batch() -> None:
         assert_close(acc.matrices(layer)["G_b"], full.matrices(layer)["G_b"])
         assert_close(acc.matrices(layer)["G_a"], full.matrices(layer)["G_a"])
         for term in ("noise", "drift", "decay"):
-            assert getattr(acc.balance[layer], term) == pytest.approx(getattr(full.balance[layer], term), rel=1e-12)
-        assert acc.alignment[layer] == pytest.approx(full.alignment[layer], abs=1e-12)
+            assert getattr(acc.balance[layer], term) == pytest.approx(getattr(full.balance[layer], term), rel=1e-10)
+        assert acc.alignment[layer] == pytest.approx(full.alignment[layer], abs=1e-10)
         # what the unspecified run measured: 1/16 of G (hence the warning)
         assert_close(silent.matrices(layer)["G_b"] * 16, full.matrices(layer)["G_b"])
+
+
+def test_measurement_loop_without_zero_grad_does_not_warn() -> None:
+    """Backward passes over batches that never zero .grad and never step: plain batch means, no warning."""
+    m = _mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with CRHMonitor(m) as monitor:
+            for _ in range(3):
+                m(torch.randn(8, 5)).square().mean().backward()
+        monitor.compute(exponents=False)
 
 
 def test_zeroed_gradients_between_steps_do_not_warn() -> None:
