@@ -9,7 +9,7 @@ of Ziyin, Chuang, Galanti & Poggio, "Formation of Representations in Neural Netw
 from . import functional
 from .errors import CanonRegError
 from .functional import RELATION_PAIRS, RELATIONS, BalanceTerms, PowerLawFit
-from .losses import AlignmentLoss, alignment_loss
+from .losses import AlignmentLoss, alignment_loss, crh_loss
 from .measure import measure_crh, min_alignment
 from .monitor import CRHMonitor
 from .optim import NoiseCalibrated
@@ -31,6 +31,7 @@ __all__ = [
     "min_alignment",
     "AlignmentLoss",
     "alignment_loss",
+    "crh_loss",
     "NoiseCalibrated",
     "CSVWriter",
     "TensorBoardWriter",

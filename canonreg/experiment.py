@@ -419,6 +419,7 @@ def make_arm(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer,
             metric=cfg.loss_metric,  # type: ignore[arg-type]
             weight=cfg.loss_weight,
             preprocess=cfg.preprocess,  # type: ignore[arg-type]
+            g_mode="ema",  # AlignmentLoss's default became "exact" (needs align(task)); this loop calls align()
             ema_warmup="skip",
         )
     return opt, align

@@ -32,6 +32,7 @@ arXiv:2410.03006 (CRH, the six relations, α); Ziyin, Wang, Li & Wu, arXiv:2402.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional as CF
-from .errors import CanonRegError, check_choice, check_nonnegative
+from .errors import CanonRegError, check_choice, check_nonnegative, check_positive
 from .layers import (
     HookSet,
     LayerSpec,
@@ -56,6 +57,9 @@ from .taps import LayerTap, tap_batch_size
 
 __all__ = [
     "AlignmentLoss",
+    "CRH_PRESET",
+    "crh_loss",
+    "inner_layers",
     "GMode",
     "MomentOperand",
     "RowMoment",
@@ -67,6 +71,7 @@ __all__ = [
     "frobenius_inner",
     "gram_sqnorm",
     "row_moment",
+    "spectral_flatness",
     "squared_frobenius",
 ]
 
@@ -341,6 +346,31 @@ def factored_alignment(a: MomentOperand, b: MomentOperand, metric: CF.Metric = "
     )
 
 
+def spectral_flatness(w: Tensor) -> Tensor:
+    """``φ(W) = cos(Z, Z²) = Tr Z³ / (‖Z‖_F ‖Z²‖_F)`` for ``Z = WᵀW`` (float64 0-d tensor, in ``(0, 1]``).
+
+    With ``λ_i`` the eigenvalues of ``Z``: ``φ = Σλ³ / sqrt(Σλ² · Σλ⁴)`` (Cauchy–Schwarz on ``λ·λ²``),
+    so ``φ = 1`` exactly when the nonzero spectrum of ``Z`` is flat (``Z² = sZ``: ``W`` is a scaled partial
+    isometry, of any rank), the state in which the exact identities ``H_b = W H_a Wᵀ``, ``G_a = Wᵀ G_b W``
+    make all six relations hold together (crh-spec §1, §6). Computed in float64 from ``W / max|W_ij|``. ``Z_a = WᵀW`` and ``Z_b = WWᵀ`` share
+    their nonzero spectrum, so one value serves both; computed from the ``min(d_a, d_b)``-sized Gram
+    ``K`` of ``W``: ``Tr Z³ = ⟨K, K²⟩``, ``‖Z‖ = ‖K‖``, ``‖Z²‖ = ‖K²‖``. NaN for ``W = 0``.
+
+    Args:
+        w: ``(d_b, d_a)`` weight matrix.
+    """
+    if not isinstance(w, Tensor) or w.dim() != 2:
+        raise ValueError(f"Expected `w` to be a 2-D weight matrix, but got {_describe(w)}")
+    w = w.to(torch.float64)
+    w = w / w.detach().abs().amax().clamp_min(torch.finfo(torch.float64).tiny)  # φ is scale-free; no underflow
+    k = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    k2 = k @ k
+    num = (k * k2).sum()
+    den2 = (k * k).sum() * (k2 * k2).sum()
+    ok = den2 > 0
+    return torch.where(ok, num / torch.sqrt(torch.where(ok, den2, torch.ones_like(den2))), torch.full_like(num, float("nan")))
+
+
 def alignment_loss(a: MomentOperand, b: MomentOperand, metric: CF.Metric = "cosine") -> Tensor:
     """``1 − α(A, B)``: the per-term loss of :class:`AlignmentLoss`, in [0, 2].
 
@@ -382,25 +412,44 @@ class _Capture:
 class AlignmentLoss(nn.Module):
     """Differentiable CRH alignment penalty on chosen layers and relations.
 
-    Returns ``weight · Σ_{l,r} w_l w_r (1 − α_{l,r}) / Σ_{l,r} w_l w_r`` over the selected layers ``l``
-    and ``relations`` ``r``, with ``α_{l,r} = α(A, B)`` for the pair ``(A, B)`` of relation ``r``
-    (``canonreg.functional.RELATION_PAIRS``) in layer ``l``, computed from the most recent
-    grad-enabled call of ``model`` (a "pass"; a layer called several times in one pass contributes
-    the rows of every call).
+    With terms ``v_{l,r} = 1 − α_{l,r}`` of weight ``p_{l,r} = w_l w_r`` for the selected layers ``l`` and
+    ``relations`` ``r`` (``α_{l,r} = α(A, B)`` for the pair ``(A, B)`` of relation ``r``,
+    ``canonreg.functional.RELATION_PAIRS``, in layer ``l``), plus, when ``flatness = f > 0``, one term
+    ``v_{l,♭} = 1 − φ(W_l)`` of weight ``w_l f`` per layer (:func:`spectral_flatness`,
+    ``φ = Tr Z³ / (‖Z‖_F ‖Z²‖_F)``, 1 iff the nonzero spectrum of ``Z = WᵀW`` is flat), the loss at
+    the ``t``-th call is
+
+        L_t = weight · ρ_t · Agg(v),      ρ_t = min(1, t / warmup)   (ρ_t = 1 with ``warmup = 0``),
+
+        Agg(v) = Σ p v / Σ p                              (``focus=None``: the weighted mean), or
+        Agg(v) = τ · log( Σ p exp(v / τ) / Σ p )          (``focus = τ``: a soft maximum of the terms,
+                                                           between the mean, τ → ∞, and the worst, τ → 0).
+
+    Everything is computed from the most recent grad-enabled call of ``model`` (a "pass"; a layer
+    called several times in one pass contributes the rows of every call).
+
+    Why these pieces (crh-spec §1, §6): in raw/centred mode ``H_b = W H_a Wᵀ`` and
+    ``G_a = Wᵀ G_b W`` hold exactly, so all six relations hold together iff ``H_a ∝ Z_a``,
+    ``G_b ∝ Z_b`` and ``Z`` has a flat nonzero spectrum — the flatness term targets that shared
+    structure directly, and ``focus`` keeps the optimiser on the relation that lags instead of
+    over-fitting those that already hold. ``relations="all"`` asks for all six.
 
     Symbols → sources (crh-spec §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
     current pass (differentiable: gradients reach the weights and every earlier layer); ``Z_a = WᵀW``,
     ``Z_b = WWᵀ`` from the current weights (differentiable); ``G_a``, ``G_b`` (``g = −dℓ/dh``) from
 
-    * ``g_mode="ema"`` (default): an exponential moving average ``Ḡ ← β Ḡ + (1 − β) G_batch`` of the
+    * ``g_mode="ema"``: an exponential moving average ``Ḡ ← β Ḡ + (1 − β) G_batch`` of the
       batch moments seen by backward hooks in *earlier* backward passes; ``Ḡ`` is a constant
       (detached) target. No extra backward pass; each backward adds one ``n·d²`` moment per needed
       G matrix and each loss call one ``n·d²`` (or ``d_a·d_b·d``) product. The hook sees the gradient
       that actually reaches the layer output, i.e. of the *total* loss (task + regularisers,
       including this loss's own H–Z terms). Before the first backward the G terms raise
       (``ema_warmup="error"``) or are left out of the mean (``"skip"``).
-    * ``g_mode="exact"``: the current batch's ``g_b = −∂ℓ/∂h_b`` by double backprop, so the task
-      loss must be passed: ``loss = task + align(task)``. ``align(task)`` runs
+    * ``g_mode="exact"`` (default): the current batch's ``g_b = −∂ℓ/∂h_b`` of the *task* loss by double
+      backprop, so the task loss must be passed: ``loss = task + align(task)``. This is the G the
+      monitor measures in the paper's protocol (task loss only), and G itself is moved toward the
+      relations (second-order terms); the EMA is a constant target that also contains the
+      regulariser's own gradient, so G relations partly "satisfy themselves" there. ``align(task)`` runs
       ``torch.autograd.grad(task, layer outputs, create_graph=True)`` — one extra backward pass with
       graph — and the final ``loss.backward()`` then differentiates through it (second-order terms):
       expect roughly 2–3× the cost of a plain training step. ``G_a`` uses rows ``g_a = g_b W``.
@@ -428,9 +477,10 @@ class AlignmentLoss(nn.Module):
 
     Args:
         model: the model (never modified; hooks go on the selected submodules).
-        relations: relations to enforce, names from ``canonreg.RELATIONS``.
+        relations: relations to enforce, names from ``canonreg.RELATIONS``, or ``"all"`` for the six.
         layers: which layers (see :mod:`canonreg.layers`); default every Linear/Conv layer.
-        metric: ``"cosine"`` (default; 1 iff ``A = cB``, ``c > 0``) or ``"pearson"`` (the paper's score).
+        metric: ``"pearson"`` (default: the paper's score and :class:`~canonreg.CRHMonitor`'s default, so the
+            loss optimises what the monitor reports) or ``"cosine"`` (1 iff ``A = cB``, ``c > 0``).
         weight: overall strength (``≥ 0``; settable, e.g. for schedules). ``0`` returns an exact zero
             without computing anything: training is bit-identical to training without the loss.
         preprocess: ``"normalized"`` (default: per-sample unit norm then covariance, the paper's
@@ -439,6 +489,10 @@ class AlignmentLoss(nn.Module):
         ema_decay: β of the G moving average, in ``[0, 1)`` (0 = last backward only).
         layer_weights: ``{layer name: w_l ≥ 0}``; unnamed selected layers get 1.
         relation_weights: ``{relation: w_r ≥ 0}``; unnamed requested relations get 1.
+        flatness: weight ``f ≥ 0`` of the per-layer spectral-flatness term ``1 − φ(W)`` (0: none).
+        focus: temperature ``τ > 0`` of the soft-maximum aggregation, or None for the weighted mean.
+        warmup: linear ramp of the weight over the first ``warmup`` calls of the loss (0: none).
+            Calls are counted in ``calls`` (saved in the state dict), also while ``weight = 0``.
         ema_warmup: ``"error" | "skip"`` for G relations whose moving average does not exist yet.
         nonfinite: ``"error" | "warn" | "skip"`` for terms whose α is NaN (a zero or constant matrix,
             e.g. a dead layer); ``"skip"``/``"warn"`` leave them out of the mean (one host sync per call
@@ -447,14 +501,16 @@ class AlignmentLoss(nn.Module):
 
     Raises:
         ValueError: unknown relation, bad option or weight (the message names the argument).
-        CanonRegError: another AlignmentLoss is attached to the model, or a selected layer has no tap.
+        CanonRegError: another AlignmentLoss is attached to the model, a selected layer has no tap, or the
+            model has no parameter that requires grad (at construction) / no term of the loss depends on
+            one (at the call; a partly frozen model warns once, naming the layers that cannot act).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-        >>> align = AlignmentLoss(model, relations=("f-RWA", "b-RWA"), weight=0.1)
+        >>> align = AlignmentLoss(model, relations="all", weight=0.1)
         >>> x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
-        >>> loss = torch.nn.functional.cross_entropy(model(x), y) + align()
-        >>> loss.backward()
+        >>> task = torch.nn.functional.cross_entropy(model(x), y)
+        >>> (task + align(task)).backward()
 
     Reference: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (relations and α).
     """
@@ -464,21 +520,26 @@ class AlignmentLoss(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        relations: Sequence[str] = ("f-RWA", "b-RWA"),
+        relations: Sequence[str] | Literal["all"] = ("f-RWA", "b-RWA"),
         layers: LayerSpec = None,
         *,
-        metric: CF.Metric = "cosine",
+        metric: CF.Metric = "pearson",
         weight: float = 1.0,
         preprocess: CF.Preprocess = "normalized",
-        g_mode: GMode = "ema",
+        g_mode: GMode = "exact",
         ema_decay: float = 0.9,
         layer_weights: Mapping[str, float] | None = None,
         relation_weights: Mapping[str, float] | None = None,
+        flatness: float = 0.0,
+        focus: float | None = None,
+        warmup: int = 0,
         ema_warmup: Literal["error", "skip"] = "error",
         nonfinite: Policy = "error",
         taps: dict[type[nn.Module], LayerTap] | None = None,
     ) -> None:
         super().__init__()
+        if relations == "all":
+            relations = CF.RELATIONS
         if isinstance(relations, str):
             raise ValueError(  # noqa: TRY004 — a single name is a wrong value, not a wrong type
                 f"Expected `relations` to be a sequence of names, e.g. ({relations!r},), but got the string {relations!r}"
@@ -500,6 +561,16 @@ class AlignmentLoss(nn.Module):
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
         if not (isinstance(ema_decay, (int, float)) and not isinstance(ema_decay, bool) and 0 <= ema_decay < 1):
             raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
+        flatness = check_nonnegative("flatness", flatness)
+        if focus is not None:
+            focus = check_positive("focus", focus)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"Expected `warmup` to be a non-negative int (loss calls), but got {warmup!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise CanonRegError(
+                "AlignmentLoss got a model with no parameter that requires grad (a frozen model): the loss could "
+                "never change it. Unfreeze the layers to shape (p.requires_grad_(True)) or do not add the loss"
+            )
 
         selected, tap_table, excluded = select_layers(model, layers, taps)
         # Plain attributes: the model must not become a submodule (state_dict, .to(), .train()).
@@ -516,9 +587,16 @@ class AlignmentLoss(nn.Module):
         self.ema_warmup = ema_warmup
         self.nonfinite: Policy = nonfinite
         self.weight = weight
+        self.flatness = flatness
+        self.focus = focus
+        self.warmup = warmup
+        self.calls = 0
+        self._inert_warned = False
         self._layer_w = self._check_weights("layer_weights", layer_weights, self.layer_names, _display)
         self._rel_w = self._check_weights("relation_weights", relation_weights, rels, str)
-        if not any(self._layer_w[n] * self._rel_w[r] > 0 for n in self.layer_names for r in rels):
+        if not any(self._layer_w[n] * self._rel_w[r] > 0 for n in self.layer_names for r in rels) and not (
+            flatness > 0 and any(self._layer_w[n] > 0 for n in self.layer_names)
+        ):
             raise ValueError("Expected `layer_weights` and `relation_weights` to leave at least one positive term, but all are 0")
         needed = {m for r in rels for m in CF.RELATION_PAIRS[r]}
         self._needs_g: tuple[str, ...] = tuple(m for m in _G_MATRICES if m in needed)
@@ -565,7 +643,8 @@ class AlignmentLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"relations={list(self.relations)}, layers={[_display(n) for n in self.layer_names]}, "
-            f"metric={self.metric!r}, preprocess={self.preprocess!r}, weight={self.weight}, g_mode={self.g_mode!r}"
+            f"metric={self.metric!r}, preprocess={self.preprocess!r}, weight={self.weight}, g_mode={self.g_mode!r}, "
+            f"flatness={self.flatness}, focus={self.focus}, warmup={self.warmup}"
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -605,7 +684,8 @@ class AlignmentLoss(nn.Module):
         self.detach()
 
     def reset(self) -> None:
-        """Forget captured tensors and the G moving averages (hooks stay as they are)."""
+        """Forget captured tensors, the G moving averages and the call count (hooks stay as they are)."""
+        self.calls = 0
         self._captures = {}
         self._ema = {}
         self._ema_updates = {}
@@ -617,6 +697,7 @@ class AlignmentLoss(nn.Module):
             "ema": {n: {k: v.detach().cpu().clone() for k, v in d.items()} for n, d in self._ema.items()},
             "ema_updates": dict(self._ema_updates),
             "weight": self._weight,
+            "calls": self.calls,
         }
 
     def set_extra_state(self, state: Any) -> None:
@@ -628,6 +709,10 @@ class AlignmentLoss(nn.Module):
         self._ema = {n: {k: v.to(torch.float64).clone() for k, v in d.items()} for n, d in state["ema"].items()}
         self._ema_updates = {n: int(c) for n, c in state["ema_updates"].items()}
         self.weight = state["weight"]
+        calls = state.get("calls", 0)
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"Expected the state's 'calls' to be a non-negative int, but got {calls!r}")
+        self.calls = calls
 
     def __getstate__(self) -> dict[str, Any]:
         if self.attached:
@@ -728,7 +813,9 @@ class AlignmentLoss(nn.Module):
         ref = next(iter(self._modules_by_name.values()))
         w0 = self._taps[self.layer_names[0]].weight(ref)
         out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
-        if self._weight == 0.0:
+        self.calls += 1
+        scale = self._weight * (min(1.0, self.calls / self.warmup) if self.warmup else 1.0)
+        if scale == 0.0:
             return torch.zeros((), dtype=out_dtype, device=w0.device)
         if not self.attached:
             raise CanonRegError("AlignmentLoss is detached: call .attach() (or use `with align:`) before the forward pass")
@@ -746,6 +833,9 @@ class AlignmentLoss(nn.Module):
         numel: list[int] = []
         weights: list[float] = []
         where: list[tuple[str, str]] = []
+        flats: list[Tensor] = []
+        flat_where: list[str] = []
+        flat_weights: list[float] = []
         pearson = self.metric == "pearson"
         with torch.autocast(device_type=w0.device.type, enabled=False):
             for name in self.layer_names:
@@ -765,18 +855,34 @@ class AlignmentLoss(nn.Module):
                     numel.append(_dim(a) ** 2)
                     weights.append(wt)
                     where.append((name, rel))
+                flat_w = self._layer_w[name] * self.flatness
+                if flat_w > 0:
+                    flats.append(spectral_flatness(_work(self._taps[name].weight(self._captures[name][0].module))))
+                    flat_where.append(name)
+                    flat_weights.append(flat_w)
         self.last_alignment = {}
-        if not where:
+        if not where and not flat_where:
             return torch.zeros((), dtype=out_dtype, device=w0.device)
-        stacked = [torch.stack(p) if p else None for p in pieces]
-        alphas = alignment_from_moments(
-            stacked[0], stacked[1], stacked[2], stacked[3], stacked[4],  # type: ignore[arg-type]
-            torch.tensor(numel, dtype=torch.float64, device=stacked[0].device), self.metric,  # type: ignore[union-attr]
-        )
-        detached = alphas.detach()
-        for i, (name, rel) in enumerate(where):
-            self.last_alignment.setdefault(name, {})[rel] = detached[i]
-        vals = 1.0 - alphas
+        self._check_can_act(where, pieces, flat_where, flats)
+        vals_list: list[Tensor] = []
+        if where:
+            stacked = [torch.stack(p) if p else None for p in pieces]
+            alphas = alignment_from_moments(
+                stacked[0], stacked[1], stacked[2], stacked[3], stacked[4],  # type: ignore[arg-type]
+                torch.tensor(numel, dtype=torch.float64, device=stacked[0].device), self.metric,  # type: ignore[union-attr]
+            )
+            detached = alphas.detach()
+            for i, (name, rel) in enumerate(where):
+                self.last_alignment.setdefault(name, {})[rel] = detached[i]
+            vals_list.append(1.0 - alphas)
+        if flat_where:
+            phi = torch.stack(flats)
+            for i, name in enumerate(flat_where):
+                self.last_alignment.setdefault(name, {})["flatness"] = phi.detach()[i]
+            vals_list.append(1.0 - phi)
+        where = where + [(n, "flatness") for n in flat_where]
+        weights = weights + flat_weights
+        vals = torch.cat(vals_list)
         wts = torch.tensor(weights, dtype=vals.dtype, device=vals.device)
         finite = torch.isfinite(vals)
         if self.nonfinite != "skip" and not bool(finite.all()):  # one host sync
@@ -788,10 +894,45 @@ class AlignmentLoss(nn.Module):
         wts = torch.where(finite, wts, torch.zeros_like(wts))
         vals = torch.where(finite, vals, torch.zeros_like(vals))
         total = wts.sum()
-        loss = (wts * vals).sum() / torch.where(total > 0, total, torch.ones_like(total))
-        return (self._weight * loss).to(out_dtype)
+        total = torch.where(total > 0, total, torch.ones_like(total))
+        if self.focus is None:
+            loss = (wts * vals).sum() / total
+        else:  # τ·log Σ p_i exp(v_i/τ), p = w/Σw: between the weighted mean (τ → ∞) and the worst term (τ → 0)
+            tau, live = self.focus, wts > 0
+            logits = torch.where(live, vals / tau + torch.log(torch.where(live, wts, torch.ones_like(wts))), torch.full_like(vals, -math.inf))
+            any_live = live.any()
+            logits = torch.where(any_live, logits, torch.zeros_like(logits))  # every term skipped: no -inf − -inf
+            loss = torch.where(any_live, tau * (torch.logsumexp(logits, 0) - torch.log(total)), torch.zeros_like(total))
+        return (scale * loss).to(out_dtype)
 
     # ------------------------------------------------------------------ internals
+    def _check_can_act(
+        self, where: list[tuple[str, str]], pieces: list[list[Tensor]], flat_where: list[str], flats: list[Tensor]
+    ) -> None:
+        """Raise if no term can reach a parameter (frozen model); warn once naming the layers that cannot act."""
+        if not torch.is_grad_enabled():
+            return
+        acting: dict[str, bool] = {}  # layers with at least one computed term
+        for i, (name, _) in enumerate(where):
+            acting[name] = acting.get(name, False) or any(p[i].requires_grad for p in pieces if p)
+        for name, phi in zip(flat_where, flats):
+            acting[name] = acting.get(name, False) or phi.requires_grad
+        inert = [_display(n) for n, ok in acting.items() if not ok]
+        if len(inert) == len(acting):
+            raise CanonRegError(
+                f"AlignmentLoss cannot act: none of its terms depends on a parameter that requires grad (selected layers "
+                f"{inert}; are their weights and every earlier layer frozen?). Unfreeze them or select trainable layers "
+                "with `layers=`"
+            )
+        if inert and not self._inert_warned:
+            self._inert_warned = True
+            warnings.warn(
+                f"AlignmentLoss: layers {inert} cannot act (their terms depend on no parameter that requires grad: "
+                "frozen weights and frozen inputs); their terms only add a constant",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def _check_captures(self, exact_g: bool) -> None:
         for name in self.layer_names:
             caps = self._captures.get(name)
@@ -902,3 +1043,57 @@ def _cat(xs: list[Tensor]) -> Tensor:
 def _work(x: Tensor) -> Tensor:
     """Loss arithmetic in at least float32 (half/bfloat16 tensors are upcast)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ====================================================================== preset
+#: The configuration :func:`crh_loss` returns (see its docstring for the measurement behind it).
+CRH_PRESET: dict[str, Any] = {
+    "relations": "all",
+    "metric": "pearson",
+    "preprocess": "normalized",
+    "g_mode": "exact",
+    "weight": 1.0,
+    "flatness": 0.0,
+    "focus": 0.05,
+    "warmup": 0,
+}
+
+
+def inner_layers(model: nn.Module, taps: dict[type[nn.Module], LayerTap] | None = None) -> list[str]:
+    """The default-selected layers of ``model`` without the first and the last (in registration order).
+
+    The first layer's input is the data (its ``H_a`` is fixed) and the last is the head; the layers
+    in between are the "inner" ones whose input is itself learned. With fewer than three layers every
+    layer is returned.
+    """
+    names = list(select_layers(model, None, taps)[0])
+    return names[1:-1] if len(names) >= 3 else names
+
+
+def crh_loss(model: nn.Module, *, weight: float | None = None, layers: LayerSpec = None, **overrides: Any) -> AlignmentLoss:
+    """canonreg's best measured recipe for full CRH: an :class:`AlignmentLoss` on the inner layers.
+
+        L = weight · ρ_t · Agg_{l ∈ inner, r ∈ six ∪ {♭}} (1 − α_{l,r}),
+
+    i.e. ``AlignmentLoss(model, relations="all", layers=inner_layers(model), **CRH_PRESET)``; see
+    :data:`CRH_PRESET` for the values and :class:`AlignmentLoss` for the formula. Use it as
+    ``loss = task + align(task)`` (G by double backprop needs the task loss).
+
+    Args:
+        model: the model to shape.
+        weight: overall strength (default: the preset's).
+        layers: which layers (default: :func:`inner_layers`).
+        **overrides: any other :class:`AlignmentLoss` keyword, replacing the preset's value.
+
+    Raises:
+        TypeError: an override that :class:`AlignmentLoss` does not accept (named in the message).
+    """
+    allowed = set(inspect.signature(AlignmentLoss.__init__).parameters) - {"self", "model", "layers", "weight"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"Expected `crh_loss` overrides from {sorted(allowed)}, but got {unknown}")
+    kwargs = {**CRH_PRESET, **overrides}
+    if weight is not None:
+        kwargs["weight"] = weight
+    taps = kwargs.get("taps")
+    return AlignmentLoss(model, layers=inner_layers(model, taps) if layers is None else layers, **kwargs)

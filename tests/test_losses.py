@@ -360,7 +360,7 @@ def test_layer_called_twice_in_one_pass_uses_the_rows_of_both_calls() -> None:
     for h in handles:
         h.remove()
     assert len(seen["shared"]) == 2
-    ref = dense_loss(linear_dense_matrices(model, seen, "centered"), ("f-RWA", "b-RWA"), "cosine")
+    ref = dense_loss(linear_dense_matrices(model, seen, "centered"), ("f-RWA", "b-RWA"), "pearson")  # default metric
     assert_close(align(), ref)
 
 
@@ -440,7 +440,7 @@ def test_coexists_with_a_monitor_whose_report_is_unchanged_at_weight_zero() -> N
     reports = []
     for with_loss in (False, True):
         model = copy.deepcopy(case.model)
-        align = AlignmentLoss(model, cf.RELATIONS, weight=0.0) if with_loss else None
+        align = AlignmentLoss(model, cf.RELATIONS, g_mode="ema", weight=0.0) if with_loss else None
         monitor = CRHMonitor(model)
         with monitor:
             for x, y in case.batches:
@@ -456,7 +456,7 @@ def test_coexists_with_a_monitor_whose_report_is_unchanged_at_weight_zero() -> N
 def test_ema_warmup_skip_uses_h_z_terms_until_a_backward_pass() -> None:
     model = tanh_mlp()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), ema_warmup="skip")
+    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), g_mode="ema", ema_warmup="skip")
     task = F.cross_entropy(model(x), y)
     first = align(task)
     assert {r for d in align.last_alignment.values() for r in d} == {"f-RWA"}
@@ -525,7 +525,7 @@ def test_bad_arguments_raise_value_errors_naming_the_argument() -> None:
 def test_lifecycle_errors() -> None:
     model = tanh_mlp()
     x = torch.randn(8, 5, dtype=torch.float64)
-    align = AlignmentLoss(model, ("f-RWA", "b-GWA"))
+    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), g_mode="ema")
     with pytest.raises(CanonRegError, match="before any grad-enabled forward pass"):
         align()
     with pytest.raises(CanonRegError, match="already attached"):
@@ -635,7 +635,7 @@ def test_detach_restores_the_model_and_context_manager_reattaches() -> None:
 def test_state_dict_pickle_and_deepcopy_round_trip() -> None:
     model = tanh_mlp()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), weight=0.3)
+    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), g_mode="ema", weight=0.3)
     F.cross_entropy(model(x), y).backward()
     sd = align.state_dict()
     assert list(sd) == ["_extra_state"]  # only the loss's own state, never the model's parameters
@@ -646,7 +646,7 @@ def test_state_dict_pickle_and_deepcopy_round_trip() -> None:
 
     align.detach()
     fresh_model = copy.deepcopy(model)
-    fresh = AlignmentLoss(fresh_model, ("f-RWA", "b-GWA"))
+    fresh = AlignmentLoss(fresh_model, ("f-RWA", "b-GWA"), g_mode="ema")
     fresh.load_state_dict(sd)
     assert fresh.weight == 0.3
     fresh_model(x)
@@ -713,3 +713,29 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path) -> None:
     assert arm["layers"] == ["2", "4"] and arm["relations"] == ["f-RWA", "b-RWA"]
     runs = json.loads((tmp_path / "e.json").read_text())["runs"]["0"]
     assert set(runs) == {"init", "baseline", "f-RWA+b-RWA@inner:2"} and runs["f-RWA+b-RWA@inner:2"]["train"]["weight"] == 2.0
+
+
+def test_crh_reach_quick_runs_and_combines_per_seed_files(tmp_path) -> None:
+    import json
+
+    threads = torch.get_num_threads()
+    bench = _load_script("crh_reach")
+    try:
+        args = ["--quick", "--steps", "6", "--measure-every", "3", "--baseline-wds", "5e-4", "--crh-weights", "1"]
+        a = bench.main([*args, "--seeds", "0", "--out", str(tmp_path / "a.json")])
+        bench.main([*args, "--seeds", "1", "--out", str(tmp_path / "b.json")])
+        both = bench.main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "c.json")])
+        with pytest.raises(SystemExit, match="repeat"):
+            bench.main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "d.json")])
+    finally:
+        torch.set_num_threads(threads)
+    run = a["runs"][1]
+    assert run["arm"] == "crh:1" and [h["step"] for h in run["history"]] == [3, 6]
+    assert run["min_inner"] == min(run["alpha"][n][r] for n in run["groups"]["inner"] for r in cf.RELATIONS)
+    assert run["groups"] == {"first": ["0"], "inner": ["2", "4", "6"], "head": ["8"]}
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["config"]["seeds"] == [0, 1] and len(saved["runs"]) == 4
+    accs = [r["test_acc"] for r in saved["runs"] if r["arm"] == "crh:1"]
+    assert both["summary"]["arms"]["crh:1"]["test_acc"][0] == pytest.approx(sum(accs) / 2)
+    md = (tmp_path / "c.md").read_text()
+    assert "| crh:1 |" in md and "Pareto front" in md and "(inner)" in md
