@@ -33,6 +33,11 @@ is not reached), and the final σ and noise share per layer. Runs are independen
 processes (``--workers``). Output: benchmarks/results/optim_effect[_quick].{json,md}.
 
 Run:  python benchmarks/optim_effect.py [--quick] [--workers 2]
+Post-training studies in benchmarks/results/ (issue 9):
+      python benchmarks/optim_effect.py --workers 2 --steps 2000 --seeds 0 1 2 \
+          --variants sgd nc-0 nc-auto0.5 adamw adam-nc-auto0.3 adam-nc-auto0.6 --out benchmarks/results/optim_effect_post_2000
+      python benchmarks/optim_effect.py --workers 2 --steps 1000 --batch 2048 --seeds 0 1 2 \
+          --variants sgd nc-auto0.5 adamw adam-nc-auto0.3 --out benchmarks/results/optim_effect_post_b2048
 """
 
 from __future__ import annotations
