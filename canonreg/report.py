@@ -40,6 +40,11 @@ def layer_matrices(
         H_b = W H_a Wᵀ (+ W μ_a bᵀ + b μ_aᵀ Wᵀ + b bᵀ in raw mode with a bias),   G_a = Wᵀ G_b W,
 
     with ``μ_a = E[h_a]``; centred moments need no bias term (it cancels).
+
+    Sums: ``X_xx = Σ(x − o)(x − o)ᵀ`` and ``X_x = Σ(x − o)`` over the ``n`` rows. Raw mode needs the
+    origin ``o = 0``; in centred modes any origin gives the same covariance
+    ``X_xx/n − (X_x/n)(X_x/n)ᵀ``, and :class:`~canonreg.CRHMonitor` passes sums about the mean
+    (``X_x ≈ 0``), so that subtraction cancels nothing.
     """
     n = float(sums["n"])
     centered = preprocess != "raw"
