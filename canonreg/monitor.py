@@ -50,6 +50,7 @@ arXiv:2402.07193 (noise equilibrium).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 import weakref
 from collections.abc import Callable
@@ -165,6 +166,14 @@ class _CallMoment:
         self.s_xx = _gram(u)
 
 
+def _at_least_one(v: Tensor | float) -> Tensor | float:
+    return v.clamp_min(1.0) if isinstance(v, Tensor) else max(v, 1.0)
+
+
+def _sqrt(v: Tensor | float) -> Tensor | float:
+    return v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
+
+
 class _Moment:
     """Streaming second moment of the rows ``x`` of one matrix (``H_a``, ``H_b``, ``G_a`` or ``G_b``) of a layer.
 
@@ -187,7 +196,7 @@ class _Moment:
 
     def __init__(self, centered: bool) -> None:
         self.centered = centered
-        self.n: Tensor | None = None
+        self.n: Tensor | float | None = None
         self.origin: Tensor | None = None
         self.s_x: Tensor | None = None
         self.s_xx: Tensor | None = None
@@ -280,12 +289,14 @@ class _Moment:
         # the window buffer is dropped below, so the float64 copy may be updated in place
         p_xx = _symmetrize_upper(self.w_xx).to(f64).mul_(s * s)
         p_x = self.w_x.to(f64) * s
-        n_w = torch.as_tensor(self.w_n, dtype=f64, device=p_x.device)
+        # a Python count unless deferred checks masked it on the device (no host-device copy, no sync)
+        n_w: Tensor | float = self.w_n.to(f64) if isinstance(self.w_n, Tensor) else float(self.w_n)
         shift = None if self.w_shift is None else self.w_shift.to(f64)
         self._clear_window()
         if self.s_xx is not None:
             dev = self.s_xx.device
-            p_xx, p_x, n_w = p_xx.to(dev), p_x.to(dev), n_w.to(dev)
+            p_xx, p_x = p_xx.to(dev), p_x.to(dev)
+            n_w = n_w.to(dev) if isinstance(n_w, Tensor) else n_w
             shift = None if shift is None else shift.to(dev)
         if not self.centered:
             if self.s_xx is None or self.s_x is None or self.n is None:
@@ -295,9 +306,9 @@ class _Moment:
                 self.s_xx.add_(p_xx)
             return
         assert shift is not None
-        safe = n_w.clamp_min(1.0)
+        safe = _at_least_one(n_w)
         mean_w = shift + p_x / safe
-        v = p_x / safe.sqrt()
+        v = p_x / _sqrt(safe)
         m2_w = p_xx.addr_(v, v, alpha=-1.0)  # M2_w = Σuuᵀ − (Σu)(Σu)ᵀ/n_w, scaled back
         if self.s_xx is None or self.n is None or self.origin is None:
             self.n, self.origin, self.s_xx = n_w, mean_w, m2_w
@@ -305,9 +316,9 @@ class _Moment:
             return
         total = self.n + n_w
         delta = mean_w - self.origin
-        frac = n_w / total.clamp_min(1.0)
+        frac = n_w / _at_least_one(total)
         self.origin = self.origin + delta * frac
-        e = delta * (self.n * frac).sqrt()
+        e = delta * _sqrt(self.n * frac)
         self.s_xx.add_(m2_w).addr_(e, e)  # M2 += M2_w + δδᵀ n n_w/(n + n_w)
         self.n = total
 
@@ -1025,7 +1036,7 @@ class CRHMonitor:
                 mom = self._state[n].moments[m]
                 d = self._zeros_like_key(n, m + "_x", device).shape[0]
                 total = mom.total_x()
-                parts.append(torch.zeros((), dtype=torch.float64, device=device) if mom.n is None else mom.n.to(device))
+                parts.append(torch.as_tensor(0.0 if mom.n is None else mom.n, dtype=torch.float64).to(device))
                 parts.append(torch.zeros(d, dtype=torch.float64, device=device) if total is None else total.to(device))
                 slots.append((n, m, d))
         reduced = iter(all_reduce_flat(parts))
