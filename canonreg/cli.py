@@ -1,9 +1,21 @@
 """Command line: ``canonreg demo`` (the main job) and ``canonreg ablate CONFIG``.
 
-``python -m canonreg demo`` trains a small MLP on MNIST-1D (generated locally with the ``mnist1d``
-package's own generator — nothing is downloaded) for about a minute on 2 CPU cores, with the
-CRHMonitor on every Linear layer, and prints the six-relation table per layer, the PAH exponents
-and the balance terms; it writes the report (JSON) and figures to ``--out``.
+``python -m canonreg demo`` shows what canonreg changes. It trains two copies of one MLP on MNIST-1D
+(generated locally with the ``mnist1d`` package's own generator — nothing is downloaded) under the
+same budget — same data, initialisation, batch order, optimizer and steps
+(:func:`canonreg.experiment.train_trial`):
+
+* ``baseline``: plain SGD with momentum and weight decay;
+* ``crh``: the same step on ``task + crh_loss(model)(task)``, canonreg's joint CRH objective
+  (:func:`canonreg.losses.crh_loss`; arm ``"crh"`` of :mod:`canonreg.experiment`).
+
+After training, the six relations of every layer are measured on the full training set with the
+task loss's gradient only (:func:`canonreg.measure_crh`; ``normalized``/``pearson`` by default), so
+the regulariser's own gradient never enters G. It prints both six-relation tables, their
+difference (crh − baseline) and a summary (test accuracy, mean α, min α over the inner layers, the
+first layer separately), and writes ``summary.json`` (the configs actually used, every number),
+``report_<arm>.json`` and the figure ``crh_comparison.png`` (:func:`canonreg.plotting.plot_comparison`)
+to ``--out``. Defaults fit in under 2 minutes on 2 CPU cores; ``--quick`` is a smoke test.
 
 Errors (both commands, :func:`main`): every flag is checked before anything is generated, trained or
 written. A bad flag, config or file prints one line, ``canonreg <command>: error: <what was expected
@@ -21,41 +33,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .errors import check_bool, check_choice, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
+from .experiment import TrialConfig
+from .functional import RELATIONS
 
-__all__ = ["DemoConfig", "run_demo", "main", "UsageError", "OneLineParser", "run_command"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import CRHReport
+
+__all__ = ["DemoConfig", "DEMO_ARMS", "run_demo", "main", "UsageError", "OneLineParser", "run_command", "check_out_dir"]
+
+#: The two arms the demo compares: the reference first, canonreg's arm second.
+DEMO_ARMS: tuple[str, str] = ("baseline", "crh")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Configuration of ``canonreg demo`` (defaults: about a minute on 2 CPU cores)."""
+    """Configuration of ``canonreg demo``: the budget both arms share, and how α is measured.
 
-    steps: int = 6000
-    width: int = 256
-    depth: int = 4
+    Attributes:
+        steps, batch_size: SGD steps and batch size S, the same for both arms.
+        width, depth: MLP hidden width and number of weight layers (``depth − 1`` hidden layers).
+        lr, momentum, weight_decay: SGD with momentum; decay on weight matrices only (both arms).
+        loss_weight: strength of the ``crh`` arm's objective (``crh_loss(model, weight=…)``);
+            None (default) = the preset's, ``canonreg.losses.CRH_PRESET["weight"]``.
+        window: training-monitor window in steps; after every window the task-only α is measured
+            on the training set for the figure's curves.
+        preprocess, metric: the measurement protocol (spec §3).
+        num_samples: MNIST-1D samples (train + test, 80/20). seed: initialisation and batch order.
+        threads: torch intra-op threads (0 = torch's default). One by default: the matrices are small
+            (128 wide), and two threads on 2 busy cores made a crh step 50× slower than one thread.
+        out: output folder.
+        progress: tqdm bars during training.
+
+    Raises:
+        ValueError / TypeError naming the field, for a bad value (checked in full on construction).
+    """
+
+    steps: int = 2000
+    width: int = 128
+    depth: int = 5
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 1e-3
+    weight_decay: float = 5e-4
+    loss_weight: float | None = None
     window: int = 500
     preprocess: str = "normalized"
     metric: str = "pearson"
-    num_samples: int = 10000
+    num_samples: int = 5000
     seed: int = 0
-    threads: int = 0
+    threads: int = 1
     out: str = "canonreg-demo"
     progress: bool = True
 
@@ -74,13 +113,15 @@ class DemoConfig:
         if not (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1):
             raise ValueError(f"Expected `momentum` to be a float in [0, 1), but got {m!r}")
         check_nonnegative("weight_decay", self.weight_decay)
+        if self.loss_weight is not None:
+            check_nonnegative("loss_weight", self.loss_weight)
         check_choice("preprocess", self.preprocess, ("raw", "centered", "normalized"))
         check_choice("metric", self.metric, ("pearson", "cosine"))
         check_bool("progress", self.progress)
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"Expected `out` to be a folder path, but got {self.out!r}")
-        if self.depth < 2:
-            raise ValueError(f"Expected `depth` >= 2 (at least one hidden layer), but got {self.depth}")
+        if self.depth < 3:
+            raise ValueError(f"Expected `depth` >= 3 (an inner layer: one whose input and output are both learned), but got {self.depth}")
         if self.window > self.steps:
             raise ValueError(f"Expected `window` <= `steps` ({self.steps}), but got {self.window}")
         if self.batch_size > self.train_samples:
@@ -88,161 +129,288 @@ class DemoConfig:
                 f"Expected `batch_size` <= the {self.train_samples} training samples "
                 f"(80% of `num_samples` = {self.num_samples}), but got {self.batch_size}"
             )
+        for arm in DEMO_ARMS:
+            self.trial(arm)  # anything else the trial itself rejects
 
     @property
     def train_samples(self) -> int:
         """Size of MNIST-1D's training split: ``num_samples · 4 // 5`` (mnist1d's ``train_split`` = 0.8)."""
         return self.num_samples * 4 // 5
 
+    @property
+    def crh_weight(self) -> float:
+        """The ``crh`` arm's loss weight: ``loss_weight``, or the preset's when it is None."""
+        if self.loss_weight is not None:
+            return float(self.loss_weight)
+        from .losses import CRH_PRESET
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        return float(CRH_PRESET["weight"])
+
+    def trial(self, arm: str) -> TrialConfig:
+        """The resolved :class:`~canonreg.experiment.TrialConfig` that trains ``arm`` under this budget."""
+        return TrialConfig(
+            arm=arm,
+            dataset="mnist1d",
+            num_samples=self.num_samples,
+            model="mlp",
+            width=self.width,
+            depth=self.depth,
+            optimizer="sgd",
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            loss_weight=self.crh_weight,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            seed=self.seed,
+            preprocess=self.preprocess,
+            metric=self.metric,
+            eval_every=self.window,
+            # The training-time monitor feeds nothing the demo shows (α comes from measure_crh
+            # after training, and after every window with track_crh): one step per window keeps it cheap.
+            monitor_every=self.window,
+            n_bootstrap=0,
+            track_crh=True,
+        ).resolved()
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, object]:
-    """Train, monitor, print and save; returns a summary dict (also written to ``out/summary.json``)."""
-    from . import CRHMonitor
-    from .data import mnist1d
-    from .models import mlp
+@dataclass(frozen=True)
+class ArmOutcome:
+    """One trained arm of the demo, measured after training.
+
+    Attributes:
+        trial: the resolved trial config it was trained with.
+        report: :func:`canonreg.measure_crh` on the full training set, task-loss gradient only.
+        train_accuracy, test_accuracy: after training.
+        history: :func:`~canonreg.experiment.train_trial`'s per-window history (with the task-only
+            ``min_alpha_inner`` and ``mean_alpha_post``).
+        seconds: wall time of training and measurement.
+    """
+
+    trial: TrialConfig
+    report: CRHReport
+    train_accuracy: float
+    test_accuracy: float
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def alignment_difference(a: CRHReport, b: CRHReport) -> dict[str, dict[str, float]]:
+    """``{layer: {relation: α_b − α_a}}`` over the layers of ``a`` (NaN where either is NaN)."""
+    if list(a.layers) != list(b.layers):
+        raise ValueError(f"Expected two reports over the same layers, but got {a.layers} and {b.layers}")
+    return {n: {r: float(b.alignment[n][r]) - float(a.alignment[n][r]) for r in RELATIONS} for n in a.layers}
+
+
+def layer_roles(layers: Sequence[str]) -> dict[str, str]:
+    """``first`` (input is the data), ``inner`` (input and output learned) or ``head`` per layer."""
+    roles = {n: "inner" for n in layers}
+    if layers:
+        roles[layers[0]] = "first"
+        roles[layers[-1]] = "head" if len(layers) > 1 else "first"
+    return roles
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Train the baseline and the crh arm, measure, print, save; returns ``summary.json``'s content.
+
+    See the module docstring. Both arms are trained by :func:`~canonreg.experiment.train_trial` from
+    :meth:`DemoConfig.trial` on one loaded split; α comes from :func:`~canonreg.measure_crh` over the
+    training split after training.
+
+    Raises:
+        FloatingPointError: training diverged (non-finite task loss).
+    """
+    from .experiment import _jsonable, evaluate, load_data, train_trial
+    from .measure import measure_crh
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
+    t0 = time.perf_counter()
+    trials = {arm: cfg.trial(arm) for arm in DEMO_ARMS}
     print(f"Generating MNIST-1D locally ({cfg.num_samples} samples, mnist1d's own generator; cached after the first run)...", flush=True)
-    data = mnist1d(num_samples=cfg.num_samples, seed=42)
-    model = mlp(data.num_features, cfg.width, cfg.depth, data.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = data.x.shape[0]
-    history: dict[str, list[float]] = {name: [] for name in monitor.layers}
-    hist_steps: list[int] = []
-    bar = _progress(cfg.steps, cfg.progress)
-    report = None
-    with monitor:
-        perm = torch.randperm(n, generator=gen)
-        pos = 0
-        for step in range(1, cfg.steps + 1):
-            if pos + cfg.batch_size > n:
-                perm = torch.randperm(n, generator=gen)
-                pos = 0
-            idx = perm[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % cfg.window == 0:
-                last = step == cfg.steps
-                # Balance terms use the SGD step's η; momentum rescales it to η/(1−β) (spec §5).
-                report = monitor.compute(
-                    lr=cfg.lr / (1 - cfg.momentum),
-                    weight_decay=cfg.weight_decay,
-                    batch_size=cfg.batch_size,
-                    exponents=last,
-                )
-                hist_steps.append(step)
-                for name in history:
-                    history[name].append(report.mean_alignment([name]))
-                if not last:
-                    monitor.reset()
-                bar.set_postfix(loss=f"{loss.item():.3f}", mean_alpha=f"{report.mean_alignment():.3f}")
-            bar.update(1)
-    bar.close()
-    assert report is not None
-    train_acc = _evaluate(model, data.x, data.y)
-    test_acc = _evaluate(model, data.x_test, data.y_test)
-    elapsed = time.time() - t0
+    data = load_data(trials[DEMO_ARMS[0]])
+    n_train = int(data.x.shape[0])
+    dims = "→".join([str(data.x.shape[1]), *[str(cfg.width)] * (cfg.depth - 1), str(int(data.y.max()) + 1)])
+    print(
+        f"MLP {dims}; SGD lr={cfg.lr:g} momentum={cfg.momentum:g} weight_decay={cfg.weight_decay:g}; batch {cfg.batch_size} "
+        f"of {n_train} training samples; {cfg.steps} steps per arm (same data, initialisation and batch order).",
+        flush=True,
+    )
+    outcomes: dict[str, ArmOutcome] = {}
+    for k, (arm, trial) in enumerate(trials.items(), 1):
+        what = "plain SGD" if arm == "baseline" else f"SGD on task + crh_loss(model, weight={trial.loss_weight:g})(task)"
+        print(f"[{k}/{len(trials)}] {arm}: {what}", flush=True)
+        t = time.perf_counter()
+        trained = train_trial(trial, data=data, progress=cfg.progress)
+        report = measure_crh(trained.model, data.x, data.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+        acc = evaluate(trained.model, data)
+        outcomes[arm] = ArmOutcome(trial, report, float(acc["train_acc"]), float(acc["test_acc"]), trained.history, time.perf_counter() - t)
+        print(f"      done in {outcomes[arm].seconds:.0f} s: test accuracy {outcomes[arm].test_accuracy:.3f}", flush=True)
+    base, crh = (outcomes[a] for a in DEMO_ARMS)
+    diff = alignment_difference(base.report, crh.report)
+    layers = list(base.report.layers)
+    roles = layer_roles(layers)
+    inner = [n for n in layers if roles[n] == "inner"]
 
     print()
-    print(f"MLP {data.num_features}→{'→'.join([str(cfg.width)] * (cfg.depth - 1))}→{data.num_classes}, SGD lr={cfg.lr} "
-          f"momentum={cfg.momentum} weight_decay={cfg.weight_decay}, batch {cfg.batch_size}, {cfg.steps} steps, {elapsed:.0f} s")
-    print(f"train accuracy {train_acc:.3f}, test accuracy {test_acc:.3f}")
-    print(f"measured over the last {cfg.window} steps:")
+    print(
+        f"α after training: {cfg.metric} α of the six relations, {cfg.preprocess} rows, over all {n_train} training samples, "
+        "task-loss gradient only (canonreg.measure_crh)"
+    )
+    for arm in DEMO_ARMS:
+        o = outcomes[arm]
+        print()
+        print(f"{arm}: test accuracy {o.test_accuracy:.3f} (train {o.train_accuracy:.3f})")
+        print(alignment_table({n: o.report.alignment[n] for n in layers}, roles))
     print()
-    print(report)
+    print(f"difference {DEMO_ARMS[1]} − {DEMO_ARMS[0]}:")
+    dmin = {n: _row_min(crh.report.alignment[n]) - _row_min(base.report.alignment[n]) for n in layers}
+    print(alignment_table(diff, roles, signed=True, last=("Δmin", dmin)))
+    stats = {arm: arm_statistics(outcomes[arm], layers, inner) for arm in DEMO_ARMS}
     print()
-    print("PAH exponents κ in A ∝ B^κ [95% bootstrap interval] (spec §4):")
-    print(report.table("exponents"))
-    print()
-    print("effective rank (participation ratio) of H_a per layer: "
-          + ", ".join(f"{n}: {report.effective_rank[n]['H_a']['participation']:.1f}" for n in report.layers))
+    print(summary_table(stats))
+    elapsed = time.perf_counter() - t0
 
-    report.to_json(out / "report.json")
-    fig_paths = []
+    figures: list[str] = []
     try:
-        from .plotting import _plt, plot_history
+        from .plotting import _plt, plot_comparison
 
-        report.plot(out / "crh_report.png")
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        plot_history(hist_steps, history, ax, ylabel=f"mean α over six relations ({cfg.metric})")
-        ax.set_title("CRH alignment during training (windowed)")
-        fig.tight_layout()
-        fig.savefig(out / "alignment_history.png", dpi=120)
-        fig_paths = [str(out / "crh_report.png"), str(out / "alignment_history.png")]
+        path = out / "crh_comparison.png"
+        fig = plot_comparison(
+            {arm: outcomes[arm].report for arm in DEMO_ARMS},
+            path,
+            history={arm: outcomes[arm].history for arm in DEMO_ARMS},
+            suptitle=f"MNIST-1D MLP {dims}, {cfg.steps} SGD steps per arm; α after training (task gradient only, training set)",
+        )
+        _plt().close(fig)
+        figures.append(str(path))
     except ImportError as e:
-        print(f"(plots skipped: {e})")
-    summary = {
+        print(f"(figure skipped: {e})")
+    for arm in DEMO_ARMS:
+        outcomes[arm].report.to_json(out / f"report_{arm}.json")
+    summary: dict[str, Any] = {
         "config": asdict(cfg),
-        "train_accuracy": train_acc,
-        "test_accuracy": test_acc,
+        "trials": {arm: outcomes[arm].trial.to_dict() for arm in DEMO_ARMS},
+        "train_samples": n_train,
+        "test_samples": int(data.x_test.shape[0]),
+        "measurement": {
+            "function": "canonreg.measure_crh",
+            "data": "training split, every sample",
+            "samples": n_train,
+            "gradient": "task loss (cross-entropy) only",
+            "when": "after training",
+            "preprocess": cfg.preprocess,
+            "metric": cfg.metric,
+        },
+        "layers": layers,
+        "roles": roles,
+        "inner_layers": inner,
+        "arms": {
+            arm: {
+                **stats[arm],
+                "alignment": outcomes[arm].report.alignment,
+                "history": outcomes[arm].history,
+                "seconds": outcomes[arm].seconds,
+            }
+            for arm in DEMO_ARMS
+        },
+        "difference": diff,
+        "figures": figures,
         "seconds": elapsed,
-        "history_steps": hist_steps,
-        "history_mean_alpha": history,
-        "report": report.to_dict(),
-        "figures": fig_paths,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False, default=str))
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
     print()
-    print(f"wrote {out / 'report.json'}, {out / 'summary.json'}" + (f", {', '.join(fig_paths)}" if fig_paths else ""))
+    written = [str(out / "summary.json"), *(str(out / f"report_{a}.json") for a in DEMO_ARMS), *figures]
+    print(f"{elapsed:.0f} s in total; wrote {', '.join(written)}")
     return summary
 
 
-class _Bar(Protocol):
-    """What the demo needs of a progress bar (tqdm's interface)."""
+def arm_statistics(o: ArmOutcome, layers: Sequence[str], inner: Sequence[str]) -> dict[str, float]:
+    """Test/train accuracy, mean α (all layers), min α over the inner layers and over the first layer."""
+    from .measure import min_alignment
 
-    def set_postfix(self, **kwargs: object) -> None: ...
-    def update(self, n: int = 1) -> object: ...
-    def close(self) -> None: ...
+    return {
+        "test_accuracy": o.test_accuracy,
+        "train_accuracy": o.train_accuracy,
+        "mean_alpha": o.report.mean_alignment(on_nan="propagate"),  # NaN shows in the table; never averaged away
+        "min_alpha_inner": min_alignment(o.report, inner) if inner else math.nan,
+        "min_alpha_first": min_alignment(o.report, [layers[0]]),
+    }
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw: object) -> None: ...
-    def close(self) -> None: ...
+def alignment_table(
+    values: Mapping[str, Mapping[str, float]],
+    roles: Mapping[str, str],
+    *,
+    signed: bool = False,
+    last: tuple[str, Mapping[str, float]] | None = None,
+) -> str:
+    """Fixed-width table: one row per layer (name, role), the six relations, then a last column.
+
+    The last column is ``last = (header, {layer: value})`` when given, else the row's minimum.
+    ``signed`` shows every number with its sign (for differences).
+    """
+
+    def fmt(v: float) -> str:
+        return "nan" if math.isnan(v) else (f"{v:+.3f}" if signed else f"{v:.3f}")
+
+    header, column = last if last is not None else ("min", {n: _row_min(row) for n, row in values.items()})
+    w = max([5, *(len(n) for n in values)]) + 2
+    rows = [f"{'layer':<{w}}{'role':<7}" + "".join(f"{r:>8}" for r in RELATIONS) + f"{header:>8}"]
+    for n, row in values.items():
+        rows.append(f"{n:<{w}}{roles.get(n, ''):<7}" + "".join(f"{fmt(float(row[r])):>8}" for r in RELATIONS) + f"{fmt(float(column[n])):>8}")
+    return "\n".join(rows)
 
 
-def _progress(total: int, enabled: bool) -> _Bar:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    bar: _Bar = tqdm(total=total, desc="training", unit="step", mininterval=0.5)
-    return bar
+def _row_min(row: Mapping[str, float]) -> float:
+    vals = [float(row[r]) for r in RELATIONS]
+    return math.nan if any(math.isnan(v) for v in vals) else min(vals)
+
+
+def summary_table(stats: Mapping[str, Mapping[str, float]]) -> str:
+    """Rows: test accuracy, mean α, min α (inner layers), min α (first layer); columns: the arms and their difference."""
+    a, b = list(stats)
+    labels = {
+        "test_accuracy": "test accuracy",
+        "mean_alpha": "mean α (all layers, six relations)",
+        "min_alpha_inner": "min α (inner layers, six relations)",
+        "min_alpha_first": "min α (first layer: its H_a is the data's)",
+    }
+    w = max(len(v) for v in labels.values()) + 2
+    lines = [f"{'':<{w}}{a:>10}{b:>10}{b + ' − ' + a:>18}"]
+    for key, label in labels.items():
+        x, y = float(stats[a][key]), float(stats[b][key])
+        lines.append(f"{label:<{w}}{x:>10.3f}{y:>10.3f}{y - x:>+18.3f}")
+    return "\n".join(lines)
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a small MLP on MNIST-1D with the CRH monitor and print the six-relation table")
+    p = sub.add_parser(
+        "demo",
+        help="train plain SGD and canonreg's CRH arm side by side on MNIST-1D; compare their six-relation tables",
+        description="Train plain SGD and canonreg's CRH arm under the same budget and compare the six relations after training.",
+    )
     d = DemoConfig()
     for name in ("steps", "width", "depth", "batch_size", "window", "num_samples", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
     for name in ("lr", "momentum", "weight_decay"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name):g}")
+    p.add_argument("--loss-weight", type=float, default=None, help="strength of the crh arm's objective (default: the preset's, canonreg.losses.CRH_PRESET)")
     p.add_argument("--preprocess", choices=["raw", "centered", "normalized"], default=d.preprocess)
     p.add_argument("--metric", choices=["pearson", "cosine"], default=d.metric)
-    p.add_argument("--out", default=d.out)
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--quick", action="store_true", help="a few-second run (600 steps) for smoke tests")
+    p.add_argument("--quick", action="store_true", help=f"a smoke test: {QUICK['steps']} steps, {QUICK['num_samples']} samples")
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
+
+
+#: What ``--quick`` sets (flags given explicitly still win).
+QUICK: dict[str, int] = {"steps": 300, "window": 100, "num_samples": 2000}
 
 
 # ---------------------------------------------------------------------- error handling shared by both commands
@@ -333,7 +501,8 @@ def _one_line(text: str) -> str:
 def _demo_command(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "debug")}
     if args.quick:
-        kw.update(steps=600, window=200, num_samples=2000)
+        d = DemoConfig()
+        kw.update({k: v for k, v in QUICK.items() if kw[k] == getattr(d, k)})
     try:
         cfg = DemoConfig(**kw)
     except (TypeError, ValueError) as e:

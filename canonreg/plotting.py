@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from .layers import _display
 if TYPE_CHECKING:  # pragma: no cover
     from .report import CRHReport
 
-__all__ = ["plot_alignment_heatmap", "plot_pair", "plot_report", "plot_history"]
+__all__ = ["plot_alignment_heatmap", "plot_pair", "plot_report", "plot_history", "plot_comparison"]
 
 
 def _plt() -> Any:
@@ -107,3 +108,79 @@ def plot_history(steps: list[int], history: dict[str, list[float]], ax: Any = No
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_comparison(
+    reports: Mapping[str, CRHReport],
+    path: str | Path | None = None,
+    *,
+    history: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    suptitle: str | None = None,
+) -> Any:
+    """Two reports compared in a 2 × 2 figure: α heatmaps of each, their difference, α during training.
+
+    ``reports`` holds exactly two reports over the same layers, reference first (e.g.
+    ``{"baseline": r0, "crh": r1}``). Panels: the reference's layers × relations heatmap, the other's,
+    the difference ``α_other − α_reference`` (diverging colours, symmetric scale, annotated) and, with
+    ``history`` (``{name: [{"step", "min_alpha_inner", "mean_alpha_post"}, …]}`` as
+    :func:`canonreg.experiment.train_trial` records with ``track_crh=True``), the task-only min α over
+    the inner layers (solid) and mean α (dashed) against the step, per report.
+
+    Returns the figure; saves it to ``path`` when given. Needs matplotlib.
+
+    Raises:
+        ValueError: not two reports, or reports over different layers.
+    """
+    if len(reports) != 2:
+        raise ValueError(f"Expected `reports` to hold exactly two reports (reference first), but got {len(reports)}")
+    (name_a, a), (name_b, b) = reports.items()
+    if list(a.layers) != list(b.layers):
+        raise ValueError(f"Expected two reports over the same layers, but got {a.layers} and {b.layers}")
+    plt = _plt()
+    height = max(3.4, 0.45 * len(a.layers) + 1.8)
+    fig, grid = plt.subplots(2, 2, figsize=(13, 2 * height))
+    axes = list(grid.flat)
+    n_layers = len(a.layers)
+    labels = [
+        f"{_display(n)} ({'first' if i == 0 else 'head' if i == n_layers - 1 else 'inner'})" for i, n in enumerate(a.layers)
+    ]
+    plot_alignment_heatmap(a, axes[0])
+    axes[0].set_title(f"{name_a}: α ({a.metric}, {a.preprocess})")
+    plot_alignment_heatmap(b, axes[1])
+    axes[1].set_title(f"{name_b}: α ({b.metric}, {b.preprocess})")
+    diff = [[float(b.alignment[n][r]) - float(a.alignment[n][r]) for r in RELATIONS] for n in a.layers]
+    finite = [abs(v) for row in diff for v in row if not math.isnan(v)]
+    scale = max([0.05, *finite])
+    ax = axes[2]
+    im = ax.imshow(diff, vmin=-scale, vmax=scale, cmap="RdBu", aspect="auto")
+    ax.set_xticks(range(len(RELATIONS)), RELATIONS)
+    for i, row in enumerate(diff):
+        for j, v in enumerate(row):
+            text = "nan" if math.isnan(v) else f"{v:+.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if not math.isnan(v) and abs(v) > 0.6 * scale else "black")
+    ax.set_title(f"difference {name_b} − {name_a}")
+    for h in axes[:3]:
+        h.set_yticks(range(n_layers), labels)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Δα")
+    if not history:
+        axes[3].set_axis_off()
+    else:
+        ax = axes[3]
+        for k, (name, hist) in enumerate(history.items()):
+            steps = [h["step"] for h in hist]
+            color = f"C{k}"
+            for key, style, what in (("min_alpha_inner", "-", "min α, inner layers"), ("mean_alpha_post", "--", "mean α")):
+                ys = [float(h.get(key, math.nan)) for h in hist]
+                if any(not math.isnan(y) for y in ys):
+                    ax.plot(steps, ys, style, color=color, marker="o", markersize=3, label=f"{name}: {what}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("α (task gradient only, training set)")
+        ax.set_title("during training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

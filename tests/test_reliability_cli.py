@@ -72,7 +72,7 @@ DEMO_BAD_FLAGS: list[tuple[list[str], str, str]] = [
     (["--steps", "100", "--window", "500"], "--window", "--steps"),
     (["--width", "0"], "--width", "positive"),
     (["--width", "abc"], "--width", "int"),
-    (["--depth", "1"], "--depth", ">= 2"),
+    (["--depth", "2"], "--depth", ">= 3"),  # the demo compares inner layers: it needs one
     (["--num-samples", "0"], "--num-samples", "positive"),
     (["--seed", "-1"], "--seed", "non-negative"),
     (["--threads", "-2"], "--threads", "non-negative"),
