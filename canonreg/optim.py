@@ -69,7 +69,7 @@ from .layers import (
     select_layers,
 )
 from .monitor import _work_dtype
-from .taps import LayerTap, tap_batch_size
+from .taps import LayerTap, matrix_view, tap_batch_size, to_weight_layout
 
 __all__ = [
     "DecayRule",
@@ -541,15 +541,32 @@ class _Layer:
         if self.noise_b is not None:
             self.noise_b.mul_(c)
 
+    @property
+    def plain(self) -> bool:
+        """``W`` is the parameter itself or a row-major reshape of it (Linear, Conv): row ``i`` of the
+        ``(d_b, d_a)`` matrix is the parameter's row ``i``. Not so for transposed layouts (GPT-2's Conv1D)."""
+        wm = self.tap.weight(self.module)
+        return wm.is_contiguous() and wm.shape[0] == self.weight.shape[0] and wm.data_ptr() == self.weight.data_ptr()
+
+    def matrix(self, t: Tensor) -> Tensor:
+        """``t`` (shaped like the weight parameter) in the ``(d_b, d_a)`` layout (:func:`~canonreg.taps.matrix_view`)."""
+        return matrix_view(self.tap, self.module, t)
+
     def inject(self, grad: Tensor, sigma: float) -> None:
-        """``grad += σ N_W`` (``grad`` has the weight's shape; one addmm when factored)."""
-        if self.factors and grad.is_contiguous() and grad.dtype == self.factors[0][0].dtype:
+        """``grad += σ N_W`` with ``grad`` the weight parameter's gradient (any layout the tap maps;
+        one addmm into the ``(d_b, d_a)`` view when factored)."""
+        gm = self.matrix(grad)
+        is_view = gm.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr()
+        if is_view and self.factors and grad.dtype == self.factors[0][0].dtype:
             a, x = self.stacked()
-            grad.view(a.shape[1], x.shape[1]).addmm_(a.T, x, alpha=sigma)
+            gm.addmm_(a.T, x, alpha=sigma)
             return
         n_w = self.materialize()
         assert n_w is not None
-        grad.add_(n_w.view_as(grad).to(grad.dtype), alpha=sigma)
+        if is_view:
+            gm.add_(n_w.to(grad.dtype), alpha=sigma)
+        else:
+            grad.add_(to_weight_layout(self.tap, self.module, n_w).to(grad.dtype), alpha=sigma)
 
 
 def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
@@ -1139,7 +1156,7 @@ class NoiseCalibrated(Optimizer):
         assert layer.captured
         ok = _all_finite(layer)
         w = layer.weight.detach().reshape(-1)
-        d_b = layer.weight.shape[0]
+        d_b = layer.noise_w.shape[0] if layer.noise_w is not None else layer.factors[0][0].shape[1]  # W's rows
         if layer.noise_w is None:
             # factored N = Aᵀ X: ‖N‖_F² = Σ (A Aᵀ) ⊙ (X Xᵀ) (k × k Grams; ≥ 0 by the Schur product theorem)
             fa, fx = layer.stacked()
@@ -1170,16 +1187,26 @@ class NoiseCalibrated(Optimizer):
             # exact when d_b <= m): the denominator costs several passes, a full one per step would not be cheap.
             m = self._config["sketch"] or d_b
             rows = torch.randperm(d_b, generator=self._gen)[:m].to(w.device) if m < d_b else None
-            denom = adam_denominator(layer.group, self.state.get(layer.weight, {}), rows)
+            plain = layer.plain
+            state = self.state.get(layer.weight, {})
+            # rows of W's (d_b, d_a) matrix: for a plain layout the parameter's own rows (only those of the
+            # denominator are computed), else the full denominator mapped by the tap (e.g. Conv1D's transpose)
+            denom = adam_denominator(layer.group, state, rows if plain else None)
             if denom is None:  # no second moment yet (first step): no measurement
                 nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
                 return torch.stack([nan, nan, nan, n_raw, nan, ok])
 
             scale = d_b / m if rows is not None else 1.0
             lr = float(layer.group["lr"])
-            d = denom.reshape(-1)
-            pg = _output_rows(grad, d_b, rows) / d
-            drift = torch.dot(_output_rows(w, d_b, rows), pg) * (-lr * scale)
+            if plain:
+                d = denom.reshape(-1)
+                w_rows, g_rows = _output_rows(w, d_b, rows), _output_rows(grad, d_b, rows)
+            else:
+                d = _output_rows(layer.matrix(denom), d_b, rows)
+                w_rows = _output_rows(layer.matrix(layer.weight.detach()), d_b, rows)
+                g_rows = _output_rows(layer.matrix(grad), d_b, rows)
+            pg = g_rows / d
+            drift = torch.dot(w_rows, pg) * (-lr * scale)
             g2 = torch.dot(pg, pg).to(n_raw.dtype) * (lr * lr * scale)
             nr = noise_rows(rows)
             q = nr / d.to(nr.dtype)
@@ -1202,15 +1229,19 @@ class NoiseCalibrated(Optimizer):
         dev = w.device
         if _is_adam_group(group):
             m = st.get("exp_avg")
-            d_b = w.shape[0]
+            d_b = layer.tap.weight(layer.module).shape[0]  # rows of W's (d_b, d_a) matrix, as in _measure
             k = self._config["sketch"] or d_b
             rows = torch.randperm(d_b, generator=self._gen)[:k].to(dev) if k < d_b else None
-            denom = adam_denominator(group, st, rows)
+            plain = layer.plain
+            denom = adam_denominator(group, st, rows if plain else None)
             if m is None or denom is None:
                 return torch.tensor([math.nan, 0.0], dtype=torch.float64, device=dev)
             b1, t = float(group["betas"][0]), float(st["step"])
             bc1 = 1.0 - b1**t
-            q = _output_rows(m, d_b, rows) / bc1 / denom.reshape(-1)
+            if plain:
+                q = _output_rows(m, d_b, rows) / bc1 / denom.reshape(-1)
+            else:
+                q = _output_rows(layer.matrix(m), d_b, rows) / bc1 / _output_rows(layer.matrix(denom), d_b, rows)
             scale = d_b / k if rows is not None else 1.0
             lr = float(group["lr"])
             coef = (1.0 - b1) / (1.0 + b1) * (1.0 - b1 ** (2 * t)) / (bc1 * bc1)

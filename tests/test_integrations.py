@@ -498,11 +498,6 @@ def test_conv1d_monitor_and_alignment_loss_agree_with_the_linear_twin() -> None:
         assert_close(conv[c].bias.grad, lin[c].bias.grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NoiseCalibrated maps its (d_b, d_a) noise into the parameter with view/reshape; Conv1D stores Wᵀ, "
-    "so the noise is scrambled. Fix in canonreg/optim.py with taps.matrix_view / taps.to_weight_layout.",
-)
 def test_conv1d_noise_equals_the_linear_twin_transposed() -> None:
     conv, lin = _conv1d_and_linear_twins()
     x, y = _batch()

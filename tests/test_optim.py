@@ -700,3 +700,39 @@ def test_data_parallel_noise_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+# ------------------------------------------------------------------ transposed weight layouts (GPT-2's Conv1D)
+
+
+@pytest.mark.parametrize("base", ["sgd_momentum", "adam"])
+def test_transposed_layout_follows_its_linear_twin(base: str) -> None:
+    """A layer storing Wᵀ (transformers' Conv1D) gets the noise, decay and balance of its nn.Linear twin:
+    the noise is mapped with taps.matrix_view (factored addmm into the transposed view, and the
+    materialised path), Adam's preconditioned sums read W's rows, not the parameter's."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    def twins() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        conv = nn.Sequential(Conv1D(64, 48), nn.Tanh(), Conv1D(3, 64)).double()  # layer 0 stays factored (8 rows)
+        lin = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+        with torch.no_grad():
+            for c in (0, 2):
+                lin[c].weight.copy_(conv[c].weight.T)
+                lin[c].bias.copy_(conv[c].bias)
+        return conv, lin
+
+    batches = [(x.double(), y) for x, y in _batches(5, batch=8, d_in=48)]
+    runs = []
+    for model in twins():
+        opt = NoiseCalibrated(UNDECAYED[base](list(model.parameters())), model, weight_decay=1e-2, noise=1.5, sketch=4, seed=2)
+        _train(model, opt, batches)
+        runs.append((model, opt))
+    (conv, c_opt), (lin, l_opt) = runs
+    for c in (0, 2):
+        torch.testing.assert_close(conv[c].weight, lin[c].weight.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(conv[c].bias, lin[c].bias, rtol=1e-10, atol=1e-12)
+    for name in ("0", "2"):
+        for k in ("unit_noise", "drift", "weight_sq_norm", "signal"):
+            assert getattr(c_opt.balance_state[name], k) == pytest.approx(getattr(l_opt.balance_state[name], k), rel=1e-8, abs=1e-14), (name, k)
