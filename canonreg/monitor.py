@@ -286,8 +286,10 @@ class _Moment:
             return
         f64 = torch.float64
         s = self.w_scale
-        # the window buffer is dropped below, so the float64 copy may be updated in place
-        p_xx = _symmetrize_upper(self.w_xx).to(f64).mul_(s * s)
+        # The window buffer is dropped below, so the float64 copy may be updated in place. Totals keep
+        # the upper-block-triangular layout of the window (every update here is symmetric); about()
+        # symmetrises once, at export.
+        p_xx = self.w_xx.to(f64).mul_(s * s)
         p_x = self.w_x.to(f64) * s
         # a Python count unless deferred checks masked it on the device (no host-device copy, no sync)
         n_w: Tensor | float = self.w_n.to(f64) if isinstance(self.w_n, Tensor) else float(self.w_n)
@@ -336,10 +338,11 @@ class _Moment:
         """
         if self.s_x is None or self.s_xx is None or self.n is None:
             return None
+        s_xx = _symmetrize_upper(self.s_xx)
         if point is None or self.origin is None:
-            return self.s_x, self.s_xx
+            return self.s_x, s_xx
         delta = self.origin - point.to(self.origin.device)
-        s_xx = self.s_xx + torch.outer(self.s_x, delta) + torch.outer(delta, self.s_x) + torch.outer(delta, delta) * self.n
+        s_xx = s_xx + torch.outer(self.s_x, delta) + torch.outer(delta, self.s_x) + torch.outer(delta, delta) * self.n
         return self.s_x + delta * self.n, s_xx
 
 

@@ -389,6 +389,20 @@ def test_tiny_gradients_do_not_underflow() -> None:
         assert small.alignment["2"][rel] == pytest.approx(plain.alignment["2"][rel], abs=1e-5)
 
 
+@pytest.mark.parametrize("preprocess", ["centered", "raw"])
+def test_wide_layer_blocked_gram_across_folds_with_offset(preprocess: str) -> None:
+    """d_a = 300 > the 256-column block: upper-triangular windows and totals, symmetrised once at export."""
+    torch.manual_seed(14)
+    m = nn.Sequential(nn.Linear(300, 2))
+    xs = [200 + torch.randn(8, 300) for _ in range(20)]  # two folds
+    report = monitor_run(m, xs, sq_loss, preprocess=preprocess)
+    x = torch.cat(xs).double()
+    want = dense_cov(x) if preprocess == "centered" else x.T @ x / x.shape[0]
+    got = report.matrices("0")["H_a"]
+    assert torch.equal(got, got.T)
+    assert_close(got, want, rtol=1e-6, atol=2e-5)
+
+
 def test_float64_model_with_offset_1e6() -> None:
     torch.manual_seed(7)
     m = nn.Sequential(nn.Linear(3, 2)).double()
