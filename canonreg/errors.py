@@ -28,8 +28,10 @@ class CanonRegError(RuntimeError):
     """Misuse of a canonreg lifecycle or of a model it was attached to.
 
     Raised, for example, by ``compute()`` before any backward pass, by a layer that recorded no
-    samples, by non-finite statistics under the ``"error"`` policy, or by attaching two monitors to
-    one model. Bad argument *values* raise ``ValueError``/``TypeError`` instead.
+    samples, by non-finite statistics under the ``"error"`` policy, by attaching two monitors to
+    one model, by a zero-width layer or a model on the meta device, or by
+    ``CRHReport.mean_alignment(on_nan="error")`` over NaN entries. Every message names the layer
+    (or argument) at fault. Bad argument *values* raise ``ValueError``/``TypeError`` instead.
     """
 
 
