@@ -244,7 +244,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         what = "plain SGD" if arm == "baseline" else f"SGD on task + crh_loss(model, weight={trial.loss_weight:g})(task)"
         print(f"[{k}/{len(trials)}] {arm}: {what}", flush=True)
         t = time.perf_counter()
-        trained = train_trial(trial, data=data, progress=cfg.progress)
+        try:
+            trained = train_trial(trial, data=data, progress=cfg.progress)
+        except FloatingPointError as e:
+            at = re.search(r"at step \d+", str(e))
+            raise FloatingPointError(
+                f"training the {arm} arm diverged (non-finite task loss{' ' + at.group(0) if at else ''}) with "
+                f"lr={cfg.lr:g}, momentum={cfg.momentum:g}; try a smaller --lr"
+            ) from e
         report = measure_crh(trained.model, data.x, data.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
         acc = evaluate(trained.model, data)
         outcomes[arm] = ArmOutcome(trial, report, float(acc["train_acc"]), float(acc["test_acc"]), trained.history, time.perf_counter() - t)
@@ -396,13 +403,26 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         description="Train plain SGD and canonreg's CRH arm under the same budget and compare the six relations after training.",
     )
     d = DemoConfig()
+    helps = {
+        "steps": "SGD steps per arm",
+        "width": "hidden width of the MLP",
+        "depth": "weight layers of the MLP (>= 3: one inner layer at least)",
+        "batch_size": "batch size S (<= the training split: 80%% of --num-samples)",
+        "window": "steps between the task-only α measurements drawn in the figure",
+        "num_samples": "MNIST-1D samples, train + test (80/20)",
+        "seed": "initialisation and batch order (the same for both arms)",
+        "threads": "torch threads (0 = torch's default)",
+        "lr": "SGD learning rate",
+        "momentum": "SGD momentum in [0, 1)",
+        "weight_decay": "weight decay on weight matrices (both arms)",
+    }
     for name in ("steps", "width", "depth", "batch_size", "window", "num_samples", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"{helps[name]} (default {getattr(d, name)})")
     for name in ("lr", "momentum", "weight_decay"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"default {getattr(d, name):g}")
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"{helps[name]} (default {getattr(d, name):g})")
     p.add_argument("--loss-weight", type=float, default=None, help="strength of the crh arm's objective (default: the preset's, canonreg.losses.CRH_PRESET)")
-    p.add_argument("--preprocess", choices=["raw", "centered", "normalized"], default=d.preprocess)
-    p.add_argument("--metric", choices=["pearson", "cosine"], default=d.metric)
+    p.add_argument("--preprocess", choices=["raw", "centered", "normalized"], default=d.preprocess, help="measurement protocol (spec §3)")
+    p.add_argument("--metric", choices=["pearson", "cosine"], default=d.metric, help="alignment score α (default pearson)")
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quick", action="store_true", help=f"a smoke test: {QUICK['steps']} steps, {QUICK['num_samples']} samples")

@@ -178,6 +178,18 @@ def test_example_config_is_valid() -> None:
     assert len(quick) == 8 and max(c.steps for c in quick) <= 100
 
 
+def test_crh_example_config_is_valid() -> None:
+    from canonreg.losses import CRH_PRESET
+
+    spec = ablate.load_spec(ROOT / "examples" / "crh.toml")
+    configs = spec.configs()
+    assert len(configs) == 6 and {c.arm for c in configs} == {"baseline", "crh"}
+    assert len({(c.steps, c.batch_size, c.width, c.depth) for c in configs}) == 1  # the same budget
+    assert {c.loss_weight for c in configs if c.arm == "crh"} == {CRH_PRESET["weight"]}
+    quick = spec.with_quick().configs()
+    assert len(quick) == 2 and {c.steps for c in quick} == {300}
+
+
 # ---------------------------------------------------------------------- running, resuming
 def test_code_fingerprint() -> None:
     fp = ablate.code_fingerprint()
