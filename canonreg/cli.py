@@ -541,7 +541,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    parser = OneLineParser(prog="canonreg", description=__doc__.splitlines()[0] if __doc__ else None)
+    if argv[:1] == ["--debug"]:  # `canonreg --debug demo …` means `canonreg demo … --debug`
+        argv = [*argv[1:], "--debug"]
+    parser = OneLineParser(
+        prog="canonreg",
+        description="canonreg: measure the six CRH relations of a network and push them to hold. "
+        "`canonreg demo` compares plain SGD with canonreg's CRH arm; `canonreg ablate CONFIG` runs an ablation grid.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _demo_parser(sub)
     sub.add_parser("ablate", help="run an ablation grid from a TOML config (see canonreg.ablate)", add_help=False)

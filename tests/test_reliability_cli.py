@@ -116,6 +116,8 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
     # With --debug the error propagates with its traceback instead of becoming one line.
     with pytest.raises(ValueError, match="--momentum"):
         main(["demo", "--momentum", "1.0", "--out", str(tmp_path / "d"), "--debug"])
+    with pytest.raises(ValueError, match="--momentum"):
+        main(["--debug", "demo", "--momentum", "1.0", "--out", str(tmp_path / "d")])  # before the command, too
     with pytest.raises(ValueError, match="--workers"):
         main(["ablate", str(tmp_path / "cfg.toml"), "--workers", "-1", "--debug"])
 
