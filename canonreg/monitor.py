@@ -80,7 +80,7 @@ from .layers import (
     select_layers,
 )
 from .report import CRHReport, build_report
-from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size
+from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size, weight_parameter
 
 __all__ = ["CRHMonitor"]
 
@@ -542,7 +542,7 @@ class CRHMonitor:
             self._hooks.add(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
             for name, module in self.layers.items():
                 self._hooks.add(module.register_forward_hook(_Hook(self._make_forward_hook(name))))
-                leaf = self._weight_leaf(module) if self.accumulation is None else None
+                leaf = self._weight_leaf(name, module) if self.accumulation is None else None
                 if leaf is not None:
                     self._hooks.add(leaf.register_hook(_Hook(functools.partial(self._param_hook, name, leaf))))
                     self._hooks.add(
@@ -604,11 +604,13 @@ class CRHMonitor:
     # nobody touched since the previous backward finished (no zero_grad, no optimizer writes) is a
     # micro-batch of an accumulated step. Best effort: wrappers that rewrite `.grad` in place (DDP's
     # all-reduce) hide it.
-    def _weight_leaf(self, module: nn.Module) -> Tensor | None:
-        w = getattr(module, "weight", None)
-        if isinstance(w, Tensor) and w.is_leaf and w.requires_grad:
-            return w
-        return next((p for p in module.parameters(recurse=False) if p.requires_grad), None)
+    def _weight_leaf(self, name: str, module: nn.Module) -> Tensor | None:
+        """The parameter behind ``W`` (None when it is computed or frozen: nothing to watch)."""
+        try:
+            p = weight_parameter(self._taps[name], module, _display(name))
+        except CanonRegError:
+            return None
+        return p if p.requires_grad else None
 
     def _param_hook(self, name: str, leaf: Tensor, grad: Tensor) -> None:
         self._grad_pre_hook(name, leaf, grad)
