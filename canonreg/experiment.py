@@ -576,7 +576,10 @@ def train_trial(
                     callback(TrialEvent(step, last_loss, report, _optimizer_balance(opt), final))
                 monitor.reset()
                 window_loss, window_count = 0.0, 0
-                bar.set_postfix(loss=f"{last_loss:.3f}", alpha=f"{mean_alpha:.3f}")
+                if cfg.track_crh:  # the task-only α; the window α's G holds the regulariser's gradient in loss arms
+                    bar.set_postfix(loss=f"{last_loss:.3f}", min_alpha_inner=f"{history[-1]['min_alpha_inner']:.3f}")
+                else:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", alpha=f"{mean_alpha:.3f}")
             bar.update(1)
     finally:
         bar.close()
