@@ -1111,17 +1111,24 @@ class _Hook:
 
 
 class _Commit:
-    """The backward half of one layer call (a small callable instead of a closure over the frame)."""
+    """The backward half of one layer call (a small callable instead of a closure over the frame).
 
-    __slots__ = ("monitor", "args")
+    A call is committed once, by the first backward pass that reaches it: a graph traversed twice
+    (``torch.autograd.grad(task, ..., create_graph=True)`` for an exact-G regulariser, then
+    ``loss.backward()``) would otherwise count every sample twice. That first pass is the task loss's.
+    """
+
+    __slots__ = ("monitor", "args", "done")
 
     def __init__(self, monitor: CRHMonitor, *args: object) -> None:
         self.monitor = monitor
         self.args = args
+        self.done = False
 
     def __call__(self, grad: Tensor | None, grad_input: Tensor | None) -> None:
-        if grad is None:
+        if grad is None or self.done:
             return
+        self.done = True
         self.monitor._commit_backward(*self.args, grad, grad_input)  # type: ignore[arg-type, call-arg]
 
 
