@@ -190,6 +190,15 @@ class CRHReport:
             raise ValueError(f"Expected `threshold` to be a float in [-1, 1], but got {threshold!r}")
         return tuple(r for r in F.RELATIONS if self.alignment[layer][r] >= threshold)
 
+    def to_flat_dict(self, prefix: str = "crh") -> dict[str, float]:
+        """Flat ``{key: float}`` for experiment trackers (W&B, MLflow, TensorBoard all accept the keys).
+
+        See :func:`canonreg.integrations.flat_metrics`, which this calls.
+        """
+        from .integrations.flat import flat_metrics
+
+        return flat_metrics(self, prefix)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python view (JSON-ready: NaN and inf become None)."""
         d = {

@@ -119,6 +119,7 @@ def test_flat_metrics_values_and_names(odd_report) -> None:
     assert m["crh/alpha_min/all"] == min(values)
     for rel in canonreg.RELATIONS:
         assert m[f"crh/alpha_mean/{rel}"] == pytest.approx(sum(odd_report.alignment[n][rel] for n in names) / 3)
+    assert odd_report.to_flat_dict("train/crh") == flat_metrics(odd_report, "train/crh")
     assert metric_key("crh", "", "..", "a b") == "crh/root/_/a_b"
     with pytest.raises(ValueError, match="`prefix`"):
         flat_metrics(odd_report, prefix="crh/")
