@@ -1,6 +1,6 @@
 """Effect of canonreg.NoiseCalibrated on the six CRH relations: MNIST-1D MLP at batch 512, 3 seeds.
 
-Question (issue 4, crh-spec §5): at large batch SGD's own noise is weak. Does adding SGD-shaped noise,
+Question (issue 4, theory §5): at large batch SGD's own noise is weak. Does adding SGD-shaped noise,
 balanced against the same weight decay, raise the mean alignment α over the six relations in the
 hidden layers by >= 0.1 at test accuracy within 1 point of the base optimizer, and reach α >= 0.8 in
 fewer steps? Same questions for Adam.

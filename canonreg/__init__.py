@@ -4,6 +4,9 @@ Implements the Canonical Representation Hypothesis (CRH) and Polynomial Alignmen
 of Ziyin, Chuang, Galanti & Poggio, "Formation of Representations in Neural Networks"
 (arXiv:2410.03006, ICLR 2025), and the noise-equilibrium mechanism of Ziyin, Wang, Li & Wu
 (arXiv:2402.07193).
+
+The theory, in the project's words, is ``docs/theory.md`` in the repository; docstrings cite its
+sections as "theory §N".
 """
 
 from . import functional

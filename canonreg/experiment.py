@@ -30,7 +30,7 @@ their neutral value by :meth:`TrialConfig.resolved` (``noise = 0`` without the w
 **What is measured** (all in the returned dict, JSON-ready):
 
 * accuracy and cross-entropy on the train and test splits;
-* the six relations ``α`` per weight layer (crh-spec §2–§3) **after training, over the whole
+* the six relations ``α`` per weight layer (theory §2–§3) **after training, over the whole
   training set, with the task loss's gradient only** (:func:`canonreg.measure_crh`), their mean,
   their minimum over the inner layers (``min_alpha_inner``: every weight layer but the first, whose
   input is the data, and the last, the head), PAH exponents with intervals (spec §4);

@@ -1,6 +1,6 @@
 """Pure tensor functions behind every number canonreg reports.
 
-Notation follows ``crh-spec.md``: a layer ``h_b = W h_a + b`` with ``W`` of shape ``(d_b, d_a)``;
+Notation follows ``docs/theory.md``: a layer ``h_b = W h_a + b`` with ``W`` of shape ``(d_b, d_a)``;
 ``g_b = -dℓ/dh_b`` per sample, ``g_a = Wᵀ g_b``. The six matrices are
 
     H_a = E[h_a h_aᵀ]   G_a = E[g_a g_aᵀ]   Z_a = WᵀW

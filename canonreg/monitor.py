@@ -1,7 +1,7 @@
 """CRHMonitor: streaming measurement of the six CRH relations during ordinary training.
 
 For every monitored layer ``h_b = W h_a + b`` the monitor accumulates, inside the user's own
-forward and backward passes, sums of the preprocessed rows (crh-spec §1–§3):
+forward and backward passes, sums of the preprocessed rows (theory §1–§3):
 
     S_xx(H_a) = Σ_i h̃_a h̃_aᵀ,  S_x(H_a) = Σ_i h̃_a,   and the same for G_b (and, when needed, H_b, G_a)
 
@@ -382,7 +382,7 @@ class _LayerState:
 class CRHMonitor:
     """Measure the six CRH relations (and PAH exponents, ranks, balance terms) on any model.
 
-    For each selected layer ``h_b = W h_a + b`` (crh-spec §1) the monitor estimates
+    For each selected layer ``h_b = W h_a + b`` (theory §1) the monitor estimates
 
         H_a = E[h̃_a h̃_aᵀ]   G_a = E[g̃_a g̃_aᵀ]   Z_a = WᵀW
         H_b = E[h̃_b h̃_bᵀ]   G_b = E[g̃_b g̃_bᵀ]   Z_b = WWᵀ

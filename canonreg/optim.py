@@ -2,7 +2,7 @@
 
 The mechanism behind canonical representations is a balance, on every layer ``h_b = W h_a + b``,
 between weight decay that contracts the weight Gram matrices and gradient noise that expands them
-(crh-spec §5; Ziyin, Wang, Li & Wu, arXiv:2402.07193; Ziyin, Chuang, Galanti & Poggio,
+(theory §5; Ziyin, Wang, Li & Wu, arXiv:2402.07193; Ziyin, Chuang, Galanti & Poggio,
 arXiv:2410.03006). Large batches and adaptive optimizers lose much of SGD's own noise. The wrapper
 gives any ``torch.optim`` optimizer
 
@@ -150,7 +150,7 @@ def effective_lr(group: Mapping[str, Any]) -> float:
         η_eff = lr · (1 − dampening) / (1 − β)      SGD-style groups with ``momentum = β > 0``
         η_eff = lr                                   everything else (plain SGD, Adam, AdamW, ...)
 
-    Momentum β rescales η to η/(1−β) (crh-spec §5); Adam's first moment is an average (gain 1), its
+    Momentum β rescales η to η/(1−β) (theory §5); Adam's first moment is an average (gain 1), its
     per-coordinate scale is the preconditioner :func:`adam_denominator`. The decoupled decay uses
     ``η_eff``, so with SGD + momentum ``weight_decay=γ`` has the long-run strength of SGD's own coupled
     ``weight_decay=γ``, and with Adam it is AdamW's ``W ← (1 − lr γ) W``.

@@ -35,7 +35,7 @@ def layer_matrices(
 ) -> dict[str, Tensor]:
     """The six matrices of one layer from its float64 running sums.
 
-    ``raw``/``centered`` without direct sums use the exact identities (crh-spec §1)
+    ``raw``/``centered`` without direct sums use the exact identities (theory §1)
 
         H_b = W H_a Wᵀ (+ W μ_a bᵀ + b μ_aᵀ Wᵀ + b bᵀ in raw mode with a bias),   G_a = Wᵀ G_b W,
 

@@ -1,6 +1,6 @@
 """Layer taps: how a module exposes ``h_a`` rows, ``h_b``/``g_b`` rows and its matrix ``W``.
 
-A tap turns one call of a module into per-sample rows (crh-spec §1):
+A tap turns one call of a module into per-sample rows (theory §1):
 
 * ``nn.Linear``: every position of any leading dimensions is a sample; ``h_a`` is the input row,
   ``h_b`` the output row, ``W`` the weight.

@@ -16,7 +16,7 @@ Metric names (``layer`` is the monitored layer's name, ``"<root>"`` for the mode
 ``"*"`` for model-level records):
 
 =============================  ========================================================================
-``alpha/<relation>``           α of the relation (crh-spec §3), in the report's metric
+``alpha/<relation>``           α of the relation (theory §3), in the report's metric
 ``mean_alpha`` (layer ``*``)   mean α over layers and relations (:meth:`CRHReport.mean_alignment`)
 ``kappa/<relation>``           PAH exponent κ in ``A ∝ B^κ`` (spec §4); also ``kappa_ci_low/…``,
                                ``kappa_ci_high/…``, ``kappa_r2/…``

@@ -1,6 +1,6 @@
 """γ-scaling recipe: does larger weight decay give stronger CRH alignment?
 
-The noise–decay balance of crh-spec §5 (Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006; Ziyin,
+The noise–decay balance of theory §5 (Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006; Ziyin,
 Wang, Li & Wu, arXiv:2402.07193): for SGD ``W⁺ = W + η(M − γW)`` on one layer, per unit learning rate
 
     Tr E[Δ(WᵀW)]/η = drift + noise − decay,

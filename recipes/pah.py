@@ -1,9 +1,9 @@
-"""PAH recipe: measured power-law exponents per layer, read against the phase table of crh-spec §4.
+"""PAH recipe: measured power-law exponents per layer, read against the phase table of theory §4.
 
 The Polynomial Alignment Hypothesis (Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006): when the
 Canonical Representation Hypothesis breaks, the six matrices of a layer ``h_b = W h_a`` become powers
 of one another. With ``W = U S Vᵀ``, ``z = s²``, the exact identities ``H_b = W H_a Wᵀ`` and
-``G_a = Wᵀ G_b W`` (crh-spec §1) give, in the singular bases, when ``H_a ↔ z^p`` and ``G_b ↔ z^q``:
+``G_a = Wᵀ G_b W`` (theory §1) give, in the singular bases, when ``H_a ↔ z^p`` and ``G_b ↔ z^q``:
 
     H_a ↔ z^p,   G_b ↔ z^q,   H_b ↔ z^(p+1),   G_a ↔ z^(q+1),   Z_a, Z_b ↔ z.
 

@@ -21,7 +21,7 @@ sample, spec §1; ``preprocess``/``metric`` as configured, by default the paper'
 ``pearson``):
 
 * **alignment over training**: every ``eval_every`` steps the monitor is attached for the last
-  ``window`` steps of the segment; ``α`` of the six relations per layer (crh-spec §2–§3), averaged
+  ``window`` steps of the segment; ``α`` of the six relations per layer (theory §2–§3), averaged
   per layer *type* (``q, k, v, o, fc1, fc2`` over blocks; ``head``) and over the six relations;
 * **the six relations at the end** (the last window), per layer type;
 * **PAH exponents** (spec §4): ``A ∝ B^κ`` for each relation pair ``(A, B)`` of

@@ -1,7 +1,7 @@
 """Universality recipe: fit the two-point effective theory of representation learning to real networks.
 
 The effective theory of van Rossem & Saxe ("When Representations Align: Universality in
-Representation Learning Dynamics", arXiv:2402.09142, ICML 2024; crh-spec §7) follows two inputs
+Representation Learning Dynamics", arXiv:2402.09142, ICML 2024; theory §7) follows two inputs
 ``A``, ``B`` with targets ``y*_A``, ``y*_B`` through one hidden layer ``h(x)`` and the output ``ŷ(x)``:
 
     h = ‖h_B − h_A‖²,   y = ‖ŷ_B − ŷ_A‖²,   w = ⟨ŷ_B − ŷ_A − (y*_B − y*_A), ŷ_B − ŷ_A⟩
