@@ -1084,8 +1084,10 @@ def _acts(cfg: TrialConfig, factor: str) -> bool:
     """Whether ``factor`` acts in ``cfg``'s arm (resolved-away factors do not)."""
     if factor == "noise":
         return cfg.uses_noise
-    if factor in ("loss_weight", "relations", "loss_metric"):
+    if factor == "loss_weight":
         return cfg.uses_loss
+    if factor in ("relations", "loss_metric"):
+        return cfg.uses_loss and cfg.arm != "crh"  # the crh arm's joint objective has its own
     if factor == "momentum":
         return cfg.optimizer == "sgd"
     return True

@@ -144,7 +144,9 @@ class TrialConfig:
         weight_decay: γ >= 0 on weight matrices and kernels, never biases (coupled for SGD/Adam,
             decoupled for AdamW; applied by the wrapper in the noise arms).
         noise: injected-noise strength of ``NoiseCalibrated``: a float >= 0 or ``"auto"``.
-        loss_weight: weight λ of the alignment loss (``task + λ·align``), >= 0.
+        loss_weight: weight λ of the alignment loss (``task + λ·align``), >= 0; None (default) = the
+            arm's own default: 0.1 in the ``loss``/``both`` arms, the preset's
+            (``canonreg.losses.CRH_PRESET["weight"]``) in the ``crh`` arm.
         relations: relations the alignment loss pushes toward (names from ``canonreg.RELATIONS``).
         loss_metric: the alignment loss's score, ``"cosine"`` or ``"pearson"``.
         batch_size: S, the same in every arm. steps: optimizer steps, the same in every arm.
@@ -175,7 +177,7 @@ class TrialConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise: float | str = "auto"
-    loss_weight: float = 0.1
+    loss_weight: float | None = None
     relations: tuple[str, ...] = ("f-RWA", "b-RWA")
     loss_metric: str = "cosine"
     batch_size: int = 128
@@ -208,7 +210,7 @@ class TrialConfig:
             if v < 0:
                 raise ValueError(f"Expected `{name}` to be a non-negative int, but got {v!r}")
         # Floats: ints are accepted and stored as floats so that 1 and 1.0 give the same run id.
-        for name in ("lr", "momentum", "weight_decay", "loss_weight", "alpha_threshold"):
+        for name in ("lr", "momentum", "weight_decay", "alpha_threshold", *(("loss_weight",) if self.loss_weight is not None else ())):
             v = _check_type(name, getattr(self, name), float)
             object.__setattr__(self, name, float(v))
         if not self.lr > 0:
@@ -217,7 +219,7 @@ class TrialConfig:
             raise ValueError(f"Expected `momentum` to be a float in [0, 1), but got {self.momentum!r}")
         if self.weight_decay < 0:
             raise ValueError(f"Expected `weight_decay` to be a non-negative float, but got {self.weight_decay!r}")
-        if self.loss_weight < 0:
+        if self.loss_weight is not None and self.loss_weight < 0:
             raise ValueError(f"Expected `loss_weight` to be a non-negative float, but got {self.loss_weight!r}")
         if not -1 <= self.alpha_threshold <= 1:
             raise ValueError(f"Expected `alpha_threshold` to be a float in [-1, 1], but got {self.alpha_threshold!r}")
@@ -274,7 +276,8 @@ class TrialConfig:
         """This config with the factors that do not act in its arm set to their neutral values.
 
         ``noise = 0.0`` in arms without ``NoiseCalibrated``; ``loss_weight = 0.0``, ``relations = ()``
-        and ``loss_metric = "cosine"`` in arms without ``AlignmentLoss``; ``momentum = 0.0`` for
+        and ``loss_metric = "cosine"`` in arms without ``AlignmentLoss`` (``loss_weight`` None → the
+        arm's default in the others; ``relations = ()`` in the ``crh`` arm); ``momentum = 0.0`` for
         Adam/AdamW (which ignore it). Two configs that train identically resolve to the same record.
         """
         changes: dict[str, Any] = {}
@@ -282,8 +285,11 @@ class TrialConfig:
             changes["noise"] = 0.0
         if not self.uses_loss:
             changes.update(loss_weight=0.0, relations=(), loss_metric="cosine")
-        elif self.arm == "crh":
-            changes.update(relations=(), loss_metric="cosine")  # the joint objective has its own
+        else:
+            if self.loss_weight is None:
+                changes["loss_weight"] = _default_loss_weight(self.arm)
+            if self.arm == "crh":
+                changes.update(relations=(), loss_metric="cosine")  # the joint objective has its own
         if self.optimizer != "sgd":
             changes["momentum"] = 0.0
         return dataclasses.replace(self, **changes) if changes else self
@@ -309,6 +315,14 @@ class TrialConfig:
     def replace(self, **changes: Any) -> TrialConfig:
         """``dataclasses.replace`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _default_loss_weight(arm: str) -> float:
+    if arm == "crh":
+        from .losses import CRH_PRESET
+
+        return float(CRH_PRESET["weight"])
+    return 0.1
 
 
 def _check_type(name: str, value: Any, kind: type, *, extra: str = "") -> Any:
@@ -787,7 +801,7 @@ def evaluate(model: nn.Module, split: Split) -> dict[str, Any]:
 
 #: Keys of :func:`scalar_metrics` present for every trial.
 STATIC_METRICS: tuple[str, ...] = (
-    "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha", "nc1", "nc1_test", "wall_time_s", "cpu_time_s",
+    "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha", "min_alpha_inner", "nc1", "nc1_test", "wall_time_s", "cpu_time_s",
     *(f"alpha/{r}" for r in CF.RELATIONS),
     "erank_penultimate", "pcs95_penultimate", "steps_to_alpha", "noise_share",
 )  # fmt: skip
@@ -798,14 +812,14 @@ LAYER_METRIC_PREFIXES: tuple[str, ...] = ("alpha@", "erank@", "pcs95@")
 def scalar_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The flat scalar metrics of a :func:`run_trial` result, for tables and plots.
 
-    Keys: ``train_acc, test_acc, train_loss, test_loss, mean_alpha, alpha/<relation>`` (mean over
+    Keys: ``train_acc, test_acc, train_loss, test_loss, mean_alpha, min_alpha_inner, alpha/<relation>`` (mean over
     layers), ``alpha@<layer>`` (mean over relations), ``erank@<layer>, pcs95@<layer>`` (hidden
     layers), ``erank_penultimate, pcs95_penultimate, nc1, nc1_test, steps_to_alpha`` (NaN if never
     reached), ``noise_share`` (monitor's SGD balance, mean over layers), ``wall_time_s``, ``cpu_time_s``.
     Missing or non-finite values are NaN.
     """
     out: dict[str, float] = {}
-    for k in ("train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha", "nc1", "nc1_test", "wall_time_s", "cpu_time_s"):
+    for k in ("train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha", "min_alpha_inner", "nc1", "nc1_test", "wall_time_s", "cpu_time_s"):
         out[k] = _num(result.get(k))
     for r, v in (result.get("mean_alpha_relation") or {}).items():
         out[f"alpha/{r}"] = _num(v)

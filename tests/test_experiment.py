@@ -341,3 +341,15 @@ def test_user_model_and_data_factories_and_threads(digits_split: canonreg.data.S
         run_trial(cfg, data=lambda c: (digits_split.x, digits_split.y))  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="threads"):
         run_trial(cfg, data=digits_split, threads=0)
+
+
+def test_loss_weight_default_is_the_arms_own() -> None:
+    from canonreg.losses import CRH_PRESET
+
+    assert tiny(arm="loss").resolved().loss_weight == 0.1
+    assert tiny(arm="crh").resolved().loss_weight == float(CRH_PRESET["weight"])
+    assert tiny(arm="crh", loss_weight=0.5).resolved().loss_weight == 0.5
+    assert tiny(arm="baseline").resolved().loss_weight == 0.0
+    assert tiny(arm="crh", relations=("f-RGA",)).resolved().relations == ()
+    with pytest.raises(ValueError, match="loss_weight"):
+        tiny(arm="crh", loss_weight=-1.0)
