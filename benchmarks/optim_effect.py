@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 import canonreg
-from canonreg.measure import measure_crh
 from canonreg.data import mnist1d
+from canonreg.measure import measure_crh
 from canonreg.models import mlp
 from canonreg.optim import NoiseCalibrated
 

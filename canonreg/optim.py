@@ -1250,7 +1250,9 @@ class NoiseCalibrated(Optimizer):
             buf = st.get("momentum_buffer")
             if buf is None:
                 return torch.tensor([math.nan, 0.0], dtype=torch.float64, device=dev)
-            beta, damp, lr = float(group["momentum"]), float(group.get("dampening", 0.0)), float(group["lr"])
+            # Dampening d scales the buffer's mean and its noise by (1 − d) alike, so `coef` (the buffer's
+            # noise relative to η_eff²·noise) does not depend on it; Nesterov requires d = 0.
+            beta, lr = float(group["momentum"]), float(group["lr"])
             if group.get("nesterov", False) and w.grad is not None:
                 u = (w.grad + beta * buf).reshape(-1)
                 coef = (1.0 - beta) ** 2 * ((1.0 + beta) ** 2 + beta**4 / (1.0 - beta * beta))

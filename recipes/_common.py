@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from canonreg.data import Split
 from canonreg.experiment import ARMS, TrialConfig, build_model, config_id, inner_layers, train_trial
-from canonreg.measure import measure_crh, min_alignment
 from canonreg.layers import select_layers
+from canonreg.measure import measure_crh, min_alignment
 
 __all__ = [
     "ARM_COLORS",
