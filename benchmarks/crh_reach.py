@@ -286,12 +286,15 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 
 def combine(paths: list[Path], out: Path) -> dict[str, Any]:
-    """Merge result files that differ only in their seeds (same config otherwise) into one."""
+    """Merge result files that differ only in their seeds and arms (same config otherwise) into one."""
     parts = [json.loads(p.read_text()) for p in paths]
-    base = {k: v for k, v in parts[0]["config"].items() if k != "seeds"}
+    varying = ("seeds", "baseline_wds", "crh_weights")
+    base = {k: v for k, v in parts[0]["config"].items() if k not in varying}
     for p, part in zip(paths, parts):
-        if {k: v for k, v in part["config"].items() if k != "seeds"} != base:
-            raise SystemExit(f"--combine: {p} has another config than {paths[0]} (only seeds may differ)")
+        if {k: v for k, v in part["config"].items() if k not in varying} != base:
+            raise SystemExit(f"--combine: {p} has another config than {paths[0]} (only seeds and arms may differ)")
+    for k in varying:
+        base[k] = sorted({v for part in parts for v in part["config"][k]})
     runs = [r for part in parts for r in part["runs"]]
     keys = [(r["arm"], r["seed"]) for r in runs]
     if len(set(keys)) != len(keys):
