@@ -92,7 +92,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -741,7 +741,7 @@ class _SigtermRaises:
 Job = tuple[TrialConfig, str, str | None]
 
 
-def _run_local(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig, dict[str, Any]]]:
+def _run_local(jobs: Sequence[Job], workers: int) -> Generator[tuple[TrialConfig, dict[str, Any]], None, None]:
     if workers == 0:
         for cfg, kind, log_dir in jobs:
             yield cfg, _execute(cfg.to_dict(), kind, log_dir)
@@ -785,7 +785,7 @@ def _terminate_workers(pool: Any, timeout: float = 5.0) -> None:
             p.join(timeout)
 
 
-def _run_ray(jobs: Sequence[Job], workers: int) -> Iterator[tuple[TrialConfig, dict[str, Any]]]:
+def _run_ray(jobs: Sequence[Job], workers: int) -> Generator[tuple[TrialConfig, dict[str, Any]], None, None]:
     try:
         import ray
     except ImportError as e:

@@ -431,7 +431,7 @@ def make_arm(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer,
             model,
             relations=cfg.relations,
             metric=cfg.loss_metric,  # type: ignore[arg-type]
-            weight=cfg.loss_weight,
+            weight=float(cfg.loss_weight or 0.0),  # resolved: never None here
             preprocess=cfg.preprocess,  # type: ignore[arg-type]
             g_mode="ema",  # AlignmentLoss's default became "exact" (needs align(task)); this loop calls align()
             ema_warmup="skip",

@@ -112,6 +112,7 @@ def select_layers(
         chosen = {}
         for n, m in named.items():
             if isinstance(m, types):
+                assert isinstance(m, nn.Module)  # narrowing for the type checker; `types` are module types
                 # A subclass overriding `forward` is excluded with its reason; a type without any tap is an error.
                 if n not in tappable and n not in functional and _resolve(m, taps)[2] is None:
                     raise CanonRegError(

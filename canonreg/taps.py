@@ -138,7 +138,7 @@ class TransposedLinearTap(LinearTap):
     """
 
     def weight(self, module: nn.Module) -> Tensor:
-        return module.weight.T  # type: ignore[union-attr]
+        return module.weight.T  # type: ignore[union-attr,return-value]
 
     def matrix_view(self, module: nn.Module, t: Tensor) -> Tensor:
         """``t`` (shaped like ``weight``, ``(d_a, d_b)``) as ``(d_b, d_a)``: ``tᵀ`` (a view)."""
@@ -146,7 +146,7 @@ class TransposedLinearTap(LinearTap):
 
     def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
         """A ``(d_b, d_a)`` matrix in ``weight``'s ``(d_a, d_b)`` layout: ``mᵀ`` (a view)."""
-        return _expect_shape(m, module.weight.T, "m").T  # type: ignore[union-attr]
+        return _expect_shape(m, self.weight(module), "m").T
 
 
 class EmbeddingTap:
@@ -176,7 +176,7 @@ class EmbeddingTap:
         return output.reshape(-1, output.shape[-1])
 
     def weight(self, module: nn.Module) -> Tensor:
-        return module.weight.T  # type: ignore[union-attr]
+        return module.weight.T  # type: ignore[union-attr,return-value]
 
     def bias(self, module: nn.Module) -> Tensor | None:
         return None
@@ -187,7 +187,7 @@ class EmbeddingTap:
 
     def to_weight_layout(self, module: nn.Module, m: Tensor) -> Tensor:
         """A ``(dim, num_embeddings)`` matrix in ``weight``'s layout: ``mᵀ``."""
-        return _expect_shape(m, module.weight.T, "m").T  # type: ignore[union-attr]
+        return _expect_shape(m, self.weight(module), "m").T
 
 
 class ConvTap:

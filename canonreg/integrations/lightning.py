@@ -48,7 +48,7 @@ try:
 except ImportError:  # pragma: no cover - exercised when the extra is missing
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
     except ImportError as err:
         raise ImportError(
             "canonreg.integrations.lightning needs Lightning: pip install 'canonreg[lightning]' "
@@ -121,10 +121,10 @@ class CRHCallback(Callback):  # type: ignore[misc]
         for name, value in (("prefix", prefix), ("final_prefix", final_prefix)):
             if not isinstance(value, str) or not _PREFIX_OK.match(value):
                 raise ValueError(f"Expected `{name}` to be segments of [A-Za-z0-9_-] joined by '/' or '.', but got {value!r}")
-        for name, value in (("monitor_kwargs", monitor_kwargs), ("compute_kwargs", compute_kwargs),
+        for key, kwargs in (("monitor_kwargs", monitor_kwargs), ("compute_kwargs", compute_kwargs),
                             ("measure_kwargs", measure_kwargs), ("align", align)):
-            if value is not None and not isinstance(value, Mapping):
-                raise TypeError(f"Expected `{name}` to be a mapping of keyword arguments or None, but got {value!r}")
+            if kwargs is not None and not isinstance(kwargs, Mapping):
+                raise TypeError(f"Expected `{key}` to be a mapping of keyword arguments or None, but got {kwargs!r}")
         self.every_n_steps = every_n_steps
         self.measure_at_end = measure_at_end
         self.loss_fn = loss_fn
@@ -249,4 +249,4 @@ def _has_samples(monitor: CRHMonitor) -> bool:
 
 def _tuning(trainer: pl.Trainer) -> bool:
     """Inside ``Tuner.lr_find`` / ``scale_batch_size`` (their callbacks sit in ``trainer.callbacks``)."""
-    return any(type(cb).__name__ in ("_LRCallback", "BatchSizeFinder", "LearningRateFinder") for cb in trainer.callbacks)
+    return any(type(cb).__name__ in ("_LRCallback", "BatchSizeFinder", "LearningRateFinder") for cb in getattr(trainer, "callbacks", ()))
