@@ -39,6 +39,7 @@ from canonreg.layers import select_layers
 from canonreg.measure import measure_crh, min_alignment
 
 __all__ = [
+    "STUDY_ARMS",
     "ARM_COLORS",
     "TRIAL_FIELDS",
     "Trained",
@@ -56,6 +57,11 @@ __all__ = [
     "check_seeds",
     "progress_line",
 ]
+
+#: The arms the γ-scaling, PAH, universality and transformer studies compare by default: the four of
+#: the original ablation. The ``crh`` arm (the joint CRH objective, ~10× a plain step) is added with
+#: ``--arms ... crh``; the compactness and robustness recipes run every arm.
+STUDY_ARMS: tuple[str, ...] = ("baseline", "loss", "noise", "both")
 
 #: One colour per arm in every figure.
 ARM_COLORS: dict[str, str] = {"baseline": "tab:gray", "loss": "tab:blue", "noise": "tab:orange", "both": "tab:green", "crh": "tab:red"}
@@ -108,7 +114,7 @@ class Trained:
 
 def train(cfg: TrialConfig, split: Split, *, cache: bool = True) -> Trained:
     """Train one arm with :func:`canonreg.experiment.train_trial` (the loop every ablation and recipe
-    shares: ``steps`` optimizer steps on ``CE(f(x), y) (+ align())``, the same data, initialisation
+    shares: ``steps`` optimizer steps on ``CE(f(x), y) (+ align(task))``, the same data, initialisation
     and batch order in every arm) and keep what the recipes need.
 
     Model cache: the compactness and robustness recipes train identical arms, so with ``cache`` the

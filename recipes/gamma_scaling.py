@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ARM_COLORS, check_arms, check_seeds, environment, markdown_table, mean_ci, parse_config, write_json  # noqa: E402
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, environment, markdown_table, mean_ci, parse_config, write_json  # noqa: E402
 
 from canonreg import RELATIONS, CanonRegError, CRHMonitor  # noqa: E402
 from canonreg.data import Split  # noqa: E402
@@ -81,7 +81,7 @@ class Config:
     """The study: arms × weight decays × seeds, one MLP on MNIST-1D, plain SGD (momentum 0, so η = lr)."""
 
     weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = STUDY_ARMS
     subgrid_arms: tuple[str, ...] = ("loss", "both")  # arms run only on `subgrid`
     subgrid: tuple[float, ...] = (1e-3, 1e-2)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -189,7 +189,7 @@ def run_one(cfg: TrialConfig) -> dict[str, Any]:
     """Train one (arm, γ, seed) and measure α per layer and the SGD balance terms over the last window.
 
     The loop is that of :func:`canonreg.experiment.run_trial` (same seeding, same batch order:
-    a fresh permutation per epoch with the tail dropped; loss ``CE + align()`` in the loss arms);
+    a fresh permutation per epoch with the tail dropped; loss ``CE + align(task)`` in the loss arms);
     the monitor is attached only for the last ``eval_every`` steps, because it is several times the
     cost of a plain step.
     """
@@ -220,7 +220,7 @@ def run_one(cfg: TrialConfig) -> dict[str, Any]:
             idx = perm[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + align() if align is not None else task
+            loss = task + align(task) if align is not None else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ARM_COLORS, check_arms, check_seeds, environment, markdown_table, mean_ci, parse_config, write_json  # noqa: E402
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, environment, markdown_table, mean_ci, parse_config, write_json  # noqa: E402
 
 from canonreg import RELATION_PAIRS, RELATIONS, CanonRegError, CRHMonitor, CRHReport  # noqa: E402
 from canonreg.data import Split  # noqa: E402
@@ -194,7 +194,7 @@ class Config:
     """The study: settings × arms × seeds, MLP on MNIST-1D, plain SGD (η = lr)."""
 
     settings: tuple[str, ...] = ("strong-decay:4:1e-2", "weak-decay-deep:6:1e-4")
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = STUDY_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
     num_samples: int = 5000
     data_seed: int = 42
@@ -328,7 +328,7 @@ def run_one(job: tuple[str, TrialConfig, tuple[float, ...], bool]) -> dict[str, 
             idx = perm[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + align() if align is not None else task
+            loss = task + align(task) if align is not None else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

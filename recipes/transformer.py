@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     ARM_COLORS,
+    STUDY_ARMS,
     check_arms,
     check_seeds,
     environment,
@@ -76,7 +77,7 @@ from _common import (
 
 from canonreg import CRHMonitor, CRHReport
 from canonreg.data import modular_addition
-from canonreg.experiment import ARMS, TrialConfig, make_arm
+from canonreg.experiment import TrialConfig, make_arm
 from canonreg.functional import RELATIONS
 from canonreg.models import TinyTransformer
 
@@ -102,7 +103,7 @@ class TransformerConfig:
     process; results do not depend on it).
     """
 
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = STUDY_ARMS
     seeds: tuple[int, ...] = (0, 1, 2)
     p: int = 23
     train_fraction: float = 0.6
@@ -201,7 +202,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
                 monitor.attach()
             model.train()
             task = F.cross_entropy(model(x), y)
-            loss = task + align() if align is not None else task
+            loss = task + align(task) if align is not None else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -106,6 +106,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     ARM_COLORS,
+    STUDY_ARMS,
     check_arms,
     check_seeds,
     environment,
@@ -116,7 +117,7 @@ from _common import (
     write_json,
 )
 
-from canonreg.experiment import ARMS, TrialConfig, make_arm
+from canonreg.experiment import TrialConfig, make_arm
 from canonreg.layers import select_layers
 from canonreg.models import CNN1d, ResidualMLP, mlp
 
@@ -334,7 +335,7 @@ class UniversalityConfig:
     max_steps: int = 1500
     fit_points: int = 200
     early_loss: float = 0.1
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = STUDY_ARMS
     arms_arch: str = "mlp"
     arms_regime: str = "rich"
     weight_decay: float = 0.0
@@ -484,7 +485,7 @@ def train_two_point(cfg: UniversalityConfig, arch: str, regime: str, seed: int, 
                 raise FloatingPointError(f"Training diverged at step {step} ({arch}, {regime}, seed {seed}, arm {arm})")
             if rows[-1][4] <= cfg.tol * rows[0][4] or step == cfg.max_steps:
                 break
-            loss = task + align() if align is not None else task
+            loss = task + align(task) if align is not None else task
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
