@@ -175,7 +175,7 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 
 
 def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    arms = sorted({r["arm"] for r in runs}, key=lambda a: (a.split(":")[0] != "plain", float(a.split(":")[1])))
     out: dict[str, Any] = {}
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
