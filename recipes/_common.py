@@ -80,9 +80,13 @@ def trial_config(cfg: object, arm: str, seed: int) -> TrialConfig:
     """The MLP-on-mnist1d :class:`TrialConfig` of ``arm`` and ``seed`` under a recipe config ``cfg``.
 
     Every field of :data:`TRIAL_FIELDS` that ``cfg`` has is copied, so all arms share one budget
-    (steps × batch size), one dataset and one initialisation per seed.
+    (steps × batch size), one dataset and one initialisation per seed. ``loss_weight`` is the
+    ``loss``/``both`` arms' λ; the ``crh`` arm runs the :func:`canonreg.crh_loss` preset at its own
+    weight (``crh_weight`` when ``cfg`` has one, else the preset's).
     """
     kw = {f: getattr(cfg, f) for f in TRIAL_FIELDS if hasattr(cfg, f)}
+    if arm == "crh":
+        kw["loss_weight"] = getattr(cfg, "crh_weight", None)
     return TrialConfig(arm=arm, seed=seed, dataset="mnist1d", model="mlp", n_bootstrap=0, **kw)
 
 

@@ -233,7 +233,8 @@ def tables(summary: dict[str, Any], cfg: CompactnessConfig) -> str:
         "",
         f"MLP width {cfg.width}, depth {cfg.depth}; {cfg.optimizer} lr={cfg.lr} momentum={cfg.momentum} "
         f"weight_decay={cfg.weight_decay}; {cfg.steps} steps of batch {cfg.batch_size} in every arm; "
-        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)}. "
+        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)} (loss/both arms); "
+        f"crh arm: canonreg.crh_loss preset at λ={trial_config(cfg, 'crh', cfg.seeds[0]).resolved().loss_weight:g}. "
         f"Mean ± 95% t-interval over {len(cfg.seeds)} seeds {list(cfg.seeds)}. "
         f"α: {cfg.metric}, preprocess={cfg.preprocess}, measured after training over the whole training set with the "
         "task loss's gradient only; min α inner: the minimum over the six relations and the inner layers "

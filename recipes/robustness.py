@@ -462,7 +462,8 @@ def tables(summary: dict[str, Any], cfg: RobustnessConfig) -> str:
         "",
         f"MLP width {cfg.width}, depth {cfg.depth}; {cfg.optimizer} lr={cfg.lr} momentum={cfg.momentum} "
         f"weight_decay={cfg.weight_decay}; {cfg.steps} steps of batch {cfg.batch_size} in every arm; "
-        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)}. "
+        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)} (loss/both arms); "
+        f"crh arm: canonreg.crh_loss preset at λ={trial_config(cfg, 'crh', cfg.seeds[0]).resolved().loss_weight:g}. "
         f"Mean ± 95% t-interval over {n} seeds {list(cfg.seeds)}. α ({cfg.metric}, {cfg.preprocess}): after training, "
         "whole training set, task-loss gradient only; min α inner: minimum over the six relations and the inner layers.",
         f"Test sets: mnist1d generator, seed {cfg.test_seed}, {cfg.n_test} samples each, normalised with the "

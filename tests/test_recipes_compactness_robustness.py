@@ -267,3 +267,11 @@ def test_robustness_quick(tmp_path: Path) -> None:
             assert list(scores) == [*(f"h{i}" for i in range(1, cfg["depth"])), "logits"]
             assert all(_finite_in(v, 0.0, 100.0) for v in scores.values())
     assert all(_finite_in(v, 0.0, 100.0) for v in res["input_invariance"].values())
+
+
+def test_crh_arm_runs_the_preset_weight_not_the_loss_arms() -> None:
+    from canonreg.losses import CRH_PRESET
+
+    cfg = compactness.CompactnessConfig(loss_weight=0.1)
+    assert _common.trial_config(cfg, "loss", 0).resolved().loss_weight == 0.1
+    assert _common.trial_config(cfg, "crh", 0).resolved().loss_weight == float(CRH_PRESET["weight"])
