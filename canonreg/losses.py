@@ -449,7 +449,11 @@ class AlignmentLoss(nn.Module):
       backprop, so the task loss must be passed: ``loss = task + align(task)``. This is the G the
       monitor measures in the paper's protocol (task loss only), and G itself is moved toward the
       relations (second-order terms); the EMA is a constant target that also contains the
-      regulariser's own gradient, so G relations partly "satisfy themselves" there. ``align(task)`` runs
+      regulariser's own gradient, so G relations partly "satisfy themselves" there. Double backprop
+      needs every op of the model to be twice differentiable: the fused CPU/GPU kernels of
+      ``F.scaled_dot_product_attention`` are not ("derivative for ..._flash_attention_..._backward is not
+      implemented" at ``loss.backward()``); run the forward pass under
+      ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` or use ``g_mode="ema"``. ``align(task)`` runs
       ``torch.autograd.grad(task, layer outputs, create_graph=True)`` — one extra backward pass with
       graph — and the final ``loss.backward()`` then differentiates through it (second-order terms):
       expect roughly 2–3× the cost of a plain training step. ``G_a`` uses rows ``g_a = g_b W``.
