@@ -28,7 +28,18 @@ from torch.utils.hooks import RemovableHandle
 from .errors import CanonRegError
 from .taps import LayerTap, _resolve, functional_only_children, get_tap, untapped_reason
 
-__all__ = ["LayerSpec", "select_layers", "check_layer_weight", "HookSet", "claim_model", "release_model", "all_reduce_flat"]
+__all__ = [
+    "LayerSpec",
+    "select_layers",
+    "check_layer_weight",
+    "HookSet",
+    "OwnedHook",
+    "inert_hook",
+    "strip_inert_hooks",
+    "claim_model",
+    "release_model",
+    "all_reduce_flat",
+]
 
 LayerSpec = None | str | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
 
@@ -179,6 +190,77 @@ def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data
             f"Layer {_display(name)!r} ({kind}) has its weight on the meta device (shapes only, no values): "
             "materialise the model first (e.g. model.to_empty(device='cpu') and initialise it), then attach"
         )
+
+
+def inert_hook(*args: object, **kwargs: object) -> None:
+    """What every canonreg hook becomes in a deep copy or a pickle of a model: a no-op that removes itself.
+
+    Called as a module hook (first argument a module), it removes every inert hook of that module and
+    of its submodules (:func:`strip_inert_hooks`), so a copy is left with no canonreg hook after its
+    first forward call; it returns None, so it never changes an input or an output.
+    """
+    if args and isinstance(args[0], nn.Module):
+        strip_inert_hooks(args[0])
+
+
+def _make_inert() -> Callable[..., None]:
+    """Unpickling target of :class:`OwnedHook` (a pickled model needs canonreg importable to load)."""
+    return inert_hook
+
+
+class OwnedHook:
+    """A hook installed by canonreg (monitor, loss, noise wrapper) that never travels with a copy of the model.
+
+    ``copy.deepcopy(model)`` and ``pickle``/``torch.save`` of a model turn each ``OwnedHook`` into
+    :func:`inert_hook`: the copy is a plain model (never measured, shaped or noised by the original's
+    owner; EMA/SWA copies, checkpoints, spawned workers) and its inert entries disappear at its first
+    forward call or when canonreg attaches to it; the original keeps its hooks and is not touched.
+    Parameters' own tensor hooks are never copied by torch (``Parameter.__deepcopy__`` and
+    ``__reduce_ex__`` drop them).
+    """
+
+    __slots__ = ("fn",)
+    #: torch's marker for tensor hooks that are not meant to be serialised (no warning when pickled).
+    __torch_unserializable__ = True
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Callable[..., None]:
+        return inert_hook
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return (_make_inert, ())
+
+
+_HOOK_TABLES = (
+    ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+    ("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
+    ("_backward_hooks", ()),
+    ("_backward_pre_hooks", ()),
+)
+
+
+def strip_inert_hooks(model: nn.Module) -> int:
+    """Remove the :func:`inert_hook` entries that copies of ``model`` carry; returns how many were removed.
+
+    Runs on its own at a copy's first forward call and whenever canonreg attaches to a model.
+    """
+    removed = 0
+    for m in model.modules():
+        for table_name, extras in _HOOK_TABLES:
+            table = getattr(m, table_name, None)
+            if not table:
+                continue
+            for key in [k for k, v in table.items() if v is inert_hook]:
+                del table[key]
+                removed += 1
+                for extra in extras:
+                    getattr(m, extra, {}).pop(key, None)
+    return removed
 
 
 class HookSet:

@@ -48,10 +48,12 @@ from .errors import CanonRegError, check_choice, check_nonnegative, check_positi
 from .layers import (
     HookSet,
     LayerSpec,
+    OwnedHook,
     _display,
     claim_model,
     release_model,
     select_layers,
+    strip_inert_hooks,
 )
 from .taps import LayerTap, tap_batch_size
 
@@ -475,6 +477,10 @@ class AlignmentLoss(nn.Module):
     ``1/B`` of hook gradients needs no correction and ``weight`` is not multiplied by the learning
     rate.
 
+    Copies: ``copy.deepcopy(model)``, ``pickle`` and ``torch.save`` of the model work while the loss is
+    attached and give a plain model (no hook travels; EMA/SWA ``AveragedModel`` copies are never
+    captured); a copy of the loss itself is detached (see :meth:`__getstate__`).
+
     Memory: the layer inputs and outputs of the last pass stay referenced until the next pass (or
     :meth:`detach`); output rows are copied at capture time when H_b or f-RWA needs them, so in-place
     activations after a layer (``nn.ReLU(inplace=True)``) are safe except with ``g_mode="exact"``.
@@ -666,9 +672,10 @@ class AlignmentLoss(nn.Module):
             return self
         claim_model("AlignmentLoss", self.model, self)
         try:
-            self._hooks.add(self.model.register_forward_pre_hook(self._root_pre_hook))
+            strip_inert_hooks(self.model)
+            self._hooks.add(self.model.register_forward_pre_hook(OwnedHook(self._root_pre_hook)))
             for name, module in self._modules_by_name.items():
-                self._hooks.add(module.register_forward_hook(self._make_forward_hook(name)))
+                self._hooks.add(module.register_forward_hook(OwnedHook(self._make_forward_hook(name))))
         except BaseException:
             self.detach()
             raise
@@ -719,12 +726,15 @@ class AlignmentLoss(nn.Module):
         self.calls = calls
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.attached:
-            raise TypeError(
-                "AlignmentLoss holds hooks on a live model and cannot be pickled or deep-copied while attached; "
-                "call .detach() first (or save align.state_dict())"
-            )
+        """A pickle or deep copy of the loss is *detached* (call ``.attach()`` on it to use it).
+
+        Its model is the copy's (the same object when the model is copied along, e.g. a LightningModule
+        that holds both); the original stays attached. The model's hooks never travel with a copy
+        (:class:`canonreg.layers.OwnedHook`), so EMA/SWA copies (``AveragedModel``) and checkpoints of a
+        model with an attached loss are plain models.
+        """
         state = dict(self.__dict__)
+        state["_hooks"] = HookSet()
         state["_captures"] = {}
         state["last_alignment"] = {}
         return state

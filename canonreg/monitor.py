@@ -72,12 +72,14 @@ from .errors import (
 from .layers import (
     HookSet,
     LayerSpec,
+    OwnedHook,
     _display,
     all_reduce_flat,
     check_layer_weight,
     claim_model,
     release_model,
     select_layers,
+    strip_inert_hooks,
 )
 from .report import CRHReport, build_report
 from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size, weight_parameter
@@ -539,14 +541,15 @@ class CRHMonitor:
             check_layer_weight(name, module, self._taps[name], need_data=True)
         claim_model("CRHMonitor", self.model, self)
         try:
-            self._hooks.add(self.model.register_forward_pre_hook(_Hook(self._root_pre_hook)))
+            strip_inert_hooks(self.model)
+            self._hooks.add(self.model.register_forward_pre_hook(OwnedHook(self._root_pre_hook)))
             for name, module in self.layers.items():
-                self._hooks.add(module.register_forward_hook(_Hook(self._make_forward_hook(name))))
+                self._hooks.add(module.register_forward_hook(OwnedHook(self._make_forward_hook(name))))
                 leaf = self._weight_leaf(name, module) if self.accumulation is None else None
                 if leaf is not None:
-                    self._hooks.add(leaf.register_hook(_Hook(functools.partial(self._param_hook, name, leaf))))
+                    self._hooks.add(leaf.register_hook(OwnedHook(functools.partial(self._param_hook, name, leaf))))
                     self._hooks.add(
-                        leaf.register_post_accumulate_grad_hook(_Hook(functools.partial(self._param_post_hook, name, leaf)))
+                        leaf.register_post_accumulate_grad_hook(OwnedHook(functools.partial(self._param_post_hook, name, leaf)))
                     )
         except BaseException:
             self.detach()
@@ -557,9 +560,11 @@ class CRHMonitor:
         """Remove every hook (idempotent); the model is left exactly as before ``attach``.
 
         Gradient hooks already placed on live autograd graphs (forward done, backward pending) stay
-        with those graphs and still record when their backward runs. While attached, pickling the
-        model raises a TypeError that says to detach first; ``copy.deepcopy(model)`` works, and the
-        copy's inherited hooks are inert (they only ever record the original modules).
+        with those graphs and still record when their backward runs. While attached,
+        ``copy.deepcopy(model)``, ``pickle`` and ``torch.save`` of the model work and give a plain
+        model: the copy carries no monitor hook (each becomes a no-op that removes itself at the
+        copy's first forward call; :class:`canonreg.layers.OwnedHook`), so EMA/SWA copies
+        (``torch.optim.swa_utils.AveragedModel``) and checkpoints are never measured.
         """
         self._hooks.remove()
         release_model("CRHMonitor", self.model, self)
@@ -1083,31 +1088,6 @@ class CRHMonitor:
         if state.skipped > 0:
             return f"every call was dropped by the non-finite policy ({state.skipped} call(s))"
         return "the layer ran but no backward pass reached its output"
-
-
-class _Hook:
-    """A module hook that deep-copies as itself and refuses to be pickled with a clear message.
-
-    ``copy.deepcopy(model)`` while attached then shares the hook (its guards ignore the copy's modules)
-    instead of trying to copy the monitor; ``pickle``/``torch.save`` of an attached model explain.
-    """
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[..., None]) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: object) -> None:
-        return self.fn(*args)
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _Hook:
-        return self
-
-    def __reduce__(self) -> tuple[object, ...]:
-        raise TypeError(
-            "This model has CRHMonitor hooks attached; call monitor.detach() (or leave its `with` block) "
-            "before pickling the model, or save model.state_dict()"
-        )
 
 
 class _Commit:

@@ -63,10 +63,12 @@ from .functional import BalanceTerms, balance_terms
 from .layers import (
     HookSet,
     LayerSpec,
+    OwnedHook,
     _display,
     claim_model,
     release_model,
     select_layers,
+    strip_inert_hooks,
 )
 from .monitor import _work_dtype
 from .taps import LayerTap, matrix_view, tap_batch_size, to_weight_layout
@@ -415,20 +417,12 @@ def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _inert_hook(*args: object, **kwargs: object) -> None:
-    """What a NoiseCalibrated hook becomes in a pickled or deep-copied model: a no-op."""
-    return
-
-
-def _make_inert() -> Callable[..., None]:
-    return _inert_hook
-
-
-class _WeakHook:
+class _WeakHook(OwnedHook):
     """A module hook bound weakly to its optimizer (a dropped optimizer leaves a no-op).
 
-    Pickling or deep-copying the *model* turns it into :func:`_inert_hook`: copies of the model are
-    never hooked by this optimizer (their gradients would otherwise be mistaken for the original's).
+    As every canonreg hook (:class:`canonreg.layers.OwnedHook`), pickling or deep-copying the *model*
+    turns it into :func:`canonreg.layers.inert_hook`: copies of the model are never hooked by this
+    optimizer (their gradients would otherwise be mistaken for the original's).
     """
 
     __slots__ = ("_name", "_ref")
@@ -437,7 +431,7 @@ class _WeakHook:
         self._ref = weakref.ref(owner)
         self._name = name
 
-    def __call__(self, module: nn.Module, inputs: tuple[object, ...], output: object = None) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple[object, ...], output: object = None) -> None:  # type: ignore[override]
         owner = self._ref()
         if owner is None:
             return
@@ -447,25 +441,10 @@ class _WeakHook:
             owner._on_forward(self._name, module, inputs, output)
         return
 
-    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
-        return (_make_inert, ())
-
 
 def _release(hooks: HookSet, model: nn.Module, token: object) -> None:
     hooks.remove()
     release_model("NoiseCalibrated", model, token)
-
-
-def _strip_inert_hooks(model: nn.Module) -> None:
-    for m in model.modules():
-        for table, extras in (
-            (m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
-            (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,)),
-        ):
-            for key in [k for k, v in table.items() if v is _inert_hook]:
-                del table[key]
-                for extra in extras:
-                    extra.pop(key, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -916,7 +895,7 @@ class NoiseCalibrated(Optimizer):
         # its finalizer then removes the hooks and the claim.
         claim_model("NoiseCalibrated", self.model, self._token)
         try:
-            _strip_inert_hooks(self.model)
+            strip_inert_hooks(self.model)
             self._hooks.add(self.model.register_forward_pre_hook(_WeakHook(self, None)))
             for name, layer in self._layers.items():
                 self._hooks.add(layer.module.register_forward_hook(_WeakHook(self, name)))
