@@ -50,7 +50,7 @@ from torch import nn
 import canonreg
 from canonreg import functional as cf
 from canonreg.experiment import TrialConfig, build_model, load_data
-from canonreg.layers import select_layers
+from canonreg.layers import layer_roles, select_layers
 from canonreg.losses import CRH_PRESET, crh_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,8 +84,8 @@ def trial_config(cfg: Config, seed: int) -> TrialConfig:
 
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     """first / inner / head names of the measured layers, in registration order."""
-    names = list(select_layers(model, None)[0])
-    return {"first": names[:1], "inner": names[1:-1], "head": names[-1:]}
+    roles = layer_roles(list(select_layers(model, None)[0]))
+    return {role: [n for n, r in roles.items() if r == role] for role in ("first", "inner", "head")}
 
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, float]]:

@@ -48,6 +48,7 @@ import torch
 from .errors import check_bool, check_choice, check_nonnegative, check_nonnegative_int, check_positive, check_positive_int
 from .experiment import TrialConfig
 from .functional import RELATIONS
+from .layers import layer_roles
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import CRHReport
@@ -200,15 +201,6 @@ def alignment_difference(a: CRHReport, b: CRHReport) -> dict[str, dict[str, floa
     if list(a.layers) != list(b.layers):
         raise ValueError(f"Expected two reports over the same layers, but got {a.layers} and {b.layers}")
     return {n: {r: float(b.alignment[n][r]) - float(a.alignment[n][r]) for r in RELATIONS} for n in a.layers}
-
-
-def layer_roles(layers: Sequence[str]) -> dict[str, str]:
-    """``first`` (input is the data), ``inner`` (input and output learned) or ``head`` per layer."""
-    roles = {n: "inner" for n in layers}
-    if layers:
-        roles[layers[0]] = "first"
-        roles[layers[-1]] = "head" if len(layers) > 1 else "first"
-    return roles
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

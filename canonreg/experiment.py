@@ -83,7 +83,7 @@ from torch import Tensor, nn
 
 from . import functional as CF
 from .errors import check_choice
-from .layers import select_layers
+from .layers import layer_roles, select_layers
 from .measure import measure_crh, min_alignment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -655,8 +655,8 @@ def _track(model: nn.Module, split: Split, cfg: TrialConfig, owners: list[Any]) 
 
 
 def inner_layers(layers: list[str]) -> list[str]:
-    """The weight layers whose input and output are both learned: all but the first and the last (head)."""
-    return list(layers[1:-1])
+    """The weight layers whose input and output are both learned (:func:`canonreg.layers.layer_roles`)."""
+    return [n for n, role in layer_roles(layers).items() if role == "inner"]
 
 
 def run_trial(

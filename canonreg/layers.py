@@ -31,6 +31,7 @@ from .taps import LayerTap, _resolve, functional_only_children, get_tap, untappe
 __all__ = [
     "LayerSpec",
     "select_layers",
+    "layer_roles",
     "check_layer_weight",
     "HookSet",
     "OwnedHook",
@@ -327,3 +328,17 @@ def all_reduce_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[i : i + k].reshape(t.shape))
         i += k
     return out
+
+
+def layer_roles(names: Sequence[str]) -> dict[str, str]:
+    """The role of each selected layer, in registration order (how CRH results are grouped).
+
+    ``"first"``: the first layer, whose input is the data (its ``H_a`` is the data's moment, which
+    training cannot change); ``"head"``: the last layer; ``"inner"``: every layer in between, whose
+    input and output are both learned. A single layer is ``"first"``.
+    """
+    roles = {n: "inner" for n in names}
+    if names:
+        roles[names[0]] = "first"
+        roles[names[-1]] = "head" if len(names) > 1 else "first"
+    return roles

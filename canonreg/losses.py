@@ -51,6 +51,7 @@ from .layers import (
     OwnedHook,
     _display,
     claim_model,
+    layer_roles,
     release_model,
     select_layers,
     strip_inert_hooks,
@@ -1080,8 +1081,9 @@ def inner_layers(model: nn.Module, taps: dict[type[nn.Module], LayerTap] | None 
     in between are the "inner" ones whose input is itself learned. With fewer than three layers every
     layer is returned.
     """
-    names = list(select_layers(model, None, taps)[0])
-    return names[1:-1] if len(names) >= 3 else names
+    roles = layer_roles(list(select_layers(model, None, taps)[0]))
+    inner = [n for n, role in roles.items() if role == "inner"]
+    return inner or list(roles)
 
 
 def crh_loss(model: nn.Module, *, weight: float | None = None, layers: LayerSpec = None, **overrides: Any) -> AlignmentLoss:

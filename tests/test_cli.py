@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from canonreg import RELATIONS, measure_crh
-from canonreg.cli import DEMO_ARMS, DemoConfig, alignment_difference, layer_roles, main
+from canonreg.cli import DEMO_ARMS, DemoConfig, alignment_difference, main
 from canonreg.experiment import TrialConfig, evaluate, load_data, train_trial
+from canonreg.layers import layer_roles
 
 TINY = ["--steps", "24", "--window", "12", "--width", "16", "--depth", "4", "--num-samples", "600", "--batch-size", "64"]
 
