@@ -49,6 +49,7 @@ from torch import nn
 
 import canonreg
 from canonreg import functional as cf
+from canonreg.ablate import mean_ci as interval
 from canonreg.experiment import TrialConfig, build_model, load_data
 from canonreg.layers import layer_roles, select_layers
 from canonreg.losses import CRH_PRESET, crh_loss
@@ -163,15 +164,10 @@ def train(cfg: Config, arm: str, seed: int, data: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- statistics
-def t975(df: int) -> float:
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
-    return table[df - 1] if df <= len(table) else 1.96 + 2.4 / df
-
-
 def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """(mean, 95% half-width); half-width NaN with one value."""
-    m = statistics.fmean(xs)
-    return (m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))) if len(xs) > 1 else (m, float("nan"))
+    """(mean, 95% Student-t half-width) from the library's interval; half-width NaN with one value."""
+    iv = interval(xs)
+    return iv.mean, iv.half_width
 
 
 def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
