@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -908,6 +909,7 @@ class CRHMonitor:
         weight_decay: float | None = None,
         batch_size: int | None = None,
         exponents: bool = True,
+        ranks: bool = True,
         n_bootstrap: int = 200,
         eig_floor: float = 1e-6,
         seed: int = 0,
@@ -923,7 +925,13 @@ class CRHMonitor:
         Args:
             lr, weight_decay, batch_size: η, γ, S of the training step; when all three are given (and
                 the monitor tracks balance) the report includes the balance terms of spec §5.
-            exponents: fit PAH exponents for all six relations (4 eigendecompositions per layer).
+            exponents: fit PAH exponents for all six relations (4 eigendecompositions per layer:
+                ``G_a``, ``Z_a``, ``G_b``, ``Z_b``). False: ``report.exponents`` is empty.
+            ranks: effective ranks of ``H_a``, ``H_b``, ``G_a``, ``G_b`` (one ``eigvalsh`` each, shared
+                with the exponent fits for ``G_a``/``G_b``). False: ``report.effective_rank`` is empty;
+                α, samples and balance are unchanged. On a convolution ``H_a``/``G_a``/``Z_a`` are
+                ``(C_in·k²)``-sized, so ``exponents=False, ranks=False`` is the cheap setting for
+                frequent calls (``benchmarks/compute_time.py``; ``report.timings`` has the split).
             n_bootstrap: bootstrap resamples for the exponent intervals (0: NaN intervals).
             eig_floor: relative eigenvalue floor of the exponent fits, in [0, 1).
             seed: seed of the bootstrap.
@@ -942,11 +950,13 @@ class CRHMonitor:
             if not self.track_balance:
                 raise CanonRegError("Balance terms need track_balance=True when the monitor is created")
         check_bool("exponents", exponents)
+        check_bool("ranks", ranks)
         check_nonnegative_int("n_bootstrap", n_bootstrap)
         if not (isinstance(eig_floor, (int, float)) and not isinstance(eig_floor, bool) and 0 <= eig_floor < 1):
             raise ValueError(f"Expected `eig_floor` to be a float in [0, 1), but got {eig_floor!r}")
         check_nonnegative_int("seed", seed)
 
+        t_start = time.perf_counter()
         names = list(self.layers)
         keys = self._keys()
         for name in names:
@@ -979,7 +989,8 @@ class CRHMonitor:
         else:
             reduced = [t.detach().to(torch.float64).clone() for t in flat]
         it = iter(reduced)
-        sums = {n: {k: next(it).cpu() for k in keys} for n in names}
+        # The sums stay on the accumulators' device: the matrices and their eigendecompositions run there.
+        sums = {n: {k: next(it) for k in keys} for n in names}
         for s in sums.values():
             s["steps"] = s["steps"] / world
         total = sum(float(s["n"]) for s in sums.values())
@@ -1002,9 +1013,9 @@ class CRHMonitor:
         for n in names:
             tap = self._taps[n]
             with torch.no_grad():
-                weights[n] = tap.weight(self.layers[n]).detach().to("cpu", torch.float64)
+                weights[n] = tap.weight(self.layers[n]).detach().to(device, torch.float64)
                 b = tap.bias(self.layers[n])
-                biases[n] = None if b is None else b.detach().to("cpu", torch.float64)
+                biases[n] = None if b is None else b.detach().to(device, torch.float64)
         balance = None
         if lr is not None:
             balance = {"lr": float(lr), "weight_decay": float(weight_decay), "batch_size": int(batch_size)}  # type: ignore[arg-type]
@@ -1023,6 +1034,8 @@ class CRHMonitor:
             n_bootstrap=n_bootstrap,
             eig_floor=eig_floor,
             seed=seed,
+            ranks=ranks,
+            timings={"reduce": time.perf_counter() - t_start},
         )
 
     def _keys(self) -> list[str]:

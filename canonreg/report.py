@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,12 @@ class CRHReport:
         preprocess, metric: how the scores were measured.
         derived: whether ``H_b`` and ``G_a`` came from the exact identities.
         missing, excluded: layers without samples / left out of the default selection, with reasons.
+        timings: seconds spent in each part of ``compute()``: ``reduce`` (folding the accumulators and
+            the cross-rank reduction), ``matrices`` (the six matrices per layer), ``alignment``,
+            ``exponents`` and ``ranks`` (eigendecompositions; 0 when skipped), ``total``.
+
+    ``effective_rank`` is empty (no layer has an entry) when ``compute(ranks=False)``; ``exponents`` is
+    empty when ``compute(exponents=False)``.
     """
 
     alignment: dict[str, dict[str, float]]
@@ -120,6 +127,7 @@ class CRHReport:
     missing: dict[str, str] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
     _matrices: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def layers(self) -> list[str]:
@@ -345,25 +353,39 @@ def build_report(
     n_bootstrap: int,
     eig_floor: float,
     seed: int,
+    ranks: bool = True,
+    timings: Mapping[str, float] | None = None,
 ) -> CRHReport:
-    """Assemble a :class:`CRHReport` from reduced float64 sums (pure; used by the monitor)."""
+    """Assemble a :class:`CRHReport` from reduced float64 sums (pure; used by the monitor).
+
+    Everything runs on the device of ``sums`` (the accumulators'), eigendecompositions included; the
+    report keeps its matrices on the CPU. Each matrix is eigendecomposed at most once: the exponent
+    fits' ``eigh`` of ``G_a``/``G_b`` also gives their effective ranks. ``timings`` (seconds already
+    spent, e.g. ``{"reduce": …}``) is extended with this function's parts.
+    """
+    clock: dict[str, float] = {"reduce": 0.0, "matrices": 0.0, "alignment": 0.0, "exponents": 0.0, "ranks": 0.0}
+    clock.update(timings or {})
     gen = torch.Generator().manual_seed(seed)
     alignment: dict[str, dict[str, float]] = {}
     reasons: dict[str, dict[str, str]] = {}
     fits: dict[str, dict[str, F.PowerLawFit]] = {}
-    ranks: dict[str, dict[str, dict[str, float]]] = {}
+    ranks_of: dict[str, dict[str, dict[str, float]]] = {}
     bal: dict[str, F.BalanceTerms] = {}
     mats_all: dict[str, dict[str, Tensor]] = {}
     for name, s in sums.items():
+        t0 = time.perf_counter()
         mats = layer_matrices(s, weights[name], biases[name], preprocess=preprocess, direct=direct)
-        mats_all[name] = mats
+        t1 = time.perf_counter()
         alignment[name] = {}
         reasons[name] = {}
         for rel, (pa, pb) in F.RELATION_PAIRS.items():
-            a = float(F.alignment(mats[pa], mats[pb], metric))
+            a = float(F.alignment(mats[pa], mats[pb], metric))  # a host sync: the matrices are done
             alignment[name][rel] = a
             if math.isnan(a):
                 reasons[name][rel] = _nan_reason(pa, mats[pa], pb, mats[pb], metric, float(s["n"]), preprocess)
+        t2 = time.perf_counter()
+        clock["matrices"] += t1 - t0
+        clock["alignment"] += t2 - t1
         eig: dict[str, tuple[Tensor, Tensor]] = {}
         if exponents:
             fits[name] = {}
@@ -371,12 +393,12 @@ def build_report(
                 if pb not in eig and bool(torch.isfinite(mats[pb]).all()):
                     eig[pb] = torch.linalg.eigh(mats[pb])
                 fits[name][rel] = F.power_law_fit(mats[pa], mats[pb], floor=eig_floor, n_bootstrap=n_bootstrap, generator=gen, eig=eig.get(pb))
-        ranks[name] = {}
-        for m in ("H_a", "H_b", "G_a", "G_b"):
-            ranks[name][m] = {
-                "participation": float(F.participation_ratio(mats[m])),
-                "entropy": float(F.entropy_rank(mats[m])),
-            }
+        t3 = time.perf_counter()
+        clock["exponents"] += t3 - t2
+        if ranks:
+            ranks_of[name] = {m: _effective_ranks(mats[m], eig[m][0] if m in eig else None) for m in ("H_a", "H_b", "G_a", "G_b")}
+        clock["ranks"] += time.perf_counter() - t3
+        mats_all[name] = {k: v.cpu() for k, v in mats.items()}
         if balance is not None:
             n = float(s["n"])
             bal[name] = F.balance_terms(
@@ -392,7 +414,7 @@ def build_report(
         alignment=alignment,
         nan_reasons={n: r for n, r in reasons.items() if r},
         exponents=fits,
-        effective_rank=ranks,
+        effective_rank=ranks_of,
         balance=bal,
         samples={n: int(float(s["n"])) for n, s in sums.items()},
         steps={n: int(round(float(s["steps"]))) for n, s in sums.items()},
@@ -403,4 +425,25 @@ def build_report(
         missing=dict(missing),
         excluded=dict(excluded),
         _matrices=mats_all,
+        timings={**clock, "total": sum(clock.values())},
     )
+
+
+def _effective_ranks(m: Tensor, eigenvalues: Tensor | None) -> dict[str, float]:
+    """``{"participation": (Σλ)²/Σλ², "entropy": exp(−Σ p log p)}`` from one eigendecomposition of ``m``.
+
+    The same definitions (negative eigenvalues clipped to 0; NaN for a zero or non-finite matrix) as
+    :func:`canonreg.functional.participation_ratio` and :func:`~canonreg.functional.entropy_rank`,
+    which each decompose the matrix again. ``eigenvalues``: already computed (by ``eigh``), or None.
+    """
+    nan = {"participation": float("nan"), "entropy": float("nan")}
+    if not bool(torch.isfinite(m).all()):
+        return nan
+    lam = (torch.linalg.eigvalsh(m) if eigenvalues is None else eigenvalues).clamp_min(0)
+    total = float(lam.sum())
+    sq = float((lam * lam).sum())
+    if not total > 0 or not sq > 0:
+        return nan
+    p = lam / total
+    ent = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
+    return {"participation": max(total * total / sq, 1.0), "entropy": float(torch.exp(ent))}
