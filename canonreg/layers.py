@@ -37,6 +37,8 @@ __all__ = [
     "OwnedHook",
     "inert_hook",
     "strip_inert_hooks",
+    "check_not_compiled",
+    "untraced_call",
     "claim_model",
     "release_model",
     "all_reduce_flat",
@@ -193,6 +195,61 @@ def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data
         )
 
 
+def _compiled_modules(model: nn.Module) -> list[str]:
+    """Names of ``model`` and its submodules that ``torch.compile`` has wrapped or compiled in place."""
+    out = []
+    for n, m in model.named_modules():
+        kind = type(m)
+        if (kind.__name__ == "OptimizedModule" and kind.__module__.startswith("torch._dynamo")) or getattr(
+            m, "_compiled_call_impl", None
+        ) is not None:
+            out.append(_display(n))
+    return out
+
+
+def check_not_compiled(model: nn.Module, owner: str) -> None:
+    """Raise :class:`CanonRegError` when ``model`` (or a submodule) is already compiled with ``torch.compile``.
+
+    Hooks added to a compiled module are not part of the code it already compiled (dynamo does not
+    guard on them by default), so they would be silently ignored. Attaching *before* compiling works:
+    the hooks are then traced, with graph breaks where they record.
+    """
+    compiled = _compiled_modules(model)
+    if compiled:
+        raise CanonRegError(
+            f"{owner} got a model compiled with torch.compile (compiled: {compiled[:5]}): hooks added after "
+            "compiling are ignored by the compiled code. Create and attach the "
+            f"{owner} on the original module first, then compile it (`{owner}(model)`, then "
+            "`model = torch.compile(model)`), or pass the uncompiled module (`compiled._orig_mod`) and call "
+            "that one for the measured passes"
+        )
+
+
+def _wrapped(x: object) -> bool:
+    if torch.compiler.is_compiling():  # dynamo traces fake tensors, never functorch wrappers (and no graph break)
+        return False
+    return isinstance(x, torch.Tensor) and bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def untraced_call(module: nn.Module, inputs: tuple[object, ...], output: object = None, *, recurse: bool = False) -> str | None:
+    """Why a call of ``module`` must not be recorded by canonreg's hooks, or None for an ordinary call.
+
+    The rule (monitor, loss and noise wrapper alike): a call is skipped when
+
+    * an input or the output is a functorch-wrapped tensor: the call runs inside a ``torch.func``
+      transform (``vmap``, ``grad``, ``jacrev``, ``jvp`` …), whose passes are not training samples;
+    * a parameter of the module (of every submodule with ``recurse``) is not an ``nn.Parameter``:
+      ``torch.func.functional_call`` substituted it, and the module's own weights (which the
+      measurement and the identities use) are not the ones that ran.
+    """
+    if _wrapped(output) or any(_wrapped(x) for x in inputs):
+        return "a call inside a torch.func transform (vmap/grad/jvp)"
+    params = module.parameters() if recurse else module._parameters.values()
+    if any(p is not None and not isinstance(p, nn.Parameter) for p in params):
+        return "a call with substituted parameters (torch.func.functional_call)"
+    return None
+
+
 def inert_hook(*args: object, **kwargs: object) -> None:
     """What every canonreg hook becomes in a deep copy or a pickle of a model: a no-op that removes itself.
 
@@ -289,8 +346,9 @@ def claim_model(kind: str, model: nn.Module, owner: Any) -> None:
 
     Raises:
         CanonRegError: another live owner of the same kind is attached to ``model`` or to one of
-        its submodules / parents sharing layers.
+        its submodules / parents sharing layers; ``model`` is already compiled (:func:`check_not_compiled`).
     """
+    check_not_compiled(model, kind)
     table = _CLAIMS.setdefault(kind, weakref.WeakKeyDictionary())
     for other_model, other in list(table.items()):
         if other is owner:

@@ -55,6 +55,7 @@ from .layers import (
     release_model,
     select_layers,
     strip_inert_hooks,
+    untraced_call,
 )
 from .taps import LayerTap, tap_batch_size
 
@@ -741,15 +742,17 @@ class AlignmentLoss(nn.Module):
         return state
 
     # ------------------------------------------------------------------ hooks
-    def _root_pre_hook(self, module: nn.Module, args: object) -> None:
-        if torch.is_grad_enabled():
+    def _root_pre_hook(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        # calls inside torch.func transforms or with substituted parameters are not captured (nor do they
+        # clear the last ordinary pass): canonreg.layers.untraced_call
+        if torch.is_grad_enabled() and untraced_call(module, args, recurse=True) is None:
             self._captures = {}
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
         tap = self._taps[name]
 
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or untraced_call(module, inputs, output):
                 return
             x = inputs[0] if inputs else None
             rows_b = None
@@ -837,7 +840,9 @@ class AlignmentLoss(nn.Module):
         if not self._captures:
             raise CanonRegError(
                 "AlignmentLoss was called before any grad-enabled forward pass of the model since it was attached "
-                "(or since the last pass began): run `out = model(x)` first, then `loss = task + align()`"
+                "(or since the last pass began): run `out = model(x)` first, then `loss = task + align()`. Passes inside "
+                "torch.func transforms (vmap/grad) or through torch.func.functional_call with substituted parameters "
+                "are not captured"
             )
         exact_g = bool(self._needs_g) and self.g_mode == "exact"
         self._check_captures(exact_g)

@@ -81,6 +81,7 @@ from .layers import (
     release_model,
     select_layers,
     strip_inert_hooks,
+    untraced_call,
 )
 from .report import CRHReport, build_report
 from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size, weight_parameter
@@ -359,6 +360,7 @@ class _LayerState:
         self.n = 0  # committed rows (samples)
         self.steps = 0  # committed layer calls
         self.skipped = 0  # calls dropped by the non-finite policy
+        self.untraced = 0  # calls skipped: inside torch.func transforms or with substituted parameters
         self.fired = 0  # calls seen while active and grad-enabled
         self.no_grad_output = 0  # of those, calls whose output did not require grad
         # deferred finiteness checks: (call, what was checked, device bool flags, rows) per committed call
@@ -592,9 +594,10 @@ class CRHMonitor:
         raise TypeError("CRHMonitor holds hooks on a live model and cannot be pickled; pickle its report instead")
 
     # ------------------------------------------------------------------ hooks
-    def _root_pre_hook(self, module: nn.Module, args: object) -> None:
-        # `module is self.model` guards against hooks that a deepcopy of the model carried along.
-        if module is self.model and torch.is_grad_enabled():
+    def _root_pre_hook(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        # `module is self.model` guards against hooks that a deepcopy of the model carried along; calls inside
+        # torch.func transforms or with substituted parameters are not training passes (layers.untraced_call).
+        if module is self.model and torch.is_grad_enabled() and untraced_call(module, args, recurse=True) is None:
             self._active = self._calls % self.every == 0
             self._calls += 1
 
@@ -726,6 +729,9 @@ class CRHMonitor:
             if module is not layer or not self._active or not torch.is_grad_enabled():
                 return
             state = self._state[name]
+            if untraced_call(module, inputs, output) is not None:
+                state.untraced += 1  # a torch.func transform or functional_call pass: never a sample
+                return
             state.fired += 1
             if not isinstance(output, Tensor) or not output.requires_grad:
                 state.no_grad_output += 1
@@ -1094,6 +1100,11 @@ class CRHMonitor:
         if name in functional:
             return functional[name]
         state = self._state[name]
+        if state.fired == 0 and state.untraced > 0:
+            return (
+                f"the layer ran only inside torch.func transforms (vmap/grad) or through torch.func.functional_call "
+                f"with substituted parameters ({state.untraced} call(s)); such calls are not recorded"
+            )
         if state.fired == 0:
             return "the layer never ran in a grad-enabled forward pass while the monitor was attached"
         if state.no_grad_output == state.fired:

@@ -69,6 +69,7 @@ from .layers import (
     release_model,
     select_layers,
     strip_inert_hooks,
+    untraced_call,
 )
 from .monitor import _work_dtype
 from .taps import LayerTap, matrix_view, tap_batch_size, to_weight_layout
@@ -435,9 +436,11 @@ class _WeakHook(OwnedHook):
         owner = self._ref()
         if owner is None:
             return
+        # calls inside torch.func transforms or with substituted parameters are not training steps
         if self._name is None:
-            owner._on_root_call()
-        else:
+            if untraced_call(module, inputs, recurse=True) is None:
+                owner._on_root_call()
+        elif untraced_call(module, inputs, output) is None:
             owner._on_forward(self._name, module, inputs, output)
         return
 
