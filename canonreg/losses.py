@@ -479,6 +479,11 @@ class AlignmentLoss(nn.Module):
     ``1/B`` of hook gradients needs no correction and ``weight`` is not multiplied by the learning
     rate.
 
+    torch.func and torch.compile: passes inside ``torch.func`` transforms and through
+    ``functional_call`` with substituted parameters are not captured and do not replace the last
+    ordinary pass (:func:`canonreg.layers.untraced_call`). Build the loss before ``torch.compile``; a
+    model already compiled is refused.
+
     Copies: ``copy.deepcopy(model)``, ``pickle`` and ``torch.save`` of the model work while the loss is
     attached and give a plain model (no hook travels; EMA/SWA ``AveragedModel`` copies are never
     captured); a copy of the loss itself is detached (see :meth:`__getstate__`).

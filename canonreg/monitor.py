@@ -441,6 +441,12 @@ class CRHMonitor:
             every rank must call ``compute()``).
         seed: seed of the row sub-sampling generator.
 
+    torch.func and torch.compile: calls inside ``torch.func`` transforms (``vmap``, ``grad``, …) and calls
+    through ``torch.func.functional_call`` with substituted parameters are not recorded (they are not
+    training samples, and the module's own weights did not run; :func:`canonreg.layers.untraced_call`);
+    a layer that ran only such calls is reported missing with that reason. Attach before
+    ``torch.compile``; attaching to a model already compiled raises :class:`CanonRegError`.
+
     Lifecycle: ``attach()``/``detach()`` are idempotent; ``with monitor:`` blocks nest, each restoring
     the attachment it found (an inner block inside an outer one, or inside ``attach()``, leaves the
     monitor attached).
