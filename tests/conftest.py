@@ -302,3 +302,20 @@ def run_monitor(
             if step is not None:
                 step()
     return monitor
+
+
+def conv1d_and_linear_twins(d_in: int, hidden: int, d_out: int) -> tuple[nn.Module, nn.Module]:
+    """The same float64 function twice: transformers' Conv1D (weight stored (d_a, d_b)) and nn.Linear (weightᵀ).
+
+    Needs transformers (callers skip without it).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(hidden, d_in), nn.Tanh(), Conv1D(d_out, hidden)).double()
+    lin = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()
+    with torch.no_grad():
+        for c in (0, 2):
+            lin[c].weight.copy_(conv[c].weight.T)
+            lin[c].bias.copy_(conv[c].bias)
+    return conv, lin

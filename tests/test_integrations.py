@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv1d_and_linear_twins
 from torch import nn
 from torch.testing import assert_close
 
@@ -453,18 +454,8 @@ def test_hf_callback_needs_its_trainer() -> None:
 
 # ----------------------------------------------------------------------------- Conv1D vs its nn.Linear twin
 def _conv1d_and_linear_twins() -> tuple[nn.Module, nn.Module]:
-    """The same function twice: transformers' Conv1D (weight stored (d_a, d_b)) and nn.Linear (weightᵀ)."""
     pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
-
-    torch.manual_seed(0)
-    conv = nn.Sequential(Conv1D(8, 4), nn.Tanh(), Conv1D(3, 8)).double()
-    lin = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    with torch.no_grad():
-        for c in (0, 2):
-            lin[c].weight.copy_(conv[c].weight.T)
-            lin[c].bias.copy_(conv[c].bias)
-    return conv, lin
+    return conv1d_and_linear_twins(4, 8, 3)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conv1d_and_linear_twins
 from torch import Tensor, nn
 
 import canonreg
@@ -711,21 +712,10 @@ def test_transposed_layout_follows_its_linear_twin(base: str) -> None:
     the noise is mapped with taps.matrix_view (factored addmm into the transposed view, and the
     materialised path), Adam's preconditioned sums read W's rows, not the parameter's."""
     pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
-
-    def twins() -> tuple[nn.Module, nn.Module]:
-        torch.manual_seed(0)
-        conv = nn.Sequential(Conv1D(64, 48), nn.Tanh(), Conv1D(3, 64)).double()  # layer 0 stays factored (8 rows)
-        lin = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 3)).double()
-        with torch.no_grad():
-            for c in (0, 2):
-                lin[c].weight.copy_(conv[c].weight.T)
-                lin[c].bias.copy_(conv[c].bias)
-        return conv, lin
 
     batches = [(x.double(), y) for x, y in _batches(5, batch=8, d_in=48)]
     runs = []
-    for model in twins():
+    for model in conv1d_and_linear_twins(48, 64, 3):  # layer 0 (48 → 64) stays factored with 8 rows
         opt = NoiseCalibrated(UNDECAYED[base](list(model.parameters())), model, weight_decay=1e-2, noise=1.5, sketch=4, seed=2)
         _train(model, opt, batches)
         runs.append((model, opt))
