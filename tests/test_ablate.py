@@ -27,15 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXED = {"dataset": "digits", "width": 12, "depth": 3, "batch_size": 32, "steps": 12, "eval_every": 6, "n_bootstrap": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Trials run single-threaded, as in the runner's workers (and much faster on 2 busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # trials run single-threaded, as in the workers
 
 
 

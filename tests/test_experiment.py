@@ -35,15 +35,7 @@ TINY = dict(dataset="digits", width=16, depth=3, batch_size=32, steps=24, eval_e
 TIMING = ("wall_time_s", "train_time_s", "cpu_time_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Trials run single-threaded, as in the runner's workers (and much faster on 2 busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # trials run single-threaded, as in the workers
 
 
 

@@ -35,14 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXED = {"dataset": "digits", "width": 8, "depth": 3, "batch_size": 32, "steps": 8, "eval_every": 4, "n_bootstrap": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # trials run single-threaded, as in the workers
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:

@@ -36,15 +36,7 @@ def balance() -> dict[str, canonreg.BalanceTerms]:
     }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Trials run single-threaded, as in the runner's workers (and much faster on 2 busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # trials run single-threaded, as in the workers
 
 
 
