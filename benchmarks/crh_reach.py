@@ -50,7 +50,7 @@ from torch import nn
 import canonreg
 from canonreg import functional as cf
 from canonreg.ablate import mean_ci as interval
-from canonreg.experiment import TrialConfig, build_model, load_data
+from canonreg.experiment import TrialConfig, batch_indices, build_model, load_data, optimizer_step
 from canonreg.layers import layer_roles, select_layers
 from canonreg.losses import CRH_PRESET, crh_loss
 
@@ -122,21 +122,14 @@ def train(cfg: Config, arm: str, seed: int, data: Any) -> dict[str, Any]:
     align = crh_loss(model, weight=float(value), **json.loads(cfg.overrides)) if kind == "crh" else None
 
     x, y = data.x, data.y
-    order = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(x.shape[0], generator=order), 0
+    batches = batch_indices(x.shape[0], cfg.batch_size, seed)
     history: list[dict[str, float]] = []
     train_seconds = 0.0
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        if pos + cfg.batch_size > x.shape[0]:
-            perm, pos = torch.randperm(x.shape[0], generator=order), 0
-        idx = perm[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
+        idx = next(batches)
         task = F.cross_entropy(model(x[idx]), y[idx])
-        loss = task + align(task) if align is not None else task
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, task, align)
         if not math.isfinite(float(task.detach())):
             raise FloatingPointError(f"{arm} seed {seed}: non-finite task loss at step {step}")
         train_seconds += time.perf_counter() - t0

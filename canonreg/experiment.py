@@ -93,6 +93,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ARMS",
+    "batch_indices",
+    "optimizer_step",
     "DATASETS",
     "MODELS",
     "OPTIMIZERS",
@@ -488,6 +490,33 @@ class TrainedTrial:
 ModelFn = Callable[[TrialConfig], nn.Module]
 
 
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Row indices of successive training batches, without end.
+
+    A fresh permutation of the ``n`` rows per epoch, drawn from a generator seeded with ``seed`` and used
+    for nothing else; the incomplete tail of an epoch is dropped, so every batch has ``batch_size`` rows
+    (the same S at every step). The loop of :func:`train_trial`, the recipes and the benchmarks.
+
+    Raises:
+        ValueError: ``batch_size`` is not in ``[1, n]``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"Expected `batch_size` to be an int in [1, {n}] (the number of rows), but got {batch_size!r}")
+    order = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=order)
+        for pos in range(0, n - batch_size + 1, batch_size):
+            yield perm[pos : pos + batch_size]
+
+
+def optimizer_step(opt: torch.optim.Optimizer, task: Tensor, align: AlignmentLoss | None) -> None:
+    """One step on ``task + align(task)`` (just ``task`` without a loss term): zero_grad, backward, step."""
+    loss = task + align(task) if align is not None else task
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_trial(
     cfg: TrialConfig,
     *,
@@ -541,11 +570,8 @@ def train_trial(
     model = build_model(cfg) if model_fn is None else _user_model(cfg, model_fn)
     opt, align = make_arm(cfg, model)
     monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric, every=cfg.monitor_every)  # type: ignore[arg-type]
-    order = torch.Generator().manual_seed(cfg.seed)
+    batches = batch_indices(x.shape[0], cfg.batch_size, cfg.seed)
     eta = cfg.lr / (1.0 - cfg.momentum) if cfg.optimizer == "sgd" else cfg.lr
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=order)
-    pos = 0
     bar = _bar(cfg.steps, progress, desc=f"{cfg.arm} seed={cfg.seed}")
     history: list[dict[str, float]] = []
     report = None
@@ -554,16 +580,9 @@ def train_trial(
     try:
         monitor.attach()
         for step in range(1, cfg.steps + 1):
-            if pos + cfg.batch_size > n:
-                perm = torch.randperm(n, generator=order)
-                pos = 0
-            idx = perm[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
+            idx = next(batches)
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + align(task) if align is not None else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, task, align)
             task_value = float(task.detach())
             if not math.isfinite(task_value):
                 raise FloatingPointError(f"Training diverged: non-finite task loss at step {step} of {cfg!r}")

@@ -73,7 +73,7 @@ from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, environment
 
 from canonreg import RELATIONS, CanonRegError, CRHMonitor  # noqa: E402
 from canonreg.data import Split  # noqa: E402
-from canonreg.experiment import ARMS, TrialConfig, build_model, load_data, make_arm  # noqa: E402
+from canonreg.experiment import ARMS, TrialConfig, batch_indices, build_model, load_data, make_arm, optimizer_step  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -204,26 +204,16 @@ def run_one(cfg: TrialConfig) -> dict[str, Any]:
     model = build_model(cfg)
     opt, align = make_arm(cfg, model)
     monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
-    order = torch.Generator().manual_seed(cfg.seed)
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=order)
-    pos = 0
+    batches = batch_indices(x.shape[0], cfg.batch_size, cfg.seed)
     window_start = cfg.steps - cfg.eval_every + 1
     window_loss = 0.0
     try:
         for step in range(1, cfg.steps + 1):
             if step == window_start:
                 monitor.attach()
-            if pos + cfg.batch_size > n:
-                perm = torch.randperm(n, generator=order)
-                pos = 0
-            idx = perm[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
+            idx = next(batches)
             task = F.cross_entropy(model(x[idx]), y[idx])
-            loss = task + align(task) if align is not None else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, task, align)
             task_value = float(task.detach())
             if not math.isfinite(task_value):
                 raise FloatingPointError(f"Training diverged at step {step} of {cfg!r}")

@@ -77,7 +77,7 @@ from _common import (
 
 from canonreg import CRHMonitor, CRHReport
 from canonreg.data import modular_addition
-from canonreg.experiment import TrialConfig, make_arm
+from canonreg.experiment import TrialConfig, make_arm, optimizer_step
 from canonreg.functional import RELATIONS
 from canonreg.models import TinyTransformer
 
@@ -202,10 +202,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
                 monitor.attach()
             model.train()
             task = F.cross_entropy(model(x), y)
-            loss = task + align(task) if align is not None else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, task, align)
             if not math.isfinite(float(task.detach())):
                 raise FloatingPointError(f"Training diverged: non-finite loss at step {step} (arm {arm}, seed {seed})")
             if step % cfg.eval_every == 0:

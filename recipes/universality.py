@@ -117,7 +117,7 @@ from _common import (
     write_json,
 )
 
-from canonreg.experiment import TrialConfig, make_arm
+from canonreg.experiment import TrialConfig, make_arm, optimizer_step
 from canonreg.layers import select_layers
 from canonreg.models import CNN1d, ResidualMLP, mlp
 
@@ -485,10 +485,7 @@ def train_two_point(cfg: UniversalityConfig, arch: str, regime: str, seed: int, 
                 raise FloatingPointError(f"Training diverged at step {step} ({arch}, {regime}, seed {seed}, arm {arm})")
             if rows[-1][4] <= cfg.tol * rows[0][4] or step == cfg.max_steps:
                 break
-            loss = task + align(task) if align is not None else task
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, task, align)
             t += lr
     finally:
         handle.remove()

@@ -345,3 +345,23 @@ def test_loss_weight_default_is_the_arms_own() -> None:
     assert tiny(arm="crh", relations=("f-RGA",)).resolved().relations == ()
     with pytest.raises(ValueError, match="loss_weight"):
         tiny(arm="crh", loss_weight=-1.0)
+
+
+def test_batch_indices_are_the_epoch_permutation_loop() -> None:
+    from canonreg.experiment import batch_indices
+
+    # Reference: the loop written out — a fresh permutation per epoch, the incomplete tail dropped.
+    order = torch.Generator().manual_seed(7)
+    perm, pos, ref = torch.randperm(10, generator=order), 0, []
+    for _ in range(9):
+        if pos + 3 > 10:
+            perm, pos = torch.randperm(10, generator=order), 0
+        ref.append(perm[pos : pos + 3])
+        pos += 3
+    got = batch_indices(10, 3, 7)
+    for r in ref:
+        assert torch.equal(next(got), r)
+    assert torch.equal(next(batch_indices(4, 4, 0)).sort().values, torch.arange(4))
+    for bad in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            next(batch_indices(10, bad, 0))  # type: ignore[arg-type]
