@@ -437,6 +437,12 @@ def weight_parameter(tap: LayerTap, module: nn.Module, name: str = "") -> nn.Par
     return _owning_parameter(name or type(module).__name__, module, tap.weight(module))
 
 
+def _weight_and_parameter(tap: LayerTap, module: nn.Module) -> tuple[Tensor, nn.Parameter]:
+    """``W`` as the tap gives it and the parameter whose storage it views (for stride-derived layouts)."""
+    w = tap.weight(module)
+    return w, _owning_parameter(type(module).__name__, module, w)
+
+
 def matrix_view(tap: LayerTap, module: nn.Module, t: Tensor) -> Tensor:
     """``t``, shaped like the weight parameter, in the tap's ``(d_b, d_a)`` layout of ``W``.
 
@@ -450,8 +456,7 @@ def matrix_view(tap: LayerTap, module: nn.Module, t: Tensor) -> Tensor:
     own = getattr(tap, "matrix_view", None)
     if callable(own):
         return own(module, t)  # type: ignore[no-any-return]
-    w = tap.weight(module)
-    p = _owning_parameter(type(module).__name__, module, w)
+    w, p = _weight_and_parameter(tap, module)
     _expect_shape(t, p, "t")
     if t.stride() != p.stride():
         t = torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
@@ -468,8 +473,7 @@ def to_weight_layout(tap: LayerTap, module: nn.Module, m: Tensor) -> Tensor:
     own = getattr(tap, "to_weight_layout", None)
     if callable(own):
         return own(module, m)  # type: ignore[no-any-return]
-    w = tap.weight(module)
-    p = _owning_parameter(type(module).__name__, module, w)
+    w, p = _weight_and_parameter(tap, module)
     _expect_shape(m, w, "m")
     out = torch.empty_strided(p.shape, p.stride(), dtype=m.dtype, device=m.device)
     out.as_strided(w.shape, w.stride(), out.storage_offset() + w.storage_offset() - p.storage_offset()).copy_(m)
