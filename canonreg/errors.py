@@ -6,9 +6,11 @@ Every check raises with the argument's name, what was expected and what was rece
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
-from typing import Any, TypeVar
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 __all__ = [
     "CanonRegError",
@@ -19,9 +21,11 @@ __all__ = [
     "check_fraction",
     "check_bool",
     "check_nonnegative_int",
+    "renamed_arguments",
 ]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CanonRegError(RuntimeError):
@@ -89,3 +93,31 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"Expected `{name}` to be a non-negative int, but got {value!r}")
     return value
+
+
+def renamed_arguments(**renames: str) -> Callable[[F], F]:
+    """Accept old keyword names of a function for one deprecation cycle: ``@renamed_arguments(old="new")``.
+
+    A call with ``old=v`` runs as ``new=v`` and emits a ``FutureWarning`` naming both (shown to end users
+    by default, unlike ``DeprecationWarning``); passing both names raises a TypeError naming them.
+    Example: ``@renamed_arguments(mode="preprocess")`` keeps ``second_moment(x, mode="centered")`` working.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__qualname__}() got both `{old}` and its new name `{new}`; pass only `{new}`")
+                    warnings.warn(
+                        f"{fn.__qualname__}(): `{old}` is renamed `{new}`; the old name will be removed in a later release",
+                        FutureWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorate

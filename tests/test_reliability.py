@@ -755,3 +755,17 @@ def test_two_simulated_ranks_recentre_on_the_global_mean(monkeypatch: pytest.Mon
         assert reports[rank].samples["0"] == 96
         assert_close(reports[rank].matrices("0")["H_a"], want, rtol=0, atol=1e-5)
     assert torch.equal(reports[0].matrices("0")["G_b"], reports[1].matrices("0")["G_b"])
+
+
+def test_renamed_arguments_maps_old_name_with_a_warning_and_refuses_both() -> None:
+    from canonreg.errors import renamed_arguments
+
+    @renamed_arguments(mode="preprocess")
+    def f(x: int, *, preprocess: str = "raw") -> str:
+        return f"{x}:{preprocess}"
+
+    with pytest.warns(FutureWarning, match="`mode` is renamed `preprocess`"):
+        assert f(1, mode="centered") == "1:centered"
+    assert f(2) == "2:raw"
+    with pytest.raises(TypeError, match="both `mode` and its new name `preprocess`"):
+        f(1, mode="a", preprocess="b")
