@@ -158,6 +158,10 @@ class TrialConfig:
             metrics over the last one (windows are aligned to end at ``steps``).
         monitor_every: the monitor collects every ``monitor_every``-th step of a window (1 = all;
             larger values cut its overhead, the training is the same).
+        monitor_windows: ``"all"`` (the monitor is attached throughout and measures every window) or
+            ``"last"`` (attached for the last ``eval_every`` steps only: ``history``,
+            ``steps_to_alpha`` and ``track_crh`` see that window alone; the cheap setting when only
+            the final window is wanted, the training is the same).
         alpha_threshold: mean α defining ``steps_to_alpha``.
         n_bootstrap: bootstrap resamples of the PAH exponent intervals (0 = none).
         track_crh: also measure the task-only α over the training set after every window (one
@@ -189,13 +193,15 @@ class TrialConfig:
     metric: str = "pearson"
     eval_every: int = 100
     monitor_every: int = 1
+    monitor_windows: str = "all"
     alpha_threshold: float = 0.5
     n_bootstrap: int = 100
     track_crh: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("arm", "dataset", "model", "optimizer", "loss_metric", "preprocess", "metric"):
+        for name in ("arm", "dataset", "model", "optimizer", "loss_metric", "preprocess", "metric", "monitor_windows"):
             _check_type(name, getattr(self, name), str)
+        check_choice("monitor_windows", self.monitor_windows, ("all", "last"))
         check_choice("arm", self.arm, ARMS)
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, MODELS)
@@ -531,8 +537,8 @@ def train_trial(
     ``steps`` optimizer steps on batches of ``batch_size`` drawn without replacement (a fresh
     permutation each epoch from a generator seeded with ``seed``, the incomplete tail dropped so
     that S is constant), objective ``CE(f(x), y)`` plus ``align()`` in the loss arms. A
-    :class:`~canonreg.CRHMonitor` (``cfg.preprocess``, ``cfg.metric``) is attached throughout — it
-    never changes the computation — collecting every ``monitor_every``-th step and reset after every
+    :class:`~canonreg.CRHMonitor` (``cfg.preprocess``, ``cfg.metric``) is attached throughout (for
+    the last window only with ``monitor_windows="last"``) — it never changes the computation — collecting every ``monitor_every``-th step and reset after every
     window of ``eval_every`` steps; windows are aligned to end at ``steps``. Balance terms use
     ``η = lr / (1 − β)`` for SGD with momentum β (spec §5), ``η = lr`` for Adam/AdamW.
 
@@ -577,9 +583,11 @@ def train_trial(
     report = None
     window_loss, window_count, last_loss = 0.0, 0, float("nan")
     steps_to_alpha: int | None = None
+    first_monitored = 1 if cfg.monitor_windows == "all" else cfg.steps - cfg.eval_every + 1
     try:
-        monitor.attach()
         for step in range(1, cfg.steps + 1):
+            if step == first_monitored:
+                monitor.attach()
             idx = next(batches)
             task = F.cross_entropy(model(x[idx]), y[idx])
             optimizer_step(opt, task, align)
@@ -588,7 +596,9 @@ def train_trial(
                 raise FloatingPointError(f"Training diverged: non-finite task loss at step {step} of {cfg!r}")
             window_loss += task_value
             window_count += 1
-            if (cfg.steps - step) % cfg.eval_every == 0:
+            if (cfg.steps - step) % cfg.eval_every == 0 and step < first_monitored:  # an unmonitored window
+                window_loss, window_count = 0.0, 0
+            elif (cfg.steps - step) % cfg.eval_every == 0:
                 final = step == cfg.steps
                 report = monitor.compute(
                     lr=eta,
