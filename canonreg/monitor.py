@@ -84,7 +84,7 @@ from .layers import (
     untraced_call,
 )
 from .report import CRHReport, build_report
-from .taps import LayerTap, LinearTap, functional_only_children, tap_batch_size, weight_parameter
+from .taps import LayerTap, LinearTap, functional_only_children, kept_rows, tap_batch_size, weight_parameter
 
 __all__ = ["CRHMonitor"]
 
@@ -752,9 +752,11 @@ class CRHMonitor:
             with torch.no_grad(), _no_autocast(output):
                 xa = tap.input_rows(module, inputs).detach()
                 x_in = inputs[0]
-                idx = None
-                if self.max_rows is not None and xa.shape[0] > self.max_rows:
-                    idx = torch.randperm(xa.shape[0], generator=self._gen)[: self.max_rows].to(xa.device)
+                # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
+                idx = kept_rows(_display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen)
+                if idx is not None:
+                    if idx.numel() == 0:
+                        return  # every position of this call is masked out
                     xa = xa[idx]
                 xa = _work_dtype(xa)
                 ha_norm2 = _row_norm2(xa)

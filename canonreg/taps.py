@@ -50,14 +50,20 @@ Example (a tap for a hypothetical ``Dense`` module computing ``x @ self.w.T``)::
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Protocol, runtime_checkable
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CanonRegError
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "LayerTap",
@@ -74,6 +80,10 @@ __all__ = [
     "matrix_view",
     "to_weight_layout",
     "untapped_reason",
+    "masked",
+    "active_mask",
+    "kept_rows",
+    "mask_from_inputs",
 ]
 
 
@@ -496,3 +506,163 @@ def functional_only_children(model: nn.Module) -> dict[str, str]:
             )
     return out
 
+
+
+# ---------------------------------------------------------------------------- sample masks
+_MASKS = threading.local()
+
+
+def _mask_stack() -> list[Tensor]:
+    stack: list[Tensor] | None = getattr(_MASKS, "stack", None)
+    if stack is None:
+        stack = _MASKS.stack = []
+    return stack
+
+
+def _as_mask(mask: object, what: str = "mask") -> Tensor:
+    """``mask`` as a bool tensor; 0/1 integer or float masks (``attention_mask``) are accepted."""
+    if not isinstance(mask, Tensor) or mask.dim() == 0:
+        got = "a 0-d tensor" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"Expected `{what}` to be a tensor of shape (batch, positions…) (True = a real sample), but got {got}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"Expected `{what}` to be a bool or 0/1 tensor (1 = a real position, as an attention_mask), but got "
+            f"dtype {mask.dtype} with other values (an additive mask of 0/-inf? pass `mask == 0`)"
+        )
+    return mask != 0
+
+
+@contextlib.contextmanager
+def masked(mask: Tensor) -> Iterator[Tensor]:
+    """Inside the block, positions where ``mask`` is False are no samples for canonreg's hooks.
+
+    For every layer call a :class:`~canonreg.CRHMonitor` or :class:`~canonreg.AlignmentLoss` records
+    inside the block, the rows of ``h_a``, ``h_b``, ``g_a`` and ``g_b`` whose position is masked out are
+    dropped (the same rows for all four), so ``H = E_{mask}[h̃ h̃ᵀ]``, ``G = E_{mask}[g̃ g̃ᵀ]`` are means
+    over the real positions only. ``mask`` is ``(batch, positions…)``, bool or 0/1 (a Hugging Face
+    ``attention_mask`` as is; for token targets, ``labels != -100``). Which rows a layer call keeps:
+
+    * ``rows == mask.numel()`` (a per-position layer; rows are batch-major, as every built-in tap
+      orders them): the rows where ``mask.reshape(-1)`` is True;
+    * ``rows == mask.shape[0]`` (a per-sequence layer: a pooler, a classifier on a pooled vector): the
+      sequences with at least one True position;
+    * anything else (a strided convolution, a layer on another sequence length): a
+      :class:`CanonRegError` naming the layer and both shapes.
+
+    The rows are chosen at the forward call, so the backward pass may run after the block.
+    Blocks nest (the innermost mask applies); the mask is per thread. A call keeping no row is not
+    recorded. ``max_rows`` sub-sampling then draws among the kept rows.
+
+    Example:
+        >>> with canonreg.taps.masked(batch["attention_mask"]):  # doctest: +SKIP
+        ...     loss = model(**batch).loss
+        >>> loss.backward()  # doctest: +SKIP
+    """
+    m = _as_mask(mask)
+    stack = _mask_stack()
+    stack.append(m)
+    try:
+        yield m
+    finally:
+        stack.pop()
+
+
+def active_mask() -> Tensor | None:
+    """The bool mask of the innermost :func:`masked` block of this thread, or None."""
+    stack = _mask_stack()
+    return stack[-1] if stack else None
+
+
+def _mask_rows(layer: str, n_rows: int, mask: Tensor) -> Tensor:
+    """The ``(n_rows,)`` bool keep-vector of one layer call under ``mask`` (see :func:`masked`)."""
+    if n_rows == mask.numel():
+        return mask.reshape(-1)
+    if n_rows == mask.shape[0]:
+        return mask.reshape(n_rows, -1).any(1)
+    raise CanonRegError(
+        f"Layer {layer!r}: the sample mask has shape {tuple(mask.shape)} ({mask.numel()} positions in "
+        f"{mask.shape[0]} sequences) but this call of the layer has {n_rows} rows; a mask applies to layers "
+        "with one row per position (batch × positions) or one per sequence. Leave the layer out with `layers=`, "
+        "or run it outside the masked block"
+    )
+
+
+def kept_rows(
+    layer: str,
+    n_rows: int,
+    device: torch.device,
+    *,
+    max_rows: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor | None:
+    """Indices of the rows one layer call contributes, or None for all of them.
+
+    The rows the active :func:`masked` mask keeps (all without one), then at most ``max_rows`` of them
+    drawn uniformly without replacement with ``generator`` (``torch.randperm`` on the CPU; without a
+    mask exactly the draw ``randperm(n_rows)[:max_rows]``). The same indices select ``h_a``, ``h_b``,
+    ``g_a`` and ``g_b``. An empty result means the call keeps no row.
+
+    Raises:
+        CanonRegError: the mask fits neither ``n_rows`` positions nor ``n_rows`` sequences (names ``layer``).
+    """
+    mask = active_mask()
+    idx = None
+    n = n_rows
+    if mask is not None:
+        keep = _mask_rows(layer, n_rows, mask)
+        if not bool(keep.all()):
+            idx = keep.nonzero().reshape(-1).to(device)
+            n = idx.numel()
+    if max_rows is not None and n > max_rows:
+        pick = torch.randperm(n, generator=generator)[:max_rows].to(device)
+        idx = pick if idx is None else idx[pick]
+    return idx
+
+
+def mask_from_inputs(model: nn.Module, key: str = "attention_mask") -> RemovableHandle:
+    """Apply :func:`masked` to every forward call of ``model`` that gets the keyword argument ``key``.
+
+    For loops one cannot wrap in a ``with`` block (the Hugging Face ``Trainer``): each call
+    ``model(..., attention_mask=m)`` runs as if inside ``with masked(m):``; calls without ``key`` (or
+    with ``key=None``) are unmasked. Returns a handle; ``handle.remove()`` removes both hooks. Copies
+    of the model (deepcopy, pickle) do not carry them.
+
+    Example:
+        >>> handle = canonreg.taps.mask_from_inputs(model)  # doctest: +SKIP
+        >>> model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()  # doctest: +SKIP
+    """
+    from .layers import OwnedHook  # layers imports this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}")
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"Expected `key` to be a keyword-argument name, but got {key!r}")
+    opened: list[contextlib.ExitStack] = []
+
+    def pre(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
+        stack = contextlib.ExitStack()
+        value = kwargs.get(key)
+        if value is not None:
+            stack.enter_context(masked(_as_mask(value, key)))
+        opened.append(stack)
+
+    def post(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        if opened:
+            opened.pop().close()
+
+    h_pre = model.register_forward_pre_hook(OwnedHook(pre), with_kwargs=True)
+    h_post = model.register_forward_hook(OwnedHook(post), always_call=True)
+    return _Handles(h_pre, h_post)
+
+
+class _Handles:
+    """Removes several hook handles at once (``remove()`` is idempotent)."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()

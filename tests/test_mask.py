@@ -1,0 +1,227 @@
+"""Sample masks: padded positions are no samples (canonreg.taps.masked / mask_from_inputs).
+
+The reference runs every sequence alone, unpadded, and collects the rows of each Linear layer with
+plain hooks and ``torch.autograd`` (per-sequence losses, float64, dense outer products); the masked
+monitor on the padded batch must give the same six matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+import canonreg
+from canonreg.errors import CanonRegError
+from canonreg.taps import active_mask, kept_rows, mask_from_inputs, masked
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class TinyAttention(nn.Module):
+    """Embedding, one attention block with a key-padding mask, per-token head, per-sequence head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)  # one row per position
+        self.pool = nn.Linear(6, 2)  # one row per sequence
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.embed(x))
+        s = self.q(h) @ self.k(h).transpose(1, 2) / math.sqrt(6)
+        keep = torch.ones(x.shape[:2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        s = s.masked_fill(~keep[:, None, :], float("-inf"))
+        h = h + self.out(torch.softmax(s, -1) @ self.v(h))
+        w = keep.to(h.dtype).unsqueeze(-1)
+        pooled = (h * w).sum(1) / w.sum(1)
+        return self.head(h), self.pool(pooled)
+
+
+LAYERS = ["embed", "q", "k", "v", "out", "head", "pool"]
+LENGTHS = [5, 2, 4, 3]
+
+
+def _data() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    b, t = len(LENGTHS), max(LENGTHS)
+    x = torch.randn(b, t, 3, generator=g, dtype=torch.float64)
+    mask = torch.arange(t)[None, :] < torch.tensor(LENGTHS)[:, None]  # right padding
+    x[~mask] = torch.randn(int((~mask).sum()), 3, generator=g, dtype=torch.float64) * 5  # junk in the padding
+    tokens = torch.randint(0, 4, (b, t), generator=g)
+    target = torch.randn(b, 2, generator=g, dtype=torch.float64)
+    return x, mask.long(), tokens, target, torch.tensor(LENGTHS)
+
+
+def _loss(model: TinyAttention, x: Tensor, mask: Tensor | None, tokens: Tensor, target: Tensor, n_tokens: int) -> Tensor:
+    """Sum of the real tokens' cross-entropies over ``n_tokens`` plus the per-sequence squared error."""
+    logits, pooled = model(x, attention_mask=mask)
+    ce = F.cross_entropy(logits.reshape(-1, 4), tokens.reshape(-1), reduction="none").reshape(tokens.shape)
+    if mask is not None:
+        ce = ce * mask
+    return ce.sum() / n_tokens + (pooled - target).square().sum()
+
+
+def _reference(model: TinyAttention) -> dict[str, dict[str, Tensor]]:
+    """Raw moments from each sequence run alone (no padding at all), per-sequence autograd."""
+    x, _, tokens, target, lengths = _data()
+    n_tokens = int(lengths.sum())
+    rows: dict[str, dict[str, list[Tensor]]] = {n: {"x": [], "y": [], "gy": []} for n in LAYERS}
+    outs: dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            rows[name]["x"].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]))
+            rows[name]["y"].append(output.detach().reshape(-1, output.shape[-1]))
+            outs[name] = output
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(capture(n)) for n in LAYERS]
+    for i, n in enumerate(lengths.tolist()):
+        outs.clear()
+        loss = _loss(model, x[i : i + 1, :n], None, tokens[i : i + 1, :n], target[i : i + 1], n_tokens)
+        grads = torch.autograd.grad(loss, [outs[name] for name in LAYERS])
+        for name, gy in zip(LAYERS, grads):
+            rows[name]["gy"].append(-gy.reshape(-1, gy.shape[-1]))
+    for h in handles:
+        h.remove()
+    ref = {}
+    for name in LAYERS:
+        w = model.get_submodule(name).weight.detach()
+        xs, ys, gb = (torch.cat(rows[name][k]) for k in ("x", "y", "gy"))
+        ga = gb @ w
+        m = xs.shape[0]
+        ref[name] = {
+            "H_a": xs.T @ xs / m, "H_b": ys.T @ ys / m, "G_a": ga.T @ ga / m, "G_b": gb.T @ gb / m,
+            "Z_a": w.T @ w, "Z_b": w @ w.T, "n": torch.tensor(m),
+        }
+    return ref
+
+
+@pytest.mark.parametrize("identities", [False, True])
+def test_masked_monitor_equals_the_unpadded_per_sequence_reference(identities: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyAttention().double()
+    ref = _reference(model)
+    x, mask, tokens, target, lengths = _data()
+    n_tokens = int(lengths.sum())
+    assert ref["head"]["n"] == n_tokens and ref["pool"]["n"] == len(LENGTHS)
+    reports = {}
+    for kind in ("masked", "plain"):
+        monitor = canonreg.CRHMonitor(model, preprocess="raw", grad_scale="none", identities=identities)
+        with monitor:
+            if kind == "masked":
+                with masked(mask):
+                    loss = _loss(model, x, mask, tokens, target, n_tokens)
+                assert active_mask() is None
+            else:
+                loss = _loss(model, x, mask, tokens, target, n_tokens)
+            loss.backward()  # after the block: the rows were chosen at the forward call
+        reports[kind] = monitor.compute(exponents=False, ranks=False)
+    got = reports["masked"]
+    for name in LAYERS:
+        assert got.samples[name] == int(ref[name]["n"]), name
+        mats = got.matrices(name)
+        for key in ("H_a", "H_b", "G_a", "G_b", "Z_a", "Z_b"):
+            assert_close(mats[key], ref[name][key], rtol=1e-9, atol=1e-12, msg=f"{name} {key}")
+    # without the mask the padded rows count: other sample numbers and other moments
+    plain = reports["plain"]
+    assert plain.samples["head"] == mask.numel() != n_tokens
+    assert not torch.allclose(plain.matrices("embed")["H_a"], ref["embed"]["H_a"], rtol=1e-3)
+
+
+def test_mask_from_inputs_reads_the_attention_mask_keyword() -> None:
+    torch.manual_seed(0)
+    model = TinyAttention().double()
+    x, mask, tokens, target, lengths = _data()
+    n_tokens = int(lengths.sum())
+    reports = []
+    for how in ("with", "keyword"):
+        monitor = canonreg.CRHMonitor(model, preprocess="centered", grad_scale="none")
+        handle = mask_from_inputs(model) if how == "keyword" else None
+        with monitor:
+            if handle is None:
+                with masked(mask):
+                    loss = _loss(model, x, mask, tokens, target, n_tokens)
+            else:
+                loss = _loss(model, x, mask, tokens, target, n_tokens)  # calls model(x, attention_mask=mask)
+                assert active_mask() is None  # popped when the call returned
+            loss.backward()
+        reports.append(monitor.compute(exponents=False, ranks=False))
+        if handle is not None:
+            handle.remove()
+            handle.remove()  # idempotent
+            assert not model._forward_pre_hooks and not model._forward_hooks
+    assert reports[1].samples["head"] == n_tokens and reports[1].samples["pool"] == len(LENGTHS)
+    for name in LAYERS:
+        assert reports[0].samples[name] == reports[1].samples[name]
+        for key, m in reports[0].matrices(name).items():
+            assert_close(reports[1].matrices(name)[key], m, rtol=1e-10, atol=1e-13, msg=f"{name} {key}")
+
+
+def test_mask_from_inputs_pops_the_mask_when_forward_raises() -> None:
+    class Boom(nn.Module):
+        def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+            assert active_mask() is not None
+            raise RuntimeError("boom")
+
+    model = Boom()
+    handle = mask_from_inputs(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.zeros(2, 3), attention_mask=torch.ones(2, 3))
+    assert active_mask() is None
+    handle.remove()
+
+
+def test_a_layer_whose_rows_do_not_fit_the_mask_raises_naming_it_and_both_shapes() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 3, kernel_size=3, stride=2), nn.Flatten(), nn.Linear(9, 2))
+    monitor = canonreg.CRHMonitor(model)
+    x = torch.randn(4, 2, 8)  # conv rows: 4 × 3 positions; the mask: 4 × 8
+    with monitor, masked(torch.ones(4, 8, dtype=torch.bool)):
+        with pytest.raises(CanonRegError, match=r"Layer '0'.*\(4, 8\).*12 rows"):
+            model(x)
+
+
+def test_kept_rows_rules() -> None:
+    dev = torch.device("cpu")
+    assert kept_rows("l", 6, dev) is None  # no mask: every row
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(kept_rows("l", 10, dev, max_rows=4, generator=g1), torch.randperm(10, generator=g2)[:4])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    with masked(mask):
+        assert kept_rows("l", 9, dev).tolist() == [0, 1, 6]  # per position
+        assert kept_rows("l", 3, dev).tolist() == [0, 2]  # per sequence: the all-padding one is dropped
+        with masked(torch.ones(3, 3)):
+            assert kept_rows("l", 9, dev) is None  # innermost mask applies; all rows kept
+        sub = kept_rows("l", 9, dev, max_rows=2, generator=torch.Generator().manual_seed(0))
+        assert sub is not None and len(sub) == 2 and set(sub.tolist()) <= {0, 1, 6}
+        with pytest.raises(CanonRegError, match=r"'l'.*\(3, 3\).*5 rows"):
+            kept_rows("l", 5, dev)
+    with masked(torch.zeros(2, 2, dtype=torch.bool)):
+        assert kept_rows("l", 4, dev).numel() == 0
+    with pytest.raises(ValueError, match="0/1"):
+        with masked(torch.tensor([[0.0, float("-inf")]])):
+            pass
+    with pytest.raises(TypeError, match="`mask`"):
+        with masked([1, 0]):  # type: ignore[arg-type]
+            pass
+
+
+def test_a_fully_masked_call_is_not_recorded() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    monitor = canonreg.CRHMonitor(model, on_missing="skip")
+    x = torch.randn(2, 5, 3)
+    with monitor:
+        with masked(torch.zeros(2, 5)):
+            model(x).square().sum().backward()
+        with masked(torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])):
+            model(x).square().sum().backward()
+    report = monitor.compute(exponents=False, ranks=False)
+    assert report.samples == {"0": 3, "2": 3}
