@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional as CF
-from .errors import CanonRegError, check_choice, check_nonnegative, check_positive
+from .errors import CanonRegError, check_choice, check_nonnegative, check_positive, check_positive_int
 from .layers import (
     HookSet,
     LayerSpec,
@@ -57,11 +57,13 @@ from .layers import (
     strip_inert_hooks,
     untraced_call,
 )
-from .taps import LayerTap, tap_batch_size
+from .taps import LayerTap, active_mask, tap_batch_size
 
 __all__ = [
     "AlignmentLoss",
     "CRH_PRESET",
+    "ESTIMATORS",
+    "Estimator",
     "crh_loss",
     "inner_layers",
     "GMode",
@@ -70,11 +72,16 @@ __all__ = [
     "WeightGram",
     "alignment_from_moments",
     "alignment_loss",
+    "centred_sketch",
     "entry_sum",
     "factored_alignment",
     "frobenius_inner",
     "gram_sqnorm",
+    "rademacher_probes",
     "row_moment",
+    "sketch_pieces",
+    "sketch_product",
+    "sketched_alignment",
     "spectral_flatness",
     "squared_frobenius",
 ]
@@ -399,6 +406,91 @@ def alignment_loss(a: MomentOperand, b: MomentOperand, metric: CF.Metric = "cosi
     return 1.0 - factored_alignment(a, b, metric)
 
 
+# ====================================================================== randomized (sketched) estimators
+#: How :class:`AlignmentLoss` evaluates the Frobenius moments: exact trace identities or Hutchinson sketches.
+Estimator = Literal["exact", "hutchinson"]
+ESTIMATORS: tuple[str, ...] = ("exact", "hutchinson")
+
+
+def rademacher_probes(dim: int, probes: int, *, like: Tensor) -> Tensor:
+    """``Ω`` of shape ``(dim, probes)`` with independent ±1 entries, so ``E[Ω Ωᵀ] / k = I`` (``k = probes``).
+
+    Drawn from torch's global generator on ``like``'s device (reproducible under ``torch.manual_seed``),
+    in ``like``'s dtype.
+    """
+    check_positive_int("probes", probes)
+    omega = torch.empty(dim, probes, device=like.device, dtype=like.dtype).bernoulli_(0.5)
+    return omega.mul_(2.0).sub_(1.0)
+
+
+def sketch_product(a: MomentOperand, omega: Tensor) -> Tensor:
+    """``A Ω`` for a ``(d, d)`` operand and probes ``Ω`` ``(d, k)``, never building ``A``.
+
+    ``Fᵀ (F Ω)`` for a :class:`RowMoment` (``2·n·d·k`` multiply-adds), ``Wᵀ (W Ω)`` for ``Z_a``,
+    ``W (Wᵀ Ω)`` for ``Z_b`` (``2·d_a·d_b·k``), ``C Ω`` for a dense ``C`` (``d²·k``).
+    """
+    if _dim(a) != omega.shape[0]:
+        raise ValueError(f"Expected probes with {_dim(a)} rows, but got {_describe(omega)}")
+    if isinstance(a, RowMoment):
+        f = a.rows
+        return f.T @ (f @ omega.to(f.dtype))
+    if isinstance(a, WeightGram):
+        w = a.weight
+        om = omega.to(w.dtype)
+        return w.T @ (w @ om) if a.side == "a" else w @ (w.T @ om)
+    return a @ omega.to(a.dtype)
+
+
+def centred_sketch(a: MomentOperand, omega: Tensor, metric: CF.Metric) -> Tensor:
+    """``A Ω`` (cosine) or ``(A − ā J) Ω`` (pearson; ``ā = 1ᵀA1 / d²`` exact, ``J`` all ones).
+
+    Pearson α is the cosine of the entry-centred matrices, so centring the sketch keeps the
+    cosine-of-sketches form (below) for both metrics.
+    """
+    u = sketch_product(a, omega)
+    if metric == "pearson":
+        mean = (entry_sum(a) / (_dim(a) ** 2)).to(u.dtype)
+        u = u - mean * omega.to(u.dtype).sum(0, keepdim=True)  # ā·1·(1ᵀΩ), broadcast over rows
+    return u
+
+
+def sketch_pieces(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Hutchinson estimates ``(⟨u, v⟩/k, ‖u‖²/k, ‖v‖²/k)`` (float64) from ``u = AΩ``, ``v = BΩ``.
+
+    With ``E[ΩΩᵀ]/k = I``: ``E⟨AΩ, BΩ⟩/k = Tr(AᵀB) = ⟨A, B⟩_F`` and ``E‖AΩ‖²/k = ‖A‖_F²`` (unbiased).
+    """
+    k = u.shape[1]
+    return _sum64(u * v) / k, _sq64(u) / k, _sq64(v) / k
+
+
+def sketched_alignment(
+    a: MomentOperand, b: MomentOperand, probes: int = 16, metric: CF.Metric = "cosine", *, omega: Tensor | None = None
+) -> Tensor:
+    """Randomized α: the cosine of two sketches, ``α̂ = ⟨ÃΩ, B̃Ω⟩ / (‖ÃΩ‖ ‖B̃Ω‖)`` (float64 0-d tensor).
+
+    ``Ã = A`` (cosine) or ``A − (1ᵀA1/d²) J`` (pearson), ``Ω`` ``(d, k)`` Rademacher probes
+    (:func:`rademacher_probes`; or pass ``omega``). Numerator and both squared norms are unbiased
+    Hutchinson estimates of ``⟨Ã, B̃⟩``, ``‖Ã‖²``, ``‖B̃‖²`` sharing one ``Ω``; α̂ itself is a ratio, so
+    it carries an ``O(1/k)`` bias, but ``|α̂| ≤ 1`` always and ``α̂ = 1`` exactly when ``Ã = cB̃``
+    (``c > 0``): the randomized loss ``1 − α̂`` has the exact loss's minimisers, and its error shrinks
+    with ``1 − α``. Cost ``O(k·(n·d + d_a·d_b))`` per pair instead of the exact ``O(d³ + n·d²)``.
+
+    Args:
+        a, b: operands of equal size ``d`` (dense, :class:`RowMoment`, :class:`WeightGram`).
+        probes: ``k ≥ 1``.
+        metric: ``"cosine"`` or ``"pearson"``.
+        omega: optional ``(d, k)`` probes (then ``probes`` is ignored).
+    """
+    check_choice("metric", metric, CF.METRICS)
+    d = _dim(a)
+    if _dim(b) != d:
+        raise ValueError(f"Expected operands of equal size, but got {d} × {d} and {_dim(b)} × {_dim(b)}")
+    if omega is None:
+        omega = rademacher_probes(d, probes, like=_operand_tensor(a))
+    inner, sq_a, sq_b = sketch_pieces(centred_sketch(a, omega, metric), centred_sketch(b, omega, metric))
+    return alignment_from_moments(inner, sq_a, sq_b, None, None, d * d, "cosine")
+
+
 # ====================================================================== the module
 @dataclass
 class _Capture:
@@ -411,6 +503,27 @@ class _Capture:
     in_version: int
     out_version: int
     w_version: int
+
+
+@dataclass
+class _Terms:
+    """The scalar moments of one call's terms, in order (``pieces``: inner, ‖A‖², ‖B‖², 1ᵀA1, 1ᵀB1)."""
+
+    pieces: list[list[Tensor]] = field(default_factory=lambda: [[], [], [], [], []])
+    numel: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    where: list[tuple[str, str]] = field(default_factory=list)
+    flats: list[Tensor] = field(default_factory=list)
+    flat_where: list[str] = field(default_factory=list)
+    flat_weights: list[float] = field(default_factory=list)
+
+    def add(self, where: tuple[str, str], weight: float, numel: int, pieces: tuple[Tensor | None, ...]) -> None:
+        for bucket, piece in zip(self.pieces, pieces):
+            if piece is not None:
+                bucket.append(piece)
+        self.numel.append(numel)
+        self.weights.append(weight)
+        self.where.append(where)
 
 
 class AlignmentLoss(nn.Module):
@@ -552,37 +665,25 @@ class AlignmentLoss(nn.Module):
         warmup: int = 0,
         ema_warmup: Literal["error", "skip"] = "error",
         nonfinite: Policy = "error",
+        estimator: Estimator = "exact",
+        probes: int = 16,
         taps: dict[type[nn.Module], LayerTap] | None = None,
     ) -> None:
         super().__init__()
-        if relations == "all":
-            relations = CF.RELATIONS
-        if isinstance(relations, str):
-            raise ValueError(  # noqa: TRY004 — a single name is a wrong value, not a wrong type
-                f"Expected `relations` to be a sequence of names, e.g. ({relations!r},), but got the string {relations!r}"
-            )
-        if not isinstance(relations, Sequence):
-            raise TypeError(f"Expected `relations` to be a sequence of names from {list(CF.RELATIONS)}, but got {relations!r}")
-        rels = tuple(relations)
-        if not rels:
-            raise ValueError(f"Expected `relations` to name at least one of {list(CF.RELATIONS)}, but got an empty sequence")
-        for r in rels:
-            if r not in CF.RELATIONS:
-                raise ValueError(f"Expected `relations` to contain names from {list(CF.RELATIONS)}, but got {r!r}")
-        if len(set(rels)) != len(rels):
-            raise ValueError(f"Expected `relations` without duplicates, but got {list(rels)}")
+        rels = _check_relations(relations)
         check_choice("metric", metric, CF.METRICS)
         check_choice("preprocess", preprocess, CF.PREPROCESS_MODES)
         check_choice("g_mode", g_mode, ("ema", "exact"))
         check_choice("ema_warmup", ema_warmup, ("error", "skip"))
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
+        check_choice("estimator", estimator, ESTIMATORS)
+        self.probes = check_positive_int("probes", probes)
         if not (isinstance(ema_decay, (int, float)) and not isinstance(ema_decay, bool) and 0 <= ema_decay < 1):
             raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
-        flatness = check_nonnegative("flatness", flatness)
-        if focus is not None:
-            focus = check_positive("focus", focus)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"Expected `warmup` to be a non-negative int (loss calls), but got {warmup!r}")
+        self.flatness = check_nonnegative("flatness", flatness)
+        self.focus = None if focus is None else check_positive("focus", focus)
         if not any(p.requires_grad for p in model.parameters()):
             raise CanonRegError(
                 "AlignmentLoss got a model with no parameter that requires grad (a frozen model): the loss could "
@@ -600,32 +701,39 @@ class AlignmentLoss(nn.Module):
         self.metric: CF.Metric = metric
         self.preprocess: CF.Preprocess = preprocess
         self.g_mode: GMode = g_mode
+        self.estimator: Estimator = estimator
         self.ema_decay = float(ema_decay)
         self.ema_warmup = ema_warmup
         self.nonfinite: Policy = nonfinite
         self.weight = weight
-        self.flatness = flatness
-        self.focus = focus
         self.warmup = warmup
-        self.calls = 0
-        self._inert_warned = False
+        self._init_term_weights(layer_weights, relation_weights)
+        self._init_state()
+        self.attach()
+
+    def _init_term_weights(self, layer_weights: Mapping[str, float] | None, relation_weights: Mapping[str, float] | None) -> None:
+        """Per-layer and per-relation weights (at least one positive term) and the matrices they need."""
+        rels = self.relations
         self._layer_w = self._check_weights("layer_weights", layer_weights, self.layer_names, _display)
         self._rel_w = self._check_weights("relation_weights", relation_weights, rels, str)
         if not any(self._layer_w[n] * self._rel_w[r] > 0 for n in self.layer_names for r in rels) and not (
-            flatness > 0 and any(self._layer_w[n] > 0 for n in self.layer_names)
+            self.flatness > 0 and any(self._layer_w[n] > 0 for n in self.layer_names)
         ):
             raise ValueError("Expected `layer_weights` and `relation_weights` to leave at least one positive term, but all are 0")
         needed = {m for r in rels for m in CF.RELATION_PAIRS[r]}
         self._needs_g: tuple[str, ...] = tuple(m for m in _G_MATRICES if m in needed)
         self._needs_out_rows = "H_b" in needed or "f-RWA" in rels
 
+    def _init_state(self) -> None:
+        """Hooks, captures, G averages and counters of a freshly built loss."""
+        self.calls = 0
+        self._inert_warned = False
         self._hooks = HookSet()
         self._captures: dict[str, list[_Capture]] = {}
         self._ema: dict[str, dict[str, Tensor]] = {}
         self._ema_updates: dict[str, int] = {}
         #: ``{layer: {relation: α}}`` of the last call (detached 0-d tensors; no host sync until read).
         self.last_alignment: dict[str, dict[str, Tensor]] = {}
-        self.attach()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -759,6 +867,12 @@ class AlignmentLoss(nn.Module):
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or untraced_call(module, inputs, output):
                 return
+            if active_mask() is not None:  # never silently count padded positions
+                raise CanonRegError(
+                    f"AlignmentLoss: layer {_display(name)!r} ran inside a sample mask (canonreg.taps.masked / "
+                    "mask_from_inputs), which the loss does not support yet (only CRHMonitor does); run the loss's "
+                    "forward pass outside the mask or detach the loss"
+                )
             x = inputs[0] if inputs else None
             rows_b = None
             if self._needs_out_rows:
@@ -852,62 +966,85 @@ class AlignmentLoss(nn.Module):
         exact_g = bool(self._needs_g) and self.g_mode == "exact"
         self._check_captures(exact_g)
         grads = self._exact_grads(task_loss) if exact_g else {}
-
-        # The five scalar moments of every term, then α of all terms in one vectorised call.
-        pieces: list[list[Tensor]] = [[], [], [], [], []]
-        numel: list[int] = []
-        weights: list[float] = []
-        where: list[tuple[str, str]] = []
-        flats: list[Tensor] = []
-        flat_where: list[str] = []
-        flat_weights: list[float] = []
-        pearson = self.metric == "pearson"
         with torch.autocast(device_type=w0.device.type, enabled=False):
-            for name in self.layer_names:
-                ops = self._operands(name, grads)
-                for rel in self.relations:
-                    wt = self._layer_w[name] * self._rel_w[rel]
-                    a_name, b_name = CF.RELATION_PAIRS[rel]
-                    a, b = ops.get(a_name), ops.get(b_name)
-                    if wt == 0.0 or a is None or b is None:
-                        continue  # zero weight, or G average not yet available with ema_warmup="skip"
-                    pieces[0].append(frobenius_inner(a, b))
-                    pieces[1].append(squared_frobenius(a))
-                    pieces[2].append(squared_frobenius(b))
-                    if pearson:
-                        pieces[3].append(entry_sum(a))
-                        pieces[4].append(entry_sum(b))
-                    numel.append(_dim(a) ** 2)
-                    weights.append(wt)
-                    where.append((name, rel))
-                flat_w = self._layer_w[name] * self.flatness
-                if flat_w > 0:
-                    flats.append(spectral_flatness(_work(self._taps[name].weight(self._captures[name][0].module))))
-                    flat_where.append(name)
-                    flat_weights.append(flat_w)
+            terms = self._collect_terms(grads)
         self.last_alignment = {}
-        if not where and not flat_where:
+        if not terms.where and not terms.flat_where:
             return torch.zeros((), dtype=out_dtype, device=w0.device)
-        self._check_can_act(where, pieces, flat_where, flats)
+        self._check_can_act(terms)
+        vals, weights, where = self._term_values(terms)
+        return (scale * self._aggregate(vals, weights, where)).to(out_dtype)
+
+    # ------------------------------------------------------------------ terms
+    def _collect_terms(self, grads: Mapping[str, list[Tensor]]) -> _Terms:
+        """The five scalar moments of every (layer, relation) term and the flatness terms."""
+        terms = _Terms()
+        for name in self.layer_names:
+            ops = self._operands(name, grads)
+            sketches: dict[str, Tensor] = {}  # matrix name → its (centred) sketch, shared by relations
+            for rel in self.relations:
+                wt = self._layer_w[name] * self._rel_w[rel]
+                a_name, b_name = CF.RELATION_PAIRS[rel]
+                a, b = ops.get(a_name), ops.get(b_name)
+                if wt == 0.0 or a is None or b is None:
+                    continue  # zero weight, or G average not yet available with ema_warmup="skip"
+                terms.add((name, rel), wt, _dim(a) ** 2, self._pieces(a, b, a_name, b_name, sketches))
+            flat_w = self._layer_w[name] * self.flatness
+            if flat_w > 0:
+                terms.flats.append(spectral_flatness(_work(self._taps[name].weight(self._captures[name][0].module))))
+                terms.flat_where.append(name)
+                terms.flat_weights.append(flat_w)
+        return terms
+
+    def _pieces(
+        self, a: MomentOperand, b: MomentOperand, a_name: str, b_name: str, sketches: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(⟨A,B⟩, ‖A‖², ‖B‖², 1ᵀA1, 1ᵀB1)``: exact, or (``estimator="hutchinson"``) Hutchinson estimates
+        of the moments of the entry-centred matrices for pearson (then the sums are None and α is their cosine).
+
+        Sides of width ``d ≤ probes`` stay exact under ``"hutchinson"`` (cheaper than ``k ≥ d`` probes).
+        """
+        d = _dim(a)
+        pearson = self.metric == "pearson"
+        if self.estimator == "exact" or d <= self.probes:
+            inner, sq_a, sq_b = frobenius_inner(a, b), squared_frobenius(a), squared_frobenius(b)
+            if not pearson:
+                return inner, sq_a, sq_b, None, None
+            s_a, s_b = entry_sum(a), entry_sum(b)
+            if self.estimator == "exact":
+                return inner, sq_a, sq_b, s_a, s_b
+            n = float(d * d)
+            return inner - s_a * s_b / n, sq_a - s_a * s_a / n, sq_b - s_b * s_b / n, None, None
+        for m, op in ((a_name, a), (b_name, b)):
+            if m not in sketches:
+                side = "omega_" + m[-1]  # H_a, Z_a, G_a act on the input side; H_b, Z_b, G_b on the output side
+                if side not in sketches:
+                    sketches[side] = rademacher_probes(d, self.probes, like=_operand_tensor(op))
+                sketches[m] = centred_sketch(op, sketches[side], self.metric)
+        return (*sketch_pieces(sketches[a_name], sketches[b_name]), None, None)
+
+    def _term_values(self, terms: _Terms) -> tuple[Tensor, list[float], list[tuple[str, str]]]:
+        """``1 − α`` and ``1 − φ`` of every term (α of all terms in one vectorised call); records ``last_alignment``."""
         vals_list: list[Tensor] = []
-        if where:
-            stacked = [torch.stack(p) if p else None for p in pieces]
-            alphas = alignment_from_moments(
-                stacked[0], stacked[1], stacked[2], stacked[3], stacked[4],  # type: ignore[arg-type]
-                torch.tensor(numel, dtype=torch.float64, device=stacked[0].device), self.metric,  # type: ignore[union-attr]
-            )
+        if terms.where:
+            stacked = [torch.stack(p) if p else None for p in terms.pieces]
+            numel = torch.tensor(terms.numel, dtype=torch.float64, device=stacked[0].device)  # type: ignore[union-attr]
+            metric: CF.Metric = self.metric if self.estimator == "exact" else "cosine"  # sketches come centred
+            alphas = alignment_from_moments(stacked[0], stacked[1], stacked[2], stacked[3], stacked[4], numel, metric)  # type: ignore[arg-type]
             detached = alphas.detach()
-            for i, (name, rel) in enumerate(where):
+            for i, (name, rel) in enumerate(terms.where):
                 self.last_alignment.setdefault(name, {})[rel] = detached[i]
             vals_list.append(1.0 - alphas)
-        if flat_where:
-            phi = torch.stack(flats)
-            for i, name in enumerate(flat_where):
+        if terms.flat_where:
+            phi = torch.stack(terms.flats)
+            for i, name in enumerate(terms.flat_where):
                 self.last_alignment.setdefault(name, {})["flatness"] = phi.detach()[i]
             vals_list.append(1.0 - phi)
-        where = where + [(n, "flatness") for n in flat_where]
-        weights = weights + flat_weights
-        vals = torch.cat(vals_list)
+        where = terms.where + [(n, "flatness") for n in terms.flat_where]
+        return torch.cat(vals_list), terms.weights + terms.flat_weights, where
+
+    def _aggregate(self, vals: Tensor, weights: list[float], where: list[tuple[str, str]]) -> Tensor:
+        """The weighted mean (``focus=None``) or soft maximum of the finite terms (policy ``nonfinite``)."""
         wts = torch.tensor(weights, dtype=vals.dtype, device=vals.device)
         finite = torch.isfinite(vals)
         if self.nonfinite != "skip" and not bool(finite.all()):  # one host sync
@@ -915,32 +1052,29 @@ class AlignmentLoss(nn.Module):
             msg = f"AlignmentLoss: α is undefined (a zero or constant matrix, or non-finite activations) for {bad}"
             if self.nonfinite == "error":
                 raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to leave such terms out")
-            warnings.warn(msg + "; left out of the mean", RuntimeWarning, stacklevel=2)
+            warnings.warn(msg + "; left out of the mean", RuntimeWarning, stacklevel=3)
         wts = torch.where(finite, wts, torch.zeros_like(wts))
         vals = torch.where(finite, vals, torch.zeros_like(vals))
         total = wts.sum()
         total = torch.where(total > 0, total, torch.ones_like(total))
         if self.focus is None:
-            loss = (wts * vals).sum() / total
-        else:  # τ·log Σ p_i exp(v_i/τ), p = w/Σw: between the weighted mean (τ → ∞) and the worst term (τ → 0)
-            tau, live = self.focus, wts > 0
-            logits = torch.where(live, vals / tau + torch.log(torch.where(live, wts, torch.ones_like(wts))), torch.full_like(vals, -math.inf))
-            any_live = live.any()
-            logits = torch.where(any_live, logits, torch.zeros_like(logits))  # every term skipped: no -inf − -inf
-            loss = torch.where(any_live, tau * (torch.logsumexp(logits, 0) - torch.log(total)), torch.zeros_like(total))
-        return (scale * loss).to(out_dtype)
+            return (wts * vals).sum() / total
+        # τ·log Σ p_i exp(v_i/τ), p = w/Σw: between the weighted mean (τ → ∞) and the worst term (τ → 0)
+        tau, live = self.focus, wts > 0
+        logits = torch.where(live, vals / tau + torch.log(torch.where(live, wts, torch.ones_like(wts))), torch.full_like(vals, -math.inf))
+        any_live = live.any()
+        logits = torch.where(any_live, logits, torch.zeros_like(logits))  # every term skipped: no -inf − -inf
+        return torch.where(any_live, tau * (torch.logsumexp(logits, 0) - torch.log(total)), torch.zeros_like(total))
 
     # ------------------------------------------------------------------ internals
-    def _check_can_act(
-        self, where: list[tuple[str, str]], pieces: list[list[Tensor]], flat_where: list[str], flats: list[Tensor]
-    ) -> None:
+    def _check_can_act(self, terms: _Terms) -> None:
         """Raise if no term can reach a parameter (frozen model); warn once naming the layers that cannot act."""
         if not torch.is_grad_enabled():
             return
         acting: dict[str, bool] = {}  # layers with at least one computed term
-        for i, (name, _) in enumerate(where):
-            acting[name] = acting.get(name, False) or any(p[i].requires_grad for p in pieces if p)
-        for name, phi in zip(flat_where, flats):
+        for i, (name, _) in enumerate(terms.where):
+            acting[name] = acting.get(name, False) or any(p[i].requires_grad for p in terms.pieces if p)
+        for name, phi in zip(terms.flat_where, terms.flats):
             acting[name] = acting.get(name, False) or phi.requires_grad
         inert = [_display(n) for n, ok in acting.items() if not ok]
         if len(inert) == len(acting):
@@ -1061,8 +1195,34 @@ class AlignmentLoss(nn.Module):
 _EXACT_AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def _check_relations(relations: Sequence[str] | Literal["all"]) -> tuple[str, ...]:
+    """The requested relation names as a tuple (``"all"``: the six), or a clear error."""
+    if relations == "all":
+        relations = CF.RELATIONS
+    if isinstance(relations, str):
+        raise ValueError(  # noqa: TRY004 — a single name is a wrong value, not a wrong type
+            f"Expected `relations` to be a sequence of names, e.g. ({relations!r},), but got the string {relations!r}"
+        )
+    if not isinstance(relations, Sequence):
+        raise TypeError(f"Expected `relations` to be a sequence of names from {list(CF.RELATIONS)}, but got {relations!r}")
+    rels = tuple(relations)
+    if not rels:
+        raise ValueError(f"Expected `relations` to name at least one of {list(CF.RELATIONS)}, but got an empty sequence")
+    for r in rels:
+        if r not in CF.RELATIONS:
+            raise ValueError(f"Expected `relations` to contain names from {list(CF.RELATIONS)}, but got {r!r}")
+    if len(set(rels)) != len(rels):
+        raise ValueError(f"Expected `relations` without duplicates, but got {list(rels)}")
+    return rels
+
+
 def _cat(xs: list[Tensor]) -> Tensor:
     return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def _operand_tensor(a: MomentOperand) -> Tensor:
+    """The tensor an operand holds (its device and dtype are the sketch's)."""
+    return a.rows if isinstance(a, RowMoment) else a.weight if isinstance(a, WeightGram) else a
 
 
 def _work(x: Tensor) -> Tensor:
