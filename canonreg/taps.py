@@ -621,7 +621,7 @@ def kept_rows(
     return idx
 
 
-def mask_from_inputs(model: nn.Module, key: str = "attention_mask") -> RemovableHandle:
+def mask_from_inputs(model: nn.Module, key: str = "attention_mask") -> _Handles:
     """Apply :func:`masked` to every forward call of ``model`` that gets the keyword argument ``key``.
 
     For loops one cannot wrap in a ``with`` block (the Hugging Face ``Trainer``): each call

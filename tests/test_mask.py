@@ -225,3 +225,14 @@ def test_a_fully_masked_call_is_not_recorded() -> None:
             model(x).square().sum().backward()
     report = monitor.compute(exponents=False, ranks=False)
     assert report.samples == {"0": 3, "2": 3}
+
+
+def test_alignment_loss_refuses_a_sample_mask_clearly() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss = canonreg.AlignmentLoss(model, relations=("f-RWA",))
+    x = torch.randn(2, 5, 3)
+    with masked(torch.ones(2, 5)), pytest.raises(CanonRegError, match="AlignmentLoss.*sample mask"):
+        model(x)
+    task = model(x).square().mean()  # outside the mask the loss works
+    assert torch.isfinite(loss(task))
+    loss.detach()
