@@ -18,6 +18,7 @@ not updated) and its mode is restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -30,6 +31,7 @@ from .errors import CanonRegError, check_bool, check_choice, check_nonnegative_i
 from .layers import _CLAIMS, LayerSpec
 from .monitor import CRHMonitor
 from .report import CRHReport
+from .taps import masked
 
 __all__ = ["measure_crh", "min_alignment"]
 
@@ -53,6 +55,7 @@ def measure_crh(
     exponents: bool = False,
     n_bootstrap: int = 0,
     seed: int = 0,
+    ignore_index: int | None = None,
 ) -> CRHReport:
     """The six CRH relations of ``model`` on a whole data set, with the task loss's gradient only.
 
@@ -74,6 +77,9 @@ def measure_crh(
         batch_size: samples per pass (memory only: the result does not depend on it).
         layers, preprocess, metric, grad_scale: as for :class:`~canonreg.CRHMonitor`.
         exponents, n_bootstrap, seed: PAH exponent fits, as in :meth:`~canonreg.CRHMonitor.compute`.
+        ignore_index: positions whose target equals it are no samples (token targets ``(batch, positions)``
+            padded with e.g. ``-100``): each batch runs inside ``canonreg.taps.masked(y != ignore_index)``,
+            so per-position layers keep the rows of real positions only (see :func:`canonreg.taps.masked`).
 
     Returns:
         The :class:`~canonreg.CRHReport` over every sample.
@@ -99,6 +105,8 @@ def measure_crh(
     check_choice("metric", metric, CF.METRICS)
     check_bool("exponents", exponents)
     check_nonnegative_int("n_bootstrap", n_bootstrap)
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"Expected `ignore_index` to be an int (a padding target such as -100) or None, but got {ignore_index!r}")
     batches = _batches(x, y, batch_size)
     for kind in _INTERFERING:
         owner = _owner(kind, model)
@@ -117,7 +125,8 @@ def measure_crh(
         model.eval()
         with monitor, torch.enable_grad():
             for xb, yb in batches:
-                loss = loss_fn(model(xb), yb)
+                with masked(yb != ignore_index) if ignore_index is not None else contextlib.nullcontext():
+                    loss = loss_fn(model(xb), yb)
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {_describe(loss)}")
                 if not math.isfinite(float(loss.detach())):

@@ -236,3 +236,25 @@ def test_alignment_loss_refuses_a_sample_mask_clearly() -> None:
     task = model(x).square().mean()  # outside the mask the loss works
     assert torch.isfinite(loss(task))
     loss.detach()
+
+
+def test_measure_crh_ignore_index_equals_measuring_the_real_tokens_only() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    x, mask, tokens, _, lengths = _data()
+    y = tokens.masked_fill(mask == 0, -100)
+
+    def token_ce(out: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+    got = canonreg.measure_crh(model, x, y, loss_fn=token_ce, ignore_index=-100, batch_size=2)
+    real = mask.bool()
+    ref = canonreg.measure_crh(model, x[real], tokens[real], batch_size=100)  # one row per real token
+    padded = canonreg.measure_crh(model, x, y, loss_fn=token_ce, batch_size=2)
+    for name in ("0", "2", "4"):
+        assert got.samples[name] == ref.samples[name] == int(lengths.sum()) < padded.samples[name]
+        for key, m in ref.matrices(name).items():
+            assert_close(got.matrices(name)[key], m, rtol=1e-9, atol=1e-12, msg=f"{name} {key}")
+    assert not torch.allclose(padded.matrices("0")["H_a"], ref.matrices("0")["H_a"], rtol=1e-3)
+    with pytest.raises(TypeError, match="ignore_index"):
+        canonreg.measure_crh(model, x, y, loss_fn=token_ce, ignore_index=-1.0)  # type: ignore[arg-type]
