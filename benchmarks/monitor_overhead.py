@@ -62,6 +62,7 @@ TARGETS = {"every1_max": 1.8, "every10_max": 1.1, "naive_speedup_min": 5.0, "at_
 class Config:
     widths: tuple[int, ...] = (256, 1024, 2048)
     d_in: int = 1024
+    depth: int = 3  # hidden layers of the MLP (d_in → width ×depth → 10)
     batch: int = 512
     modes: tuple[str, ...] = ("centered", "normalized")
     cnn: bool = True
@@ -90,7 +91,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--modes", nargs="+", choices=["raw", "centered", "normalized"])
     p.add_argument("--cnn", action=argparse.BooleanOptionalAction, default=None)
     for name in (
-        "d_in", "batch", "cnn_batch", "steps", "naive_steps", "naive_max_width", "warmup", "rounds", "threads", "seed",
+        "d_in", "depth", "batch", "cnn_batch", "steps", "naive_steps", "naive_max_width", "warmup", "rounds", "threads", "seed",
         "syrk_block",
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
@@ -108,7 +109,7 @@ def parse(argv: list[str] | None) -> Config:
         if v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
     cfg = Config(**values)
-    for name in ("d_in", "batch", "cnn_batch", "steps", "rounds"):
+    for name in ("d_in", "depth", "batch", "cnn_batch", "steps", "rounds"):
         if getattr(cfg, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be a positive int, but got {getattr(cfg, name)}")
     if torch.device(cfg.device).type != "cpu" and cfg.clock == "cpu":
@@ -119,11 +120,12 @@ def parse(argv: list[str] | None) -> Config:
 
 
 # ----------------------------------------------------------------------------- models and data
-def make_mlp(d_in: int, width: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-        nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10),
-    )
+def make_mlp(d_in: int, width: int, depth: int = 3) -> nn.Sequential:
+    """``d_in → width (×depth hidden layers, ReLU) → 10``: ``depth + 1`` Linear layers."""
+    mods: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(width, 10))
 
 
 def make_cnn() -> nn.Sequential:
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for width in cfg.widths:
         x = torch.randn(cfg.batch, cfg.d_in, generator=g).to(cfg.device)
         y = torch.randint(0, 10, (cfg.batch,), generator=g).to(cfg.device)
-        res = bench_model(f"mlp-{width}", lambda w=width: make_mlp(cfg.d_in, w), x, y, cfg, naive=width <= cfg.naive_max_width)
+        res = bench_model(f"mlp-{width}", lambda w=width: make_mlp(cfg.d_in, w, cfg.depth), x, y, cfg, naive=width <= cfg.naive_max_width)
         res["width"] = width
         rows.append(res)
         print(f"  measured mlp-{width} ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
