@@ -568,8 +568,8 @@ class CRHMonitor:
             raise
         return self
 
-    def detach(self) -> None:
-        """Remove every hook (idempotent); the model is left exactly as before ``attach``.
+    def detach(self) -> CRHMonitor:
+        """Remove every hook (idempotent) and return the monitor; the model is left exactly as before ``attach``.
 
         Gradient hooks already placed on live autograd graphs (forward done, backward pending) stay
         with those graphs and still record when their backward runs. While attached,
@@ -580,6 +580,7 @@ class CRHMonitor:
         """
         self._hooks.remove()
         release_model("CRHMonitor", self.model, self)
+        return self
 
     def __enter__(self) -> CRHMonitor:
         """Attach for the block; blocks nest: each one restores the attachment state it found."""
@@ -729,88 +730,96 @@ class CRHMonitor:
             self._policy(name, whats[ok.index(False)], call, stacklevel=5)
 
     def _make_forward_hook(self, name: str) -> Callable[..., None]:
-        tap = self._taps[name]
         layer = self.layers[name]
-        normalized = self.preprocess == "normalized"
-        centered = self.preprocess != "raw"
 
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if module is not layer or not self._active or not torch.is_grad_enabled():
                 return
-            state = self._state[name]
-            if untraced_call(module, inputs, output) is not None:
-                state.untraced += 1  # a torch.func transform or functional_call pass: never a sample
-                return
-            state.fired += 1
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                state.no_grad_output += 1
-                return
-            if output.is_meta:
-                raise CanonRegError(
-                    f"Layer {_display(name)!r} ran on the meta device (no values to measure); detach the monitor "
-                    "before meta-device passes, or materialise the model"
-                )
-            call = self._calls
-            deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
-            with torch.no_grad(), _no_autocast(output):
-                xa = tap.input_rows(module, inputs).detach()
-                x_in = inputs[0]
-                # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
-                idx = kept_rows(_display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen)
-                if idx is not None:
-                    if idx.numel() == 0:
-                        return  # every position of this call is masked out
-                    xa = xa[idx]
-                xa = _work_dtype(xa)
-                ha_norm2 = _row_norm2(xa)
-                if not self._finite(name, "activations (h_a)", call, ha_norm2.sum(), deferred):
-                    return
-                ya = _normalize(xa, ha_norm2) if normalized else xa
-                pending: dict[str, Tensor | _CallMoment] = {}
-                # Keep the rows until commit time (a fused Gram into the window) when that costs no memory:
-                # fresh rows no larger than the Gram, or a view of a Linear input that autograd saves (and
-                # so guards against in-place changes) anyway; otherwise reduce this call now.
-                version = None
-                if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
-                    if type(tap) is LinearTap and tap.weight(module).requires_grad:
-                        pending["Ha"] = ya
-                        version = (x_in, x_in._version)
-                    else:
-                        pending["Ha"] = _CallMoment(ya, centered)
-                elif ya.shape[0] <= ya.shape[1]:
-                    pending["Ha"] = ya
-                else:
-                    pending["Ha"] = _CallMoment(ya, centered)
-                rows_b = None
-                if self.direct or self.track_balance:
-                    hb = _work_dtype(tap.output_rows(module, output).detach())
-                    if idx is not None:
-                        hb = hb[idx]
-                    if self.direct:
-                        hb_norm2 = _row_norm2(hb)
-                        if not self._finite(name, "activations (h_b)", call, hb_norm2.sum(), deferred):
-                            return
-                        yb = _normalize(hb, hb_norm2) if normalized else hb
-                        fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
-                        pending["Hb"] = yb if fresh_small else _CallMoment(yb, centered)
-                    if self.track_balance:
-                        # W h_a = h_b − b, copied now: an in-place op after the layer may overwrite h_b.
-                        bias = tap.bias(module)
-                        if bias is not None:
-                            rows_b = hb - bias.detach().to(hb.dtype)
-                        else:
-                            rows_b = hb.clone() if _shares_storage(hb, output) else hb
-            scale = self._scale(tap, module, inputs)
-            commit = _Commit(self, name, module, tap, pending, idx, scale, rows_b, ha_norm2, call, version, deferred)
-            node = self._grad_input_node(tap, module, inputs, output)
-            if node is not None:
-                # Linear on 2-D input: autograd computes dL/dh_a = dL/dh_b · W itself; reuse it.
-                grad_fn, slot = node
-                grad_fn.register_hook(lambda grad_inputs, grad_outputs: commit(grad_outputs[0], grad_inputs[slot]))
-            else:
-                output.register_hook(lambda grad: commit(grad, None))
+            if self._admit(name, module, inputs, output):
+                assert isinstance(output, Tensor)
+                self._capture(name, module, inputs, output)
 
         return hook
+
+    def _admit(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> bool:
+        """Count a grad-enabled call of a layer; True when it is a training sample to capture."""
+        state = self._state[name]
+        if untraced_call(module, inputs, output) is not None:
+            state.untraced += 1  # a torch.func transform or functional_call pass: never a sample
+            return False
+        state.fired += 1
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            state.no_grad_output += 1
+            return False
+        if output.is_meta:
+            raise CanonRegError(
+                f"Layer {_display(name)!r} ran on the meta device (no values to measure); detach the monitor "
+                "before meta-device passes, or materialise the model"
+            )
+        return True
+
+    def _capture(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> None:
+        """Forward half of one layer call: the rows of ``h_a`` (and ``h_b``), then a hook for the backward half."""
+        tap = self._taps[name]
+        call = self._calls
+        deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
+        with torch.no_grad(), _no_autocast(output):
+            xa = tap.input_rows(module, inputs).detach()
+            # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
+            idx = kept_rows(_display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen)
+            if idx is not None:
+                if idx.numel() == 0:
+                    return  # every position of this call is masked out
+                xa = xa[idx]
+            xa = _work_dtype(xa)
+            ha_norm2 = _row_norm2(xa)
+            if not self._finite(name, "activations (h_a)", call, ha_norm2.sum(), deferred):
+                return
+            ya = _normalize(xa, ha_norm2) if self.preprocess == "normalized" else xa
+            pending: dict[str, Tensor | _CallMoment] = {}
+            pending["Ha"], version = self._input_moment(tap, module, inputs, ya)
+            rows_b = None
+            if self.direct or self.track_balance:
+                hb = _work_dtype(tap.output_rows(module, output).detach())
+                if idx is not None:
+                    hb = hb[idx]
+                if self.direct:
+                    hb_norm2 = _row_norm2(hb)
+                    if not self._finite(name, "activations (h_b)", call, hb_norm2.sum(), deferred):
+                        return
+                    yb = _normalize(hb, hb_norm2) if self.preprocess == "normalized" else hb
+                    fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
+                    pending["Hb"] = yb if fresh_small else _CallMoment(yb, self.preprocess != "raw")
+                if self.track_balance:
+                    rows_b = _balance_rows(tap, module, hb, output)
+        scale = self._scale(tap, module, inputs)
+        commit = _Commit(self, name, module, tap, pending, idx, scale, rows_b, ha_norm2, call, version, deferred)
+        node = self._grad_input_node(tap, module, inputs, output)
+        if node is not None:
+            # Linear on 2-D input: autograd computes dL/dh_a = dL/dh_b · W itself; reuse it.
+            grad_fn, slot = node
+            grad_fn.register_hook(lambda grad_inputs, grad_outputs: commit(grad_outputs[0], grad_inputs[slot]))
+        else:
+            output.register_hook(lambda grad: commit(grad, None))
+
+    def _input_moment(
+        self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], ya: Tensor
+    ) -> tuple[Tensor | _CallMoment, tuple[Tensor, int] | None]:
+        """What ``H_a`` keeps of this call until its commit, and the input version to re-check then.
+
+        The rows themselves (a fused Gram into the window at commit time) when that costs no memory:
+        fresh rows no larger than the Gram, or a view of a Linear input that autograd saves (and so
+        guards against in-place changes) anyway; otherwise this call reduced now (:class:`_CallMoment`).
+        """
+        x_in = inputs[0]
+        centered = self.preprocess != "raw"
+        if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
+            if type(tap) is LinearTap and tap.weight(module).requires_grad:
+                return ya, (x_in, x_in._version)
+            return _CallMoment(ya, centered), None
+        if ya.shape[0] <= ya.shape[1]:
+            return ya, None
+        return _CallMoment(ya, centered), None
 
     def _grad_input_node(
         self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: Tensor
@@ -1182,6 +1191,14 @@ def _normalize(x: Tensor, norm2: Tensor) -> Tensor:
     """
     norm = norm2.sqrt().to(x.dtype).unsqueeze(1)
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # a zero row has zero entries: it stays zero
+
+
+def _balance_rows(tap: LayerTap, module: nn.Module, hb: Tensor, output: Tensor) -> Tensor:
+    """``W h_a = h_b − b`` per row, copied now: an in-place op after the layer may overwrite ``h_b``."""
+    bias = tap.bias(module)
+    if bias is not None:
+        return hb - bias.detach().to(hb.dtype)
+    return hb.clone() if _shares_storage(hb, output) else hb
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:

@@ -554,8 +554,9 @@ def test_second_monitor_on_same_model_raises() -> None:
     finally:
         first.detach()
     second = CRHMonitor(case.model).attach()
-    second.detach()
-    second.detach()  # idempotent
+    assert second.detach() is second  # detach() returns the monitor, like attach()
+    assert second.detach() is second  # idempotent
+    assert not second.attached
 
 
 def test_compute_before_any_backward_raises() -> None:
