@@ -67,8 +67,10 @@ __all__ = [
     "crh_loss",
     "inner_layers",
     "GMode",
+    "LazyRowMoment",
     "MomentOperand",
     "RowMoment",
+    "SketchOperand",
     "WeightGram",
     "alignment_from_moments",
     "alignment_loss",
@@ -76,6 +78,7 @@ __all__ = [
     "entry_sum",
     "factored_alignment",
     "frobenius_inner",
+    "gram_sketches",
     "gram_sqnorm",
     "rademacher_probes",
     "row_moment",
@@ -139,6 +142,47 @@ class WeightGram:
 
 #: A matrix operand of the alignment functions: dense ``(d, d)`` tensor or a factored form.
 MomentOperand = Tensor | RowMoment | WeightGram
+
+
+@dataclass(frozen=True, eq=False)
+class LazyRowMoment:
+    """The moment of :func:`row_moment` kept as the raw rows: ``M = Fᵀ F`` with ``F = C D x / √n`` unformed.
+
+    ``D = diag(1/‖x_i‖)`` (``normalized``) or ``I``, ``C = I − 11ᵀ/n`` (``centered``, ``normalized``) or
+    ``I`` (``raw``). Sketches need only ``M Ω = xᵀ D C D (x Ω) / n`` (``C² = C``), so every elementwise
+    step acts on ``(n, k)`` products instead of the ``(n, d)`` rows; only :func:`sketch_product` and
+    :func:`entry_sum` accept it.
+    """
+
+    x: Tensor
+    preprocess: CF.Preprocess
+    _cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def _inv_norms(self) -> Tensor | None:
+        if self.preprocess != "normalized":
+            return None
+        if "inv" not in self._cache:
+            norms = torch.linalg.vector_norm(self.x, dim=1, keepdim=True)
+            self._cache["inv"] = 1.0 / torch.where(norms > 0, norms, torch.ones_like(norms))
+        return self._cache["inv"]
+
+    def _rows_of(self, p: Tensor) -> Tensor:
+        """``C D p`` for ``p = x·(something)`` of shape ``(n, k)``."""
+        inv = self._inv_norms()
+        p = p if inv is None else p * inv
+        return p if self.preprocess == "raw" else p - p.mean(0, keepdim=True)
+
+    def dense(self) -> Tensor:
+        """``M`` as a ``(d, d)`` matrix (for references and tests)."""
+        return row_moment(self.x, self.preprocess).dense()
+
+
+#: Operands a sketch accepts: every :data:`MomentOperand` and :class:`LazyRowMoment`.
+SketchOperand = MomentOperand | LazyRowMoment
 
 
 def _sum64(x: Tensor) -> Tensor:
@@ -232,8 +276,8 @@ def _describe(x: object) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
-def _dim(a: MomentOperand) -> int:
-    if isinstance(a, (RowMoment, WeightGram)):
+def _dim(a: SketchOperand) -> int:
+    if isinstance(a, (RowMoment, WeightGram, LazyRowMoment)):
         return a.dim
     if isinstance(a, Tensor) and a.dim() == 2 and a.shape[0] == a.shape[1]:
         return int(a.shape[0])
@@ -254,8 +298,12 @@ def squared_frobenius(a: MomentOperand) -> Tensor:
     return _sq64(a)
 
 
-def entry_sum(a: MomentOperand) -> Tensor:
+def entry_sum(a: SketchOperand) -> Tensor:
     """``1ᵀ A 1`` (float64): ``‖F1‖²``, ``‖W1‖²`` (``Z_a``) or ``‖Wᵀ1‖²`` (``Z_b``)."""
+    if isinstance(a, LazyRowMoment):
+        if "sum" not in a._cache:
+            a._cache["sum"] = _sq64(a._rows_of(a.x.sum(1, keepdim=True))) / a.x.shape[0]
+        return a._cache["sum"]
     if isinstance(a, RowMoment):
         if "sum" not in a._cache:
             a._cache["sum"] = _sq64(a.rows.sum(1))
@@ -419,35 +467,94 @@ def rademacher_probes(dim: int, probes: int, *, like: Tensor) -> Tensor:
     in ``like``'s dtype.
     """
     check_positive_int("probes", probes)
-    omega = torch.empty(dim, probes, device=like.device, dtype=like.dtype).bernoulli_(0.5)
+    omega = torch.randint(0, 2, (dim, probes), device=like.device, dtype=like.dtype)
     return omega.mul_(2.0).sub_(1.0)
 
 
-def sketch_product(a: MomentOperand, omega: Tensor) -> Tensor:
+def _t_mm(x: Tensor, w: Tensor) -> Tensor:
+    """``wᵀ x`` for a skinny ``x``, as ``(xᵀ w)ᵀ``: CPU BLAS is about 2× slower with a transposed big operand."""
+    return (x.T.contiguous() @ w).T
+
+
+class _GramSketch(torch.autograd.Function):
+    """``(WᵀW Ω_a, WWᵀ Ω_b)`` with three skinny products forward and two plus one rank-``4k`` product backward.
+
+    Backward: ``∂⟨g_a, WᵀWΩ_a⟩/∂W = (WΩ_a) g_aᵀ + (W g_a) Ω_aᵀ``, ``∂⟨g_b, WWᵀΩ_b⟩/∂W = g_b (WᵀΩ_b)ᵀ +
+    Ω_b (Wᵀ g_b)ᵀ``, summed in one ``(d_b, 4k) @ (4k, d_a)`` product (autograd would write four ``d × d``
+    outer products and add them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, omega_a: Tensor, omega_b: Tensor) -> tuple[Tensor, Tensor]:
+        k = omega_a.shape[1]
+        q = _t_mm(omega_b, w)  # Wᵀ Ω_b
+        r = w @ torch.cat([omega_a, q], 1)  # [W Ω_a, W Wᵀ Ω_b]
+        p, u_b = r[:, :k], r[:, k:]
+        u_a = _t_mm(p, w)  # Wᵀ W Ω_a
+        ctx.save_for_backward(w, omega_a, omega_b, p, q)
+        return u_a, u_b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_a: Tensor | None, g_b: Tensor | None) -> tuple[Tensor | None, None, None]:
+        w, omega_a, omega_b, p, q = ctx.saved_tensors
+        left: list[Tensor] = []
+        right: list[Tensor] = []
+        if g_a is not None:
+            left += [p, w @ g_a]
+            right += [g_a, omega_a]
+        if g_b is not None:
+            left += [g_b, omega_b]
+            right += [q, _t_mm(g_b, w)]
+        if not left:
+            return None, None, None
+        return torch.cat(left, 1) @ torch.cat([r.T for r in right], 0), None, None
+
+
+def sketch_product(a: SketchOperand, omega: Tensor) -> Tensor:
     """``A Ω`` for a ``(d, d)`` operand and probes ``Ω`` ``(d, k)``, never building ``A``.
 
-    ``Fᵀ (F Ω)`` for a :class:`RowMoment` (``2·n·d·k`` multiply-adds), ``Wᵀ (W Ω)`` for ``Z_a``,
-    ``W (Wᵀ Ω)`` for ``Z_b`` (``2·d_a·d_b·k``), ``C Ω`` for a dense ``C`` (``d²·k``).
+    ``Fᵀ (F Ω)`` for a :class:`RowMoment` (``2·n·d·k`` multiply-adds), ``xᵀ D C D (x Ω) / n`` for a
+    :class:`LazyRowMoment` (the same, with elementwise work on ``(n, k)`` only), ``Wᵀ (W Ω)`` for
+    ``Z_a``, ``W (Wᵀ Ω)`` for ``Z_b`` (``2·d_a·d_b·k``), ``C Ω`` for a dense ``C`` (``d²·k``).
     """
     if _dim(a) != omega.shape[0]:
         raise ValueError(f"Expected probes with {_dim(a)} rows, but got {_describe(omega)}")
+    if isinstance(a, LazyRowMoment):
+        x = a.x
+        p = a._rows_of(x @ omega.to(x.dtype))
+        inv = a._inv_norms()
+        return _t_mm((p if inv is None else p * inv) / x.shape[0], x)
     if isinstance(a, RowMoment):
         f = a.rows
         return f.T @ (f @ omega.to(f.dtype))
     if isinstance(a, WeightGram):
         w = a.weight
         om = omega.to(w.dtype)
-        return w.T @ (w @ om) if a.side == "a" else w @ (w.T @ om)
+        return _t_mm(w @ om, w) if a.side == "a" else w @ _t_mm(om, w)
     return a @ omega.to(a.dtype)
 
 
-def centred_sketch(a: MomentOperand, omega: Tensor, metric: CF.Metric) -> Tensor:
+def gram_sketches(w: Tensor, omega_a: Tensor, omega_b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Z_a Ω_a, Z_b Ω_b) = (WᵀW Ω_a, WWᵀ Ω_b)`` of one weight ``(d_b, d_a)`` together (first-order
+    differentiable in ``W``; the probes get no gradient). Cost ``3·d_a·d_b·k`` forward, ``6·d_a·d_b·k``
+    backward (one rank-``4k`` product for ``∂W``)."""
+    if not isinstance(w, Tensor) or w.dim() != 2 or omega_a.shape[0] != w.shape[1] or omega_b.shape[0] != w.shape[0]:
+        raise ValueError(f"Expected W (d_b, d_a) with probes (d_a, k) and (d_b, k), but got {_describe(w)}, "
+                         f"{_describe(omega_a)}, {_describe(omega_b)}")
+    if omega_a.shape[1] != omega_b.shape[1]:
+        raise ValueError(f"Expected the same number of probes on both sides, but got {omega_a.shape[1]} and {omega_b.shape[1]}")
+    return _GramSketch.apply(w, omega_a.to(w.dtype), omega_b.to(w.dtype))
+
+
+def centred_sketch(a: SketchOperand, omega: Tensor, metric: CF.Metric, *, product: Tensor | None = None) -> Tensor:
     """``A Ω`` (cosine) or ``(A − ā J) Ω`` (pearson; ``ā = 1ᵀA1 / d²`` exact, ``J`` all ones).
 
     Pearson α is the cosine of the entry-centred matrices, so centring the sketch keeps the
-    cosine-of-sketches form (below) for both metrics.
+    cosine-of-sketches form (below) for both metrics. ``product``: ``A Ω`` when already computed
+    (e.g. by :func:`gram_sketches`).
     """
-    u = sketch_product(a, omega)
+    u = sketch_product(a, omega) if product is None else product
     if metric == "pearson":
         mean = (entry_sum(a) / (_dim(a) ** 2)).to(u.dtype)
         u = u - mean * omega.to(u.dtype).sum(0, keepdim=True)  # ā·1·(1ᵀΩ), broadcast over rows
@@ -722,7 +829,8 @@ class AlignmentLoss(nn.Module):
             raise ValueError("Expected `layer_weights` and `relation_weights` to leave at least one positive term, but all are 0")
         needed = {m for r in rels for m in CF.RELATION_PAIRS[r]}
         self._needs_g: tuple[str, ...] = tuple(m for m in _G_MATRICES if m in needed)
-        self._needs_out_rows = "H_b" in needed or "f-RWA" in rels
+        # output rows: for H_b, and for the free ⟨H_a, Z_a⟩ = ‖F Wᵀ‖² of exact f-RWA
+        self._needs_out_rows = "H_b" in needed or ("f-RWA" in rels and self.estimator == "exact")
 
     def _init_state(self) -> None:
         """Hooks, captures, G averages and counters of a freshly built loss."""
@@ -982,6 +1090,8 @@ class AlignmentLoss(nn.Module):
         for name in self.layer_names:
             ops = self._operands(name, grads)
             sketches: dict[str, Tensor] = {}  # matrix name → its (centred) sketch, shared by relations
+            if self.estimator == "hutchinson":
+                self._gram_sketches(ops, sketches)
             for rel in self.relations:
                 wt = self._layer_w[name] * self._rel_w[rel]
                 a_name, b_name = CF.RELATION_PAIRS[rel]
@@ -996,8 +1106,16 @@ class AlignmentLoss(nn.Module):
                 terms.flat_weights.append(flat_w)
         return terms
 
+    def _gram_sketches(self, ops: Mapping[str, SketchOperand | None], sketches: dict[str, Tensor]) -> None:
+        """Both weight Grams' sketches in one pass (:func:`gram_sketches`) when both sides are sketched."""
+        za, zb = ops.get("Z_a"), ops.get("Z_b")
+        if isinstance(za, WeightGram) and isinstance(zb, WeightGram) and self._sketched(za.dim) and self._sketched(zb.dim):
+            sketches["omega_a"] = rademacher_probes(za.dim, self.probes, like=za.weight)
+            sketches["omega_b"] = rademacher_probes(zb.dim, self.probes, like=za.weight)
+            sketches["raw_Z_a"], sketches["raw_Z_b"] = gram_sketches(za.weight, sketches["omega_a"], sketches["omega_b"])
+
     def _pieces(
-        self, a: MomentOperand, b: MomentOperand, a_name: str, b_name: str, sketches: dict[str, Tensor]
+        self, a: SketchOperand, b: SketchOperand, a_name: str, b_name: str, sketches: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(⟨A,B⟩, ‖A‖², ‖B‖², 1ᵀA1, 1ᵀB1)``: exact, or (``estimator="hutchinson"``) Hutchinson estimates
         of the moments of the entry-centred matrices for pearson (then the sums are None and α is their cosine).
@@ -1006,7 +1124,8 @@ class AlignmentLoss(nn.Module):
         """
         d = _dim(a)
         pearson = self.metric == "pearson"
-        if self.estimator == "exact" or d <= self.probes:
+        if not self._sketched(d):
+            assert not isinstance(a, LazyRowMoment) and not isinstance(b, LazyRowMoment)  # _rows() keeps them exact
             inner, sq_a, sq_b = frobenius_inner(a, b), squared_frobenius(a), squared_frobenius(b)
             if not pearson:
                 return inner, sq_a, sq_b, None, None
@@ -1020,7 +1139,7 @@ class AlignmentLoss(nn.Module):
                 side = "omega_" + m[-1]  # H_a, Z_a, G_a act on the input side; H_b, Z_b, G_b on the output side
                 if side not in sketches:
                     sketches[side] = rademacher_probes(d, self.probes, like=_operand_tensor(op))
-                sketches[m] = centred_sketch(op, sketches[side], self.metric)
+                sketches[m] = centred_sketch(op, sketches[side], self.metric, product=sketches.pop("raw_" + m, None))
         return (*sketch_pieces(sketches[a_name], sketches[b_name]), None, None)
 
     def _term_values(self, terms: _Terms) -> tuple[Tensor, list[float], list[tuple[str, str]]]:
@@ -1141,13 +1260,21 @@ class AlignmentLoss(nn.Module):
             res.setdefault(n, []).append(g)
         return res
 
-    def _operands(self, name: str, grads: Mapping[str, list[Tensor]]) -> dict[str, MomentOperand | None]:
+    def _sketched(self, dim: int) -> bool:
+        """Whether a side of width ``dim`` is sketched (``estimator="hutchinson"`` and ``dim > probes``)."""
+        return self.estimator == "hutchinson" and dim > self.probes
+
+    def _rows(self, x: Tensor, image: Tensor | None = None) -> RowMoment | LazyRowMoment:
+        """The moment of rows ``x``: lazy (raw rows) on a sketched side, else factored (:func:`row_moment`)."""
+        return LazyRowMoment(x, self.preprocess) if self._sketched(x.shape[1]) else row_moment(x, self.preprocess, image=image)
+
+    def _operands(self, name: str, grads: Mapping[str, list[Tensor]]) -> dict[str, SketchOperand | None]:
         caps = self._captures[name]
         tap = self._taps[name]
         module = caps[0].module
         w = _work(tap.weight(module))
         needed = {m for r in self.relations for m in CF.RELATION_PAIRS[r]}
-        ops: dict[str, MomentOperand | None] = {}
+        ops: dict[str, SketchOperand | None] = {}
         shared: dict[str, Tensor] = {}
         if "Z_a" in needed:
             ops["Z_a"] = WeightGram(w, "a", shared)
@@ -1159,21 +1286,21 @@ class AlignmentLoss(nn.Module):
         if "H_a" in needed:
             x = _cat([_work(tap.input_rows(c.module, c.inputs)) for c in caps])
             image = None
-            if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None:
+            if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None and not self._sketched(x.shape[1]):
                 bias = tap.bias(module)
                 image = out_rows - _work(bias) if bias is not None else out_rows
-            ops["H_a"] = row_moment(x, self.preprocess, image=image)
+            ops["H_a"] = self._rows(x, image)
         if "H_b" in needed:
             assert out_rows is not None
-            ops["H_b"] = row_moment(out_rows, self.preprocess)
+            ops["H_b"] = self._rows(out_rows)
         if self._needs_g:
             if self.g_mode == "exact":
                 gb = _cat([_work(tap.output_rows(c.module, g)) for c, g in zip(caps, grads[name])])
                 gb = -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)  # scale-free; no underflow
                 if "G_b" in needed:
-                    ops["G_b"] = row_moment(gb, self.preprocess)
+                    ops["G_b"] = self._rows(gb)
                 if "G_a" in needed:
-                    ops["G_a"] = row_moment(gb @ w, self.preprocess)
+                    ops["G_a"] = self._rows(gb @ w)
             else:
                 ema = self._ema.get(name, {})
                 for m in self._needs_g:
@@ -1220,8 +1347,10 @@ def _cat(xs: list[Tensor]) -> Tensor:
     return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 
-def _operand_tensor(a: MomentOperand) -> Tensor:
+def _operand_tensor(a: SketchOperand) -> Tensor:
     """The tensor an operand holds (its device and dtype are the sketch's)."""
+    if isinstance(a, LazyRowMoment):
+        return a.x
     return a.rows if isinstance(a, RowMoment) else a.weight if isinstance(a, WeightGram) else a
 
 
