@@ -4,9 +4,10 @@ For each seed, one initialisation and one batch order are shared by every traini
 ``mlp(40, width, depth, 10)`` with SGD (momentum, coupled weight decay):
 
 * ``baseline``: ``CE(f(x), y)``;
-* one arm per ``--arms`` entry ``"REL+REL@LAYERS[:λ]"`` (λ defaults to ``--weight``):
+* one arm per ``--arms`` entry ``"REL+REL@LAYERS[:λ][/ESTIMATOR]"`` (λ defaults to ``--weight``;
+  ``ESTIMATOR`` is ``exact`` (default), ``hutchinson`` (``--probes`` probes) or ``hutchinsonK``):
   ``CE(f(x), y) + λ_t · align()`` with
-  ``align = AlignmentLoss(model, relations, layers)``, ``λ_t = λ · min(1, t / ramp)`` (``ramp = 0``:
+  ``align = AlignmentLoss(model, relations, layers, estimator=…, probes=…)``, ``λ_t = λ · min(1, t / ramp)`` (``ramp = 0``:
   constant); with ``every = k > 1`` the term ``k·λ_t·align()`` is added on every ``k``-th step only
   (the same mean strength at about 1/k of the cost). ``LAYERS`` is ``hidden`` (every Linear but the head), ``inner`` (hidden but the first,
   whose input is the data) or ``all``.
@@ -14,7 +15,10 @@ For each seed, one initialisation and one batch order are shared by every traini
 Every model, and the untrained initialisation (``init``), is measured with
 :class:`canonreg.CRHMonitor` (``preprocess`` and ``metric`` of the config; the other metric is
 recomputed from the same matrices and kept in the JSON) on the 1000 held-out samples (forward +
-backward of the cross-entropy, no step), and by test accuracy. Reported: every layer × all six
+backward of the cross-entropy, no step; ``--measure_on test``, the default) or with
+:func:`canonreg.measure_crh` on the whole training set (``--measure_on train``), and by test accuracy.
+An arm ``…/hutchinson`` whose exact twin (same spec without the suffix) also runs gets a paired
+comparison: per seed, the difference of every targeted α and of test accuracy (95% t interval). Reported: every layer × all six
 relations, mean and 95% interval over seeds (Student t: ``m ± t_{0.975, n−1} · s/√n``), and per arm
 whether the targeted relations reach ``α ≥ target`` in every targeted layer and the paired accuracy
 difference to the baseline.
@@ -27,6 +31,9 @@ out, the ``b-RWA`` arm asks for one relation everywhere.
 
     python benchmarks/loss_effect.py            # 3 seeds, writes benchmarks/results/loss_effect.{json,md}
     python benchmarks/loss_effect.py --quick    # 1 seed, 60 steps, width 32 (a smoke run)
+    python benchmarks/loss_effect.py --measure_on train --arms f-RWA+b-RWA@hidden:3 \
+        f-RWA+b-RWA@hidden:3/hutchinson --out benchmarks/results/loss_effect_estimators.json \
+        --markdown benchmarks/results/loss_effect_estimators.md   # exact vs randomized estimator
 
 Reference: CRH relations and α of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
 """
@@ -81,6 +88,8 @@ class Config:
     preprocess: str = "normalized"
     metric: str = "pearson"  # the loss's score and the monitor's
     target: float = 0.9
+    probes: int = 16  # of arms "…/hutchinson"
+    measure_on: str = "test"  # "test": CRHMonitor on the held-out set; "train": measure_crh on the training set
     max_acc_drop: float = 0.01
     seeds: tuple[int, ...] = (0, 1, 2)
     threads: int = 1
@@ -107,14 +116,30 @@ def parse(argv: list[str] | None) -> Config:
     cfg = Config(**kw)
     if cfg.every < 1:
         raise ValueError(f"Expected `every` to be a positive int, but got {cfg.every!r}")
+    if cfg.measure_on not in ("test", "train"):
+        raise ValueError(f"Expected `measure_on` to be 'test' or 'train', but got {cfg.measure_on!r}")
     for arm in cfg.arms:
         arm_spec(arm, cfg.weight)
+        arm_estimator(arm, cfg.probes)
     return cfg
 
 
+def arm_estimator(arm: str, default_probes: int = 16) -> tuple[str, int]:
+    """``"…/hutchinson8"`` → ``("hutchinson", 8)``; ``"…/hutchinson"`` → ``("hutchinson", default_probes)``;
+    no suffix or ``/exact`` → ``("exact", default_probes)``."""
+    _, _, est = arm.partition("/")
+    if est in ("", "exact"):
+        return "exact", default_probes
+    k = est.removeprefix("hutchinson")
+    if not est.startswith("hutchinson") or not (k == "" or (k.isdigit() and int(k) > 0)):
+        raise ValueError(f"Expected an arm suffix '/exact', '/hutchinson' or '/hutchinsonK' (K > 0), but got {arm!r}")
+    return "hutchinson", int(k) if k else default_probes
+
+
 def arm_spec(arm: str, default_weight: float = math.nan) -> tuple[tuple[str, ...], str, float]:
-    """``"f-RWA+b-RWA@hidden:3"`` → ``(("f-RWA", "b-RWA"), "hidden", 3.0)`` (λ defaults to ``default_weight``)."""
-    rels, _, rest = arm.partition("@")
+    """``"f-RWA+b-RWA@hidden:3"`` → ``(("f-RWA", "b-RWA"), "hidden", 3.0)`` (λ defaults to ``default_weight``;
+    an estimator suffix ``/…`` is ignored here, see :func:`arm_estimator`)."""
+    rels, _, rest = arm.partition("/")[0].partition("@")
     layers, _, lam = rest.partition(":")
     relations = tuple(rels.split("+"))
     try:
@@ -149,14 +174,18 @@ def fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
 
 # ---------------------------------------------------------------------- one training
 def measure(model: nn.Module, data: Split, cfg: Config) -> dict[str, Any]:
-    """Six relations of every Linear layer on the test set (both metrics) and the test accuracy."""
-    monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
-    with monitor:
-        for i in range(0, data.x_test.shape[0], 250):
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(data.x_test[i : i + 250]), data.y_test[i : i + 250]).backward()
-    model.zero_grad(set_to_none=True)
-    report = monitor.compute(exponents=False)
+    """Six relations of every Linear layer (both metrics; held-out set or, with ``measure_on="train"``,
+    :func:`canonreg.measure_crh` on the whole training set, task gradient only) and the test accuracy."""
+    if cfg.measure_on == "train":
+        report = canonreg.measure_crh(model, data.x, data.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+    else:
+        monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+        with monitor:
+            for i in range(0, data.x_test.shape[0], 250):
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(data.x_test[i : i + 250]), data.y_test[i : i + 250]).backward()
+        model.zero_grad(set_to_none=True)
+        report = monitor.compute(exponents=False)
     other = "cosine" if cfg.metric == "pearson" else "pearson"
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
@@ -177,8 +206,11 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
     lam = 0.0
     if arm is not None:
         relations, which, lam = arm_spec(arm, cfg.weight)
+        estimator, probes = arm_estimator(arm, cfg.probes)
         layers = {"hidden": linear[:-1], "inner": linear[1:-1], "all": linear}[which]
-        align = AlignmentLoss(model, relations, layers, metric=cfg.metric, preprocess=cfg.preprocess)  # type: ignore[arg-type]
+        align = AlignmentLoss(
+            model, relations, layers, metric=cfg.metric, preprocess=cfg.preprocess, estimator=estimator, probes=probes  # type: ignore[arg-type]
+        )
     gen = torch.Generator().manual_seed(10_000 + seed)  # the batch order: shared by both trainings of a seed
     n = data.x.shape[0]
     order = torch.randperm(n, generator=gen)
@@ -251,7 +283,34 @@ def summarise(cfg: Config, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "accuracy_within_bound_mean": statistics.fmean(drops) <= cfg.max_acc_drop,
             "train_seconds": [runs[s][arm]["train"]["seconds"] for s in seeds],
         }
+    summary["estimators"] = compare_estimators(cfg, runs, summary)
     return summary
+
+
+def compare_estimators(cfg: Config, runs: dict[int, dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Per randomized arm with an exact twin in the run: paired (per seed) differences randomized − exact."""
+    seeds = sorted(runs)
+    out: dict[str, Any] = {}
+    for arm in cfg.arms:
+        twin = arm.partition("/")[0]
+        if arm_estimator(arm, cfg.probes)[0] != "hutchinson" or twin not in cfg.arms:
+            continue
+        info = summary["arms"][arm]
+
+        def paired(get: Any) -> dict[str, Any]:
+            v = [get(runs[s][arm]) - get(runs[s][twin]) for s in seeds]
+            return dict(zip(("mean", "ci95"), mean_ci(v)), values=v)
+
+        out[arm] = {
+            "exact_twin": twin,
+            "probes": arm_estimator(arm, cfg.probes)[1],
+            "alpha_minus_exact": {
+                f"{n}/{r}": paired(lambda run, n=n, r=r: run[cfg.metric][n][r]) for n in info["layers"] for r in info["relations"]
+            },
+            "accuracy_minus_exact": paired(lambda run: run["test_acc"]),
+            "train_seconds_ratio": [runs[s][arm]["train"]["seconds"] / runs[s][twin]["train"]["seconds"] for s in seeds],
+        }
+    return out
 
 
 def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any]], env: dict[str, Any]) -> str:
@@ -260,19 +319,24 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
     ramp = f", linear warm-up over {cfg.ramp} steps" if cfg.ramp else ""
     if cfg.every > 1:
         ramp += f", added as {cfg.every}·λ·align() on every {cfg.every}-th step only"
+    if cfg.measure_on == "train":
+        where_measured = (f"Measured by `canonreg.measure_crh(model, x_train, y_train, preprocess='{cfg.preprocess}', "
+                          f"metric='{cfg.metric}')` on the whole training set (task gradient only). ")
+    else:
+        where_measured = (f"Measured by `CRHMonitor(preprocess='{cfg.preprocess}', metric='{cfg.metric}')` on the 1000 "
+                          "held-out samples (cross-entropy backward, no step). ")
     lines = [
         "# AlignmentLoss effect: MLP on MNIST-1D",
         "",
         (f"`python benchmarks/loss_effect.py` — mlp(40, {cfg.width}, depth {cfg.depth}, 10) (Linear layers "
         f"{list(summary['alpha'][cfg.metric]['baseline'])}, the last is the head), SGD lr {cfg.lr}, momentum "
         f"{cfg.momentum}, weight decay {cfg.weight_decay}, batch {cfg.batch}, {cfg.steps} steps, {len(seeds)} seeds "
-        f"{list(seeds)}. Arms `REL+REL@LAYERS:λ`: `task + λ·AlignmentLoss(model, relations, layers, "
+        f"{list(seeds)}. Arms `REL+REL@LAYERS:λ[/ESTIMATOR]`: `task + λ·AlignmentLoss(model, relations, layers, "
         f"metric='{cfg.metric}', preprocess='{cfg.preprocess}')`{ramp}; `hidden` = every Linear but the head, "
         "`inner` = hidden but the first (whose input is the data)."),
         "",
-        (f"Measured by `CRHMonitor(preprocess='{cfg.preprocess}', metric='{cfg.metric}')` on the 1000 held-out "
-        "samples (cross-entropy backward, no step). Cells: mean ± 95% half-width over seeds (Student t). "
-        "**Bold**: targeted by the arm. `init`: the untrained initialisation shared by all trainings of a seed."),
+        where_measured + "Cells: mean ± 95% half-width over seeds (Student t). "
+        "**Bold**: targeted by the arm. `init`: the untrained initialisation shared by all trainings of a seed.",
         "",
         "## Per arm",
         "",
@@ -290,6 +354,24 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
             f"{s['min_targeted_alpha']:.3f} | {fmt(summary['accuracy'][arm]['values'], 2, 100)} | "
             f"{fmt(s['baseline_minus_arm_accuracy']['values'], 2, 100)} |"
         )
+    for arm, c in summary["estimators"].items():
+        lines += [
+            "",
+            f"## Randomized vs exact estimator: `{arm}` − `{c['exact_twin']}` (paired over seeds)",
+            "",
+            f"Training time ratio per seed (randomized / exact, whole training loop): "
+            f"{[round(r, 2) for r in c['train_seconds_ratio']]}.",
+            "",
+            "| term | exact α | randomized α | randomized − exact |",
+            "|---|---|---|---|",
+        ]
+        for term, d in c["alpha_minus_exact"].items():
+            n, r = term.split("/")
+            lines.append(
+                f"| {n} {r} | {fmt(summary['alpha'][cfg.metric][c['exact_twin']][n][r]['values'])} | "
+                f"{fmt(summary['alpha'][cfg.metric][arm][n][r]['values'])} | {fmt(d['values'])} |"
+            )
+        lines.append(f"| test accuracy (points) | | | {fmt(c['accuracy_minus_exact']['values'], 2, 100)} |")
     lines += [
         "",
         f"## α ({cfg.metric}, preprocess={cfg.preprocess}), all six relations",
