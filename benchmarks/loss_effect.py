@@ -89,6 +89,8 @@ class Config:
     metric: str = "pearson"  # the loss's score and the monitor's
     target: float = 0.9
     probes: int = 16  # of arms "…/hutchinson"
+    spread_probes: tuple[int, ...] = (4, 16, 64)  # std of the randomized α at each trained arm (empty: skip)
+    spread_draws: int = 50
     measure_on: str = "test"  # "test": CRHMonitor on the held-out set; "train": measure_crh on the training set
     max_acc_drop: float = 0.01
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -106,8 +108,8 @@ def parse(argv: list[str] | None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 60 steps, width 32")
     for f in dataclasses.fields(Config):
-        if f.name in ("arms", "seeds"):
-            p.add_argument(f"--{f.name}", nargs="+", type=str if f.name == "arms" else int, default=None)
+        if f.name in ("arms", "seeds", "spread_probes"):
+            p.add_argument(f"--{f.name}", nargs="*", type=str if f.name == "arms" else int, default=None)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=None)
     args = vars(p.parse_args(argv))
@@ -233,6 +235,35 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
     if align is not None:
         align.detach()
     return {"seconds": time.perf_counter() - t0, "final": last, "layers": layers, "relations": list(relations), "weight": lam}
+
+
+def estimator_spread(model: nn.Module, data: Split, cfg: Config, info: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Spread of the randomized α of a trained arm's terms on one training batch: for each ``k`` in
+    ``spread_probes``, ``spread_draws`` draws of ``AlignmentLoss(..., estimator="hutchinson", probes=k)``
+    against the exact α of the same batch: mean, std, and std of ``1 − α̂`` relative to ``1 − α``."""
+    x, y = data.x[: cfg.batch], data.y[: cfg.batch]
+    kw: dict[str, Any] = {"metric": cfg.metric, "preprocess": cfg.preprocess}
+    with AlignmentLoss(model, info["relations"], info["layers"], **kw) as exact:
+        model(x)
+        exact()
+        ref = {f"{n}/{r}": float(a) for n, d in exact.last_alignment.items() for r, a in d.items()}
+    torch.manual_seed(seed)
+    out: dict[str, Any] = {"exact": ref}
+    for k in cfg.spread_probes:
+        draws: dict[str, list[float]] = {t: [] for t in ref}
+        with AlignmentLoss(model, info["relations"], info["layers"], estimator="hutchinson", probes=k, **kw) as est:
+            F.cross_entropy(model(x), y)
+            with torch.no_grad():
+                for _ in range(cfg.spread_draws):
+                    est()
+                    for n, d in est.last_alignment.items():
+                        for r, a in d.items():
+                            draws[f"{n}/{r}"].append(float(a))
+        out[str(k)] = {
+            t: {"mean": statistics.fmean(v), "std": statistics.stdev(v), "rel_std_1_minus_alpha": statistics.stdev(v) / max(1e-12, 1 - ref[t])}
+            for t, v in draws.items()
+        }
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -372,6 +403,7 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
                 f"{fmt(summary['alpha'][cfg.metric][arm][n][r]['values'])} | {fmt(d['values'])} |"
             )
         lines.append(f"| test accuracy (points) | | | {fmt(c['accuracy_minus_exact']['values'], 2, 100)} |")
+    lines += spread_markdown(cfg, runs)
     lines += [
         "",
         f"## α ({cfg.metric}, preprocess={cfg.preprocess}), all six relations",
@@ -400,6 +432,33 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def spread_markdown(cfg: Config, runs: dict[int, dict[str, Any]]) -> list[str]:
+    """Table of the randomized estimator's spread at the trained exact arms (see :func:`estimator_spread`)."""
+    seeds = sorted(runs)
+    lines: list[str] = []
+    for arm in cfg.arms:
+        if "spread" not in runs[seeds[0]][arm]:
+            continue
+        lines += [
+            "",
+            f"## Spread of the randomized α at the trained `{arm}` models ({cfg.spread_draws} draws per k, one training "
+            f"batch of {cfg.batch}, every targeted term of every seed)",
+            "",
+            "| probes k | mean exact α | mean of (mean α̂ − α) | median std α̂ | max std α̂ | median std(1 − α̂)/(1 − α) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k in cfg.spread_probes:
+            cells = [(runs[s][arm]["spread"]["exact"][t], v) for s in seeds for t, v in runs[s][arm]["spread"][str(k)].items()]
+            bias = statistics.fmean(v["mean"] - a for a, v in cells)
+            stds = [v["std"] for _, v in cells]
+            rel = [v["rel_std_1_minus_alpha"] for _, v in cells]
+            lines.append(
+                f"| {k} | {statistics.fmean(a for a, _ in cells):.3f} | {bias:+.4f} | {statistics.median(stds):.4f} | "
+                f"{max(stds):.4f} | {statistics.median(rel):.3f} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse(argv)
     torch.set_num_threads(cfg.threads)
@@ -415,6 +474,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.manual_seed(seed)  # nothing random in training besides the batch order; kept for safety
             info = train(model, data, cfg, seed, None if c == "baseline" else c)
             runs[seed][c] = {**measure(model, data, cfg), "train": info}
+            if c != "baseline" and cfg.spread_probes and arm_estimator(c, cfg.probes)[0] == "exact":
+                runs[seed][c]["spread"] = estimator_spread(model, data, cfg, info, seed)
             alphas = runs[seed][c][cfg.metric]
             print(f"seed {seed} {c:<20} acc {100 * runs[seed][c]['test_acc']:.1f}%  {info['seconds']:.0f}s  "
                   + "  ".join(f"{n}:{r}={alphas[n][r]:.3f}" for n in info["layers"] for r in info["relations"]), flush=True)
