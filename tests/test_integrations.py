@@ -440,6 +440,43 @@ def test_hf_trainer_callback_metrics_reach_report_to(tmp_path) -> None:
         assert f"train/crh/alpha/{CONV1D_NAMES[0]}/f-RGA" in acc.Tags()["scalars"]
 
 
+class _PaddedTokenData(torch.utils.data.Dataset):
+    """8 right-padded sequences (lengths 3..8) with their attention_mask; padding labels are -100."""
+
+    def __init__(self) -> None:
+        self.ids = torch.randint(1, 50, (8, 8), generator=torch.Generator().manual_seed(0))
+        self.mask = (torch.arange(8)[None, :] < torch.tensor([8, 3, 5, 8, 4, 6, 7, 3])[:, None]).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i].masked_fill(self.mask[i] == 0, 0)
+        return {"input_ids": ids, "attention_mask": self.mask[i], "labels": ids.masked_fill(self.mask[i] == 0, -100)}
+
+
+@pytest.mark.parametrize("mask_key", ["attention_mask", None])
+def test_hf_trainer_callback_does_not_count_padding(tmp_path, mask_key) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from canonreg.integrations.hf import CRHTrainerCallback
+
+    data = _PaddedTokenData()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0,
+    )
+    trainer = transformers.Trainer(model=_tiny_gpt2(), args=args, train_dataset=data)
+    cb = CRHTrainerCallback.add_to(trainer, every_n_steps=2, mask_key=mask_key)
+    trainer.train()
+    expected = int(data.mask.sum()) if mask_key else data.mask.numel()  # one epoch: every sequence once
+    assert int(data.mask.sum()) < data.mask.numel()
+    assert cb.last_report is not None
+    for name in [*CONV1D_NAMES, "lm_head"]:
+        assert cb.last_metrics[f"crh/samples/{name}"] == expected
+    assert cb.monitor is None and all(not m._forward_hooks and not m._forward_pre_hooks for m in trainer.model.modules())
+
+
 def test_hf_callback_needs_its_trainer() -> None:
     pytest.importorskip("transformers")
     from canonreg.integrations.hf import CRHTrainerCallback

@@ -258,3 +258,38 @@ def test_measure_crh_ignore_index_equals_measuring_the_real_tokens_only() -> Non
     assert not torch.allclose(padded.matrices("0")["H_a"], ref.matrices("0")["H_a"], rtol=1e-3)
     with pytest.raises(TypeError, match="ignore_index"):
         canonreg.measure_crh(model, x, y, loss_fn=token_ce, ignore_index=-1.0)  # type: ignore[arg-type]
+
+
+def test_gpt2_with_attention_mask_equals_its_unpadded_sequences_run_alone() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    lengths = [6, 3, 5]
+    ids = torch.randint(1, 30, (3, 6), generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    padded = canonreg.CRHMonitor(model)
+    handle = mask_from_inputs(model)
+    with padded:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    handle.remove()
+    alone = canonreg.CRHMonitor(model)  # the reference: every sequence by itself, no padding anywhere
+    with alone:
+        for i, n in enumerate(lengths):
+            model(input_ids=ids[i : i + 1, :n], labels=ids[i : i + 1, :n]).loss.backward()
+    got, ref = padded.compute(exponents=False, ranks=False), alone.compute(exponents=False, ranks=False)
+    assert got.layers == ref.layers and len(got.layers) == 5
+    for name in got.layers:
+        assert got.samples[name] == ref.samples[name] == sum(lengths)
+        for key, m in ref.matrices(name).items():
+            # 1e-6: the HF causal-LM loss upcasts logits to float32, so G rows agree to ~1e-9 only
+            assert_close(got.matrices(name)[key], m, rtol=1e-6, atol=1e-9, msg=f"{name} {key}")
+    plain = canonreg.CRHMonitor(model)  # without the mask the padded positions count
+    with plain:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    unmasked = plain.compute(exponents=False, ranks=False)
+    assert unmasked.samples["lm_head"] == ids.numel()
+    assert not torch.allclose(unmasked.matrices("lm_head")["H_a"], ref.matrices("lm_head")["H_a"], rtol=1e-3)

@@ -10,8 +10,10 @@ W&B, MLflow… receive them through their ``on_log``). A callback cannot log by 
 receive no Trainer), so it is bound to its Trainer: :meth:`CRHTrainerCallback.add_to` creates,
 binds and registers it in one call.
 
-Caveats: tokens are samples (every position of a ``(batch, seq, d)`` activation is a row, padding
-included); with gradient checkpointing the recomputed forward passes are recorded again.
+Tokens are samples: every position of a ``(batch, seq, d)`` activation is a row, except padding:
+the model's ``attention_mask`` keyword (``mask_key``) masks each training forward call
+(:func:`canonreg.taps.mask_from_inputs`), so padded positions are no samples. Caveat: with gradient
+checkpointing the recomputed forward passes are recorded again.
 
 Example:
     >>> trainer = Trainer(model=model, args=TrainingArguments(..., report_to=["tensorboard"]), ...)  # doctest: +SKIP
@@ -30,6 +32,7 @@ from ..errors import CanonRegError, check_positive_int
 from ..layers import LayerSpec
 from ..monitor import CRHMonitor
 from ..report import CRHReport
+from ..taps import mask_from_inputs
 from .flat import _PREFIX_OK, flat_metrics
 
 try:
@@ -54,6 +57,8 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
             ``args.gradient_accumulation_steps``.
         compute_kwargs: extra :meth:`~canonreg.CRHMonitor.compute` options (default ``exponents=False``).
         prefix: key prefix of the logged metrics.
+        mask_key: the model's keyword argument whose 0/1 tensor marks real positions (default
+            ``"attention_mask"``; calls without it are unmasked); None counts every position.
 
     Attributes:
         monitor: the live monitor while training (else None); last_report, last_metrics: the latest window.
@@ -72,8 +77,13 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         monitor_kwargs: Mapping[str, Any] | None = None,
         compute_kwargs: Mapping[str, Any] | None = None,
         prefix: str = "crh",
+        mask_key: str | None = "attention_mask",
     ) -> None:
         check_positive_int("every_n_steps", every_n_steps)
+        if mask_key is not None and (not isinstance(mask_key, str) or not mask_key):
+            raise TypeError(f"Expected `mask_key` to be a keyword-argument name or None, but got {mask_key!r}")
+        self.mask_key = mask_key
+        self._mask_handle: Any | None = None
         if not isinstance(prefix, str) or not _PREFIX_OK.match(prefix):
             raise ValueError(f"Expected `prefix` to be segments of [A-Za-z0-9_-] joined by '/' or '.', but got {prefix!r}")
         for name, value in (("monitor_kwargs", monitor_kwargs), ("compute_kwargs", compute_kwargs)):
@@ -110,6 +120,9 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         if self.monitor is not None:
             self.monitor.detach()
             self.monitor = None
+        if self._mask_handle is not None:
+            self._mask_handle.remove()
+            self._mask_handle = None
 
     # ------------------------------------------------------------------ TrainerCallback events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -124,6 +137,8 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         # The Trainer scales each micro-batch loss to ~1/gradient_accumulation_steps: the monitor multiplies back.
         kwargs = {"accumulation": int(getattr(args, "gradient_accumulation_steps", 1) or 1), **self.monitor_kwargs}
         self.monitor = CRHMonitor(model, layers=self.layers, **kwargs).attach()
+        if self.mask_key is not None:
+            self._mask_handle = mask_from_inputs(model, self.mask_key)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None or state.global_step % self.every_n_steps:
