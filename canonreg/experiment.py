@@ -85,6 +85,7 @@ from . import functional as CF
 from .errors import check_choice
 from .layers import layer_roles, select_layers
 from .measure import measure_crh, min_alignment
+from .stats import jsonable, progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import Split
@@ -562,79 +563,110 @@ def train_trial(
         FloatingPointError: the task loss became non-finite.
     """
     from .monitor import CRHMonitor
+    from .optim import effective_lr
 
     cfg = cfg.resolved()
     if threads is not None:
         with _num_threads(threads):
             return train_trial(cfg, data=data, model_fn=model_fn, progress=progress, callback=callback)
     t0 = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)
+    _seed_everything(cfg.seed)
     split = _data(cfg, data)
-    x, y = split.x, split.y
     model = build_model(cfg) if model_fn is None else _user_model(cfg, model_fn)
     opt, align = make_arm(cfg, model)
     monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric, every=cfg.monitor_every)  # type: ignore[arg-type]
-    batches = batch_indices(x.shape[0], cfg.batch_size, cfg.seed)
-    eta = cfg.lr / (1.0 - cfg.momentum) if cfg.optimizer == "sgd" else cfg.lr
-    bar = _bar(cfg.steps, progress, desc=f"{cfg.arm} seed={cfg.seed}")
-    history: list[dict[str, float]] = []
-    report = None
-    window_loss, window_count, last_loss = 0.0, 0, float("nan")
-    steps_to_alpha: int | None = None
+    bar = progress_bar(cfg.steps, progress, desc=f"{cfg.arm} seed={cfg.seed}", unit="step", mininterval=0.5, leave=False)
+    run = _TrialRun(cfg, split, model, opt, align, monitor, effective_lr(opt.param_groups[0]), bar, callback)
+    batches = batch_indices(split.x.shape[0], cfg.batch_size, cfg.seed)
     first_monitored = 1 if cfg.monitor_windows == "all" else cfg.steps - cfg.eval_every + 1
     try:
         for step in range(1, cfg.steps + 1):
             if step == first_monitored:
                 monitor.attach()
             idx = next(batches)
-            task = F.cross_entropy(model(x[idx]), y[idx])
+            task = F.cross_entropy(model(split.x[idx]), split.y[idx])
             optimizer_step(opt, task, align)
-            task_value = float(task.detach())
-            if not math.isfinite(task_value):
-                raise FloatingPointError(f"Training diverged: non-finite task loss at step {step} of {cfg!r}")
-            window_loss += task_value
-            window_count += 1
-            if (cfg.steps - step) % cfg.eval_every == 0 and step < first_monitored:  # an unmonitored window
-                window_loss, window_count = 0.0, 0
-            elif (cfg.steps - step) % cfg.eval_every == 0:
-                final = step == cfg.steps
-                report = monitor.compute(
-                    lr=eta,
-                    weight_decay=cfg.weight_decay,
-                    batch_size=cfg.batch_size,
-                    exponents=final,
-                    n_bootstrap=cfg.n_bootstrap,
-                    seed=cfg.seed,
-                )
-                mean_alpha = report.mean_alignment()
-                last_loss = window_loss / window_count
-                history.append({"step": step, "mean_alpha": mean_alpha, "train_loss": last_loss})
-                if cfg.track_crh:
-                    history[-1].update(_track(model, split, cfg, [monitor, align, opt]))
-                if steps_to_alpha is None and mean_alpha >= cfg.alpha_threshold:
-                    steps_to_alpha = step
-                if callback is not None:
-                    callback(TrialEvent(step, last_loss, report, _optimizer_balance(opt), final))
-                monitor.reset()
-                window_loss, window_count = 0.0, 0
-                if cfg.track_crh:  # the task-only α; the window α's G holds the regulariser's gradient in loss arms
-                    bar.set_postfix(loss=f"{last_loss:.3f}", min_alpha_inner=f"{history[-1]['min_alpha_inner']:.3f}")
-                else:
-                    bar.set_postfix(loss=f"{last_loss:.3f}", alpha=f"{mean_alpha:.3f}")
+            run.add_loss(float(task.detach()), step)
+            if (cfg.steps - step) % cfg.eval_every == 0:  # windows are aligned to end at `steps`
+                run.close_window(step, monitored=step >= first_monitored)
             bar.update(1)
     finally:
         bar.close()
-        monitor.detach()
-        if align is not None:
-            align.detach()
-        detach_opt = getattr(opt, "detach", None)  # NoiseCalibrated's hooks (its balance stays readable)
+        run.detach_all()
+    if run.report is None:  # pragma: no cover - the last step always closes a monitored window
+        raise RuntimeError("train_trial ended without a monitor window")
+    model.eval()
+    return TrainedTrial(cfg, model, opt, run.report, run.history, run.steps_to_alpha, run.last_loss, time.perf_counter() - t0)
+
+
+def _seed_everything(seed: int) -> None:
+    """Python, NumPy and torch's global RNG from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _TrialRun:
+    """The state of one :func:`train_trial` loop: the task loss of the open window and what closed windows left."""
+
+    cfg: TrialConfig
+    split: Split
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    align: AlignmentLoss | None
+    monitor: Any
+    eta: float
+    bar: Any
+    callback: Callable[[TrialEvent], None] | None
+    window_loss: float = 0.0
+    window_count: int = 0
+    last_loss: float = math.nan
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    report: CRHReport | None = None
+    steps_to_alpha: int | None = None
+
+    def add_loss(self, value: float, step: int) -> None:
+        if not math.isfinite(value):
+            raise FloatingPointError(f"Training diverged: non-finite task loss at step {step} of {self.cfg!r}")
+        self.window_loss += value
+        self.window_count += 1
+
+    def close_window(self, step: int, *, monitored: bool) -> None:
+        """End a window: read the monitor (balance with ``η = effective_lr``), log, reset."""
+        cfg = self.cfg
+        if not monitored:
+            self.window_loss, self.window_count = 0.0, 0
+            return
+        final = step == cfg.steps
+        report = self.monitor.compute(
+            lr=self.eta, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, exponents=final, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed
+        )
+        self.report = report
+        mean_alpha = report.mean_alignment()
+        self.last_loss = self.window_loss / self.window_count
+        self.history.append({"step": step, "mean_alpha": mean_alpha, "train_loss": self.last_loss})
+        if cfg.track_crh:
+            self.history[-1].update(_track(self.model, self.split, cfg, [self.monitor, self.align, self.opt]))
+        if self.steps_to_alpha is None and mean_alpha >= cfg.alpha_threshold:
+            self.steps_to_alpha = step
+        if self.callback is not None:
+            self.callback(TrialEvent(step, self.last_loss, report, _optimizer_balance(self.opt), final))
+        self.monitor.reset()
+        self.window_loss, self.window_count = 0.0, 0
+        if cfg.track_crh:  # the task-only α; the window α's G holds the regulariser's gradient in loss arms
+            self.bar.set_postfix(loss=f"{self.last_loss:.3f}", min_alpha_inner=f"{self.history[-1]['min_alpha_inner']:.3f}")
+        else:
+            self.bar.set_postfix(loss=f"{self.last_loss:.3f}", alpha=f"{mean_alpha:.3f}")
+
+    def detach_all(self) -> None:
+        """Lift the monitor's, the loss's and NoiseCalibrated's hooks (the wrapper's balance stays readable)."""
+        self.monitor.detach()
+        if self.align is not None:
+            self.align.detach()
+        detach_opt = getattr(self.opt, "detach", None)
         if callable(detach_opt):
             detach_opt()
-    assert report is not None  # the last step always closes a window
-    model.eval()
-    return TrainedTrial(cfg, model, opt, report, history, steps_to_alpha, last_loss, time.perf_counter() - t0)
 
 
 def _data(cfg: TrialConfig, data: Split | Callable[[TrialConfig], Split] | None) -> Split:
@@ -729,38 +761,52 @@ def run_trial(
             return run_trial(cfg, progress=progress, callback=callback, data=data, model_fn=model_fn)
     split = _data(cfg, data)
     trained = train_trial(cfg, data=split, model_fn=model_fn, progress=progress, callback=callback)
-    window = trained.report
     result: dict[str, Any] = {"config": cfg.to_dict(), "run_id": config_id(cfg)}
     result.update(evaluate(trained.model, split))
     report = measure_crh(
         trained.model, split.x, split.y, preprocess=cfg.preprocess, metric=cfg.metric,  # type: ignore[arg-type]
         exponents=True, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-    )
-    layers = report.layers
-    inner = inner_layers(layers)
-    result["layers"] = layers
-    result["inner_layers"] = inner
-    result["min_alpha_inner"] = min_alignment(report, inner) if inner else float("nan")
-    result["min_alpha_layer"] = {name: min_alignment(report, [name]) for name in layers}
-    result["window_alpha"] = window.alignment
-    result["window_mean_alpha"] = window.mean_alignment()
-    result["alpha"] = report.alignment
-    result["mean_alpha"] = report.mean_alignment()
-    result["mean_alpha_relation"] = {r: report.mean_alignment(relations=[r]) for r in CF.RELATIONS}
-    result["mean_alpha_layer"] = {name: report.mean_alignment([name]) for name in layers}
-    result["exponents"] = {name: {r: fit.to_dict() for r, fit in fits.items()} for name, fits in report.exponents.items()}
-    result["steps_to_alpha"] = trained.steps_to_alpha
-    result["history"] = trained.history
-    result["balance"] = {name: b.to_dict() for name, b in window.balance.items()}
-    ob = _optimizer_balance(trained.optimizer)
-    result["optimizer_balance"] = None if ob is None else {name: b.to_dict() for name, b in ob.items()}
-    result["window_train_loss"] = trained.train_loss
-    result["train_time_s"] = trained.seconds
+    )  # fmt: skip
+    result.update(_alignment_metrics(report))
+    result.update(_training_metrics(trained))
     result["wall_time_s"] = time.perf_counter() - t0
     result["cpu_time_s"] = time.process_time() - cpu0  # CPU seconds of this process (all its threads)
     result["threads"] = torch.get_num_threads()
     result["torch"] = torch.__version__
-    return _jsonable(result)
+    return jsonable(result)
+
+
+def _alignment_metrics(report: CRHReport) -> dict[str, Any]:
+    """The post-training measurement's entries of :func:`run_trial`'s result."""
+    layers = report.layers
+    inner = inner_layers(layers)
+    return {
+        "layers": layers,
+        "inner_layers": inner,
+        "min_alpha_inner": min_alignment(report, inner) if inner else float("nan"),
+        "min_alpha_layer": {name: min_alignment(report, [name]) for name in layers},
+        "alpha": report.alignment,
+        "mean_alpha": report.mean_alignment(),
+        "mean_alpha_relation": {r: report.mean_alignment(relations=[r]) for r in CF.RELATIONS},
+        "mean_alpha_layer": {name: report.mean_alignment([name]) for name in layers},
+        "exponents": {name: {r: fit.to_dict() for r, fit in fits.items()} for name, fits in report.exponents.items()},
+    }
+
+
+def _training_metrics(trained: TrainedTrial) -> dict[str, Any]:
+    """The training-time entries of :func:`run_trial`'s result (the monitor's last window, the optimizer's balance)."""
+    window = trained.report
+    ob = _optimizer_balance(trained.optimizer)
+    return {
+        "window_alpha": window.alignment,
+        "window_mean_alpha": window.mean_alignment(),
+        "steps_to_alpha": trained.steps_to_alpha,
+        "history": trained.history,
+        "balance": {name: b.to_dict() for name, b in window.balance.items()},
+        "optimizer_balance": None if ob is None else {name: b.to_dict() for name, b in ob.items()},
+        "window_train_loss": trained.train_loss,
+        "train_time_s": trained.seconds,
+    }
 
 
 def _optimizer_balance(opt: torch.optim.Optimizer) -> Mapping[str, CF.BalanceTerms] | None:
@@ -872,35 +918,3 @@ def _num(v: Any) -> float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return float("nan")
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN/inf → None, tuples → lists, tensors/NumPy scalars → Python numbers."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Tensor):
-        x = x.item() if x.numel() == 1 else x.tolist()
-        return _jsonable(x)
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-class _NoBar:
-    def update(self, k: int) -> None: ...
-    def set_postfix(self, **kw: object) -> None: ...
-    def close(self) -> None: ...
-
-
-def _bar(total: int, enabled: bool, *, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError as e:
-        raise ImportError("progress=True needs tqdm: pip install 'canonreg[recipes]'") from e
-    return tqdm(total=total, desc=desc, unit="step", mininterval=0.5, leave=False)
