@@ -172,34 +172,47 @@ class TrialConfig:
         TypeError / ValueError naming the field, for a wrong type or a bad value.
     """
 
+    # the arm and the data
     arm: str = "baseline"
     dataset: str = "mnist1d"
     num_samples: int = 5000
     data_seed: int = 42
+    # the model
     model: str = "mlp"
     width: int = 128
     depth: int = 4
+    # the optimizer
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # the arm's strengths
     noise: float | str = "auto"
     loss_weight: float | None = None
     relations: tuple[str, ...] = ("f-RWA", "b-RWA")
     loss_metric: str = "cosine"
+    # the loop
     batch_size: int = 128
     steps: int = 1000
     seed: int = 0
+    # the monitor
     preprocess: str = "normalized"
     metric: str = "pearson"
     eval_every: int = 100
     monitor_every: int = 1
     monitor_windows: str = "all"
+    # results
     alpha_threshold: float = 0.5
     n_bootstrap: int = 100
     track_crh: bool = False
 
     def __post_init__(self) -> None:
+        self._check_strings_and_ints()
+        self._check_numbers()
+        object.__setattr__(self, "relations", _relation_names(self.relations))
+        self._check_combination()
+
+    def _check_strings_and_ints(self) -> None:
         for name in ("arm", "dataset", "model", "optimizer", "loss_metric", "preprocess", "metric", "monitor_windows"):
             _check_type(name, getattr(self, name), str)
         check_choice("monitor_windows", self.monitor_windows, ("all", "last"))
@@ -218,6 +231,8 @@ class TrialConfig:
             v = _check_type(name, getattr(self, name), int)
             if v < 0:
                 raise ValueError(f"Expected `{name}` to be a non-negative int, but got {v!r}")
+
+    def _check_numbers(self) -> None:
         # Floats: ints are accepted and stored as floats so that 1 and 1.0 give the same run id.
         for name in ("lr", "momentum", "weight_decay", "alpha_threshold", *(("loss_weight",) if self.loss_weight is not None else ())):
             v = _check_type(name, getattr(self, name), float)
@@ -240,15 +255,9 @@ class TrialConfig:
             if v < 0:
                 raise ValueError(f"Expected `noise` to be a non-negative float or 'auto', but got {v!r}")
             object.__setattr__(self, "noise", float(v))
+
+    def _check_combination(self) -> None:
         rel = self.relations
-        if isinstance(rel, str) or not isinstance(rel, (tuple, list)):
-            raise TypeError(f"Expected `relations` to be a list of relation names, but got {rel!r}")
-        for r in rel:
-            if r not in CF.RELATIONS:
-                raise ValueError(f"Expected `relations` to contain names from {list(CF.RELATIONS)}, but got {r!r}")
-        if len(set(rel)) != len(rel):
-            raise ValueError(f"Expected `relations` without duplicates, but got {list(rel)!r}")
-        object.__setattr__(self, "relations", tuple(rel))
         if self.arm in NOISE_ARMS and self.noise == "auto" and self.weight_decay == 0:
             raise ValueError(
                 f"Expected `weight_decay` > 0 with `noise`='auto' in arm {self.arm!r} (the calibration balances the "
@@ -324,6 +333,17 @@ class TrialConfig:
     def replace(self, **changes: Any) -> TrialConfig:
         """``dataclasses.replace`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _relation_names(rel: Any) -> tuple[str, ...]:
+    """``relations`` as a tuple of distinct names from :data:`canonreg.functional.RELATIONS` (may be empty)."""
+    if isinstance(rel, str) or not isinstance(rel, (tuple, list)):
+        raise TypeError(f"Expected `relations` to be a list of relation names, but got {rel!r}")
+    names = tuple(check_choice("relations", r, CF.RELATIONS) for r in rel)
+    repeated = sorted({r for r in names if names.count(r) > 1})
+    if repeated:
+        raise ValueError(f"Expected `relations` without duplicates, but {repeated} appear more than once in {list(names)!r}")
+    return names
 
 
 def _default_loss_weight(arm: str) -> float:
