@@ -7,8 +7,9 @@ A tap turns one call of a module into per-sample rows (theory §1):
 * ``nn.Conv1d`` / ``nn.Conv2d``: every output position is a sample; ``h_a`` is the unfolded input
   patch (``C_in·k`` or ``C_in·kh·kw``) *including* the padding the layer applies, ``W`` the weight
   reshaped to ``(C_out, C_in·k…)``, ``h_b``/``g_b`` the ``C_out`` vectors. Then
-  ``h_b = W h_a + b`` holds exactly per position. Grouped convolutions fail ``check`` (under
-  ``layers=None`` they are listed in ``excluded`` with the reason).
+  ``h_b = W h_a + b`` holds exactly per position. Grouped and depthwise convolutions fail ``check``
+  (each group is its own map, so the only single ``W`` is block-diagonal; per-group layers are not
+  built in); under ``layers=None`` they are listed in ``excluded`` with the reason.
 * ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives; ``y = x @ weight + bias`` with
   ``weight`` stored ``(d_a, d_b)``): rows as for ``nn.Linear``, ``W = weight.T``. Resolved by the
   class's module and name, so canonreg never imports ``transformers``.
@@ -208,7 +209,9 @@ class ConvTap:
         if conv.groups != 1:
             raise CanonRegError(
                 f"Layer '{name}' is a grouped convolution (groups={conv.groups}); canonreg taps support "
-                "groups=1 only. Exclude it with `layers=` or register a custom tap."
+                "groups=1 only: each group maps its own C_in/groups input channels to its own C_out/groups outputs, "
+                "so the layer has no single W with h_b = W h_a + b over its rows but a block-diagonal one, and "
+                "per-group layers are not built in. Exclude it with `layers=` or register a custom tap."
             )
 
     def _geometry(self, conv: nn.Conv1d | nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -403,8 +406,10 @@ _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
     ((nn.EmbeddingBag,), "a lookup table with pooling; no built-in tap"),
     ((nn.RNNBase,), "recurrent weights are applied inside a fused kernel over all time steps, so hooks see "
      "only whole sequences; no built-in tap"),
-    ((nn.MultiheadAttention,), "in_proj_weight (q, k, v) is applied functionally inside "
-     "F.multi_head_attention_forward; no built-in tap"),
+    ((nn.MultiheadAttention,), "in_proj_weight (q, k, v) is applied inside F.multi_head_attention_forward, so "
+     "q, k, v and their gradients never cross a module boundary a hook can see; measuring them would take "
+     "re-running the attention with explicit projections (about twice the module's cost); no built-in tap. "
+     "To measure q, k, v, use an attention module with its own nn.Linear q/k/v projections"),
     ((nn.Bilinear,), "a bilinear form x1ᵀ A x2, not h_b = W h_a + b; no built-in tap"),
     ((nn.modules.conv._ConvTransposeNd,), "transposed convolution; no built-in tap"),
     ((nn.Conv3d,), "3-D convolution; no built-in tap"),
