@@ -32,7 +32,6 @@ rejected rather than clamped.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -49,8 +48,10 @@ from .errors import check_bool, check_choice, check_nonnegative, check_nonnegati
 from .experiment import TrialConfig
 from .functional import RELATIONS
 from .layers import layer_roles
+from .stats import write_json
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .data import Split
     from .report import CRHReport
 
 __all__ = ["DemoConfig", "DEMO_ARMS", "run_demo", "main", "UsageError", "OneLineParser", "run_command", "check_out_dir"]
@@ -213,8 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     Raises:
         FloatingPointError: training diverged (non-finite task loss).
     """
-    from .experiment import _jsonable, evaluate, load_data, train_trial
-    from .measure import measure_crh
+    from .experiment import load_data
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -224,36 +224,54 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     trials = {arm: cfg.trial(arm) for arm in DEMO_ARMS}
     print(f"Generating MNIST-1D locally ({cfg.num_samples} samples, mnist1d's own generator; cached after the first run)...", flush=True)
     data = load_data(trials[DEMO_ARMS[0]])
-    n_train = int(data.x.shape[0])
     dims = "→".join([str(data.x.shape[1]), *[str(cfg.width)] * (cfg.depth - 1), str(int(data.y.max()) + 1)])
     print(
         f"MLP {dims}; SGD lr={cfg.lr:g} momentum={cfg.momentum:g} weight_decay={cfg.weight_decay:g}; batch {cfg.batch_size} "
-        f"of {n_train} training samples; {cfg.steps} steps per arm (same data, initialisation and batch order).",
+        f"of {int(data.x.shape[0])} training samples; {cfg.steps} steps per arm (same data, initialisation and batch order).",
         flush=True,
     )
-    outcomes: dict[str, ArmOutcome] = {}
-    for k, (arm, trial) in enumerate(trials.items(), 1):
-        what = "plain SGD" if arm == "baseline" else f"SGD on task + crh_loss(model, weight={trial.loss_weight:g})(task)"
-        print(f"[{k}/{len(trials)}] {arm}: {what}", flush=True)
-        t = time.perf_counter()
-        try:
-            trained = train_trial(trial, data=data, progress=cfg.progress)
-        except FloatingPointError as e:
-            at = re.search(r"at step \d+", str(e))
-            raise FloatingPointError(
-                f"training the {arm} arm diverged (non-finite task loss{' ' + at.group(0) if at else ''}) with "
-                f"lr={cfg.lr:g}, momentum={cfg.momentum:g}; try a smaller --lr"
-            ) from e
-        report = measure_crh(trained.model, data.x, data.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
-        acc = evaluate(trained.model, data)
-        outcomes[arm] = ArmOutcome(trial, report, float(acc["train_acc"]), float(acc["test_acc"]), trained.history, time.perf_counter() - t)
-        print(f"      done in {outcomes[arm].seconds:.0f} s: test accuracy {outcomes[arm].test_accuracy:.3f}", flush=True)
+    outcomes = {arm: _train_arm(cfg, arm, trial, data, k, len(trials)) for k, (arm, trial) in enumerate(trials.items(), 1)}
+    stats = _print_comparison(cfg, outcomes, int(data.x.shape[0]))
+    elapsed = time.perf_counter() - t0
+    figures = _write_figure(cfg, outcomes, out, dims)
+    for arm in DEMO_ARMS:
+        outcomes[arm].report.to_json(out / f"report_{arm}.json")
+    summary = _demo_summary(cfg, outcomes, stats, data, figures, elapsed)
+    write_json(out / "summary.json", summary)
+    print()
+    written = [str(out / "summary.json"), *(str(out / f"report_{a}.json") for a in DEMO_ARMS), *figures]
+    print(f"{elapsed:.0f} s in total; wrote {', '.join(written)}")
+    return summary
+
+
+def _train_arm(cfg: DemoConfig, arm: str, trial: TrialConfig, data: Split, k: int, n: int) -> ArmOutcome:
+    """Train one arm (:func:`~canonreg.experiment.train_trial`), then measure it on the training split."""
+    from .experiment import evaluate, train_trial
+    from .measure import measure_crh
+
+    what = "plain SGD" if arm == "baseline" else f"SGD on task + crh_loss(model, weight={trial.loss_weight:g})(task)"
+    print(f"[{k}/{n}] {arm}: {what}", flush=True)
+    t = time.perf_counter()
+    try:
+        trained = train_trial(trial, data=data, progress=cfg.progress)
+    except FloatingPointError as e:
+        at = re.search(r"at step \d+", str(e))
+        raise FloatingPointError(
+            f"training the {arm} arm diverged (non-finite task loss{' ' + at.group(0) if at else ''}) with "
+            f"lr={cfg.lr:g}, momentum={cfg.momentum:g}; try a smaller --lr"
+        ) from e
+    report = measure_crh(trained.model, data.x, data.y, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
+    acc = evaluate(trained.model, data)
+    outcome = ArmOutcome(trial, report, float(acc["train_acc"]), float(acc["test_acc"]), trained.history, time.perf_counter() - t)
+    print(f"      done in {outcome.seconds:.0f} s: test accuracy {outcome.test_accuracy:.3f}", flush=True)
+    return outcome
+
+
+def _print_comparison(cfg: DemoConfig, outcomes: Mapping[str, ArmOutcome], n_train: int) -> dict[str, dict[str, float]]:
+    """Print both six-relation tables, their difference and the summary table; returns the summary's numbers."""
     base, crh = (outcomes[a] for a in DEMO_ARMS)
-    diff = alignment_difference(base.report, crh.report)
     layers = list(base.report.layers)
     roles = layer_roles(layers)
-    inner = [n for n in layers if roles[n] == "inner"]
-
     print()
     print(
         f"α after training: {cfg.metric} α of the six relations, {cfg.preprocess} rows, over all {n_train} training samples, "
@@ -267,13 +285,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print()
     print(f"difference {DEMO_ARMS[1]} − {DEMO_ARMS[0]}:")
     dmin = {n: _row_min(crh.report.alignment[n]) - _row_min(base.report.alignment[n]) for n in layers}
-    print(alignment_table(diff, roles, signed=True, last=("Δmin", dmin)))
+    print(alignment_table(alignment_difference(base.report, crh.report), roles, signed=True, last=("Δmin", dmin)))
+    inner = [n for n in layers if roles[n] == "inner"]
     stats = {arm: arm_statistics(outcomes[arm], layers, inner) for arm in DEMO_ARMS}
     print()
     print(summary_table(stats))
-    elapsed = time.perf_counter() - t0
+    return stats
 
-    figures: list[str] = []
+
+def _write_figure(cfg: DemoConfig, outcomes: Mapping[str, ArmOutcome], out: Path, dims: str) -> list[str]:
+    """``crh_comparison.png`` (:func:`~canonreg.plotting.plot_comparison`); none, with a note, without matplotlib."""
     try:
         from .plotting import _plt, plot_comparison
 
@@ -285,48 +306,44 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             suptitle=f"MNIST-1D MLP {dims}, {cfg.steps} SGD steps per arm; α after training (task gradient only, training set)",
         )
         _plt().close(fig)
-        figures.append(str(path))
+        return [str(path)]
     except ImportError as e:
         print(f"(figure skipped: {e})")
-    for arm in DEMO_ARMS:
-        outcomes[arm].report.to_json(out / f"report_{arm}.json")
-    summary: dict[str, Any] = {
+        return []
+
+
+def _demo_summary(
+    cfg: DemoConfig, outcomes: Mapping[str, ArmOutcome], stats: Mapping[str, Mapping[str, float]], data: Split, figures: list[str], elapsed: float
+) -> dict[str, Any]:
+    """The content of ``summary.json``: configs, measurement protocol, every number."""
+    base, crh = (outcomes[a] for a in DEMO_ARMS)
+    layers = list(base.report.layers)
+    roles = layer_roles(layers)
+    n_train = int(data.x.shape[0])
+    measurement = {
+        "function": "canonreg.measure_crh", "data": "training split, every sample", "samples": n_train,
+        "gradient": "task loss (cross-entropy) only", "when": "after training", "preprocess": cfg.preprocess, "metric": cfg.metric,
+    }  # fmt: skip
+    arms = {
+        arm: {**stats[arm], "alignment": outcomes[arm].report.alignment, "history": outcomes[arm].history, "seconds": outcomes[arm].seconds}
+        for arm in DEMO_ARMS
+    }
+    return {
         "config": asdict(cfg),
         "trials": {arm: outcomes[arm].trial.to_dict() for arm in DEMO_ARMS},
         "train_samples": n_train,
         "test_samples": int(data.x_test.shape[0]),
-        "measurement": {
-            "function": "canonreg.measure_crh",
-            "data": "training split, every sample",
-            "samples": n_train,
-            "gradient": "task loss (cross-entropy) only",
-            "when": "after training",
-            "preprocess": cfg.preprocess,
-            "metric": cfg.metric,
-        },
+        "measurement": measurement,
         "layers": layers,
         "roles": roles,
-        "inner_layers": inner,
-        "arms": {
-            arm: {
-                **stats[arm],
-                "alignment": outcomes[arm].report.alignment,
-                "history": outcomes[arm].history,
-                "seconds": outcomes[arm].seconds,
-            }
-            for arm in DEMO_ARMS
-        },
-        "difference": diff,
+        "inner_layers": [n for n in layers if roles[n] == "inner"],
+        "arms": arms,
+        "difference": alignment_difference(base.report, crh.report),
         "figures": figures,
         "seconds": elapsed,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False))
-    print()
-    written = [str(out / "summary.json"), *(str(out / f"report_{a}.json") for a in DEMO_ARMS), *figures]
-    print(f"{elapsed:.0f} s in total; wrote {', '.join(written)}")
-    return summary
 
 
 def arm_statistics(o: ArmOutcome, layers: Sequence[str], inner: Sequence[str]) -> dict[str, float]:
