@@ -96,6 +96,28 @@ def measure_crh(
 
     Reference: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (the measurement protocol).
     """
+    _check_arguments(model, loss_fn, batch_size, preprocess, metric, exponents, n_bootstrap, ignore_index)
+    batches = _batches(x, y, batch_size)
+    _check_no_interfering_owner(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise CanonRegError("measure_crh: no parameter of `model` requires grad, so no gradient reaches its layers")
+    monitor = CRHMonitor(model, layers=layers, preprocess=preprocess, metric=metric, grad_scale=grad_scale, track_balance=False)  # type: ignore[arg-type]
+    was_training = model.training
+    try:
+        model.eval()
+        with monitor, torch.enable_grad():
+            seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index)
+        if seen == 0:
+            raise CanonRegError("measure_crh: the data is empty")
+        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, seed=seed)
+    finally:
+        model.train(was_training)
+
+
+def _check_arguments(
+    model: object, loss_fn: object, batch_size: int, preprocess: str, metric: str, exponents: bool, n_bootstrap: int, ignore_index: object
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}")
     if not callable(loss_fn):
@@ -107,37 +129,32 @@ def measure_crh(
     check_nonnegative_int("n_bootstrap", n_bootstrap)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"Expected `ignore_index` to be an int (a padding target such as -100) or None, but got {ignore_index!r}")
-    batches = _batches(x, y, batch_size)
+
+
+def _check_no_interfering_owner(model: nn.Module) -> None:
     for kind in _INTERFERING:
-        owner = _owner(kind, model)
-        if owner:
+        if _owner(kind, model):
             raise CanonRegError(
                 f"measure_crh: a {kind} is attached to this model; its hooks would see the measurement passes "
                 f"(and change its own state). Call its .detach() first and .attach() again afterwards"
             )
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise CanonRegError("measure_crh: no parameter of `model` requires grad, so no gradient reaches its layers")
-    monitor = CRHMonitor(model, layers, preprocess=preprocess, metric=metric, grad_scale=grad_scale, track_balance=False)  # type: ignore[arg-type]
-    was_training = model.training
+
+
+def _task_gradient_passes(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn, params: list[nn.Parameter], ignore_index: int | None
+) -> int:
+    """One forward and one task-loss ``autograd.grad`` per batch (the monitor's hooks record; ``.grad`` untouched); the samples seen."""
     seen = 0
-    try:
-        model.eval()
-        with monitor, torch.enable_grad():
-            for xb, yb in batches:
-                with masked(yb != ignore_index) if ignore_index is not None else contextlib.nullcontext():
-                    loss = loss_fn(model(xb), yb)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {_describe(loss)}")
-                if not math.isfinite(float(loss.detach())):
-                    raise CanonRegError(f"measure_crh: the task loss is not finite ({float(loss.detach())}) on a batch")
-                torch.autograd.grad(loss, params, allow_unused=True)  # fires the monitor's hooks; .grad untouched
-                seen += int(xb.shape[0]) if xb.dim() > 0 else 1
-        if seen == 0:
-            raise CanonRegError("measure_crh: the data is empty")
-        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, seed=seed)
-    finally:
-        model.train(was_training)
+    for xb, yb in batches:
+        with masked(yb != ignore_index) if ignore_index is not None else contextlib.nullcontext():
+            loss = loss_fn(model(xb), yb)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {_describe(loss)}")
+        if not math.isfinite(float(loss.detach())):
+            raise CanonRegError(f"measure_crh: the task loss is not finite ({float(loss.detach())}) on a batch")
+        torch.autograd.grad(loss, params, allow_unused=True)
+        seen += int(xb.shape[0]) if xb.dim() > 0 else 1
+    return seen
 
 
 def min_alignment(report: CRHReport, layers: Sequence[str] | None = None, relations: Sequence[str] = CF.RELATIONS) -> float:
