@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import sketch as _sketch
 from .errors import (
     CanonRegError,
     check_bool,
@@ -69,6 +70,7 @@ from .errors import (
     check_nonnegative_int,
     check_positive,
     check_positive_int,
+    renamed_arguments,
 )
 from .layers import (
     HookSet,
@@ -83,7 +85,7 @@ from .layers import (
     strip_inert_hooks,
     untraced_call,
 )
-from .report import CRHReport, build_report
+from .report import CRHReport, ReportInputs, ReportOptions, build_report
 from .taps import LayerTap, LinearTap, functional_only_children, kept_rows, tap_batch_size, weight_parameter
 
 __all__ = ["CRHMonitor"]
@@ -123,9 +125,19 @@ def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
 
 def _symmetrize_upper(m: Tensor) -> Tensor:
     """The full symmetric matrix from the upper triangle written by :func:`_gram_upper_`."""
-    if m.shape[-1] <= _SYRK_BLOCK:
+    d = m.shape[-1]
+    if d <= _SYRK_BLOCK:
         return m
-    return torch.triu(m) + torch.triu(m, 1).T
+    # Block by block (the values of triu(m) + triu(m, 1).T): no temporaries of m's size and
+    # cache-sized transposes (4× faster at d = 4608 than the whole-matrix form).
+    out = torch.empty_like(m)
+    for i in range(0, d, _SYRK_BLOCK):
+        e = min(i + _SYRK_BLOCK, d)
+        diag = m[i:e, i:e]
+        torch.add(torch.triu(diag), torch.triu(diag, 1).T, out=out[i:e, i:e])
+        out[i:e, e:] = m[i:e, e:]
+        out[e:, i:e] = m[i:e, e:].T
+    return out
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -159,18 +171,21 @@ def _absmax(x: Tensor) -> Tensor:
 
 
 class _CallMoment:
-    """One call's rows reduced in its forward hook: ``u = (x − origin)/scale``, ``Σu``, ``Σuuᵀ`` (upper layout)."""
+    """One call's rows reduced in its forward hook: ``u = (x − origin)/scale``, ``Σu``, ``Σuuᵀ`` (upper layout).
+
+    With a ``probe`` ``P`` (``d × m``, sketched moments) ``s_xx`` is ``(Σuuᵀ) P = uᵀ(uP)`` instead.
+    """
 
     __slots__ = ("origin", "s_x", "s_xx", "scale", "count")
 
-    def __init__(self, rows: Tensor, centered: bool) -> None:
+    def __init__(self, rows: Tensor, centered: bool, probe: Tensor | None = None) -> None:
         self.count = rows.shape[0]
         self.origin = rows.mean(0) if centered and self.count > 0 else None
         dev = rows - self.origin if self.origin is not None else rows
         self.scale = _pow2_scale(_absmax(dev), _absmax(rows))
         u = dev * (1.0 / self.scale).to(rows.dtype)
         self.s_x = u.sum(0)
-        self.s_xx = _gram(u)
+        self.s_xx = _gram(u) if probe is None else u.T @ (u @ probe)
 
 
 def _at_least_one(v: Tensor | float) -> Tensor | float:
@@ -197,17 +212,44 @@ class _Moment:
       the totals then keep ``o = μ`` and ``s_x = 0``.
 
     ``ok`` (a 0-d bool tensor, deferred finiteness checks) masks a whole contribution to exact zeros.
+
+    Sketched (``probe`` = a fixed float64 ``d × m`` matrix ``P``): every second-moment sum is kept
+    multiplied by ``P`` on the right (``s_xx = Σ(x − o)(x − o)ᵀ P``, ``d × m``). Everything above is
+    linear in the second moment, so each outer product ``a bᵀ`` of the updates becomes ``a (Pᵀb)ᵀ`` and the
+    sketch of the exact totals is kept with the same shifts, scales and merges (no cancellation either).
     """
 
-    __slots__ = ("centered", "n", "origin", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx")
+    __slots__ = (
+        "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx",
+    )
 
-    def __init__(self, centered: bool) -> None:
+    def __init__(self, centered: bool, probe: Tensor | None = None) -> None:
         self.centered = centered
+        self.probe = probe
+        self._probes: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self.n: Tensor | float | None = None
         self.origin: Tensor | None = None
         self.s_x: Tensor | None = None
         self.s_xx: Tensor | None = None
         self._clear_window()
+
+    def probe_like(self, like: Tensor) -> Tensor | None:
+        """The probe in ``like``'s dtype and device (cached), None for an exact moment."""
+        if self.probe is None:
+            return None
+        key = (like.dtype, like.device)
+        if key not in self._probes:
+            self._probes[key] = self.probe.to(device=like.device, dtype=like.dtype)
+        return self._probes[key]
+
+    def _right(self, b: Tensor) -> Tensor:
+        """``b``, or ``Pᵀb`` for a sketched moment: the right factor of an outer product ``a bᵀ`` here."""
+        p = self.probe_like(b)
+        return b if p is None else b @ p
+
+    def reduce(self, rows: Tensor) -> _CallMoment:
+        """One call's rows reduced now (exact or sketched like this moment)."""
+        return _CallMoment(rows, self.centered, self.probe_like(rows))
 
     def _clear_window(self) -> None:
         self.w_n: Tensor | int = 0
@@ -230,8 +272,10 @@ class _Moment:
             shift = None if shift is None else torch.where(ok, shift, 0.0)
         self.w_shift = shift
         self.w_scale = scale
-        self.w_x = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
-        self.w_xx = torch.zeros(like.shape[-1], like.shape[-1], dtype=like.dtype, device=like.device)
+        d = like.shape[-1]  # rows (n × d) or a call's Σu (d)
+        m = d if self.probe is None else self.probe.shape[1]
+        self.w_x = torch.zeros(d, dtype=like.dtype, device=like.device)
+        self.w_xx = torch.zeros(d, m, dtype=like.dtype, device=like.device)
 
     def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None) -> None:
         """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``)."""
@@ -251,7 +295,11 @@ class _Moment:
             u = rows * k
         if ok is not None:
             u = torch.where(ok, u, 0.0)
-        _gram_upper_(self.w_xx, u)
+        probe = self.probe_like(u)
+        if probe is None:
+            _gram_upper_(self.w_xx, u)
+        else:
+            self.w_xx.addmm_(u.T, u @ probe)
         self.w_x.add_(u.sum(0))
         self.w_n = self.w_n + (rows.shape[0] if ok is None else torch.where(ok, rows.shape[0], 0))
 
@@ -266,14 +314,14 @@ class _Moment:
             return
         self._match(c.s_xx)
         if self.w_xx is None:
-            self._open(c.origin, c.scale, ok, c.s_xx)
+            self._open(c.origin, c.scale, ok, c.s_x)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
         r = (c.scale / self.w_scale).to(c.s_xx.dtype)
         s_xx = c.s_xx * (r * r)
         s_x = c.s_x * r
         if c.origin is not None and self.w_shift is not None:
             e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_xx.dtype)
-            s_xx = s_xx + torch.outer(s_x, e) + torch.outer(e, s_x) + torch.outer(e, e) * c.count
+            s_xx = s_xx.addr_(s_x, self._right(e)).addr_(e, self._right(s_x)).addr_(e, self._right(e), alpha=c.count)
             s_x = s_x + e * c.count
         if ok is not None:
             s_xx, s_x = torch.where(ok, s_xx, 0.0), torch.where(ok, s_x, 0.0)
@@ -318,7 +366,7 @@ class _Moment:
         safe = _at_least_one(n_w)
         mean_w = shift + p_x / safe
         v = p_x / _sqrt(safe)
-        m2_w = p_xx.addr_(v, v, alpha=-1.0)  # M2_w = Σuuᵀ − (Σu)(Σu)ᵀ/n_w, scaled back
+        m2_w = p_xx.addr_(v, self._right(v), alpha=-1.0)  # M2_w = Σuuᵀ − (Σu)(Σu)ᵀ/n_w, scaled back
         if self.s_xx is None or self.n is None or self.origin is None:
             self.n, self.origin, self.s_xx = n_w, mean_w, m2_w
             self.s_x = torch.zeros_like(mean_w)
@@ -328,7 +376,7 @@ class _Moment:
         frac = n_w / _at_least_one(total)
         self.origin = self.origin + delta * frac
         e = delta * _sqrt(self.n * frac)
-        self.s_xx.add_(m2_w).addr_(e, e)  # M2 += M2_w + δδᵀ n n_w/(n + n_w)
+        self.s_xx.add_(m2_w).addr_(e, self._right(e))  # M2 += M2_w + δδᵀ n n_w/(n + n_w)
         self.n = total
 
     def total_x(self) -> Tensor | None:
@@ -345,19 +393,23 @@ class _Moment:
         """
         if self.s_x is None or self.s_xx is None or self.n is None:
             return None
-        s_xx = _symmetrize_upper(self.s_xx)
+        s_xx = _symmetrize_upper(self.s_xx) if self.probe is None else self.s_xx
         if point is None or self.origin is None:
             return self.s_x, s_xx
         delta = self.origin - point.to(self.origin.device)
-        s_xx = s_xx + torch.outer(self.s_x, delta) + torch.outer(delta, self.s_x) + torch.outer(delta, delta) * self.n
+        s_xx = s_xx + torch.outer(self.s_x, self._right(delta)) + torch.outer(delta, self._right(self.s_x))
+        s_xx = s_xx + torch.outer(delta, self._right(delta)) * self.n
         return self.s_x + delta * self.n, s_xx
 
 
 class _LayerState:
     """Running statistics of one layer: four :class:`_Moment` and the float64 balance scalars."""
 
-    def __init__(self, centered: bool) -> None:
-        self.moments: dict[str, _Moment] = {k: _Moment(centered) for k in _MOMENTS}
+    def __init__(self, centered: bool, probes: dict[str, Tensor] | None = None) -> None:
+        side = {"Ha": "a", "Ga": "a", "Hb": "b", "Gb": "b"}
+        self.moments: dict[str, _Moment] = {
+            k: _Moment(centered, None if probes is None else probes[side[k]]) for k in _MOMENTS
+        }
         self.scalars: dict[str, Tensor] = {}  # float64 sums: gnhn, gh
         self.partial_commits = 0
         self.n = 0  # committed rows (samples)
@@ -489,6 +541,7 @@ class CRHMonitor:
         sync_dist: bool = True,
         seed: int = 0,
         defer_checks: bool | None = False,
+        sketch: int | None = None,
     ) -> None:
         check_choice("preprocess", preprocess, F.PREPROCESS_MODES)
         check_choice("metric", metric, ("pearson", "cosine"))
@@ -509,6 +562,8 @@ class CRHMonitor:
             check_positive_int("accumulation", accumulation)
         if defer_checks is not None:
             check_bool("defer_checks", defer_checks)
+        if sketch is not None:
+            check_positive_int("sketch", sketch)
         self.model = model
         self.layers, self._taps, self.excluded = select_layers(model, layers, taps)
         self._requested_explicitly = layers is not None
@@ -530,7 +585,10 @@ class CRHMonitor:
         self._seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self._hooks = HookSet()
-        self._state: dict[str, _LayerState] = {n: _LayerState(self.preprocess != "raw") for n in self.layers}
+        self.sketch = sketch
+        self._probes = self._make_probes(sketch, seed) if sketch is not None else {}
+        self._state: dict[str, _LayerState] = {}
+        self.reset()
         self._calls = 0  # grad-enabled forward calls of the root model
         self._active = True
         self._entered: list[bool] = []  # per open `with` block: was the monitor attached at entry?
@@ -543,7 +601,16 @@ class CRHMonitor:
     @property
     def direct(self) -> bool:
         """Whether ``H_b`` and ``G_a`` are accumulated directly (else derived by identities)."""
-        return self.preprocess == "normalized" or not self.identities
+        return self.preprocess == "normalized" or not self.identities or self.sketch is not None
+
+    def _make_probes(self, k: int, seed: int) -> dict[str, dict[str, Tensor]]:
+        """Per layer the fixed probes ``P_a`` (``d_a × (k+1)``) and ``P_b`` of the sketch (:mod:`canonreg.sketch`)."""
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for name, module in self.layers.items():
+            d_b, d_a = self._taps[name].weight(module).shape
+            out[name] = {"a": _sketch.probe(d_a, k, gen), "b": _sketch.probe(d_b, k, gen)}
+        return out
 
     def attach(self) -> CRHMonitor:
         """Install the hooks (idempotent). Raises CanonRegError if another monitor holds the model."""
@@ -595,7 +662,7 @@ class CRHMonitor:
     def reset(self) -> None:
         """Forget everything accumulated (hooks stay as they are; the ``every`` count and the row
         sub-sampling generator restart, so a reset monitor behaves like a fresh one)."""
-        self._state = {n: _LayerState(self.preprocess != "raw") for n in self.layers}
+        self._state = {n: _LayerState(self.preprocess != "raw", self._probes.get(n)) for n in self.layers}
         self._gen.manual_seed(self._seed)
         self._calls = 0
         self._active = True
@@ -777,7 +844,7 @@ class CRHMonitor:
                 return
             ya = _normalize(xa, ha_norm2) if self.preprocess == "normalized" else xa
             pending: dict[str, Tensor | _CallMoment] = {}
-            pending["Ha"], version = self._input_moment(tap, module, inputs, ya)
+            pending["Ha"], version = self._input_moment(tap, module, inputs, ya, self._state[name].moments["Ha"])
             rows_b = None
             if self.direct or self.track_balance:
                 hb = _work_dtype(tap.output_rows(module, output).detach())
@@ -789,7 +856,7 @@ class CRHMonitor:
                         return
                     yb = _normalize(hb, hb_norm2) if self.preprocess == "normalized" else hb
                     fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
-                    pending["Hb"] = yb if fresh_small else _CallMoment(yb, self.preprocess != "raw")
+                    pending["Hb"] = yb if fresh_small else self._state[name].moments["Hb"].reduce(yb)
                 if self.track_balance:
                     rows_b = _balance_rows(tap, module, hb, output)
         scale = self._scale(tap, module, inputs)
@@ -803,7 +870,7 @@ class CRHMonitor:
             output.register_hook(lambda grad: commit(grad, None))
 
     def _input_moment(
-        self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], ya: Tensor
+        self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], ya: Tensor, moment: _Moment
     ) -> tuple[Tensor | _CallMoment, tuple[Tensor, int] | None]:
         """What ``H_a`` keeps of this call until its commit, and the input version to re-check then.
 
@@ -812,14 +879,13 @@ class CRHMonitor:
         guards against in-place changes) anyway; otherwise this call reduced now (:class:`_CallMoment`).
         """
         x_in = inputs[0]
-        centered = self.preprocess != "raw"
         if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
             if type(tap) is LinearTap and tap.weight(module).requires_grad:
                 return ya, (x_in, x_in._version)
-            return _CallMoment(ya, centered), None
+            return moment.reduce(ya), None
         if ya.shape[0] <= ya.shape[1]:
             return ya, None
-        return _CallMoment(ya, centered), None
+        return moment.reduce(ya), None
 
     def _grad_input_node(
         self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: Tensor
@@ -928,6 +994,7 @@ class CRHMonitor:
                     self._resolve(name)
 
     # ------------------------------------------------------------------ results
+    @renamed_arguments(eig_floor="floor", seed="bootstrap_seed")
     def compute(
         self,
         *,
@@ -937,8 +1004,8 @@ class CRHMonitor:
         exponents: bool = True,
         ranks: bool = True,
         n_bootstrap: int = 200,
-        eig_floor: float = 1e-6,
-        seed: int = 0,
+        floor: float = 1e-6,
+        bootstrap_seed: int = 0,
     ) -> CRHReport:
         """Reduce the accumulators (across ranks if distributed) and return a :class:`CRHReport`.
 
@@ -947,6 +1014,12 @@ class CRHMonitor:
         sums that gives every rank the common means to re-centre on): every rank must call it, and every rank gets the report
         one process would have computed from all ranks' samples. ``report.samples`` is the total over
         ranks; ``report.steps`` the mean number of committed layer calls per rank.
+
+        Cost: α alone (``exponents=False, ranks=False``) needs per layer the Grams ``WᵀW`` and ``WWᵀ``
+        (``~d_a d_b (d_a + d_b)/2`` flops, halved by symmetry) and a few reads of each matrix; the
+        identities of ``raw``/``centered`` mode add ``W H_a Wᵀ`` and ``Wᵀ G_b W``. Eigendecompositions
+        (``O(d³)`` each) are what ``exponents`` and ``ranks`` add; they run on the accumulators' device,
+        batched per shape. ``report.timings`` has the split; ``benchmarks/compute_time.py`` measures it.
 
         Args:
             lr, weight_decay, batch_size: η, γ, S of the training step; when all three are given (and
@@ -957,33 +1030,121 @@ class CRHMonitor:
                 with the exponent fits for ``G_a``/``G_b``). False: ``report.effective_rank`` is empty;
                 α, samples and balance are unchanged. On a convolution ``H_a``/``G_a``/``Z_a`` are
                 ``(C_in·k²)``-sized, so ``exponents=False, ranks=False`` is the cheap setting for
-                frequent calls (``benchmarks/compute_time.py``; ``report.timings`` has the split).
+                frequent calls.
             n_bootstrap: bootstrap resamples for the exponent intervals (0: NaN intervals).
-            eig_floor: relative eigenvalue floor of the exponent fits, in [0, 1).
-            seed: seed of the bootstrap.
+            floor: relative eigenvalue floor of the exponent fits, in [0, 1) (formerly ``eig_floor``,
+                still accepted with a FutureWarning).
+            bootstrap_seed: seed of the bootstrap (formerly ``seed``, still accepted with a
+                FutureWarning; the constructor's ``seed`` is the row sub-sampling seed).
 
         Raises:
             CanonRegError: before any backward pass reached a monitored layer, or (``on_missing="error"``)
                 when a requested layer recorded no samples.
         """
+        balance = self._balance_args(lr, weight_decay, batch_size)
+        options = _report_options(exponents, ranks, n_bootstrap, floor, bootstrap_seed)
+        t_start = time.perf_counter()
+        names = list(self.layers)
+        sums = self._reduced_sums(names)
+        missing = self._check_samples(names, sums)
+        if self.sketch is not None:  # α from the d × (k + 1) sketches (canonreg.sketch)
+            return self._sketched_report(sums, missing, balance, options, time.perf_counter() - t_start)
+        device = self._device()
+        weights: dict[str, Tensor] = {}
+        biases: dict[str, Tensor | None] = {}
+        with torch.no_grad():
+            for n in names:
+                weights[n] = self._taps[n].weight(self.layers[n]).detach().to(device, torch.float64)
+                b = self._taps[n].bias(self.layers[n])
+                biases[n] = None if b is None else b.detach().to(device, torch.float64)
+        inputs = ReportInputs(
+            sums={n: s for n, s in sums.items() if n not in missing},
+            weights=weights,
+            biases=biases,
+            preprocess=self.preprocess,
+            metric=self.metric,
+            direct=self.direct,
+            skipped={n: self._state[n].skipped for n in names},
+            missing=missing,
+            excluded=dict(self.excluded),
+            balance=balance,
+        )
+        return build_report(inputs, options, timings={"reduce": time.perf_counter() - t_start})
+
+    def _sketched_report(
+        self,
+        sums: dict[str, dict[str, Tensor]],
+        missing: dict[str, str],
+        balance: dict[str, float] | None,
+        options: ReportOptions,
+        reduce_seconds: float,
+    ) -> CRHReport:
+        """The report of a sketched monitor: the six α̂ per layer (:mod:`canonreg.sketch`), samples, balance.
+
+        Raises:
+            CanonRegError: ``exponents`` or ``ranks`` asked for (they need the full matrices).
+        """
+        if options.exponents or options.ranks:
+            raise CanonRegError(
+                f"CRHMonitor(sketch={self.sketch}) keeps d × (k + 1) sketches, not the matrices: PAH exponents and "
+                "effective ranks need the full matrices (eigendecompositions). Call compute(exponents=False, "
+                "ranks=False), or use sketch=None for those"
+            )
+        t0 = time.perf_counter()
+        alignment: dict[str, dict[str, float]] = {}
+        reasons: dict[str, dict[str, str]] = {}
+        terms: dict[str, F.BalanceTerms] = {}
+        centered = self.preprocess != "raw"
+        for name, s in sums.items():
+            if name in missing:
+                continue
+            n = float(s["n"])
+            with torch.no_grad():
+                w = self._taps[name].weight(self.layers[name]).detach()
+            probes = {side: p.to(s["Ha_x"].device) for side, p in self._probes[name].items()}
+            sketches = _sketch.weight_sketches(w.to(s["Ha_x"].device), probes)
+            for m in _MOMENTS:
+                sketches[f"{m[0]}_{m[1]}"] = _sketch.sketched_moment(s[m + "_x"], s[m + "_xx"], n, centered, probes[m[1]])
+            alignment[name] = _sketch.sketched_alignments(sketches, probes, self.metric)
+            nan = [r for r, v in alignment[name].items() if math.isnan(v)]
+            if nan:
+                why = "a zero or non-finite (entry-centred) sketch: a constant or zero matrix, or one sample in a centred mode"
+                reasons[name] = dict.fromkeys(nan, why)
+            if balance is not None:
+                terms[name] = F.balance_terms(
+                    float(w.double().square().sum()), float(s["gh"]) / n, float(s["gnhn"]) / n,
+                    lr=balance["lr"], weight_decay=balance["weight_decay"], batch_size=int(balance["batch_size"]),
+                    mean_gradient_sq_norm=float("nan"),
+                )
+        seconds = time.perf_counter() - t0
+        return CRHReport(
+            alignment=alignment, nan_reasons=reasons, exponents={}, effective_rank={}, balance=terms,
+            samples={n: int(float(s["n"])) for n, s in sums.items() if n not in missing},
+            steps={n: int(round(float(s["steps"]))) for n, s in sums.items() if n not in missing},
+            skipped={n: self._state[n].skipped for n in sums}, preprocess=self.preprocess, metric=self.metric,
+            derived=False, missing=missing, excluded=dict(self.excluded),
+            timings={"reduce": reduce_seconds, "alignment": seconds, "total": reduce_seconds + seconds},
+        )
+
+    def _balance_args(self, lr: float | None, weight_decay: float | None, batch_size: int | None) -> dict[str, float] | None:
+        """The checked ``{lr, weight_decay, batch_size}`` of the balance terms, or None when not asked for."""
         balance_args = (lr, weight_decay, batch_size)
         if any(a is not None for a in balance_args) and not all(a is not None for a in balance_args):
             raise ValueError("Expected `lr`, `weight_decay` and `batch_size` to be given together (or none of them)")
-        if lr is not None:
-            check_positive("lr", lr)
-            check_nonnegative("weight_decay", weight_decay)
-            check_positive_int("batch_size", batch_size)
-            if not self.track_balance:
-                raise CanonRegError("Balance terms need track_balance=True when the monitor is created")
-        check_bool("exponents", exponents)
-        check_bool("ranks", ranks)
-        check_nonnegative_int("n_bootstrap", n_bootstrap)
-        if not (isinstance(eig_floor, (int, float)) and not isinstance(eig_floor, bool) and 0 <= eig_floor < 1):
-            raise ValueError(f"Expected `eig_floor` to be a float in [0, 1), but got {eig_floor!r}")
-        check_nonnegative_int("seed", seed)
+        if lr is None:
+            return None
+        check_positive("lr", lr)
+        check_nonnegative("weight_decay", weight_decay)
+        check_positive_int("batch_size", batch_size)
+        if not self.track_balance:
+            raise CanonRegError("Balance terms need track_balance=True when the monitor is created")
+        return {"lr": float(lr), "weight_decay": float(weight_decay), "batch_size": int(batch_size)}  # type: ignore[arg-type]
 
-        t_start = time.perf_counter()
-        names = list(self.layers)
+    def _reduced_sums(self, names: list[str]) -> dict[str, dict[str, Tensor]]:
+        """Every layer's float64 sums by key (``_keys``), reduced over ranks, on the accumulators' device.
+
+        Not copies: the tensors may be the accumulators' own (the report only reads them).
+        """
         keys = self._keys()
         for name in names:
             self._check_accumulation(name)
@@ -993,34 +1154,34 @@ class CRHMonitor:
         device = self._device()
         world = _world_size() if self.sync_dist else 1
         centres = self._global_means(names, device) if world > 1 and self.preprocess != "raw" else {}
-        flat: list[Tensor] = []
-        for n in names:
-            state = self._state[n]
-            exported = {m: state.moments[m].about(centres.get((n, m))) for m in _MOMENTS}
-            for k in keys:
-                if k == "n":
-                    flat.append(torch.tensor(float(state.n), dtype=torch.float64, device=device))
-                elif k == "steps":
-                    flat.append(torch.tensor(float(state.steps), dtype=torch.float64, device=device))
-                elif k[:2] in exported and exported[k[:2]] is not None:
-                    pair = exported[k[:2]]
-                    assert pair is not None
-                    flat.append((pair[1] if k.endswith("_xx") else pair[0]).to(device))
-                elif k in state.scalars:
-                    flat.append(state.scalars[k].to(device))
-                else:
-                    flat.append(self._zeros_like_key(n, k, device))
-        if self.sync_dist:
-            reduced = all_reduce_flat(flat)
-        else:
-            reduced = [t.detach().to(torch.float64).clone() for t in flat]
+        flat = [t for n in names for t in self._exported(n, keys, centres, device)]
+        reduced = all_reduce_flat(flat) if world > 1 else [t.detach().to(torch.float64) for t in flat]
         it = iter(reduced)
-        # The sums stay on the accumulators' device: the matrices and their eigendecompositions run there.
         sums = {n: {k: next(it) for k in keys} for n in names}
         for s in sums.values():
             s["steps"] = s["steps"] / world
-        total = sum(float(s["n"]) for s in sums.values())
-        if total == 0:
+        return sums
+
+    def _exported(self, name: str, keys: list[str], centres: dict[tuple[str, str], Tensor], device: torch.device) -> list[Tensor]:
+        """One layer's sums in ``keys`` order (moments about the common mean ``centres`` when given)."""
+        state = self._state[name]
+        exported = {m: state.moments[m].about(centres.get((name, m))) for m in _MOMENTS}
+        out = []
+        for k in keys:
+            pair = exported.get(k[:2])
+            if k in ("n", "steps"):
+                out.append(torch.tensor(float(state.n if k == "n" else state.steps), dtype=torch.float64, device=device))
+            elif pair is not None:
+                out.append((pair[1] if k.endswith("_xx") else pair[0]).to(device))
+            elif k in state.scalars:
+                out.append(state.scalars[k].to(device))
+            else:
+                out.append(self._zeros_like_key(name, k, device))
+        return out
+
+    def _check_samples(self, names: list[str], sums: dict[str, dict[str, Tensor]]) -> dict[str, str]:
+        """Layers without samples, with reasons (raises before any sample, or per ``on_missing``)."""
+        if sum(float(s["n"]) for s in sums.values()) == 0:
             reasons = "; ".join(f"{_display(n)!r}: {self._missing_reason(n)}" for n in names)
             raise CanonRegError(
                 "compute() was called before any backward pass reached a monitored layer: attach the monitor "
@@ -1033,36 +1194,8 @@ class CRHMonitor:
             if self.on_missing == "error":
                 raise CanonRegError(f"Requested layers recorded no samples — {msg}. Use on_missing='skip' to drop them")
             if self.on_missing == "warn":
-                warnings.warn(f"Layers recorded no samples and are left out of the report — {msg}", RuntimeWarning, stacklevel=2)
-        weights = {}
-        biases = {}
-        for n in names:
-            tap = self._taps[n]
-            with torch.no_grad():
-                weights[n] = tap.weight(self.layers[n]).detach().to(device, torch.float64)
-                b = tap.bias(self.layers[n])
-                biases[n] = None if b is None else b.detach().to(device, torch.float64)
-        balance = None
-        if lr is not None:
-            balance = {"lr": float(lr), "weight_decay": float(weight_decay), "batch_size": int(batch_size)}  # type: ignore[arg-type]
-        return build_report(
-            sums={n: s for n, s in sums.items() if n not in missing},
-            weights=weights,
-            biases=biases,
-            preprocess=self.preprocess,
-            metric=self.metric,
-            direct=self.direct,
-            skipped={n: self._state[n].skipped for n in names},
-            missing=missing,
-            excluded=dict(self.excluded),
-            balance=balance,
-            exponents=exponents,
-            n_bootstrap=n_bootstrap,
-            eig_floor=eig_floor,
-            seed=seed,
-            ranks=ranks,
-            timings={"reduce": time.perf_counter() - t_start},
-        )
+                warnings.warn(f"Layers recorded no samples and are left out of the report — {msg}", RuntimeWarning, stacklevel=3)
+        return missing
 
     def _keys(self) -> list[str]:
         keys = ["n", "steps", "Ha_xx", "Ha_x", "Gb_xx", "Gb_x"]
@@ -1111,7 +1244,10 @@ class CRHMonitor:
             "Ha_xx": (d_a, d_a), "Ha_x": (d_a,), "Ga_xx": (d_a, d_a), "Ga_x": (d_a,),
             "Hb_xx": (d_b, d_b), "Hb_x": (d_b,), "Gb_xx": (d_b, d_b), "Gb_x": (d_b,),
         }
-        return torch.zeros(shapes.get(key, ()), dtype=torch.float64, device=device)
+        shape = shapes.get(key, ())
+        if self.sketch is not None and key.endswith("_xx"):  # sketched: d × (k + 1)
+            shape = (shape[0], self._probes[name][key[1]].shape[1])
+        return torch.zeros(shape, dtype=torch.float64, device=device)
 
     def _missing_reason(self, name: str) -> str:
         if name in self.excluded:
@@ -1132,6 +1268,18 @@ class CRHMonitor:
         if state.skipped > 0:
             return f"every call was dropped by the non-finite policy ({state.skipped} call(s))"
         return "the layer ran but no backward pass reached its output"
+
+
+def _report_options(exponents: bool, ranks: bool, n_bootstrap: int, floor: float, bootstrap_seed: int) -> ReportOptions:
+    """The checked options of :meth:`CRHMonitor.compute` (messages name the old argument names too)."""
+    check_bool("exponents", exponents)
+    check_bool("ranks", ranks)
+    check_nonnegative_int("n_bootstrap", n_bootstrap)
+    if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
+        raise ValueError(f"Expected `floor` (formerly `eig_floor`) to be a float in [0, 1), but got {floor!r}")
+    if not isinstance(bootstrap_seed, int) or isinstance(bootstrap_seed, bool) or bootstrap_seed < 0:
+        raise ValueError(f"Expected `bootstrap_seed` (formerly `seed`) to be a non-negative int, but got {bootstrap_seed!r}")
+    return ReportOptions(exponents=exponents, ranks=ranks, n_bootstrap=n_bootstrap, floor=float(floor), bootstrap_seed=bootstrap_seed)
 
 
 class _Commit:
