@@ -65,107 +65,136 @@ def select_layers(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}")
-    if taps is not None:
-        if not isinstance(taps, dict) or not all(isinstance(k, type) and issubclass(k, nn.Module) for k in taps):
-            raise TypeError(f"Expected `taps` to be a dict {{nn.Module subclass: tap}}, but got {taps!r}")
-        for k, tap in taps.items():
-            for meth in ("check", "input_rows", "output_rows", "weight", "bias"):
-                if not callable(getattr(tap, meth, None)):
-                    raise TypeError(
-                        f"Expected `taps[{k.__name__}]` to implement LayerTap (missing `{meth}`), "
-                        f"but got {type(tap).__name__}"
-                    )
-    named = dict(model.named_modules())
-    tappable = {n: m for n, m in named.items() if get_tap(m, taps) is not None}
-    functional = functional_only_children(model)
-    excluded: dict[str, str] = {}
-
-    def usable(n: str, m: nn.Module) -> bool:
-        """For the filtering forms (None, types): False, with the reason in ``excluded``, if unusable."""
-        if n in functional:
-            excluded[n] = functional[n]
-            return False
-        tap = get_tap(m, taps)
-        if tap is None:
-            excluded[n] = untapped_reason(m, taps) or "no tap"
-            return False
-        try:
-            tap.check(m, _display(n))
-        except CanonRegError as err:
-            excluded[n] = str(err)
-            return False
-        return True
-
+    _check_taps(taps)
+    sel = _Selection(model, taps)
     if layers is None:
-        chosen = {}
-        for n, m in named.items():
-            if n in tappable or n in functional or any(True for _ in m.parameters(recurse=False)):
-                if usable(n, m):
-                    chosen[n] = m
+        chosen = sel.every_usable()
     elif isinstance(layers, str) or (isinstance(layers, (list, tuple)) and all(isinstance(x, str) for x in layers)):
-        names = [layers] if isinstance(layers, str) else list(layers)
-        if not names:
-            raise ValueError("Expected `layers` to name at least one layer, but got an empty sequence")
-        chosen = {}
-        for n in names:
-            if n not in named:
-                raise ValueError(
-                    f"Expected `layers` to contain names from model.named_modules(), but {n!r} does not exist. "
-                    f"Tappable layers: {sorted(map(_display, tappable))}"
-                )
-            if n not in tappable:
-                raise CanonRegError(
-                    f"Layer {n!r} ({type(named[n]).__name__}) has no tap: canonreg does not know its h_a, W and h_b "
-                    f"({untapped_reason(named[n], taps)}). "
-                    f"Register one with canonreg.register_tap({type(named[n]).__name__}, tap) or pass `taps=`. "
-                    f"Tappable layers: {sorted(map(_display, tappable))}"
-                )
-            chosen[n] = named[n]
+        chosen = sel.by_names([layers] if isinstance(layers, str) else [str(x) for x in layers])
     elif isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
-        types = layers if isinstance(layers, tuple) else (layers,)
-        chosen = {}
-        for n, m in named.items():
-            if isinstance(m, types):
-                assert isinstance(m, nn.Module)  # narrowing for the type checker; `types` are module types
-                # A subclass overriding `forward` is excluded with its reason; a type without any tap is an error.
-                if n not in tappable and n not in functional and _resolve(m, taps)[2] is None:
-                    raise CanonRegError(
-                        f"Layer {n!r} ({type(m).__name__}) matches `layers` but has no tap; "
-                        f"register one with canonreg.register_tap({type(m).__name__}, tap)"
-                    )
-                if usable(n, m):
-                    chosen[n] = m
+        chosen = sel.by_types(layers if isinstance(layers, tuple) else (layers,))
     elif callable(layers):
-        chosen = {}
-        for n, m in named.items():
-            if layers(n, m):
-                if n not in tappable:
-                    raise CanonRegError(
-                        f"Layer {n!r} ({type(m).__name__}) matches the `layers` predicate but has no tap; "
-                        f"register one with canonreg.register_tap({type(m).__name__}, tap)"
-                    )
-                chosen[n] = m
+        chosen = sel.by_predicate(layers)
     else:
         raise TypeError(
             "Expected `layers` to be None, a layer name, a sequence of names, a module type, a tuple of types "
             f"or a predicate (name, module) -> bool, but got {layers!r}"
         )
     if not chosen:
-        why = "".join(f"; excluded {_display(n)!r}: {r}" for n, r in list(excluded.items())[:10])
-        raise ValueError(
-            f"Expected `layers` to match at least one tappable layer, but it matched none. "
-            f"Tappable layers: {sorted(map(_display, tappable))}; all modules: "
-            f"{sorted((_display(n), type(m).__name__) for n, m in named.items())[:50]}{why}"
+        raise ValueError(sel.nothing_matched())
+    return chosen, sel.taps_of(chosen), sel.excluded
+
+
+def _check_taps(taps: object) -> None:
+    if taps is None:
+        return
+    if not isinstance(taps, dict) or not all(isinstance(k, type) and issubclass(k, nn.Module) for k in taps):
+        raise TypeError(f"Expected `taps` to be a dict {{nn.Module subclass: tap}}, but got {taps!r}")
+    for k, tap in taps.items():
+        for meth in ("check", "input_rows", "output_rows", "weight", "bias"):
+            if not callable(getattr(tap, meth, None)):
+                raise TypeError(f"Expected `taps[{k.__name__}]` to implement LayerTap (missing `{meth}`), but got {type(tap).__name__}")
+
+
+class _Selection:
+    """The modules of one model as :func:`select_layers` sees them, and the excluded ones with their reasons."""
+
+    def __init__(self, model: nn.Module, taps: dict[type[nn.Module], LayerTap] | None) -> None:
+        self.taps = taps
+        self.named = dict(model.named_modules())
+        self.tappable = {n: m for n, m in self.named.items() if get_tap(m, taps) is not None}
+        self.functional = functional_only_children(model)
+        self.excluded: dict[str, str] = {}
+
+    def usable(self, n: str, m: nn.Module) -> bool:
+        """For the filtering forms (None, types): False, with the reason in ``excluded``, if unusable."""
+        if n in self.functional:
+            self.excluded[n] = self.functional[n]
+            return False
+        tap = get_tap(m, self.taps)
+        if tap is None:
+            self.excluded[n] = untapped_reason(m, self.taps) or "no tap"
+            return False
+        try:
+            tap.check(m, _display(n))
+        except CanonRegError as err:
+            self.excluded[n] = str(err)
+            return False
+        return True
+
+    def every_usable(self) -> dict[str, nn.Module]:
+        """``layers=None``: every usable module that has a tap or holds parameters of its own."""
+        return {
+            n: m
+            for n, m in self.named.items()
+            if (n in self.tappable or n in self.functional or any(True for _ in m.parameters(recurse=False))) and self.usable(n, m)
+        }
+
+    def _tappable_list(self) -> str:
+        return f"Tappable layers: {sorted(map(_display, self.tappable))}"
+
+    def by_names(self, names: list[str]) -> dict[str, nn.Module]:
+        if not names:
+            raise ValueError("Expected `layers` to name at least one layer, but got an empty sequence")
+        for n in names:
+            if n not in self.named:
+                raise ValueError(
+                    f"Expected `layers` to contain names from model.named_modules(), but {n!r} does not exist. {self._tappable_list()}"
+                )
+            if n not in self.tappable:
+                kind = type(self.named[n]).__name__
+                raise CanonRegError(
+                    f"Layer {n!r} ({kind}) has no tap: canonreg does not know its h_a, W and h_b "
+                    f"({untapped_reason(self.named[n], self.taps)}). "
+                    f"Register one with canonreg.register_tap({kind}, tap) or pass `taps=`. {self._tappable_list()}"
+                )
+        return {n: self.named[n] for n in names}
+
+    def by_types(self, types: tuple[type, ...]) -> dict[str, nn.Module]:
+        chosen = {}
+        for n, m in self.named.items():
+            if not any(isinstance(m, t) for t in types):
+                continue
+            # A subclass overriding `forward` is excluded with its reason; a type without any tap is an error.
+            if n not in self.tappable and n not in self.functional and _resolve(m, self.taps)[2] is None:
+                raise CanonRegError(
+                    f"Layer {n!r} ({type(m).__name__}) matches `layers` but has no tap; "
+                    f"register one with canonreg.register_tap({type(m).__name__}, tap)"
+                )
+            if self.usable(n, m):
+                chosen[n] = m
+        return chosen
+
+    def by_predicate(self, predicate: Callable[[str, nn.Module], bool]) -> dict[str, nn.Module]:
+        chosen = {}
+        for n, m in self.named.items():
+            if predicate(n, m):
+                if n not in self.tappable:
+                    raise CanonRegError(
+                        f"Layer {n!r} ({type(m).__name__}) matches the `layers` predicate but has no tap; "
+                        f"register one with canonreg.register_tap({type(m).__name__}, tap)"
+                    )
+                chosen[n] = m
+        return chosen
+
+    def nothing_matched(self) -> str:
+        why = "".join(f"; excluded {_display(n)!r}: {r}" for n, r in list(self.excluded.items())[:10])
+        return (
+            f"Expected `layers` to match at least one tappable layer, but it matched none. {self._tappable_list()}; all modules: "
+            f"{sorted((_display(n), type(m).__name__) for n, m in self.named.items())[:50]}{why}"
         )
-    chosen_taps: dict[str, LayerTap] = {}
-    for n, m in chosen.items():
-        found = get_tap(m, taps)
-        if found is None:  # unreachable: chosen ⊆ tappable
-            raise CanonRegError(f"Layer {_display(n)!r} has no tap: {untapped_reason(m, taps)}")
-        found.check(m, _display(n))
-        check_layer_weight(n, m, found)
-        chosen_taps[n] = found
-    return chosen, chosen_taps, excluded
+
+    def taps_of(self, chosen: dict[str, nn.Module]) -> dict[str, LayerTap]:
+        """Each chosen layer's tap, its configuration and weight checked."""
+        out: dict[str, LayerTap] = {}
+        for n, m in chosen.items():
+            found = get_tap(m, self.taps)
+            if found is None:  # unreachable: chosen ⊆ tappable
+                raise CanonRegError(f"Layer {_display(n)!r} has no tap: {untapped_reason(m, self.taps)}")
+            found.check(m, _display(n))
+            check_layer_weight(n, m, found)
+            out[n] = found
+        return out
 
 
 def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data: bool = False) -> None:
