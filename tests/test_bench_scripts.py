@@ -1,0 +1,118 @@
+"""Smoke tests of ``benchmarks/peers.py`` and ``benchmarks/scaling.py`` at tiny sizes (their ``--quick`` mode, smaller).
+
+Peers that are not installed (BackPACK, curvlinops, Opacus: the optional ``[bench]`` extra) are skipped
+by the script with a printed line; the test asserts that line instead of their rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_peers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_threads: None) -> None:
+    peers = _load("peers")
+    out = tmp_path / "peers.json"
+    width, hidden, batch = 16, 2, 8
+    result = peers.main(["--quick", "--width", str(width), "--hidden", str(hidden), "--batch", str(batch), "--rounds", "1",
+                         "--warmup", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["n_params"] == result["n_params"] == sum(p.numel() for p in peers.make_mlp(peers.Config(width=width, hidden=hidden)).parameters())
+    assert out.with_suffix(".md").read_text().count("\n| ") == len(saved["results"]) + 2  # header, rule, one row each
+    rows = {r["contender"]: r for r in saved["results"]}
+
+    assert rows["plain"]["ratio_cpu"] == 1.0 and rows["plain"]["extra_peak_bytes"] == 0
+    for mode in peers.MODES:
+        for every, calls in ((1, 1), (10, 10)):  # --quick: 1 timed step per round; every10 times a window of 10
+            r = rows[f"canonreg/{mode}/every{every}"]
+            assert math.isfinite(r["ratio_cpu"]) and r["ratio_cpu"] > 0 and r["seconds_cpu"] > 0
+            # rows seen by the monitor: the timed calls it collected (every k-th forward call from the first)
+            collected = len(range(0, calls, every))
+            assert set(r["check"]["samples"].values()) == {batch * collected}
+            assert r["extra_held_bytes"] > 0  # its accumulators
+
+    per_sample = {"backpack": "backpack/BatchGrad", "opacus": "opacus/GradSampleModule", "torch.func": "torch.func/vmap(grad)"}
+    for peer, names in {"backpack": ["backpack/KFAC", "backpack/KFLR", "backpack/SumGradSquared"],
+                        "curvlinops": ["curvlinops/KFAC-empirical"], "opacus": [], "torch.func": []}.items():
+        names = names + ([per_sample[peer]] if peer in per_sample else [])
+        if peers.available(peer):
+            for name in names:
+                assert name in rows and rows[name]["ratio_cpu"] > 0
+        else:
+            assert f"skipped {peer}: not installed" in printed
+            assert not any(name in rows for name in names)
+    for name in per_sample.values():
+        if name in rows:  # per-sample gradients stay held after the step: n · #params float32 at least
+            assert rows[name]["extra_held_bytes"] >= 4 * batch * saved["n_params"]
+    # Agreement with an independent implementation: every K-FAC input factor is canonreg's raw H_a (up to
+    # scale); curvlinops' empirical output factor is canonreg's raw G_b (both from the true labels).
+    for name in ("backpack/KFAC", "backpack/KFLR", "curvlinops/KFAC-empirical"):
+        if name in rows:
+            cos = rows[name]["agreement"]
+            assert all(v > 1 - 1e-6 for k, v in cos.items() if k.startswith("A[")), cos
+            if name.startswith("curvlinops"):
+                assert all(v > 1 - 1e-6 for k, v in cos.items() if k.startswith("B[")), cos
+
+
+def test_scaling_quick(tmp_path: Path, restore_threads: None) -> None:
+    scaling = _load("scaling")
+    out = tmp_path / "scaling.json"
+    result = scaling.main(["--quick", "--widths", "16", "32", "--width-batches", "8", "8", "--batches", "8",
+                           "--batch-width", "16", "--sketch-from", "32", "--no-figure", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["sweep"] for r in saved["results"]] == ["width", "width", "batch", "conv", "transformer"]
+    for r in saved["results"]:
+        kinds = ["exact"] + (["sketch"] if scaling.HAS_SKETCH and r["sweep"] == "width" and r["x"] >= 32 else [])
+        assert r["kinds"] == kinds
+        for kind in kinds:
+            for every in ("every1", "every10"):
+                assert r["ratio_cpu"][f"{every}/{kind}"] > 0
+        assert r["compute"]["exact"]["seconds"] > 0
+        # the state estimate (float64 totals + float32 window) bounds what the monitor holds after one step
+        assert 0 < r["extra_held_bytes"]["every1/exact"] <= r["exact_state_bytes_estimate"]
+    assert len(result["verdict"]) == 1 and "below 50M" in result["verdict"][0]
+
+
+def test_transformer_config() -> None:
+    """The default GPTConfig has ≥ 50M parameters; the model is causal (a later token never changes earlier logits)."""
+    scaling = _load("scaling")
+    with torch.device("meta"):
+        big = scaling.GPT(scaling.GPTConfig())
+    assert sum(p.numel() for p in big.parameters()) >= 50_000_000
+    torch.manual_seed(0)
+    small = scaling.GPT(scaling.GPTConfig(vocab=32, seq=6, d_model=16, n_layer=2, n_head=2)).eval()
+    idx = torch.randint(0, 32, (1, 6))
+    changed = idx.clone()
+    changed[0, 4] = (idx[0, 4] + 1) % 32
+    with torch.no_grad():
+        a, b = small(idx), small(changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    names = [n for n, m in small.named_modules() if scaling.in_blocks(n, m)]
+    assert names == [f"blocks.{i}.{k}" for i in range(2) for k in ("qkv", "proj", "fc", "fc2")]
