@@ -109,7 +109,7 @@ class Config:
     threads: int = 1
     rounds: int = 5
     steps: int = 3  # timed steps per round (every10: a window of 10)
-    slow_rounds: int = 3  # rounds for the per-sample contenders (1 timed step each)
+    slow_rounds: int = 2  # rounds for the per-sample contenders (1 timed step each)
     warmup: int = 2
     modes: tuple[str, ...] = MODES
     peers: tuple[str, ...] = ("backpack", "curvlinops", "opacus", "torch.func")
@@ -212,16 +212,17 @@ class Bench:
                 loss.backward()
             opt.step()
 
-        def release() -> None:
-            for p in model.parameters():
+        seen: dict[str, Any] = {"savefield": ext.savefield}
+
+        def release() -> None:  # what the last step produced is recorded, then dropped
+            for n, p in model.named_parameters():
                 if hasattr(p, ext.savefield):
+                    seen[n] = _shapes(getattr(p, ext.savefield))
                     delattr(p, ext.savefield)
 
         def close() -> dict[str, Any]:
-            step()
-            got = {n: _shapes(getattr(p, ext.savefield)) for n, p in model.named_parameters()}
             release()
-            return {"savefield": ext.savefield, "shapes": got}
+            return seen
 
         return Runner(step, release, close)
 
@@ -258,15 +259,18 @@ class Bench:
             loss.backward()
             opt.step()
 
-        def release() -> None:
+        seen: dict[str, Any] = {}
+
+        def release() -> None:  # what the last step produced is recorded, then dropped
+            for n, p in model.named_parameters():
+                if getattr(p, "grad_sample", None) is not None:
+                    seen[n] = list(p.grad_sample.shape)  # type: ignore[attr-defined]
             wrapped.zero_grad(set_to_none=True)  # also drops p.grad_sample
 
         def close() -> dict[str, Any]:
-            step()
-            got = {n: list(p.grad_sample.shape) for n, p in model.named_parameters()}  # type: ignore[attr-defined]
             release()
             wrapped._close()
-            return {"grad_sample": got}
+            return {"grad_sample": seen}
 
         return Runner(step, release, close)
 
@@ -290,13 +294,18 @@ class Bench:
             held.append(grads)  # the product a user of per-sample gradients consumes
             opt.step()
 
-        def close() -> dict[str, Any]:
-            step()
-            got = {k: list(v.shape) for k, v in held[-1].items()}
-            held.clear()
-            return {"per_sample": got}
+        seen: dict[str, Any] = {}
 
-        return Runner(step, held.clear, close)
+        def release() -> None:  # what the last step produced is recorded, then dropped
+            if held:
+                seen.update({k: list(v.shape) for k, v in held[-1].items()})
+            held.clear()
+
+        def close() -> dict[str, Any]:
+            release()
+            return {"per_sample": seen}
+
+        return Runner(step, release, close)
 
     def contenders(self) -> list[Contender]:
         cfg = self.cfg

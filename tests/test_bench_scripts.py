@@ -70,6 +70,9 @@ def test_peers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str], restore
     for name in per_sample.values():
         if name in rows:  # per-sample gradients stay held after the step: n · #params float32 at least
             assert rows[name]["extra_held_bytes"] >= 4 * batch * saved["n_params"]
+            check = rows[name]["check"]
+            shapes = check.get("grad_sample") or check.get("per_sample") or check
+            assert shapes["0.weight"] == [batch, width, 40] and shapes["0.bias"] == [batch, width]
     # Agreement with an independent implementation: every K-FAC input factor is canonreg's raw H_a (up to
     # scale); curvlinops' empirical output factor is canonreg's raw G_b (both from the true labels).
     for name in ("backpack/KFAC", "backpack/KFLR", "curvlinops/KFAC-empirical"):
