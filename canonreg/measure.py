@@ -110,7 +110,7 @@ def measure_crh(
             seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index)
         if seen == 0:
             raise CanonRegError("measure_crh: the data is empty")
-        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, seed=seed)
+        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, bootstrap_seed=seed)
     finally:
         model.train(was_training)
 

@@ -1015,11 +1015,10 @@ class CRHMonitor:
         one process would have computed from all ranks' samples. ``report.samples`` is the total over
         ranks; ``report.steps`` the mean number of committed layer calls per rank.
 
-        Cost: α alone (``exponents=False, ranks=False``) needs per layer the Grams ``WᵀW`` and ``WWᵀ``
-        (``~d_a d_b (d_a + d_b)/2`` flops, halved by symmetry) and a few reads of each matrix; the
-        identities of ``raw``/``centered`` mode add ``W H_a Wᵀ`` and ``Wᵀ G_b W``. Eigendecompositions
-        (``O(d³)`` each) are what ``exponents`` and ``ranks`` add; they run on the accumulators' device,
-        batched per shape. ``report.timings`` has the split; ``benchmarks/compute_time.py`` measures it.
+        Cost: α alone needs per layer ``WᵀW`` and ``WWᵀ`` (``d_a d_b (d_a + d_b)`` flops, about half
+        spent by symmetry) and a few reads of each matrix (``raw``/``centered`` identities add
+        ``W H_a Wᵀ``, ``Wᵀ G_b W``); ``exponents`` and ``ranks`` add ``O(d³)`` eigendecompositions, on
+        the accumulators' device, batched per shape. ``report.timings`` has the split.
 
         Args:
             lr, weight_decay, batch_size: η, γ, S of the training step; when all three are given (and
@@ -1049,14 +1048,7 @@ class CRHMonitor:
         missing = self._check_samples(names, sums)
         if self.sketch is not None:  # α from the d × (k + 1) sketches (canonreg.sketch)
             return self._sketched_report(sums, missing, balance, options, time.perf_counter() - t_start)
-        device = self._device()
-        weights: dict[str, Tensor] = {}
-        biases: dict[str, Tensor | None] = {}
-        with torch.no_grad():
-            for n in names:
-                weights[n] = self._taps[n].weight(self.layers[n]).detach().to(device, torch.float64)
-                b = self._taps[n].bias(self.layers[n])
-                biases[n] = None if b is None else b.detach().to(device, torch.float64)
+        weights, biases = self._weights(names)
         inputs = ReportInputs(
             sums={n: s for n, s in sums.items() if n not in missing},
             weights=weights,
@@ -1125,6 +1117,18 @@ class CRHMonitor:
             derived=False, missing=missing, excluded=dict(self.excluded),
             timings={"reduce": reduce_seconds, "alignment": seconds, "total": reduce_seconds + seconds},
         )
+
+    def _weights(self, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+        """Every layer's ``W`` (``(d_b, d_a)``) and bias in float64 on the accumulators' device."""
+        device = self._device()
+        weights: dict[str, Tensor] = {}
+        biases: dict[str, Tensor | None] = {}
+        with torch.no_grad():
+            for n in names:
+                weights[n] = self._taps[n].weight(self.layers[n]).detach().to(device, torch.float64)
+                b = self._taps[n].bias(self.layers[n])
+                biases[n] = None if b is None else b.detach().to(device, torch.float64)
+        return weights, biases
 
     def _balance_args(self, lr: float | None, weight_decay: float | None, batch_size: int | None) -> dict[str, float] | None:
         """The checked ``{lr, weight_decay, batch_size}`` of the balance terms, or None when not asked for."""

@@ -21,7 +21,7 @@ from . import functional as F
 from .errors import CanonRegError, check_choice
 from .layers import _display
 
-__all__ = ["CRHReport", "build_report", "layer_matrices"]
+__all__ = ["CRHReport", "ReportInputs", "ReportOptions", "build_report", "layer_matrices"]
 
 NanPolicy = Literal["warn", "omit", "propagate", "error"]
 
@@ -46,27 +46,56 @@ def layer_matrices(
     origin ``o = 0``; in centred modes any origin gives the same covariance
     ``X_xx/n − (X_x/n)(X_x/n)ᵀ``, and :class:`~canonreg.CRHMonitor` passes sums about the mean
     (``X_x ≈ 0``), so that subtraction cancels nothing.
+
+    Every matrix is exactly symmetric: moments are symmetrised (``(M + Mᵀ)/2``, in the same blocked
+    pass that divides by ``n``), and the products ``WᵀW``, ``WWᵀ``, ``W H_a Wᵀ``, ``Wᵀ G_b W`` are
+    formed on the upper block triangle and mirrored (:func:`~canonreg.functional.symmetric_product`:
+    about half the flops of a full product). The sums are not modified.
     """
     n = float(sums["n"])
+    if not n > 0:
+        raise ValueError(f"Expected the sample count `n` to be positive, but got {n!r}")
     centered = preprocess != "raw"
     w = weight.to(torch.float64)
-    h_a = F.moment_from_sums(sums["Ha_xx"], sums["Ha_x"], n, centered=centered)
-    g_b = F.moment_from_sums(sums["Gb_xx"], sums["Gb_x"], n, centered=centered)
+
+    def moment(key: str) -> Tensor:  # the moments of F.moment_from_sums, symmetrised
+        return _symmetric(sums[f"{key}_xx"], 1.0 / n, sums[f"{key}_x"] / n if centered else None)
+
+    h_a, g_b = moment("Ha"), moment("Gb")
     if direct:
-        h_b = F.moment_from_sums(sums["Hb_xx"], sums["Hb_x"], n, centered=centered)
-        g_a = F.moment_from_sums(sums["Ga_xx"], sums["Ga_x"], n, centered=centered)
+        h_b, g_a = moment("Hb"), moment("Ga")
     else:
-        h_b = w @ h_a @ w.T
+        h_b = F.symmetric_product(w.T, h_a @ w.T)  # W (H_a Wᵀ)
         if not centered and bias is not None:
             b = bias.to(torch.float64)
             wmu = w @ (sums["Ha_x"] / n)
-            h_b = h_b + torch.outer(wmu, b) + torch.outer(b, wmu) + torch.outer(b, b)
-        g_a = w.T @ g_b @ w
-    sym = lambda m: 0.5 * (m + m.T)  # noqa: E731 — round-off symmetrisation
-    return {
-        "H_a": sym(h_a), "H_b": sym(h_b), "G_a": sym(g_a), "G_b": sym(g_b),
-        "Z_a": sym(w.T @ w), "Z_b": sym(w @ w.T),
-    }
+            h_b = _symmetric(h_b.addr_(wmu, b).addr_(b, wmu).addr_(b, b))
+        g_a = F.symmetric_product(w, g_b @ w)  # Wᵀ (G_b W)
+    return {"H_a": h_a, "H_b": h_b, "G_a": g_a, "G_b": g_b, "Z_a": F.symmetric_product(w, w), "Z_b": F.symmetric_product(w.T, w.T)}
+
+
+#: :func:`_symmetric` works on blocks of ``_SYM_BLOCK × _SYM_BLOCK`` entries.
+_SYM_BLOCK = 256
+
+
+def _symmetric(m: Tensor, scale: float = 1.0, mean: Tensor | None = None) -> Tensor:
+    """``scale · (M + Mᵀ)/2 − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) as a new tensor, in one blocked pass:
+    each block of ``M`` and its mirror are read once and the result written once (no temporary of
+    ``M``'s size). With ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the centred moment of
+    :func:`~canonreg.functional.moment_from_sums`, exactly symmetric."""
+    d = m.shape[0]
+    out = torch.empty_like(m)
+    half = 0.5 * scale
+    for i in range(0, d, _SYM_BLOCK):
+        e = min(i + _SYM_BLOCK, d)
+        for j in range(i, d, _SYM_BLOCK):
+            f = min(j + _SYM_BLOCK, d)
+            block = torch.add(m[i:e, j:f], m[j:f, i:e].T).mul_(half)
+            if mean is not None:
+                block.addr_(mean[i:e], mean[j:f], alpha=-1.0)
+            out[i:e, j:f] = block
+            out[j:f, i:e] = block.T
+    return out
 
 
 def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, samples: float, preprocess: str) -> str:
@@ -337,113 +366,197 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def build_report(
-    *,
-    sums: Mapping[str, Mapping[str, Tensor]],
-    weights: Mapping[str, Tensor],
-    biases: Mapping[str, Tensor | None],
-    preprocess: F.Preprocess,
-    metric: F.Metric,
-    direct: bool,
-    skipped: Mapping[str, int],
-    missing: Mapping[str, str],
-    excluded: Mapping[str, str],
-    balance: Mapping[str, float] | None,
-    exponents: bool,
-    n_bootstrap: int,
-    eig_floor: float,
-    seed: int,
-    ranks: bool = True,
-    timings: Mapping[str, float] | None = None,
-) -> CRHReport:
+@dataclass(frozen=True)
+class ReportInputs:
+    """A monitor's reduced state: what :func:`build_report` turns into a :class:`CRHReport`.
+
+    Attributes:
+        sums: per layer, the reduced float64 sums (``n``, ``steps``, ``Ha_xx``, ``Ha_x``, …; see
+            :func:`layer_matrices`), all on one device; ``gh`` and ``gnhn`` when ``balance`` is given.
+        weights, biases: per layer, ``W`` as ``(d_b, d_a)`` and ``b`` (or None).
+        preprocess, metric, direct: how the sums were taken and how α is scored.
+        skipped, missing, excluded: bookkeeping copied into the report.
+        balance: ``{"lr", "weight_decay", "batch_size"}`` for the balance terms, or None.
+    """
+
+    sums: Mapping[str, Mapping[str, Tensor]]
+    weights: Mapping[str, Tensor]
+    biases: Mapping[str, Tensor | None]
+    preprocess: F.Preprocess
+    metric: F.Metric
+    direct: bool
+    skipped: Mapping[str, int] = field(default_factory=dict)
+    missing: Mapping[str, str] = field(default_factory=dict)
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    balance: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What to compute beyond α (the arguments of :meth:`CRHMonitor.compute` of the same names).
+
+    Attributes:
+        exponents: PAH fits of all six relations (eigendecompositions of ``G_a, Z_a, G_b, Z_b``).
+        ranks: effective ranks of ``H_a, H_b, G_a, G_b``.
+        n_bootstrap: bootstrap resamples of each exponent interval (0: NaN intervals).
+        floor: relative eigenvalue floor of the fits, in [0, 1).
+        bootstrap_seed: seed of the bootstrap generator (drawn in layer, then relation order).
+    """
+
+    exponents: bool = True
+    ranks: bool = True
+    n_bootstrap: int = 200
+    floor: float = 1e-6
+    bootstrap_seed: int = 0
+
+
+@dataclass
+class _Layer:
+    """One layer's part of a report (filled by :func:`_analyse_layer`)."""
+
+    matrices: dict[str, Tensor]
+    alignment: dict[str, float]
+    reasons: dict[str, str]
+    fits: dict[str, F.PowerLawFit] | None = None
+    ranks: dict[str, dict[str, float]] | None = None
+    balance: F.BalanceTerms | None = None
+
+
+_PARTS = ("reduce", "matrices", "alignment", "exponents", "ranks")
+
+
+def build_report(inputs: ReportInputs, options: ReportOptions | None = None, *, timings: Mapping[str, float] | None = None) -> CRHReport:
     """Assemble a :class:`CRHReport` from reduced float64 sums (pure; used by the monitor).
 
-    Everything runs on the device of ``sums`` (the accumulators'), eigendecompositions included; the
-    report keeps its matrices on the CPU. Each matrix is eigendecomposed at most once: the exponent
-    fits' ``eigh`` of ``G_a``/``G_b`` also gives their effective ranks. ``timings`` (seconds already
-    spent, e.g. ``{"reduce": …}``) is extended with this function's parts.
+    Everything runs on the device of the sums (the accumulators'), eigendecompositions included; the
+    report keeps its matrices on the CPU. Per layer: the six matrices (:func:`layer_matrices`), the
+    six α from two :func:`~canonreg.functional.pairwise_alignment` passes (``H_a, G_a, Z_a`` and
+    ``H_b, G_b, Z_b``), then, if asked, the eigendecompositions of the fits, batched when shapes agree
+    (``G_a``/``Z_a`` always; all four when ``d_a = d_b``), and the ranks, which reuse them for
+    ``G_a``/``G_b``. ``timings`` (seconds already spent, e.g. ``{"reduce": …}``) is extended with this
+    function's parts.
     """
-    clock: dict[str, float] = {"reduce": 0.0, "matrices": 0.0, "alignment": 0.0, "exponents": 0.0, "ranks": 0.0}
+    options = ReportOptions() if options is None else options
+    clock = dict.fromkeys(_PARTS, 0.0)
     clock.update(timings or {})
-    gen = torch.Generator().manual_seed(seed)
-    alignment: dict[str, dict[str, float]] = {}
-    reasons: dict[str, dict[str, str]] = {}
-    fits: dict[str, dict[str, F.PowerLawFit]] = {}
-    ranks_of: dict[str, dict[str, dict[str, float]]] = {}
-    bal: dict[str, F.BalanceTerms] = {}
-    mats_all: dict[str, dict[str, Tensor]] = {}
-    for name, s in sums.items():
-        t0 = time.perf_counter()
-        mats = layer_matrices(s, weights[name], biases[name], preprocess=preprocess, direct=direct)
-        t1 = time.perf_counter()
-        alignment[name] = {}
-        reasons[name] = {}
-        for rel, (pa, pb) in F.RELATION_PAIRS.items():
-            a = float(F.alignment(mats[pa], mats[pb], metric))  # a host sync: the matrices are done
-            alignment[name][rel] = a
-            if math.isnan(a):
-                reasons[name][rel] = _nan_reason(pa, mats[pa], pb, mats[pb], metric, float(s["n"]), preprocess)
-        t2 = time.perf_counter()
-        clock["matrices"] += t1 - t0
-        clock["alignment"] += t2 - t1
-        eig: dict[str, tuple[Tensor, Tensor]] = {}
-        if exponents:
-            fits[name] = {}
-            for rel, (pa, pb) in F.RELATION_PAIRS.items():
-                if pb not in eig and bool(torch.isfinite(mats[pb]).all()):
-                    eig[pb] = torch.linalg.eigh(mats[pb])
-                fits[name][rel] = F.power_law_fit(mats[pa], mats[pb], floor=eig_floor, n_bootstrap=n_bootstrap, generator=gen, eig=eig.get(pb))
-        t3 = time.perf_counter()
-        clock["exponents"] += t3 - t2
-        if ranks:
-            ranks_of[name] = {m: _effective_ranks(mats[m], eig[m][0] if m in eig else None) for m in ("H_a", "H_b", "G_a", "G_b")}
-        clock["ranks"] += time.perf_counter() - t3
-        mats_all[name] = {k: v.cpu() for k, v in mats.items()}
-        if balance is not None:
-            n = float(s["n"])
-            bal[name] = F.balance_terms(
-                float((weights[name].double() ** 2).sum()),
-                float(s["gh"]) / n,
-                float(s["gnhn"]) / n,
-                lr=balance["lr"],
-                weight_decay=balance["weight_decay"],
-                batch_size=int(balance["batch_size"]),
-                mean_gradient_sq_norm=float("nan"),
-            )
+    gen = torch.Generator().manual_seed(options.bootstrap_seed)
+    layers = {name: _analyse_layer(name, inputs, options, gen, clock) for name in inputs.sums}
     return CRHReport(
-        alignment=alignment,
-        nan_reasons={n: r for n, r in reasons.items() if r},
-        exponents=fits,
-        effective_rank=ranks_of,
-        balance=bal,
-        samples={n: int(float(s["n"])) for n, s in sums.items()},
-        steps={n: int(round(float(s["steps"]))) for n, s in sums.items()},
-        skipped=dict(skipped),
-        preprocess=preprocess,
-        metric=metric,
-        derived=not direct,
-        missing=dict(missing),
-        excluded=dict(excluded),
-        _matrices=mats_all,
+        alignment={n: r.alignment for n, r in layers.items()},
+        nan_reasons={n: r.reasons for n, r in layers.items() if r.reasons},
+        exponents={n: r.fits for n, r in layers.items() if r.fits is not None},
+        effective_rank={n: r.ranks for n, r in layers.items() if r.ranks is not None},
+        balance={n: r.balance for n, r in layers.items() if r.balance is not None},
+        samples={n: int(float(s["n"])) for n, s in inputs.sums.items()},
+        steps={n: int(round(float(s["steps"]))) for n, s in inputs.sums.items()},
+        skipped=dict(inputs.skipped),
+        preprocess=inputs.preprocess,
+        metric=inputs.metric,
+        derived=not inputs.direct,
+        missing=dict(inputs.missing),
+        excluded=dict(inputs.excluded),
+        _matrices={n: {k: v.cpu() for k, v in r.matrices.items()} for n, r in layers.items()},
         timings={**clock, "total": sum(clock.values())},
     )
 
 
-def _effective_ranks(m: Tensor, eigenvalues: Tensor | None) -> dict[str, float]:
-    """``{"participation": (Σλ)²/Σλ², "entropy": exp(−Σ p log p)}`` from one eigendecomposition of ``m``.
+def _analyse_layer(name: str, inputs: ReportInputs, options: ReportOptions, gen: torch.Generator, clock: dict[str, float]) -> _Layer:
+    """Matrices, α, fits, ranks and balance of one layer; adds the seconds of each part to ``clock``."""
+    s = inputs.sums[name]
+    t0 = time.perf_counter()
+    mats = layer_matrices(s, inputs.weights[name], inputs.biases[name], preprocess=inputs.preprocess, direct=inputs.direct)
+    t1 = time.perf_counter()
+    out = _Layer(mats, *_alignments(mats, inputs.metric, float(s["n"]), inputs.preprocess))
+    t2 = time.perf_counter()
+    eig: dict[str, tuple[Tensor, Tensor]] = {}
+    if options.exponents:
+        eig = _eigh(mats, sorted({pb for _, pb in F.RELATION_PAIRS.values()}))
+        out.fits = {
+            rel: F.power_law_fit(mats[pa], mats[pb], floor=options.floor, n_bootstrap=options.n_bootstrap, generator=gen, eig=eig.get(pb))
+            for rel, (pa, pb) in F.RELATION_PAIRS.items()
+        }
+    t3 = time.perf_counter()
+    if options.ranks:
+        out.ranks = _effective_ranks(mats, eig)
+    t4 = time.perf_counter()
+    if inputs.balance is not None:
+        n = float(s["n"])
+        out.balance = F.balance_terms(
+            float(inputs.weights[name].double().square().sum()),
+            float(s["gh"]) / n,
+            float(s["gnhn"]) / n,
+            lr=inputs.balance["lr"],
+            weight_decay=inputs.balance["weight_decay"],
+            batch_size=int(inputs.balance["batch_size"]),
+            mean_gradient_sq_norm=float("nan"),
+        )
+    for part, dt in zip(_PARTS[1:], (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        clock[part] += dt
+    return out
+
+
+def _alignments(mats: Mapping[str, Tensor], metric: F.Metric, samples: float, preprocess: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The six α of one layer from one pairwise pass per side, and the reason of each NaN."""
+    scores: dict[tuple[str, str], float] = {}
+    for side in ("a", "b"):
+        names = (f"H_{side}", f"G_{side}", f"Z_{side}")
+        table = F.pairwise_alignment([mats[m] for m in names], metric).tolist()  # one host sync per side
+        scores.update({(p, q): table[i][j] for i, p in enumerate(names) for j, q in enumerate(names)})
+    alignment = {rel: float(scores[pair]) for rel, pair in F.RELATION_PAIRS.items()}
+    reasons = {
+        rel: _nan_reason(pa, mats[pa], pb, mats[pb], metric, samples, preprocess)
+        for rel, (pa, pb) in F.RELATION_PAIRS.items()
+        if math.isnan(alignment[rel])
+    }
+    return alignment, reasons
+
+
+def _eigh(mats: Mapping[str, Tensor], names: Sequence[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``torch.linalg.eigh`` of the finite ones among ``mats[names]``, one batched call per shape."""
+    return _by_shape(mats, names, torch.linalg.eigh)
+
+
+def _by_shape(mats: Mapping[str, Tensor], names: Sequence[str], decompose: Any) -> dict[str, Any]:
+    """``decompose`` of each finite matrix in ``names``; matrices of one shape go in one batched call."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for m in names:
+        if bool(torch.isfinite(mats[m]).all()):
+            groups.setdefault(tuple(mats[m].shape), []).append(m)
+    out: dict[str, Any] = {}
+    for group in groups.values():
+        if len(group) == 1:
+            out[group[0]] = decompose(mats[group[0]])
+            continue
+        result = decompose(torch.stack([mats[m] for m in group]))
+        parts = zip(*result) if isinstance(result, tuple) else result
+        out.update(zip(group, parts))
+    return out
+
+
+def _effective_ranks(mats: Mapping[str, Tensor], eig: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+    """``{"participation": (Σλ)²/Σλ², "entropy": exp(−Σ p log p)}`` of ``H_a, H_b, G_a, G_b``.
 
     The same definitions (negative eigenvalues clipped to 0; NaN for a zero or non-finite matrix) as
     :func:`canonreg.functional.participation_ratio` and :func:`~canonreg.functional.entropy_rank`,
-    which each decompose the matrix again. ``eigenvalues``: already computed (by ``eigh``), or None.
+    which each decompose the matrix again. Eigenvalues come from ``eig`` (the fits' ``eigh``) where it
+    has them, the others from one batched ``eigvalsh`` per shape.
     """
+    names = ("H_a", "H_b", "G_a", "G_b")
+    values = {m: eig[m][0] for m in names if m in eig}
+    values.update(_by_shape(mats, [m for m in names if m not in eig], torch.linalg.eigvalsh))
     nan = {"participation": float("nan"), "entropy": float("nan")}
-    if not bool(torch.isfinite(m).all()):
-        return nan
-    lam = (torch.linalg.eigvalsh(m) if eigenvalues is None else eigenvalues).clamp_min(0)
-    total = float(lam.sum())
-    sq = float((lam * lam).sum())
-    if not total > 0 or not sq > 0:
-        return nan
-    p = lam / total
-    ent = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
-    return {"participation": max(total * total / sq, 1.0), "entropy": float(torch.exp(ent))}
+    out = {}
+    for m in names:
+        if m not in values:  # not finite
+            out[m] = dict(nan)
+            continue
+        lam = values[m].clamp_min(0)
+        total = float(lam.sum())
+        sq = float((lam * lam).sum())
+        if not total > 0 or not sq > 0:
+            out[m] = dict(nan)
+            continue
+        p = lam / total
+        ent = -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p)).sum()
+        out[m] = {"participation": max(total * total / sq, 1.0), "entropy": float(torch.exp(ent))}
+    return out

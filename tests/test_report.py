@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import canonreg
 from canonreg import functional as cf
-from canonreg.report import CRHReport, build_report, layer_matrices
+from canonreg.report import CRHReport, ReportInputs, ReportOptions, build_report, layer_matrices
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -127,11 +127,11 @@ def test_build_report_all_zero_sums_gives_nan_with_reasons() -> None:
     z = torch.zeros(d, d, dtype=torch.float64)
     v = torch.zeros(d, dtype=torch.float64)
     sums = {"0": {"n": torch.tensor(4.0), "steps": torch.tensor(1.0), "Ha_xx": z, "Ha_x": v, "Gb_xx": z, "Gb_x": v}}
-    report = build_report(
+    inputs = ReportInputs(
         sums=sums, weights={"0": torch.zeros(d, d)}, biases={"0": None}, preprocess="raw", metric="cosine",
-        direct=False, skipped={"0": 0}, missing={}, excluded={}, balance=None, exponents=True, n_bootstrap=10,
-        eig_floor=1e-6, seed=0,
+        direct=False, skipped={"0": 0},
     )
+    report = build_report(inputs, ReportOptions(n_bootstrap=10))
     for r in canonreg.RELATIONS:
         assert math.isnan(report.alignment["0"][r])
         assert "zero matrix" in report.nan_reasons["0"][r]
@@ -142,5 +142,5 @@ def test_build_report_all_zero_sums_gives_nan_with_reasons() -> None:
 
 
 def test_exponent_seed_is_reproducible() -> None:
-    a, b = _report(seed=5), _report(seed=5)
+    a, b = _report(bootstrap_seed=5), _report(bootstrap_seed=5)
     assert a.to_dict()["exponents"] == b.to_dict()["exponents"]  # NaN-safe comparison
