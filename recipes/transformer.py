@@ -208,7 +208,7 @@ def train_arm(cfg: TransformerConfig, arm: str, seed: int) -> dict[str, Any]:
             if step % cfg.eval_every == 0:
                 monitor.detach()
                 final = step == cfg.steps
-                report = monitor.compute(exponents=final, n_bootstrap=cfg.n_bootstrap, seed=seed)
+                report = monitor.compute(exponents=final, n_bootstrap=cfg.n_bootstrap, bootstrap_seed=seed)
                 train_acc, test_acc = _accuracy(model, x, y), _accuracy(model, x_test, y_test)
                 alpha_layer = {n: float(np.nanmean([report.alignment[n][r] for r in RELATIONS])) for n in report.layers}
                 history.append({
