@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "claim_model",
     "release_model",
     "all_reduce_flat",
+    "eager_under_compile",
 ]
 
 LayerSpec = None | str | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
@@ -295,6 +297,22 @@ def _make_inert() -> Callable[..., None]:
     return inert_hook
 
 
+def eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` that, called while ``torch.compile`` traces, runs eagerly behind one graph break.
+
+    Outside tracing it is ``fn`` plus one ``torch.compiler.is_compiling()`` check; ``torch._dynamo``
+    is imported only once something is compiled.
+    """
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args)
+        return fn(*args)
+
+    return call
+
+
 class OwnedHook:
     """A hook installed by canonreg (monitor, loss, noise wrapper) that never travels with a copy of the model.
 
@@ -304,6 +322,13 @@ class OwnedHook:
     forward call or when canonreg attaches to it; the original keeps its hooks and is not touched.
     Parameters' own tensor hooks are never copied by torch (``Parameter.__deepcopy__`` and
     ``__reduce_ex__`` drop them).
+
+
+    Under ``torch.compile`` (a model hooked before it was compiled) every ``OwnedHook`` call, and the
+    ``__call__`` of every subclass, runs eagerly (:func:`eager_under_compile`): dynamo breaks the graph
+    once at each hooked call instead of tracing into the hook's bookkeeping (host syncs, hook
+    registrations), which broke it many times (3-Linear MLP, ``torch._dynamo.explain``: monitor 25 → 2,
+    AlignmentLoss 8 → 2; ``tests/test_graph_breaks.py``).
     """
 
     __slots__ = ("fn",)
@@ -313,7 +338,15 @@ class OwnedHook:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__call__")
+        if own is not None:
+            cls.__call__ = eager_under_compile(own)  # type: ignore[method-assign]
+
     def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self.fn)(*args)
         return self.fn(*args)
 
     def __deepcopy__(self, memo: dict[int, object]) -> Callable[..., None]:
