@@ -44,9 +44,18 @@ __all__ = [
     "release_model",
     "all_reduce_flat",
     "eager_under_compile",
+    "at_least_float32",
 ]
 
 LayerSpec = None | str | Sequence[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool]
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """The dtype rule for per-step products of captured rows: half/bfloat16 are upcast to float32, other dtypes kept.
+
+    (Accumulated sums are float64 whatever the model dtype.)
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _display(name: str) -> str:

@@ -58,6 +58,7 @@ from .errors import (
     check_nonnegative_int,
     check_positive,
     check_positive_int,
+    renamed_arguments,
 )
 from .functional import BalanceTerms, balance_terms
 from .layers import (
@@ -65,13 +66,13 @@ from .layers import (
     LayerSpec,
     OwnedHook,
     _display,
+    at_least_float32,
     claim_model,
     release_model,
     select_layers,
     strip_inert_hooks,
     untraced_call,
 )
-from .monitor import _work_dtype
 from .taps import LayerTap, matrix_view, tap_batch_size, to_weight_layout
 
 __all__ = [
@@ -324,6 +325,7 @@ class LayerBalanceState:
         return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
+@renamed_arguments(ema="ema_decay")
 def update_balance_state(
     state: LayerBalanceState,
     *,
@@ -334,11 +336,13 @@ def update_balance_state(
     sigma: float,
     decay_rate: float,
     batch_size: int,
-    ema: float,
+    ema_decay: float,
     grad_sq: float | None = None,
     micro_batches: int = 1,
 ) -> LayerBalanceState:
-    """Fold one step's measurements into the EMAs: ``x ← ema · x + (1 − ema) · x_t`` (first value as is).
+    """Fold one step's measurements into the EMAs: ``x ← β · x + (1 − β) · x_t``, ``β = ema_decay`` (first value as is).
+
+    ``ema_decay`` was called ``ema`` (still accepted, with a FutureWarning).
 
     ``grad_sq = ‖P⊙M‖²`` gives ``signal = grad_sq − unit_noise`` (0 when not given); ``growth`` is the
     change of the raw ``weight_sq_norm`` since the previous call (its EMA starts at the second call).
@@ -355,13 +359,13 @@ def update_balance_state(
         "signal": 0.0 if grad_sq is None else grad_sq - unit_noise,
         "micro_batches": float(micro_batches),
     }
-    beta = ema if state.count > 0 else 0.0
+    beta = ema_decay if state.count > 0 else 0.0
     merged = {k: beta * getattr(state, k) + (1.0 - beta) * v for k, v in new.items()}
     fast = FAST_EMA if state.count > 0 else 0.0
     merged["unit_noise_fast"] = fast * state.unit_noise_fast + (1.0 - fast) * unit_noise
     if math.isfinite(state.last_weight_sq_norm):
         step = weight_sq_norm - state.last_weight_sq_norm
-        merged["growth"] = (ema * state.growth + (1.0 - ema) * step) if state.count > 1 else step
+        merged["growth"] = (ema_decay * state.growth + (1.0 - ema_decay) * step) if state.count > 1 else step
     return replace(
         state, count=state.count + 1, decay_rate=decay_rate, decay_time=state.decay_time + decay_rate,
         last_weight_sq_norm=weight_sq_norm, **merged,
@@ -649,7 +653,7 @@ class NoiseCalibrated(Optimizer):
     save/restore continues a run exactly.
 
     Hooks: constructing the wrapper with a model installs forward hooks (owned; ``detach()`` removes
-    them, ``attach()`` re-installs). They coexist with a :class:`~canonreg.CRHMonitor` and an
+    them, ``attach()`` re-installs; both return the wrapper, as for the alignment loss). They coexist with a :class:`~canonreg.CRHMonitor` and an
     alignment loss on the same model; a second NoiseCalibrated on one model raises. Random signs and
     the sketch subset are drawn once per grad-enabled forward call of ``model`` (so micro-batches of a
     gradient-accumulation step get independent draws); the batch dimension of each layer input is
@@ -681,7 +685,8 @@ class NoiseCalibrated(Optimizer):
             layer's forward + backward matmuls. With Adam, also the number of random output rows on
             which the preconditioned balance sums are estimated (unbiased; exact for ``d_b ≤ m``).
         gain: controller gain ``k`` in (0, 1].
-        ema: smoothing of the balance measurements in [0, 1).
+        ema_decay: decay β in [0, 1) of the balance measurements' moving averages ``x ← β x + (1 − β) x_t``
+            (formerly ``ema``; the old name still works, with a FutureWarning).
         max_noise: upper bound of σ in ``"auto"`` mode.
         track_balance: measure the balance every step (three inner products per layer; with Adam two
             more on ``m`` rows). ``"auto"`` needs it.
@@ -712,6 +717,7 @@ class NoiseCalibrated(Optimizer):
         ['0', '2']
     """
 
+    @renamed_arguments(ema="ema_decay")
     def __init__(
         self,
         optimizer: Optimizer,
@@ -726,7 +732,7 @@ class NoiseCalibrated(Optimizer):
         decay: DecayRule = "matrices",
         sketch: int | None = 32,
         gain: float = 0.1,
-        ema: float = 0.95,
+        ema_decay: float = 0.95,
         max_noise: float = 10.0,
         track_balance: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -734,35 +740,16 @@ class NoiseCalibrated(Optimizer):
         taps: dict[type[nn.Module], LayerTap] | None = None,
         seed: int = 0,
     ) -> None:
-        if isinstance(optimizer, type):
-            raise TypeError(
-                "Expected `optimizer` to be an optimizer instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), "
-                f"but got the class {optimizer.__name__}"
-            )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"Expected `optimizer` to be a torch.optim.Optimizer instance, but got {type(optimizer).__name__}")
-        if isinstance(optimizer, NoiseCalibrated):
-            raise TypeError("Expected `optimizer` to be a base optimizer, but got a NoiseCalibrated (wrap the base once)")
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError("Expected `optimizer` to evaluate its closure once per step, but got LBFGS, which re-evaluates it")
+        _check_base_optimizer(optimizer)
         check_nonnegative("weight_decay", weight_decay)
         _check_noise("noise", noise)
         check_positive("target_share", target_share)
-        check_nonnegative("target_ramp", target_ramp)
-        check_nonnegative_int("ramp_steps", ramp_steps)
-        if not (isinstance(decay, str) or callable(decay)):
-            raise TypeError(f"Expected `decay` to be 'matrices', 'layers' or a predicate (name, param) -> bool, but got {decay!r}")
-        if isinstance(decay, str):
-            check_choice("decay", decay, ("matrices", "layers"))
-        if sketch is not None:
-            check_positive_int("sketch", sketch)
-        check_fraction("gain", gain)
-        if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
-            raise ValueError(f"Expected `ema` to be a float in [0, 1), but got {ema!r}")
-        check_positive("max_noise", max_noise)
-        check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"Expected `grad_scaler` to be a torch.amp.GradScaler, but got {type(grad_scaler).__name__}")
+        self._config: dict[str, Any] = {
+            "layers": layers, "decay": decay, "sketch": sketch, "gain": gain, "ema_decay": ema_decay,
+            "max_noise": max_noise, "target_ramp": target_ramp, "ramp_steps": ramp_steps, "track_balance": track_balance,
+            "grad_scaler": grad_scaler, "nonfinite": nonfinite, "taps": taps, "seed": seed,
+        }  # fmt: skip
+        _check_config(self._config)
         if noise != 0 and model is None:
             raise ValueError(f"Expected `model` to be given with `noise`={noise!r}: the noise is built from the model's hooks")
         if noise == "auto" and not track_balance:
@@ -771,11 +758,9 @@ class NoiseCalibrated(Optimizer):
             raise ValueError("Expected `weight_decay` > 0 with `noise`='auto': the controller balances noise against decay")
         if decay == "layers" and model is None:
             raise ValueError("Expected `model` to be given with `decay`='layers'")
-        self._config: dict[str, Any] = {
-            "layers": layers, "decay": decay, "sketch": sketch, "gain": float(gain), "ema": float(ema),
-            "max_noise": float(max_noise), "target_ramp": float(target_ramp), "ramp_steps": int(ramp_steps), "track_balance": bool(track_balance), "grad_scaler": grad_scaler,
-            "nonfinite": nonfinite, "taps": taps, "seed": int(seed),
-        }
+        for k in ("gain", "ema_decay", "max_noise", "target_ramp"):
+            self._config[k] = float(self._config[k])
+        self._config.update(ramp_steps=int(ramp_steps), track_balance=bool(track_balance), seed=int(seed))
         hyper = {"nc_weight_decay": float(weight_decay), "nc_noise": noise if noise == "auto" else float(noise), "nc_target_share": float(target_share)}
         for k, v in hyper.items():
             optimizer.defaults.setdefault(k, v)
@@ -908,13 +893,14 @@ class NoiseCalibrated(Optimizer):
         self._finalizer = weakref.finalize(self, _release, self._hooks, self.model, self._token)
         return self
 
-    def detach(self) -> None:
-        """Remove the hooks (idempotent); the model is left as it was. Steps with noise then raise."""
+    def detach(self) -> NoiseCalibrated:
+        """Remove the hooks (idempotent) and return the wrapper; the model is left as it was. Steps with noise then raise."""
         if self._finalizer is not None:
             self._finalizer()  # runs _release once and unregisters itself
             self._finalizer = None
         for layer in self._layers.values():
             layer.clear()
+        return self
 
     def _sigma(self, name: str) -> float:
         mode = self._layers[name].group["nc_noise"]
@@ -960,7 +946,7 @@ class NoiseCalibrated(Optimizer):
                 if not isinstance(x, Tensor):
                     raise CanonRegError(f"Layer {_display(name)!r}: its first input is not a tensor; NoiseCalibrated cannot sketch it")
                 x = x.index_select(0, idx)
-            rows = _work_dtype(layer.tap.input_rows(module, (x, *inputs[1:])).detach())
+            rows = at_least_float32(layer.tap.input_rows(module, (x, *inputs[1:])).detach())
             picked = weights.shape[0]
             if rows.shape[0] != picked:  # several rows (positions) per sample share its weight
                 if rows.shape[0] % picked:
@@ -976,7 +962,7 @@ class NoiseCalibrated(Optimizer):
         def hook(grad: Tensor) -> None:
             with torch.no_grad():
                 g = grad if idx is None else grad.index_select(0, idx)
-                delta = _work_dtype(layer.tap.output_rows(layer.module, g.detach()))
+                delta = at_least_float32(layer.tap.output_rows(layer.module, g.detach()))
                 a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
                 layer.add_noise(a, rows, n_b)
                 layer.samples += batch
@@ -1026,20 +1012,38 @@ class NoiseCalibrated(Optimizer):
         """Inject the noise, apply the decoupled decay, run the base step, update balance and controller.
 
         ``closure`` (re-computing the loss with gradients) is evaluated once, before the noise.
+        A step whose tapped gradients are not finite is skipped whole under ``nonfinite="warn"/"skip"``.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
+        measured = self._measure_layers()
+        if measured is None:  # a non-finite gradient: the step was skipped
+            return loss
+        active, values = measured
+        self._inject_noise(active, values)
+        self._decay_and_base_step()
+        if self._config["track_balance"]:
+            self._realised_update_terms(active, values)
+        self._update_balance(active, values)
+        for layer in self._layers.values():
+            layer.clear()
+        self._steps += 1
+        return loss
+
+    def _measure_layers(self) -> tuple[list[tuple[_Layer, float, Tensor]], list[list[float]]] | None:
+        """Per tapped layer with a gradient: ``(layer, σ, measurement)`` and the measurements on the host.
+
+        One host sync for all layers. The finiteness of every tapped layer's full gradient is checked here,
+        on the gradient itself, never on the sketch's rows (issue 10, item 3); None when the step is skipped.
+        """
         groups = self._param_groups_by_id()
         for layer in self._layers.values():  # groups are replaced by load_state_dict: refresh the references
             layer.group = groups.get(id(layer.weight), layer.group)
         scaler = self._config["grad_scaler"]
         inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-        # 1. measure (one host sync for all layers); the finiteness of every tapped layer's full gradient is
-        # checked here, on the gradient itself, never on the sketch's rows (issue 10, item 3)
         active: list[tuple[_Layer, float, Tensor]] = []
         for layer in self._layers.values():
             w, g = layer.weight, layer.weight.grad
@@ -1049,7 +1053,7 @@ class NoiseCalibrated(Optimizer):
             if not layer.captured:
                 if not bool(_all_finite(layer)):  # a host sync, only on this rare path
                     self._nonfinite_gradient([layer.name])
-                    return loss
+                    return None
                 if sigma > 0:
                     raise CanonRegError(
                         f"Layer {_display(layer.name)!r} has a gradient but NoiseCalibrated captured no forward/backward "
@@ -1069,9 +1073,11 @@ class NoiseCalibrated(Optimizer):
         bad = [layer.name for (layer, _, _), v in zip(active, values) if v[-1] != 1.0]
         if bad:
             self._nonfinite_gradient(bad)
-            return loss
+            return None
+        return active, values
 
-        # 2. noise
+    def _inject_noise(self, active: list[tuple[_Layer, float, Tensor]], values: list[list[float]]) -> None:
+        """``∇W ← ∇W + σ N`` (and the bias's share) in every measured layer with σ > 0 and a finite sample."""
         for (layer, sigma, _), (*_terms, n_raw, _g2, _ok) in zip(active, values):
             if not math.isfinite(n_raw):
                 self._nonfinite(layer.name)
@@ -1082,7 +1088,8 @@ class NoiseCalibrated(Optimizer):
                 if layer.bias is not None and layer.bias.grad is not None and layer.noise_b is not None:
                     layer.bias.grad.add_(layer.noise_b.to(layer.bias.grad.dtype), alpha=sigma)
 
-        # 3. decoupled decay, then the base step
+    def _decay_and_base_step(self) -> None:
+        """``p ← (1 − η_eff γ) p`` on the decaying parameters with a gradient, then the base optimizer's step."""
         for group in self.param_groups:
             gamma = float(group["nc_weight_decay"])
             if gamma == 0:
@@ -1093,17 +1100,19 @@ class NoiseCalibrated(Optimizer):
                 torch._foreach_mul_(params, 1.0 - rate)
         self.optimizer.step()
 
-        # 4. the realised second-order term of momentum / Adam steps (one more host sync, those groups only)
-        if self._config["track_balance"]:
-            post = [(i, self._update_sq(layer)) for i, (layer, _, _) in enumerate(active) if _has_memory(layer.group)]
-            if post:
-                got = torch.stack([t.to("cpu", torch.float64) for _, t in post]).tolist()
-                for (i, _), (u2, coef) in zip(post, got):
-                    _w2, _d, n1_i, _nr, _g2, ok_i = values[i]
-                    sigma_i = active[i][1]
-                    values[i] = [_w2, _d, n1_i, _nr, u2 - coef * (1.0 + sigma_i * sigma_i) * n1_i + n1_i, ok_i]
+    def _realised_update_terms(self, active: list[tuple[_Layer, float, Tensor]], values: list[list[float]]) -> None:
+        """Replace the signal term of momentum / Adam layers by the realised second-order term (one more host sync)."""
+        post = [(i, self._update_sq(layer)) for i, (layer, _, _) in enumerate(active) if _has_memory(layer.group)]
+        if not post:
+            return
+        got = torch.stack([t.to("cpu", torch.float64) for _, t in post]).tolist()
+        for (i, _), (u2, coef) in zip(post, got):
+            _w2, _d, n1_i, _nr, _g2, ok_i = values[i]
+            sigma_i = active[i][1]
+            values[i] = [_w2, _d, n1_i, _nr, u2 - coef * (1.0 + sigma_i * sigma_i) * n1_i + n1_i, ok_i]
 
-        # 5. balance EMAs and controller
+    def _update_balance(self, active: list[tuple[_Layer, float, Tensor]], values: list[list[float]]) -> None:
+        """Fold the step's measurements into each layer's EMAs; in ``"auto"`` mode, one controller update."""
         for (layer, sigma, _), (w2, drift, n1, n_raw, g2, _ok) in zip(active, values):
             if not (self._config["track_balance"] and all(map(math.isfinite, (w2, drift, n1, n_raw, g2)))):
                 continue
@@ -1111,24 +1120,23 @@ class NoiseCalibrated(Optimizer):
             rate = effective_lr(group) * float(group["nc_weight_decay"]) if self._decays(layer.weight) else 0.0
             st = update_balance_state(
                 self._balance[layer.name], weight_sq_norm=w2, drift=drift, unit_noise=n1, unit_noise_raw=n_raw,
-                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema=self._config["ema"], grad_sq=g2,
+                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema_decay=self._config["ema_decay"], grad_sq=g2,
                 micro_batches=layer.passes,
-            )
+            )  # fmt: skip
             if group["nc_noise"] == "auto":
-                target = ramped_target(
-                    float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"], st.count, self._config.get("ramp_steps", 0)
-                )
-                u = controller_step(
-                    st.log1p_sigma2, decay=st.decay, unit_noise=st.unit_noise, target_share=target,
-                    gain=self._config["gain"], max_noise=self._config["max_noise"], unit_noise_fast=st.unit_noise_fast,
-                    growth=st.growth if st.count > 2 else 0.0,
-                )
-                st = replace(st, log1p_sigma2=u)
+                st = replace(st, log1p_sigma2=self._controller(group, st))
             self._balance[layer.name] = st
-        for layer in self._layers.values():
-            layer.clear()
-        self._steps += 1
-        return loss
+
+    def _controller(self, group: Mapping[str, Any], st: LayerBalanceState) -> float:
+        """The controller's new ``u = log(1 + σ²)`` for a layer in ``"auto"`` mode (:func:`controller_step`)."""
+        target = ramped_target(
+            float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"], st.count, self._config.get("ramp_steps", 0)
+        )
+        return controller_step(
+            st.log1p_sigma2, decay=st.decay, unit_noise=st.unit_noise, target_share=target,
+            gain=self._config["gain"], max_noise=self._config["max_noise"], unit_noise_fast=st.unit_noise_fast,
+            growth=st.growth if st.count > 2 else 0.0,
+        )  # fmt: skip
 
     def _measure(self, layer: _Layer, grad: Tensor) -> Tensor:
         """``[‖W‖², ⟨W, P⊙M⟩, ‖P⊙N‖², ‖N‖², ‖P⊙M‖², finite]`` of one layer (a tensor; no host sync).
@@ -1158,42 +1166,54 @@ class NoiseCalibrated(Optimizer):
             zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
             return torch.stack([zero, zero, zero, n_raw, zero, ok])
         w2 = torch.dot(w, w)
-        if not _is_adam_group(layer.group):
+        if _is_adam_group(layer.group):
+            terms = self._adam_terms(layer, grad, w, d_b, noise_rows, n_raw.dtype)
+            if terms is None:  # no second moment yet (first step): no measurement
+                nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
+                return torch.stack([nan, nan, nan, n_raw, nan, ok])
+            drift, n1, g2 = terms
+        else:
             eta = effective_lr(layer.group)
             flat = grad.reshape(-1)
             drift = torch.dot(w, flat) * (-eta)
             n1 = n_raw * (eta * eta)
             g2 = torch.dot(flat, flat).to(n_raw.dtype) * (eta * eta)
-        else:
-            # Preconditioned sums Σ_jk (·)/d_jk over a random subset of m output rows, rescaled (unbiased;
-            # exact when d_b <= m): the denominator costs several passes, a full one per step would not be cheap.
-            m = self._config["sketch"] or d_b
-            rows = torch.randperm(d_b, generator=self._gen)[:m].to(w.device) if m < d_b else None
-            plain = layer.plain
-            state = self.state.get(layer.weight, {})
-            # rows of W's (d_b, d_a) matrix: for a plain layout the parameter's own rows (only those of the
-            # denominator are computed), else the full denominator mapped by the tap (e.g. Conv1D's transpose)
-            denom = adam_denominator(layer.group, state, rows if plain else None)
-            if denom is None:  # no second moment yet (first step): no measurement
-                nan = torch.full((), math.nan, dtype=n_raw.dtype, device=n_raw.device)
-                return torch.stack([nan, nan, nan, n_raw, nan, ok])
-
-            scale = d_b / m if rows is not None else 1.0
-            lr = float(layer.group["lr"])
-            if plain:
-                d = denom.reshape(-1)
-                w_rows, g_rows = _output_rows(w, d_b, rows), _output_rows(grad, d_b, rows)
-            else:
-                d = _output_rows(layer.matrix(denom), d_b, rows)
-                w_rows = _output_rows(layer.matrix(layer.weight.detach()), d_b, rows)
-                g_rows = _output_rows(layer.matrix(grad), d_b, rows)
-            pg = g_rows / d
-            drift = torch.dot(w_rows, pg) * (-lr * scale)
-            g2 = torch.dot(pg, pg).to(n_raw.dtype) * (lr * lr * scale)
-            nr = noise_rows(rows)
-            q = nr / d.to(nr.dtype)
-            n1 = torch.dot(q, q) * (lr * lr * scale)
         return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw, g2, ok])
+
+    def _adam_terms(
+        self, layer: _Layer, grad: Tensor, w: Tensor, d_b: int, noise_rows: Callable[[Tensor | None], Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(drift, ‖P⊙N‖², ‖P⊙M‖²)`` in Adam's geometry ``P = lr / (sqrt(v̂)+ε)``; None before Adam has state.
+
+        Preconditioned sums ``Σ_jk (·)/d_jk`` over a random subset of ``m = sketch`` output rows, rescaled
+        by ``d_b/m`` (unbiased; exact when ``d_b <= m``): the denominator costs several passes, a full one
+        per step would not be cheap.
+        """
+        m = self._config["sketch"] or d_b
+        rows = torch.randperm(d_b, generator=self._gen)[:m].to(w.device) if m < d_b else None
+        plain = layer.plain
+        state = self.state.get(layer.weight, {})
+        # rows of W's (d_b, d_a) matrix: for a plain layout the parameter's own rows (only those of the
+        # denominator are computed), else the full denominator mapped by the tap (e.g. Conv1D's transpose)
+        denom = adam_denominator(layer.group, state, rows if plain else None)
+        if denom is None:
+            return None
+        scale = d_b / m if rows is not None else 1.0
+        lr = float(layer.group["lr"])
+        if plain:
+            d = denom.reshape(-1)
+            w_rows, g_rows = _output_rows(w, d_b, rows), _output_rows(grad, d_b, rows)
+        else:
+            d = _output_rows(layer.matrix(denom), d_b, rows)
+            w_rows = _output_rows(layer.matrix(layer.weight.detach()), d_b, rows)
+            g_rows = _output_rows(layer.matrix(grad), d_b, rows)
+        pg = g_rows / d
+        drift = torch.dot(w_rows, pg) * (-lr * scale)
+        g2 = torch.dot(pg, pg).to(dtype) * (lr * lr * scale)
+        nr = noise_rows(rows)
+        q = nr / d.to(nr.dtype)
+        n1 = torch.dot(q, q) * (lr * lr * scale)
+        return drift, n1, g2
 
     def _update_sq(self, layer: _Layer) -> Tensor:
         """``[‖U‖², c]`` after a momentum / Adam base step: ``U`` the step the base optimizer just took
@@ -1381,13 +1401,51 @@ class NoiseCalibrated(Optimizer):
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._config = state["config"]
+        self._config = dict(state["config"])
+        if "ema" in self._config:  # pickled before `ema` was renamed `ema_decay`
+            self._config["ema_decay"] = self._config.pop("ema")
         self._setup(state["optimizer"], state["model"])
         self._gen.set_state(state["rng_state"])
         self._balance = dict(state["balance"])
         self._steps = state["steps"]
         if state["attached"]:
             self.attach()
+
+
+def _check_base_optimizer(optimizer: object) -> None:
+    if isinstance(optimizer, type):
+        raise TypeError(
+            "Expected `optimizer` to be an optimizer instance, e.g. torch.optim.SGD(model.parameters(), lr=0.1), "
+            f"but got the class {optimizer.__name__}"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"Expected `optimizer` to be a torch.optim.Optimizer instance, but got {type(optimizer).__name__}")
+    if isinstance(optimizer, NoiseCalibrated):
+        raise TypeError("Expected `optimizer` to be a base optimizer, but got a NoiseCalibrated (wrap the base once)")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError("Expected `optimizer` to evaluate its closure once per step, but got LBFGS, which re-evaluates it")
+
+
+def _check_config(c: Mapping[str, Any]) -> None:
+    """The wrapper's own settings (``NoiseCalibrated._config``), each error naming its argument."""
+    check_nonnegative("target_ramp", c["target_ramp"])
+    check_nonnegative_int("ramp_steps", c["ramp_steps"])
+    decay = c["decay"]
+    if not (isinstance(decay, str) or callable(decay)):
+        raise TypeError(f"Expected `decay` to be 'matrices', 'layers' or a predicate (name, param) -> bool, but got {decay!r}")
+    if isinstance(decay, str):
+        check_choice("decay", decay, ("matrices", "layers"))
+    if c["sketch"] is not None:
+        check_positive_int("sketch", c["sketch"])
+    check_fraction("gain", c["gain"])
+    ema_decay = c["ema_decay"]
+    if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+        raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
+    check_positive("max_noise", c["max_noise"])
+    check_choice("nonfinite", c["nonfinite"], ("error", "warn", "skip"))
+    scaler = c["grad_scaler"]
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"Expected `grad_scaler` to be a torch.amp.GradScaler, but got {type(scaler).__name__}")
 
 
 def _check_noise(name: str, value: object) -> None:

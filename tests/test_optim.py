@@ -365,8 +365,8 @@ def test_hooks_are_owned_claimed_and_released() -> None:
     opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, noise=0.5)
     with pytest.raises(CanonRegError, match="already attached"):
         NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    opt.detach()
-    opt.detach()  # idempotent
+    assert opt.detach() is opt
+    assert opt.detach() is opt  # idempotent; returns the wrapper like attach()
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
     x, y = _batches(1)[0]
     F.cross_entropy(model(x), y).backward()
@@ -586,9 +586,9 @@ def test_controller_pure_function() -> None:
     assert controller_step(math.log1p(100.0), decay=1e9, unit_noise=1.0, target_share=1.0, gain=1.0, max_noise=10.0) == 0.0
     assert controller_step(0.3, decay=0.0, unit_noise=1.0, target_share=1.0, **kw) == 0.3
     st = LayerBalanceState()
-    st = update_balance_state(st, weight_sq_norm=4.0, drift=1.0, unit_noise=2.0, unit_noise_raw=8.0, sigma=1.0, decay_rate=0.1, batch_size=8, ema=0.5)
+    st = update_balance_state(st, weight_sq_norm=4.0, drift=1.0, unit_noise=2.0, unit_noise_raw=8.0, sigma=1.0, decay_rate=0.1, batch_size=8, ema_decay=0.5)
     assert st.decay == pytest.approx(0.1 * 1.9 * 4.0) and st.total_noise == pytest.approx(4.0)
-    st = update_balance_state(st, weight_sq_norm=2.0, drift=3.0, unit_noise=2.0, unit_noise_raw=8.0, sigma=0.0, decay_rate=0.1, batch_size=8, ema=0.5)
+    st = update_balance_state(st, weight_sq_norm=2.0, drift=3.0, unit_noise=2.0, unit_noise_raw=8.0, sigma=0.0, decay_rate=0.1, batch_size=8, ema_decay=0.5)
     assert st.weight_sq_norm == pytest.approx(3.0) and st.drift == pytest.approx(2.0) and st.total_noise == pytest.approx(3.0)
     terms = balance_from_state(st)
     assert terms is not None and terms.lr == pytest.approx(0.5) and terms.noise_share == pytest.approx(st.total_noise / st.decay)
@@ -639,7 +639,7 @@ def test_auto_reaches_target_share(target: float) -> None:
         (dict(target_ramp=-1.0), ValueError, "`target_ramp`"),
         (dict(sketch=0), ValueError, "`sketch`"),
         (dict(gain=0.0), ValueError, "`gain`"),
-        (dict(ema=1.0), ValueError, "`ema`"),
+        (dict(ema_decay=1.0), ValueError, "`ema_decay`"),
         (dict(decay="biases"), ValueError, "`decay`"),
         (dict(nonfinite="ignore"), ValueError, "`nonfinite`"),
         (dict(grad_scaler=1.0), TypeError, "`grad_scaler`"),
@@ -726,3 +726,44 @@ def test_transposed_layout_follows_its_linear_twin(base: str) -> None:
     for name in ("0", "2"):
         for k in ("unit_noise", "drift", "weight_sq_norm", "signal"):
             assert getattr(c_opt.balance_state[name], k) == pytest.approx(getattr(l_opt.balance_state[name], k), rel=1e-8, abs=1e-14), (name, k)
+
+
+def test_ema_renamed_ema_decay_old_name_still_works() -> None:
+    # `ema` → `ema_decay` (issue 11): the old keyword gives the same optimizer with a FutureWarning naming both.
+    def run(**kw: float) -> tuple[dict[str, Tensor], dict[str, object]]:
+        model = _mlp()
+        opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, weight_decay=1e-2, noise="auto", **kw)
+        _train(model, opt, _batches(4))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, {n: st.to_dict() for n, st in opt.balance_state.items()}
+
+    new_params, new_balance = run(ema_decay=0.5)
+    with pytest.warns(FutureWarning, match="`ema` is renamed `ema_decay`"):
+        old_params, old_balance = run(ema=0.5)
+    assert old_balance == new_balance
+    assert all(torch.equal(old_params[n], new_params[n]) for n in new_params)
+    _, default_balance = run()
+    assert default_balance != new_balance  # 0.5 is not the default 0.95: the keyword reaches the EMAs
+    model = _mlp()
+    with pytest.raises(TypeError, match="both `ema` and its new name `ema_decay`"):
+        NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, ema=0.5, ema_decay=0.5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="`ema_decay`"):
+        NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, ema=1.5)  # type: ignore[call-arg]
+    st = LayerBalanceState()
+    kw = dict(weight_sq_norm=4.0, drift=1.0, unit_noise=2.0, unit_noise_raw=8.0, sigma=1.0, decay_rate=0.1, batch_size=8)
+    with pytest.warns(FutureWarning, match="`ema` is renamed `ema_decay`"):
+        assert update_balance_state(st, ema=0.5, **kw) == update_balance_state(st, ema_decay=0.5, **kw)  # type: ignore[arg-type]
+
+
+def test_pickle_from_before_the_rename_loads() -> None:
+    # A wrapper pickled while its config said "ema" unpickles with that value as ema_decay.
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=1e-3, ema_decay=0.25).detach()
+    state = opt.__getstate__()
+    state["config"] = {("ema" if k == "ema_decay" else k): v for k, v in state["config"].items()}
+    clone = NoiseCalibrated.__new__(NoiseCalibrated)
+    clone.__setstate__(state)
+    assert clone._config["ema_decay"] == 0.25 and "ema" not in clone._config and not clone.attached
+    clone.attach()
+    _train(model, clone, _batches(2))  # the balance updates read ema_decay
+    assert clone.balance_state["0"].count == 2
+    clone.detach()

@@ -146,7 +146,7 @@ def test_balance_terms_add_up_exactly_for_plain_sgd() -> None:
     # + 2σ(η²⟨g,N⟩ − (1−r)η⟨W,N⟩); with σ = 0 the last term vanishes: exact per step
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=0.05, ema=0.0)
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=0.05, ema_decay=0.0)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         x, y = torch.randn(32, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
@@ -172,7 +172,7 @@ def test_balance_terms_add_up_on_average_with_momentum_and_adam(base: str) -> No
     model = _deep_linear()
     inner = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if base == "momentum"
              else torch.optim.Adam(model.parameters(), lr=1e-2))
-    opt = NoiseCalibrated(inner, model, weight_decay=5e-3, ema=0.0)
+    opt = NoiseCalibrated(inner, model, weight_decay=5e-3, ema_decay=0.0)
     g = torch.Generator().manual_seed(3)
     start: dict[str, float] = {}
     sums: dict[str, list[float]] = {}
