@@ -277,9 +277,7 @@ class TrialConfig:
                 f"Expected `depth` >= {min_depth} for model {self.model!r} (a hidden representation is needed), "
                 f"but got {self.depth}"
             )
-        n_train = self.num_samples * 4 // 5 if self.dataset == "mnist1d" else 1437
-        if self.batch_size > n_train:
-            raise ValueError(f"Expected `batch_size` <= the {n_train} training samples of {self.dataset!r}, but got {self.batch_size}")
+        # `batch_size` against the training rows: in _data, where the data (built-in or yours) is known.
 
     # ------------------------------------------------------------------ identity
     @property
@@ -693,10 +691,14 @@ def _data(cfg: TrialConfig, data: Split | Callable[[TrialConfig], Split] | None)
     from .data import Split
 
     if data is None:
-        return load_data(cfg)
-    split = data(cfg) if callable(data) and not isinstance(data, Split) else data
+        split, source = load_data(cfg), f"of {cfg.dataset!r}"
+    else:
+        split = data(cfg) if callable(data) and not isinstance(data, Split) else data
+        source = "of your `data`"
     if not isinstance(split, Split):
         raise TypeError(f"Expected `data` to be a canonreg.data.Split or a factory returning one, but got {type(split).__name__}")
+    if cfg.batch_size > split.x.shape[0]:
+        raise ValueError(f"Expected `batch_size` <= the {split.x.shape[0]} training samples {source}, but got {cfg.batch_size}")
     return split
 
 

@@ -84,7 +84,6 @@ def digits_split() -> canonreg.data.Split:
         ({"eval_every": 25}, ValueError, "eval_every"),
         ({"monitor_every": 9}, ValueError, "monitor_every"),
         ({"alpha_threshold": 1.5}, ValueError, "alpha_threshold"),
-        ({"batch_size": 5000}, ValueError, "batch_size"),
         ({"model": "resmlp", "depth": 2}, ValueError, "depth"),
         ({"arm": "noise", "noise": "auto", "weight_decay": 0.0}, ValueError, "weight_decay"),
     ],

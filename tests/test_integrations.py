@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import importlib
+import math
 import pickle
 import posixpath
 import re
@@ -537,3 +538,60 @@ def test_conv1d_noise_equals_the_linear_twin_transposed() -> None:
         opt.detach()
     for c in (0, 2):
         assert_close(conv[c].weight, lin[c].weight.T)
+
+
+# ----------------------------------------------------------------------------- run_trial with your data; Optuna
+def _user_split(n: int, seed: int = 0) -> canonreg.data.Split:
+    from canonreg.data import Split
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 3, generator=g)
+    x, x_test = torch.randn(n, 8, generator=g), torch.randn(64, 8, generator=g)
+    return Split(x, (x @ w).argmax(1), x_test, (x_test @ w).argmax(1), 0.0, 1.0)
+
+
+def _user_model(cfg) -> nn.Module:
+    return nn.Sequential(nn.Linear(8, cfg.width), nn.Tanh(), nn.Linear(cfg.width, cfg.width), nn.Tanh(), nn.Linear(cfg.width, 3))
+
+
+def test_run_trial_checks_batch_size_against_the_data_it_trains_on() -> None:
+    from canonreg.experiment import TrialConfig, run_trial
+
+    # 1600 > the 1437 training rows of the built-in digits: fine with your own 2000 rows
+    cfg = TrialConfig(dataset="digits", width=8, depth=3, batch_size=1600, steps=2, eval_every=1, n_bootstrap=0)
+    result = run_trial(cfg, data=lambda c: _user_split(2000), model_fn=_user_model, threads=1)
+    assert result["layers"] == ["0", "2", "4"] and math.isfinite(result["train_loss"])
+    with pytest.raises(ValueError, match=r"`batch_size` <= the 100 training samples of your `data`, but got 1600"):
+        run_trial(cfg, data=_user_split(100), model_fn=_user_model)
+    pytest.importorskip("sklearn", reason="the built-in digits need scikit-learn")
+    with pytest.raises(ValueError, match=r"`batch_size` <= the 1437 training samples of 'digits', but got 1600"):
+        run_trial(cfg, model_fn=_user_model)
+
+
+def test_optuna_study_over_run_trial_with_your_model_and_data(tmp_path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from canonreg.experiment import TrialConfig, run_trial
+
+    split = _user_split(256)
+    seen: list[dict] = []
+
+    def objective(trial) -> float:  # the example of docs/integrations.md, at test size
+        cfg = TrialConfig(
+            arm="loss", width=8, depth=3, batch_size=32, steps=8, eval_every=4, n_bootstrap=0, seed=trial.number,
+            lr=trial.suggest_float("lr", 1e-3, 1e-1, log=True),
+            loss_weight=trial.suggest_float("loss_weight", 0.01, 1.0, log=True),
+        )
+        result = run_trial(cfg, data=split, model_fn=_user_model, threads=1)
+        trial.set_user_attr("min_alpha_inner", result["min_alpha_inner"])
+        seen.append(result)
+        return result["test_acc"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=2)
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for t, r in zip(study.trials, seen):
+        assert r["config"]["lr"] == pytest.approx(t.params["lr"]) and r["config"]["loss_weight"] == pytest.approx(t.params["loss_weight"])
+        assert t.value == r["test_acc"] and t.user_attrs["min_alpha_inner"] == r["min_alpha_inner"]
+        assert r["layers"] == ["0", "2", "4"] and r["threads"] == 1
+    assert study.best_value == max(r["test_acc"] for r in seen)
