@@ -273,6 +273,7 @@ def _centred_gram(mats: Sequence[Tensor], metric: Metric) -> Tensor:
 
 def _scores(gram: Tensor) -> Tensor:
     """``S_ij / sqrt(S_ii S_jj)`` clamped to ``[−1, 1]``; NaN where a diagonal entry is 0 or not finite."""
+    gram = 0.5 * (gram + gram.T)  # exactly symmetric scores (a BLAS X Xᵀ need not be)
     diag = torch.diagonal(gram)
     denom = torch.sqrt(torch.outer(diag, diag))
     ok = denom > 0

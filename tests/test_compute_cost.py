@@ -72,3 +72,51 @@ def test_ranks_argument_is_checked() -> None:
     monitor = _monitored()
     with pytest.raises((TypeError, ValueError), match="ranks"):
         monitor.compute(ranks="no")  # type: ignore[arg-type]
+
+
+def _square_monitored() -> CRHMonitor:
+    # d_a = d_b = 6: G_a, Z_a, G_b, Z_b share one shape, so one batched eigh serves all four
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    monitor = CRHMonitor(model, preprocess="centered")
+    g = torch.Generator().manual_seed(4)
+    with monitor:
+        for _ in range(3):
+            x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+            F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=g)).backward()
+    return monitor
+
+
+@pytest.mark.parametrize("make", [_square_monitored, _monitored])
+def test_batched_eigendecompositions_give_the_independent_fits(make) -> None:
+    # reference: power_law_fit on the report's matrices, each with its own eigh, same bootstrap order
+    report = make().compute(n_bootstrap=30, bootstrap_seed=7, floor=1e-8)
+    gen = torch.Generator().manual_seed(7)
+    for layer in report.layers:
+        mats = report.matrices(layer)
+        for rel, (pa, pb) in cf.RELATION_PAIRS.items():
+            want = cf.power_law_fit(mats[pa], mats[pb], floor=1e-8, n_bootstrap=30, generator=gen)
+            got = report.exponents[layer][rel]
+            assert got.n_points == want.n_points, (layer, rel)
+            for field in ("exponent", "intercept", "r2", "off_diagonal", "ci_low", "ci_high"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-7, abs=1e-9), (layer, rel, field)
+
+
+def test_renamed_compute_arguments_warn_and_give_the_same_report() -> None:
+    monitor = _monitored()
+    new = monitor.compute(n_bootstrap=20, floor=1e-3, bootstrap_seed=5, ranks=False)
+    with pytest.warns(FutureWarning, match="`eig_floor` is renamed `floor`"):
+        old_floor = monitor.compute(n_bootstrap=20, eig_floor=1e-3, bootstrap_seed=5, ranks=False)
+    with pytest.warns(FutureWarning, match="`seed` is renamed `bootstrap_seed`"):
+        old_seed = monitor.compute(n_bootstrap=20, floor=1e-3, seed=5, ranks=False)
+    for old in (old_floor, old_seed):
+        assert old.alignment == new.alignment
+        assert old.to_dict()["exponents"] == new.to_dict()["exponents"]  # same floor, same bootstrap draws
+    assert monitor.compute(n_bootstrap=20, bootstrap_seed=6, ranks=False).to_dict()["exponents"] != new.to_dict()["exponents"]
+    with pytest.raises(TypeError, match="both `seed` and its new name `bootstrap_seed`"):
+        monitor.compute(seed=1, bootstrap_seed=1)
+    with pytest.raises(ValueError, match=r"`floor` \(formerly `eig_floor`\).*1\.5"):
+        monitor.compute(floor=1.5)
+    with pytest.raises(ValueError, match=r"`bootstrap_seed` \(formerly `seed`\).*-1"):
+        monitor.compute(bootstrap_seed=-1)

@@ -372,3 +372,116 @@ def test_balance_terms_closed_form() -> None:
     assert cf.balance_terms(4.0, 0.3, 2.0, lr=eta, weight_decay=0.0, batch_size=s).rho == math.inf
     assert cf.balance_terms(4.0, 0.3, 2.0, lr=eta, weight_decay=0.0, batch_size=s).noise_share == math.inf
     assert set(b.to_dict()) >= {"decay", "drift", "noise", "signal", "noise_share", "rho"}
+
+
+# ---------------------------------------------------------------- compute() kernels (issue 13 item 2)
+def _two_pass_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The textbook two-pass formula in float64 (centred vectors, then their cosine)."""
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    x, y = x - x.mean(), y - y.mean()
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+@pytest.mark.parametrize("block", [7, 1 << 17])
+def test_pairwise_alignment_equals_every_pair(block: int, monkeypatch) -> None:
+    # block=7 splits each 9×9 matrix into 12 blocks (the path that 4608² matrices take)
+    monkeypatch.setattr(cf, "_GRAM_BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(9, 9, generator=g, dtype=torch.float64)
+    mats = [base @ base.T + 1e6, base.T @ base, torch.randn(9, 9, generator=g, dtype=torch.float64) * 1e-3]
+    for metric in ("pearson", "cosine"):
+        table = cf.pairwise_alignment(mats, metric)
+        assert table.shape == (3, 3)
+        assert_close(table, table.T, rtol=0, atol=0)
+        for i in range(3):
+            for j in range(3):
+                x, y = mats[i].reshape(-1), mats[j].reshape(-1)
+                if metric == "pearson":
+                    want = _two_pass_pearson(mats[i], mats[j])
+                else:
+                    want = float(x @ y / (x.norm() * y.norm()))
+                # the 1e6 offset: the centred Gram keeps every digit the two-pass formula has
+                assert float(table[i, j]) == pytest.approx(want, abs=1e-12), (metric, i, j)
+
+
+def test_pairwise_alignment_nan_rows_and_validation() -> None:
+    flat = torch.full((3, 3), 2.0)
+    a = torch.randn(3, 3, dtype=torch.float64)
+    table = cf.pairwise_alignment([a, flat.double(), torch.full((3, 3), float("nan"), dtype=torch.float64)])
+    assert float(table[0, 0]) == pytest.approx(1.0)
+    assert all(math.isnan(float(table[i, j])) for i in range(3) for j in (1, 2))  # zero spread / NaN: undefined
+    with pytest.raises(ValueError, match="at least one tensor"):
+        cf.pairwise_alignment([])
+    with pytest.raises(ValueError, match=r"`matrices\[1\]`"):
+        cf.pairwise_alignment([a, torch.zeros(2, 2)])
+    with pytest.raises(TypeError, match=r"`matrices\[0\]`"):
+        cf.pairwise_alignment([[1.0]])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="`metric`"):
+        cf.pairwise_alignment([a], "spearman")  # type: ignore[arg-type]
+
+
+def test_pairwise_alignment_grad_path_matches_blocked_path(monkeypatch) -> None:
+    monkeypatch.setattr(cf, "_GRAM_BLOCK", 5)
+    a = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        blocked = cf.pairwise_alignment([a, b])
+    recorded = cf.pairwise_alignment([a, b])
+    assert_close(recorded.detach(), blocked, rtol=0, atol=1e-14)
+    recorded[0, 1].backward()
+    assert a.grad is not None and bool(torch.isfinite(a.grad).all())
+
+
+def test_pairwise_alignment_tiny_float32_does_not_underflow() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 8, generator=g)
+    b = a + 0.1 * torch.randn(8, 8, generator=g)
+    want = _two_pass_pearson(a, b)
+    got = cf.pairwise_alignment([a * 1e-30, b * 1e-30])  # squares of 1e-30 underflow float32
+    assert got.dtype == torch.float32
+    assert float(got[0, 1]) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("k,d,panel", [(3, 5, 256), (7, 300, 256), (4, 37, 8), (9, 16, 16)])
+def test_symmetric_product_is_exactly_symmetric_and_equals_the_product(k: int, d: int, panel: int, monkeypatch) -> None:
+    monkeypatch.setattr(cf, "_SYM_PANEL", panel)
+    g = torch.Generator().manual_seed(d)
+    w = torch.randn(k, d, generator=g, dtype=torch.float64)
+    s = torch.randn(k, k, generator=g, dtype=torch.float64)
+    s = s @ s.T
+    for a, b, want in ((w, w, w.T @ w), (w, s @ w, w.T @ s @ w)):
+        got = cf.symmetric_product(a, b)
+        assert torch.equal(got, got.T)
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_symmetric_product_validates() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        cf.symmetric_product(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="`a`.*2-D"):
+        cf.symmetric_product(torch.zeros(3), torch.zeros(3))
+
+
+def test_moment_from_sums_leaves_its_inputs_alone() -> None:
+    x = torch.randn(10, 4, dtype=torch.float64) + 3
+    s_xx, s_x = x.T @ x, x.sum(0)
+    keep = s_xx.clone(), s_x.clone()
+    got = cf.moment_from_sums(s_xx, s_x, 10, centered=True)
+    assert torch.equal(s_xx, keep[0]) and torch.equal(s_x, keep[1])
+    assert_close(got, torch.cov(x.T, correction=0))
+
+
+# ---------------------------------------------------------------- API vocabulary (issue 11)
+@pytest.mark.parametrize("preprocess", ["raw", "centered", "normalized"])
+def test_mode_is_renamed_preprocess(preprocess: str) -> None:
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with pytest.warns(FutureWarning, match="`mode` is renamed `preprocess`"):
+        old = cf.second_moment(x, mode=preprocess)
+    assert torch.equal(old, cf.second_moment(x, preprocess=preprocess))
+    assert torch.equal(old, cf.second_moment(x, preprocess))
+    with pytest.warns(FutureWarning, match="`mode` is renamed `preprocess`"):
+        rows = cf.preprocess_rows(x, mode=preprocess)
+    assert torch.equal(rows, cf.preprocess_rows(x, preprocess=preprocess))
+    with pytest.raises(TypeError, match="both `mode` and its new name `preprocess`"):
+        cf.second_moment(x, mode=preprocess, preprocess=preprocess)
+    assert torch.equal(cf.second_moment(x), cf.second_moment(x, "raw"))  # the default is unchanged

@@ -144,3 +144,44 @@ def test_build_report_all_zero_sums_gives_nan_with_reasons() -> None:
 def test_exponent_seed_is_reproducible() -> None:
     a, b = _report(bootstrap_seed=5), _report(bootstrap_seed=5)
     assert a.to_dict()["exponents"] == b.to_dict()["exponents"]  # NaN-safe comparison
+
+
+@pytest.mark.parametrize("block", [2, 256])
+@pytest.mark.parametrize("mode", ["raw", "centered"])
+def test_layer_matrices_symmetrise_sums_that_are_not(mode: str, block: int, monkeypatch) -> None:
+    # block=2: the blocked pass over 2×2 tiles (and ragged edges) that wide layers take
+    import canonreg.report as R
+
+    monkeypatch.setattr(R, "_SYM_BLOCK", block)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    ha = torch.randn(9, 5, generator=g, dtype=torch.float64) + 2.0
+    gb = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    sums = _sums(ha, gb, ha @ w.T, gb @ w, mode)
+    skew = 1e-3 * torch.randn(5, 5, generator=g, dtype=torch.float64)
+    sums["Ha_xx"] = sums["Ha_xx"] + skew  # not symmetric: round-off in real sums, large here
+    keep = sums["Ha_xx"].clone()
+    m = layer_matrices(sums, w, None, preprocess=mode, direct=False)
+    mu = sums["Ha_x"] / 9 if mode == "centered" else torch.zeros(5, dtype=torch.float64)
+    want = 0.5 * (keep + keep.T) / 9 - torch.outer(mu, mu)
+    assert_close(m["H_a"], want, rtol=1e-13, atol=1e-13)
+    assert torch.equal(sums["Ha_xx"], keep)  # the sums are not modified
+    for k, v in m.items():
+        assert torch.equal(v, v.T), k  # exactly symmetric
+    assert_close(m["H_b"], w @ want @ w.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["pearson", "cosine"])
+def test_build_report_alignment_equals_per_pair_scores(metric: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    ha = torch.randn(20, 6, generator=g, dtype=torch.float64) + 1.0
+    gb = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    sums = {"0": _sums(ha, gb, ha @ w.T, gb @ w, "centered")}
+    inputs = ReportInputs(sums=sums, weights={"0": w}, biases={"0": None}, preprocess="centered", metric=metric, direct=True)
+    report = build_report(inputs, ReportOptions(exponents=False, ranks=False))
+    mats = report.matrices("0")
+    for rel, (pa, pb) in cf.RELATION_PAIRS.items():
+        assert report.alignment["0"][rel] == pytest.approx(float(cf.alignment(mats[pa], mats[pb], metric)), abs=1e-13)
+    assert report.exponents == {} and report.effective_rank == {}
+    assert set(report.timings) == {"reduce", "matrices", "alignment", "exponents", "ranks", "total"}
