@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -49,10 +48,10 @@ from torch import nn
 
 import canonreg
 from canonreg import functional as cf
-from canonreg.ablate import mean_ci as interval
 from canonreg.experiment import TrialConfig, batch_indices, build_model, load_data, optimizer_step
 from canonreg.layers import layer_roles, select_layers
 from canonreg.losses import CRH_PRESET, crh_loss
+from canonreg.stats import environment, mean_half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLDS = (0.8, 0.9)
@@ -157,31 +156,25 @@ def train(cfg: Config, arm: str, seed: int, data: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- statistics
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """(mean, 95% Student-t half-width) from the library's interval; half-width NaN with one value."""
-    iv = interval(xs)
-    return iv.mean, iv.half_width
-
-
 def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     arms = sorted({r["arm"] for r in runs}, key=lambda a: (a.split(":")[0] != "plain", float(a.split(":")[1])))
     out: dict[str, Any] = {}
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
-        s: dict[str, Any] = {k: mean_ci([r[k] for r in rs]) for k in ("test_acc", "train_acc", "min_inner", "mean_inner", "min_first", "min_head", "train_seconds")}
+        s: dict[str, Any] = {k: mean_half_width([r[k] for r in rs]) for k in ("test_acc", "train_acc", "min_inner", "mean_inner", "min_first", "min_head", "train_seconds")}
         for thr in THRESHOLDS:
             for what in ("steps", "seconds"):
                 vals = [r[f"{what}_to_{thr}"] for r in rs]
-                s[f"{what}_to_{thr}"] = mean_ci(vals) if all(v is not None for v in vals) else None
+                s[f"{what}_to_{thr}"] = mean_half_width(vals) if all(v is not None for v in vals) else None
                 s[f"reached_{thr}"] = sum(v is not None for v in vals)
-        s["alpha"] = {n: {rel: mean_ci([r["alpha"][n][rel] for r in rs]) for rel in cf.RELATIONS} for n in rs[0]["alpha"]}
+        s["alpha"] = {n: {rel: mean_half_width([r["alpha"][n][rel] for r in rs]) for rel in cf.RELATIONS} for n in rs[0]["alpha"]}
         out[arm] = s
     plain = [a for a in arms if a.startswith("plain")]
     best = max(plain, key=lambda a: out[a]["test_acc"][0]) if plain else None
     for arm in arms:  # paired accuracy difference to the best baseline (same seeds)
         if best is not None:
             diffs = [r["test_acc"] - b["test_acc"] for r in runs if r["arm"] == arm for b in runs if b["arm"] == best and b["seed"] == r["seed"]]
-            out[arm]["acc_minus_best_baseline"] = mean_ci(diffs)
+            out[arm]["acc_minus_best_baseline"] = mean_half_width(diffs)
     pts = {a: (out[a]["test_acc"][0], out[a]["min_inner"][0]) for a in arms}
     front = [a for a in arms if not any(pts[b][0] >= pts[a][0] and pts[b][1] >= pts[a][1] and pts[b] != pts[a] for b in arms)]
     return {"arms": out, "best_baseline": best, "pareto_front": sorted(front, key=lambda a: pts[a][0])}
@@ -294,10 +287,10 @@ def combine(paths: list[Path], out: Path) -> dict[str, Any]:
     return write(cfg, runs, command, out, parts[0]["environment"])
 
 
-def write(cfg: Config, runs: list[dict[str, Any]], command: str, out: Path, environment: dict[str, Any]) -> dict[str, Any]:
+def write(cfg: Config, runs: list[dict[str, Any]], command: str, out: Path, env: dict[str, Any]) -> dict[str, Any]:
     summary = summarise(cfg, runs)
     result = {"config": dataclasses.asdict(cfg), "preset": CRH_PRESET, "command": command, "summary": summary, "runs": runs,
-              "environment": environment}
+              "environment": env}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     out.with_suffix(".md").write_text(markdown(cfg, summary, runs, command))
@@ -324,8 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{arm:>12s} seed {seed}: test acc {r['test_acc']:.1f}  min α inner {r['min_inner']:.3f}  mean {r['mean_inner']:.3f}"
                   f"  first {r['min_first']:.3f}  head {r['min_head']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
     command = "python benchmarks/crh_reach.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    environment = {"torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    return write(cfg, runs, command.strip(), out, environment)
+    return write(cfg, runs, command.strip(), out, environment())
 
 
 if __name__ == "__main__":

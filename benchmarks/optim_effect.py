@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -59,9 +57,11 @@ import torch.nn.functional as F
 
 import canonreg
 from canonreg.data import mnist1d
+from canonreg.experiment import batch_indices, optimizer_step
 from canonreg.measure import measure_crh
 from canonreg.models import mlp
 from canonreg.optim import NoiseCalibrated
+from canonreg.stats import environment, mean_half_width, write_json
 
 
 @dataclass(frozen=True)
@@ -148,42 +148,24 @@ def post_training_alpha(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     return statistics.fmean(values), min(values), alignment
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95 % Student-t interval); half-width 0 for one value."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    from scipy import stats
-
-    return m, float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / len(values) ** 0.5
-
-
 def run(variant: str, seed: int, cfg: Config) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = mnist1d(cfg.data_samples, cfg.data_seed)
     torch.manual_seed(seed)
     model = mlp(data.num_features, cfg.width, cfg.depth, data.num_classes)
     opt = make_optimizer(variant, model, cfg, seed)
-    gen = torch.Generator().manual_seed(seed)
     x_eval, y_eval = data.x[: cfg.eval_samples], data.y[: cfg.eval_samples]
-    n = data.x.shape[0]
+    batches = batch_indices(data.x.shape[0], cfg.batch, seed)
     trajectory: list[tuple[int, float]] = []
     losses: list[float] = []
-    step, t0 = 0, time.perf_counter()
-    while step < cfg.steps:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - cfg.batch + 1, cfg.batch):
-            idx = perm[i : i + cfg.batch]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                trajectory.append((step, mean_alpha(model, x_eval, y_eval, cfg)[0]))
-            if step >= cfg.steps:
-                break
+    t0 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        idx = next(batches)
+        loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        optimizer_step(opt, loss, None)
+        losses.append(float(loss.detach()))
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            trajectory.append((step, mean_alpha(model, x_eval, y_eval, cfg)[0]))
     if isinstance(opt, NoiseCalibrated):
         opt.detach()  # the post-training measurement sees the task loss only
     final_alpha, min_alpha, per_relation = post_training_alpha(model, data.x, data.y, cfg)
@@ -232,12 +214,12 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str, An
         d_min = [by[v, s]["min_alpha"] - by[base, s]["min_alpha"] for s in seeds]
         summary = {
             "base": base,
-            "alpha_ci": t_interval([by[v, s]["alpha"] for s in seeds]),
-            "min_alpha_ci": t_interval([by[v, s]["min_alpha"] for s in seeds]),
-            "test_acc_ci": t_interval([100 * by[v, s]["test_acc"] for s in seeds]),
-            "delta_alpha_ci": t_interval(d_alpha),
-            "delta_min_alpha_ci": t_interval(d_min),
-            "delta_acc_ci": t_interval(d_acc),
+            "alpha_ci": mean_half_width([by[v, s]["alpha"] for s in seeds]),
+            "min_alpha_ci": mean_half_width([by[v, s]["min_alpha"] for s in seeds]),
+            "test_acc_ci": mean_half_width([100 * by[v, s]["test_acc"] for s in seeds]),
+            "delta_alpha_ci": mean_half_width(d_alpha),
+            "delta_min_alpha_ci": mean_half_width(d_min),
+            "delta_acc_ci": mean_half_width(d_acc),
             "balance_per_decay": {s: by[v, s].get("balance_per_decay") for s in seeds},
             "alpha": _mean_sd([by[v, s]["alpha"] for s in seeds]),
             "test_acc": _mean_sd([100 * by[v, s]["test_acc"] for s in seeds]),
@@ -260,8 +242,10 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, dict[str, An
 
 
 def markdown(summary: dict[str, dict[str, Any]], cfg: Config, seconds: float) -> str:
-    f = lambda ms, d=3: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"
-    ci = lambda ms, d=3: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"
+    def f(ms: tuple[float, float], d: int = 3) -> str:  # mean ± half-width (or standard deviation), "m" without one
+        return f"{ms[0]:.{d}f}" if math.isnan(ms[1]) else f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"
+
+    ci = f
     lines = [
         f"# NoiseCalibrated effect — MNIST-1D MLP {cfg.width}×{cfg.depth - 1} hidden, batch {cfg.batch}, {cfg.steps} steps, seeds {list(cfg.seeds)}",
         "",
@@ -363,11 +347,8 @@ def main() -> None:
     print(table)
     stem = args.out or Path(__file__).parent / "results" / ("optim_effect_quick" if args.quick else "optim_effect")
     stem.parent.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "canonreg": canonreg.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(), "workers": args.workers,
-           "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    stem.with_suffix(".json").write_text(json.dumps({"config": asdict(cfg), "environment": env, "seconds": seconds,
-                                                     "summary": summary, "runs": runs}, indent=2, default=str))
+    env = {**environment(), "workers": args.workers}
+    write_json(stem.with_suffix(".json"), {"config": asdict(cfg), "environment": env, "seconds": seconds, "summary": summary, "runs": runs})
     stem.with_suffix(".md").write_text(table)
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -35,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import canonreg
 from canonreg.models import mlp
 from canonreg.optim import NoiseCalibrated
+from canonreg.stats import environment, write_json
 
 
 @dataclass(frozen=True)
@@ -58,25 +55,6 @@ class Config:
 
 
 QUICK = dict(d_in=256, width=256, batch=256, warmup=2, rounds=3, steps_per_round=3)
-
-
-def environment() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "canonreg": canonreg.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def main() -> None:
@@ -158,7 +136,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / ("optim_overhead_quick.json" if args.quick else "optim_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {**environment(), "device": str(device), "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    out.write_text(json.dumps({"config": asdict(cfg), "environment": env, "results": results}, indent=2))
+    write_json(out, {"config": asdict(cfg), "environment": env, "results": results})
     print(f"wrote {out}")
 
 
