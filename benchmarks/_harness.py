@@ -35,11 +35,14 @@ from torch.profiler import ProfilerActivity, profile
 class Runner:
     """One contender, built and ready: ``step()`` is one training step (timed); ``release()`` drops
     products held between steps that a user would consume at once (per-sample gradients), outside the
-    timing; ``close()`` checks that it computed what it claims and returns a summary (JSON-able)."""
+    timing; ``close()`` checks that it computed what it claims and returns a summary (JSON-able);
+    ``settle()`` brings its state to steady size for the memory pass (a monitor: ``compute()``, which
+    folds its window into the float64 totals, then another step, which opens a new window)."""
 
     step: Callable[[], None]
     release: Callable[[], None] = lambda: None
     close: Callable[[], dict[str, Any]] = lambda: {}
+    settle: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -189,7 +192,7 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
 
 
 def memory_of(contender: Contender, steps: int) -> tuple[int, int]:
-    """Peak and net bytes of building ``contender`` and running ``steps`` training steps on a fresh copy."""
+    """Peak and net bytes of building ``contender``, running ``steps`` training steps and ``settle()`` on a fresh copy."""
     holder: list[Runner] = []
 
     def run() -> None:
@@ -197,6 +200,7 @@ def memory_of(contender: Contender, steps: int) -> tuple[int, int]:
         holder.append(runner)
         for _ in range(steps):
             runner.step()
+        runner.settle()
 
     try:
         return peak_bytes(run)

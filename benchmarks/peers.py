@@ -194,7 +194,13 @@ class Bench:
             monitor.detach()
             return {"samples": report.samples, "mean_alignment": report.mean_alignment(on_nan="omit")}
 
-        return Runner(sgd_step(model, opt, self.x, self.y), close=close)
+        step = sgd_step(model, opt, self.x, self.y)
+
+        def settle() -> None:
+            monitor.compute(exponents=False, ranks=False)
+            step()
+
+        return Runner(step, close=close, settle=settle)
 
     def backpack(self, extension: str) -> Runner:
         import backpack
@@ -455,7 +461,8 @@ def format_table(rows: list[dict[str, Any]], cfg: Config, n_params: int, env: di
         f"Ratios: median over {cfg.rounds} interleaved rounds ({cfg.slow_rounds} for per-sample tools) of "
         "the step's time over the plain step's time in the same round; CPU clock (process time) and wall clock.",
         "Extra memory: peak torch CPU allocation of building the contender and running 2 steps (1 for "
-        "per-sample tools) minus the same for plain (profiler allocation events); held = still allocated after.",
+        "per-sample tools; canonreg: then compute() and one more step, its steady state) minus the same for plain "
+        "(profiler allocation events); held = still allocated after.",
         "cos A / cos B: cosine of the contender's K-FAC factors to canonreg's raw H_a / G_b, over the Linear layers (one batch).",
         "",
     ]

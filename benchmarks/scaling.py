@@ -25,8 +25,9 @@ no monitored matrix is larger than ``--exponents-max-dim``; ``report.timings`` g
 Timing: ``benchmarks/_harness.py`` (warm-up, interleaved rounds, rotated order, median of per-round
 ratios, CPU and wall clocks; the CPU clock is the reported one: with one thread, other processes on a
 shared machine barely disturb it). Heavy points (≳ 20 GFLOP per plain step) run ``--big-rounds``
-rounds. Extra memory: ``held`` = torch CPU allocation left after building the monitored copy and one
-collected step, minus the same for ``plain`` (the monitor's state), ``peak`` likewise for the peak.
+rounds. Extra memory: ``held`` = torch CPU allocation left after building the monitored copy, one
+collected step, ``compute()`` and another step (the steady state: float64 totals + a float32 window),
+minus the same for ``plain`` after one step; ``peak`` likewise for the peak (it includes ``compute()``).
 
     python benchmarks/scaling.py             # all sweeps, 1 thread (about 10 minutes on an idle core)
     python benchmarks/scaling.py --quick     # seconds: tiny widths, batches and transformer
@@ -295,19 +296,26 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         def close() -> dict[str, Any]:
             out: dict[str, Any] = {}
             if kind not in compute_times:  # the first monitor of each kind to close (every1) is timed
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 report = monitor.compute(exponents=False, ranks=False)
-                times = {"seconds": time.perf_counter() - t0, "timings": report.timings}
+                times = {"seconds": time.process_time() - c0, "seconds_wall": time.perf_counter() - t0, "timings": report.timings}
                 if kind == "exact" and max_dim <= cfg.exponents_max_dim:  # a sketch has no exponents
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     rep2 = monitor.compute(ranks=False)
-                    times.update(seconds_exponents=time.perf_counter() - t0, timings_exponents=rep2.timings)
+                    times.update(seconds_exponents=time.process_time() - c0, seconds_exponents_wall=time.perf_counter() - t0,
+                                 timings_exponents=rep2.timings)
                 compute_times[kind] = times
                 out["alignment"] = report.alignment
             monitor.detach()
             return out
 
-        return Runner(sgd_step(model, opt, point.inputs, point.targets), close=close)
+        step = sgd_step(model, opt, point.inputs, point.targets)
+
+        def settle() -> None:
+            monitor.compute(exponents=False, ranks=False)
+            step()
+
+        return Runner(step, close=close, settle=settle)
 
     heavy = 6 * point.rows * n_params > HEAVY_FLOPS
     rounds = cfg.big_rounds if heavy else cfg.rounds
@@ -389,8 +397,10 @@ def format_table(results: list[dict[str, Any]], cfg: Config, env: dict[str, Any]
         f"Monitor (`preprocess={cfg.mode!r}`) overhead per training step, ratio to the plain step in the same run "
         f"(CPU clock, median over interleaved rounds), {cfg.threads} thread(s), torch {env['torch']}, {env['cpu']}; "
         "measured on a shared, loaded machine (load average = 1-min load at the end of each point).",
-        "`exact`: float64 d×d moments; `sketch k`: `CRHMonitor(sketch=k)`. compute(): seconds with "
-        "`exponents=False, ranks=False` (with exponents, ranks skipped, in brackets where measured).",
+        "`exact`: float64 d×d moments; `sketch k`: `CRHMonitor(sketch=k)`. compute(): CPU seconds with "
+        "`exponents=False, ranks=False` (with exponents, ranks skipped, in brackets where measured). "
+        "state: torch allocation held after a collected step, compute() and another step (float64 totals + float32 "
+        "window), beyond the plain step's; peak in the JSON.",
         "",
     ]
     header = ["point", "params", "monitor", "plain s", "every1 ×", "every10 ×", "state MiB", "compute() s", "load", "rounds"]

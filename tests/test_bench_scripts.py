@@ -97,8 +97,10 @@ def test_scaling_quick(tmp_path: Path, restore_threads: None) -> None:
             for every in ("every1", "every10"):
                 assert r["ratio_cpu"][f"{every}/{kind}"] > 0
         assert r["compute"]["exact"]["seconds"] > 0
-        # the state estimate (float64 totals + float32 window) bounds what the monitor holds after one step
-        assert 0 < r["extra_held_bytes"]["every1/exact"] <= r["exact_state_bytes_estimate"]
+        # measured steady state (profiler allocation events) against the closed form: 12 bytes (float64 total +
+        # float32 window) per entry of every accumulated d × d matrix, plus O(d) vectors (sums, origins)
+        held, est = r["extra_held_bytes"]["every1/exact"], r["exact_state_bytes_estimate"]
+        assert 0.3 * est <= held <= est + 100 * sum(a + b for a, b in r["layer_dims"]), (held, est)
     assert len(result["verdict"]) == 1 and "below 50M" in result["verdict"][0]
 
 
