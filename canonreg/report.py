@@ -20,6 +20,7 @@ from torch import Tensor
 from . import functional as F
 from .errors import CanonRegError, check_choice
 from .layers import _display
+from .stats import jsonable
 
 __all__ = ["CRHReport", "ReportInputs", "ReportOptions", "build_report", "layer_matrices"]
 
@@ -253,7 +254,7 @@ class CRHReport:
             "missing": self.missing,
             "excluded": self.excluded,
         }
-        return _jsonable(d)
+        return jsonable(d)
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
         """Serialise :meth:`to_dict` (strict JSON: NaN and inf become null); also write it to ``path``.
@@ -354,16 +355,6 @@ def _fmt_fit(f: F.PowerLawFit) -> str:
     if math.isnan(f.exponent):
         return "nan"
     return f"{f.exponent:.2f} [{f.ci_low:.2f},{f.ci_high:.2f}]"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 @dataclass(frozen=True)
