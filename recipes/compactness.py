@@ -23,6 +23,10 @@ over seeds. Run::
     python recipes/compactness.py --quick --out /tmp/compactness     # CI setting, < 1 minute
     python recipes/compactness.py                                      # full: 4 arms × 3 seeds
 
+Each arm is trained by :func:`canonreg.experiment.train_trial`, the loop every recipe and ablation
+shares, in one visible loop over arms and seeds (sequential: every model is evaluated here, in this
+process).
+
 Outputs in ``--out``: ``results.md`` (tables), ``results.json`` (resolved config, environment,
 per-seed records, summaries) and ``compactness.png`` (each metric against depth, per arm).
 """
@@ -31,42 +35,36 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from _common import (
     ARM_COLORS,
     check_arms,
     check_seeds,
-    environment,
-    fmt_ci,
-    fmt_diff,
+    config_from_args,
     hidden_representations,
     markdown_table,
-    mean_ci,
-    parse_config,
-    progress_line,
+    recipe_parser,
     train,
     trial_config,
-    write_json,
 )
+from torch import Tensor, nn
 
-from canonreg.experiment import ARMS, load_data  # noqa: E402
-from canonreg.functional import entropy_rank, n_components, nc1, participation_ratio  # noqa: E402
+from canonreg.experiment import ARMS, load_data
+from canonreg.functional import entropy_rank, n_components, nc1, participation_ratio
+from canonreg.stats import environment, fmt_ci, fmt_diff, mean_half_width, write_json
 
 #: Per-layer metrics, in table order, with their display names.
 METRICS: dict[str, str] = {"pr": "participation ratio", "erank": "entropy rank", "pcs": "PCs for 95%", "nc1": "NC1"}
 
 
+# ====================================================================== config
 @dataclass(frozen=True)
 class CompactnessConfig:
     """The compactness study (defaults: full mode, about 6 CPU-minutes with one thread).
@@ -74,8 +72,7 @@ class CompactnessConfig:
     Training fields have the meaning of :class:`canonreg.experiment.TrialConfig` and are shared by
     all arms. ``variance``: the explained-variance fraction of ``PCs``; ``max_rows``: training rows
     used for the representation metrics (a seeded random subset when the split is larger);
-    ``threads``: torch threads (0 = keep the default); ``cache``: reuse trained models from the
-    model cache (``_common.train``; ``--no-cache`` retrains).
+    ``threads``: torch threads (0 = keep the default).
     """
 
     arms: tuple[str, ...] = ARMS
@@ -100,7 +97,6 @@ class CompactnessConfig:
     variance: float = 0.95
     max_rows: int = 4000
     threads: int = 1
-    cache: bool = True
     out: str = "results/compactness"
     quick: bool = False
 
@@ -116,12 +112,21 @@ class CompactnessConfig:
         trial_config(self, self.arms[0], self.seeds[0])  # validates the training fields early
 
 
+#: ``--quick``: the CI setting (< 1 minute).
 QUICK: dict[str, Any] = dict(
     seeds=(0, 1), num_samples=2000, width=64, steps=100, eval_every=50, max_rows=1000,
     out="results/compactness-quick",
 )  # fmt: skip
 
 
+
+def parse_args(argv: Sequence[str] | None = None) -> CompactnessConfig:
+    p = recipe_parser(__doc__, arms=ARMS, mlp=True)
+    p.add_argument("--max-rows", type=int)
+    return config_from_args(CompactnessConfig, p, argv, QUICK)
+
+
+# ====================================================================== the measurements
 def layer_metrics(h: Tensor, y: Tensor, variance: float = 0.95) -> dict[str, float]:
     """Compactness of one representation ``h`` (``(n, d)``) with labels ``y``.
 
@@ -146,8 +151,9 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, variance: float) -> dict[str
     return {name: layer_metrics(h, y, variance) for name, h in hidden_representations(model, x).items()}
 
 
-def run(cfg: CompactnessConfig) -> dict[str, Any]:
-    """Train every arm and seed, measure, write tables, JSON and the figure to ``cfg.out``."""
+# ====================================================================== the study
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(argv)
     t_start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -161,51 +167,39 @@ def run(cfg: CompactnessConfig) -> dict[str, Any]:
     x_metric, y_metric = split.x[rows], split.y[rows]
     print(f"data: {split.x.shape[0]} train / {split.x_test.shape[0]} test samples; metrics on {len(rows)} training rows", flush=True)
 
+    # Train every arm and seed (same data, initialisation and batch order per seed), then measure.
     records: list[dict[str, Any]] = []
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            trained = train(trial_config(cfg, arm, seed), split, cache=cfg.cache)
+            trained = train(trial_config(cfg, arm, seed), split)
             with torch.no_grad():
                 test_acc = float((trained.model(split.x_test).argmax(1) == split.y_test).double().mean())
                 train_acc = float((trained.model(split.x).argmax(1) == split.y).double().mean())
             layers = measure(trained.model, x_metric, y_metric, cfg.variance)
             records.append({
-                "arm": arm,
-                "seed": seed,
-                "test_acc": test_acc,
-                "train_acc": train_acc,
-                "mean_alpha": trained.mean_alpha,
-                "min_alpha_inner": trained.min_alpha_inner,
-                "alpha": trained.alpha,
-                "train_loss": trained.train_loss,
-                "train_seconds": trained.seconds,
-                "cached": trained.cached,
-                "layers": layers,
+                "arm": arm, "seed": seed, "test_acc": test_acc, "train_acc": train_acc, "mean_alpha": trained.mean_alpha,
+                "min_alpha_inner": trained.min_alpha_inner, "alpha": trained.alpha, "train_loss": trained.train_loss,
+                "train_seconds": trained.seconds, "layers": layers,
             })  # fmt: skip
             last = list(layers)[-1]
-            print(progress_line(arm, seed, trained, lambda: f"test={test_acc:.3f} PR({last})={layers[last]['pr']:.1f}"), flush=True)
+            print(f"  {arm:<8} seed={seed}  test={test_acc:.3f}  α={trained.mean_alpha:.3f}  min α inner={trained.min_alpha_inner:.3f}  "
+                  f"PR({last})={layers[last]['pr']:.1f}  ({trained.seconds:.1f}s)", flush=True)  # fmt: skip
 
+    # Tables, JSON (with the resolved configs and the environment) and the figure.
     summary = summarise(records, cfg)
     md = tables(summary, cfg)
     (out / "results.md").write_text(md + "\n")
-    write_json(
-        out / "results.json",
-        {
-            "recipe": "compactness",
-            "config": dataclasses.asdict(cfg),
-            "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
-            "environment": environment(),
-            "summary": summary,
-            "records": records,
-            "wall_time_s": time.perf_counter() - t_start,
-        },
-    )
+    write_json(out / "results.json", {
+        "recipe": "compactness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
+        "environment": environment(), "summary": summary, "records": records, "wall_time_s": time.perf_counter() - t_start,
+    })  # fmt: skip
     plot(summary, out)
     print(md)
     print(f"\nwrote {out}/results.md, results.json, compactness.png in {time.perf_counter() - t_start:.0f}s")
     return {"summary": summary, "records": records}
 
 
+# ====================================================================== tables and figure
 def summarise(records: list[dict[str, Any]], cfg: CompactnessConfig) -> dict[str, Any]:
     """Per arm: ``(mean, 95% half-width)`` over seeds of every scalar and per-layer metric, and the
     per-seed values (``values``)."""
@@ -216,8 +210,8 @@ def summarise(records: list[dict[str, Any]], cfg: CompactnessConfig) -> dict[str
         values: dict[str, Any] = {k: [r[k] for r in rs] for k in ("test_acc", "train_acc", "mean_alpha", "min_alpha_inner")}
         values["layers"] = {la: {m: [r["layers"][la][m] for r in rs] for m in METRICS} for la in layers}
         out[arm] = {
-            **{k: mean_ci(values[k]) for k in ("test_acc", "train_acc", "mean_alpha", "min_alpha_inner")},
-            "layers": {la: {m: mean_ci(v) for m, v in ms.items()} for la, ms in values["layers"].items()},
+            **{k: mean_half_width(values[k]) for k in ("test_acc", "train_acc", "mean_alpha", "min_alpha_inner")},
+            "layers": {la: {m: mean_half_width(v) for m, v in ms.items()} for la, ms in values["layers"].items()},
             "values": values,
         }
     return out
@@ -318,11 +312,6 @@ def plot(summary: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "compactness.png", dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(CompactnessConfig, argv, QUICK, description=(__doc__ or "").splitlines()[0])
-    return run(cfg)
 
 
 if __name__ == "__main__":

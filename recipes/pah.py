@@ -20,7 +20,8 @@ A single constraint fixes only some exponents (``f-RWA`` alone gives ``H_b ∝ Z
 relation, no prediction. ``power(B) = 0`` means ``B ∝ I`` on the support: ``κ`` is undefined.
 
 The measurement. For each setting (depth, weight decay γ), arm and seed an MLP on MNIST-1D is
-trained and a :class:`~canonreg.CRHMonitor` measures over the last ``window`` SGD steps; moments are
+trained by :func:`canonreg.experiment.train_trial` (one loop for every recipe and ablation), whose
+:class:`~canonreg.CRHMonitor` measures over the last ``window`` SGD steps only; moments are
 ``centered`` by default, because the identities above — and so the table — are exact for centred
 (or raw) moments and are broken by the per-sample normalisation of the paper's protocol. Per layer:
 
@@ -52,29 +53,113 @@ setting, with the fitted and the predicted slope) and ``kappa_measured_vs_predic
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import multiprocessing as mp
-import random
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from_args, markdown_table, recipe_parser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from canonreg import RELATION_PAIRS, RELATIONS, CanonRegError, CRHReport
+from canonreg.experiment import ARMS, TrainedTrial, TrialConfig, load_data, train_trial
+from canonreg.functional import power_law_fit
+from canonreg.stats import environment, fmt_ci, mean_ci, write_json
 
-from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, environment, markdown_table, mean_ci, parse_config, write_json  # noqa: E402
 
-from canonreg import RELATION_PAIRS, RELATIONS, CanonRegError, CRHMonitor, CRHReport  # noqa: E402
-from canonreg.data import Split  # noqa: E402
-from canonreg.experiment import ARMS, TrialConfig, batch_indices, build_model, load_data, make_arm, optimizer_step  # noqa: E402
+# ---------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class Setting:
+    """One architecture × weight-decay setting, written ``name:depth:weight_decay`` on the command line."""
+
+    name: str
+    depth: int
+    weight_decay: float
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        parts = text.split(":")
+        try:
+            name, depth, wd = parts
+            s = cls(name, int(depth), float(wd))
+        except ValueError:
+            raise ValueError(f"Expected a setting 'name:depth:weight_decay' (e.g. 'weak:6:1e-4'), but got {text!r}") from None
+        if s.depth < 2 or s.weight_decay < 0 or not name:
+            raise ValueError(f"Expected depth >= 2 and weight_decay >= 0 in setting {text!r}")
+        return s
+
+
+@dataclass(frozen=True)
+class Config:
+    """The study: settings × arms × seeds, MLP on MNIST-1D, plain SGD (η = lr)."""
+
+    settings: tuple[str, ...] = ("strong-decay:4:1e-2", "weak-decay-deep:6:1e-4")
+    arms: tuple[str, ...] = STUDY_ARMS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_samples: int = 5000
+    data_seed: int = 42
+    width: int = 128
+    lr: float = 0.2
+    momentum: float = 0.0
+    batch_size: int = 128
+    steps: int = 1500
+    window: int = 100
+    noise: float | str = "auto"
+    loss_weight: float = 0.1
+    relations: tuple[str, ...] = ("f-RWA", "b-RWA")
+    preprocess: str = "centered"
+    metric: str = "pearson"
+    threshold: float = 0.9  # α at or above which a relation "holds" (CRHReport.phase's default)
+    eig_floors: tuple[float, ...] = (1e-3, 1e-6)  # PAH fits use eigenvalues above floor · λ_max; the first is reported in full
+    n_bootstrap: int = 200
+    scatter_layer: str = "2"  # the layer whose eigen-scatter is plotted
+    out: str = "results/pah"
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        check_arms(self.arms)
+        check_seeds(self.seeds)
+        if not self.settings:
+            raise ValueError("Expected at least one entry in `settings`, but got none")
+        names = [Setting.parse(s).name for s in self.settings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Expected distinct setting names, but got {names}")
+        if not self.eig_floors or any(not 0 <= f < 1 for f in self.eig_floors):
+            raise ValueError(f"Expected `eig_floors` to be floats in [0, 1), but got {list(self.eig_floors)!r}")
+        if not -1 <= self.threshold <= 1:
+            raise ValueError(f"Expected `threshold` in [-1, 1], but got {self.threshold!r}")
+        if not 1 <= self.window <= self.steps:
+            raise ValueError(f"Expected `window` in [1, steps={self.steps}], but got {self.window!r}")
+
+    def trial(self, setting: Setting, arm: str, seed: int) -> TrialConfig:
+        return TrialConfig(
+            arm=arm, dataset="mnist1d", num_samples=self.num_samples, data_seed=self.data_seed, model="mlp",
+            width=self.width, depth=setting.depth, optimizer="sgd", lr=self.lr, momentum=self.momentum,
+            weight_decay=setting.weight_decay, noise=self.noise, loss_weight=self.loss_weight,
+            relations=self.relations, batch_size=self.batch_size, steps=self.steps, seed=seed,
+            preprocess=self.preprocess, metric=self.metric, eval_every=self.window, monitor_windows="last",
+            n_bootstrap=self.n_bootstrap,
+        ).resolved()  # fmt: skip
+
+
+#: ``--quick``: the CI setting (< 1 minute).
+QUICK: dict[str, Any] = {"settings": ("strong-decay:3:1e-2", "weak-decay:3:1e-4"), "seeds": (0, 1), "width": 32, "steps": 80, "window": 20, "n_bootstrap": 50}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = recipe_parser(__doc__, arms=ARMS)
+    p.add_argument("--settings", nargs="+", help="name:depth:weight_decay ...")
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--window", type=int)
+    p.add_argument("--preprocess", choices=("raw", "centered", "normalized"))
+    p.add_argument("--eig-floors", nargs="+", type=float)
+    p.add_argument("--n-bootstrap", type=int)
+    return config_from_args(Config, p, argv, QUICK)
+
 
 # ---------------------------------------------------------------------- the phase table (spec §4)
 #: Power of ``z`` of each matrix as ``(coefficient of p, coefficient of q, constant)``.
@@ -167,194 +252,37 @@ def predict_exponents(holding: Iterable[str], tol: float = 1e-9) -> Prediction:
     return Prediction(hold, "power law" if rank == 2 else "partial", p, q, kappa)
 
 
-# ---------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class Setting:
-    """One architecture × weight-decay setting, written ``name:depth:weight_decay`` on the command line."""
+# ---------------------------------------------------------------------- what one trained run gives
+def measure(trained: TrainedTrial, x_test: torch.Tensor, y_test: torch.Tensor, eig_floors: Sequence[float]) -> dict[str, Any]:
+    """Test accuracy, the window's α, its PAH fits at every floor and the Z-flatness of every layer.
 
-    name: str
-    depth: int
-    weight_decay: float
-
-    @classmethod
-    def parse(cls, text: str) -> Setting:
-        parts = text.split(":")
-        try:
-            name, depth, wd = parts
-            s = cls(name, int(depth), float(wd))
-        except ValueError:
-            raise ValueError(f"Expected a setting 'name:depth:weight_decay' (e.g. 'weak:6:1e-4'), but got {text!r}") from None
-        if s.depth < 2 or s.weight_decay < 0 or not name:
-            raise ValueError(f"Expected depth >= 2 and weight_decay >= 0 in setting {text!r}")
-        return s
-
-
-@dataclass(frozen=True)
-class Config:
-    """The study: settings × arms × seeds, MLP on MNIST-1D, plain SGD (η = lr)."""
-
-    settings: tuple[str, ...] = ("strong-decay:4:1e-2", "weak-decay-deep:6:1e-4")
-    arms: tuple[str, ...] = STUDY_ARMS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    num_samples: int = 5000
-    data_seed: int = 42
-    width: int = 128
-    lr: float = 0.2
-    momentum: float = 0.0
-    batch_size: int = 128
-    steps: int = 1500
-    window: int = 100
-    noise: float | str = "auto"
-    loss_weight: float = 0.1
-    relations: tuple[str, ...] = ("f-RWA", "b-RWA")
-    preprocess: str = "centered"
-    metric: str = "pearson"
-    threshold: float = 0.9  # α at or above which a relation "holds" (CRHReport.phase's default)
-    eig_floors: tuple[float, ...] = (1e-3, 1e-6)  # PAH fits use eigenvalues above floor · λ_max; the first is reported in full
-    n_bootstrap: int = 200
-    scatter_layer: str = "2"  # the layer whose eigen-scatter is plotted
-    workers: int = 2
-    out: str = "results/pah"
-    quick: bool = False
-
-    def __post_init__(self) -> None:
-        check_arms(self.arms)
-        check_seeds(self.seeds)
-        if not self.settings:
-            raise ValueError("Expected at least one entry in `settings`, but got none")
-        names = [Setting.parse(s).name for s in self.settings]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Expected distinct setting names, but got {names}")
-        if not self.eig_floors or any(not 0 <= f < 1 for f in self.eig_floors):
-            raise ValueError(f"Expected `eig_floors` to be floats in [0, 1), but got {list(self.eig_floors)!r}")
-        if not -1 <= self.threshold <= 1:
-            raise ValueError(f"Expected `threshold` in [-1, 1], but got {self.threshold!r}")
-        if not 1 <= self.window <= self.steps:
-            raise ValueError(f"Expected `window` in [1, steps={self.steps}], but got {self.window!r}")
-        if self.workers < 1:
-            raise ValueError(f"Expected `workers` to be a positive int, but got {self.workers!r}")
-
-    def trial(self, setting: Setting, arm: str, seed: int) -> TrialConfig:
-        return TrialConfig(
-            arm=arm, dataset="mnist1d", num_samples=self.num_samples, data_seed=self.data_seed, model="mlp",
-            width=self.width, depth=setting.depth, optimizer="sgd", lr=self.lr, momentum=self.momentum,
-            weight_decay=setting.weight_decay, noise=self.noise, loss_weight=self.loss_weight,
-            relations=self.relations, batch_size=self.batch_size, steps=self.steps, seed=seed,
-            preprocess=self.preprocess, metric=self.metric, eval_every=self.window, n_bootstrap=self.n_bootstrap,
-        ).resolved()  # fmt: skip
-
-
-QUICK: dict[str, Any] = {
-    "settings": ("strong-decay:3:1e-2", "weak-decay:3:1e-4"),
-    "seeds": (0, 1),
-    "width": 32,
-    "steps": 80,
-    "window": 20,
-    "n_bootstrap": 50,
-}
-
-
-def source_digest() -> str:
-    """First 16 hex of the SHA-256 over the ``canonreg`` sources, ``_common.py`` and this recipe.
-
-    Stored with the results: it names the code that produced them (the package is developed in place).
+    The fits are :func:`canonreg.functional.power_law_fit` on the window report's matrices with one
+    generator seeded from the trial's seed, in the monitor's own order, so they equal
+    ``monitor.compute(floor=floor, n_bootstrap=n, bootstrap_seed=seed)``'s. ``report`` keeps the report
+    with the first floor's fits (for the eigen-scatter).
     """
-    import canonreg
-
-    here = Path(__file__).resolve()
-    files = sorted(Path(canonreg.__file__).resolve().parent.glob("*.py")) + [here.parent / "_common.py", here]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------- one run (in a worker process)
-_SPLITS: dict[tuple[str, int, int], Split] = {}
-
-
-_WORKER_SOURCES: list[str] = []
-
-
-def worker_sources() -> str:
-    """:func:`source_digest` taken once per worker, right after importing every canonreg module the
-    runs use: the code this worker's runs actually executed (a module is not re-imported later)."""
-    if not _WORKER_SOURCES:
-        import canonreg.losses  # noqa: F401  (imported lazily by make_arm otherwise)
-        import canonreg.optim  # noqa: F401
-
-        _WORKER_SOURCES.append(source_digest())
-    return _WORKER_SOURCES[0]
-
-
-def _data(cfg: TrialConfig) -> Split:
-    """The split of ``cfg``, loaded once per worker process."""
-    key = (cfg.dataset, cfg.num_samples, cfg.data_seed)
-    if key not in _SPLITS:
-        _SPLITS[key] = load_data(cfg)
-    return _SPLITS[key]
-
-
-def run_one(job: tuple[str, TrialConfig, tuple[float, ...], bool]) -> dict[str, Any]:
-    """Train one (setting, arm, seed); return the report's fits (and the report itself if asked).
-
-    Same loop, seeding and batch order as :func:`canonreg.experiment.run_trial`; the monitor is
-    attached for the last ``eval_every`` steps only.
-    """
-    setting, cfg, eig_floors, keep_report = job
-    torch.set_num_threads(1)
-    sources = worker_sources()
-    t0 = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    split = _data(cfg)
-    x, y = split.x, split.y
-    model = build_model(cfg)
-    opt, align = make_arm(cfg, model)
-    monitor = CRHMonitor(model, preprocess=cfg.preprocess, metric=cfg.metric)  # type: ignore[arg-type]
-    batches = batch_indices(x.shape[0], cfg.batch_size, cfg.seed)
-    window_start = cfg.steps - cfg.eval_every + 1
-    try:
-        for step in range(1, cfg.steps + 1):
-            if step == window_start:
-                monitor.attach()
-            idx = next(batches)
-            task = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer_step(opt, task, align)
-            if not math.isfinite(float(task.detach())):
-                raise FloatingPointError(f"Training diverged at step {step} of {cfg!r}")
-    except (CanonRegError, FloatingPointError) as e:  # a dead layer (α undefined in the loss) or divergence
-        failed = {"failed": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0, "report": None}
-        return {"setting": setting, "arm": cfg.arm, "seed": cfg.seed, "config": cfg.to_dict(), "sources": sources} | failed
-    finally:
-        monitor.detach()
-        if align is not None:
-            align.detach()
-    reports = [monitor.compute(exponents=True, n_bootstrap=cfg.n_bootstrap, eig_floor=f, seed=cfg.seed) for f in eig_floors]
-    report = reports[0]
-    with torch.no_grad():
-        test_acc = float((model(split.x_test).argmax(1) == split.y_test).double().mean())
+    cfg, report = trained.config, trained.report
+    by_floor = {}
+    for floor in eig_floors:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        by_floor[floor] = {
+            layer: {rel: power_law_fit(report.matrices(layer)[a], report.matrices(layer)[b], floor=floor, n_bootstrap=cfg.n_bootstrap, generator=gen)
+                    for rel, (a, b) in RELATION_PAIRS.items()}
+            for layer in report.layers
+        }  # fmt: skip
     flat = {}
     for layer in report.layers:
         lam = torch.linalg.eigvalsh(report.matrices(layer)["Z_b"]).clamp_min(0)
         kept = lam[lam >= FLAT_FLOOR * lam.max()]
         flat[layer] = float(kept.sum() ** 2 / (kept**2).sum() / kept.numel())
+    with torch.no_grad():
+        test_acc = float((trained.model(x_test).argmax(1) == y_test).double().mean())
     return {
-        "setting": setting,
-        "arm": cfg.arm,
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "sources": sources,
         "test_acc": test_acc,
         "alpha": report.alignment,
-        "exponents": {
-            f"{floor:g}": {layer: {r: f.to_dict() for r, f in fits.items()} for layer, fits in rep.exponents.items()}
-            for floor, rep in zip(eig_floors, reports)
-        },
+        "exponents": {f"{floor:g}": {layer: {r: f.to_dict() for r, f in fits.items()} for layer, fits in by.items()} for floor, by in by_floor.items()},
         "z_flatness": flat,
-        "seconds": time.perf_counter() - t0,
-        "report": report if keep_report else None,
+        "report": dataclasses.replace(report, exponents=by_floor[eig_floors[0]]),
     }
 
 
@@ -384,8 +312,8 @@ def summarize_kappa(fits: Sequence[Mapping[str, Any]]) -> Measured:
         lo = f["ci_low"] if f["ci_low"] is not None else math.nan
         hi = f["ci_high"] if f["ci_high"] is not None else math.nan
         return Measured(float(ks[0]), float(lo), float(hi), r2, off, 1)
-    m, h = mean_ci(ks)
-    return Measured(m, m - h, m + h, r2, off, len(ks))
+    iv = mean_ci(ks)
+    return Measured(iv.mean, iv.low, iv.high, r2, off, len(ks))
 
 
 def layer_verdict(pred: Prediction, measured: Mapping[str, Measured], flatness: float) -> tuple[str, list[str]]:
@@ -420,38 +348,43 @@ def analyse(cfg: Config, records: Sequence[dict[str, Any]], floor: float) -> lis
 
 
 # ---------------------------------------------------------------------- the study
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(Config, argv, QUICK, description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(argv)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = [Setting.parse(s) for s in cfg.settings]
+
+    # One visible loop: every (setting, arm, seed) trained by canonreg.experiment.train_trial (same data,
+    # initialisation and batch order per seed in every arm; the monitor on the last `window` steps).
+    split = load_data(cfg.trial(settings[0], cfg.arms[0], cfg.seeds[0]))
     plot_arms = {cfg.arms[0], cfg.arms[-1]}
-    jobs = [(s.name, cfg.trial(s, arm, seed), cfg.eig_floors, seed == cfg.seeds[0] and arm in plot_arms) for s in settings for arm in cfg.arms for seed in cfg.seeds]
-    jobs.sort(key=lambda j: not j[1].uses_loss)  # expensive arms first: a short tail in the pool
-    print(f"pah: {len(jobs)} runs ({len(settings)} settings × {len(cfg.arms)} arms × {len(cfg.seeds)} seeds), {cfg.workers} worker(s)")
-    digest = source_digest()  # before any worker imports the package
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_one, job) for job in jobs]):
-            rec = future.result()
-            runs.append(rec)
-            if "failed" in rec:
-                print(f"  {rec['setting']:<16} {rec['arm']:<8} seed={rec['seed']}  FAILED: {rec['failed'][:120]}", flush=True)
-                continue
-            print(f"  {rec['setting']:<16} {rec['arm']:<8} seed={rec['seed']}  acc={rec['test_acc']:.3f}  ({rec['seconds']:.1f}s)", flush=True)
+    for s in settings:
+        for arm in cfg.arms:
+            for seed in cfg.seeds:
+                trial = cfg.trial(s, arm, seed)
+                run: dict[str, Any] = {"setting": s.name, "arm": arm, "seed": seed, "config": trial.to_dict()}
+                try:
+                    trained = train_trial(trial, data=split, threads=1)
+                except (CanonRegError, FloatingPointError) as e:  # a dead layer (α undefined in the loss) or divergence
+                    runs.append(run | {"failed": f"{type(e).__name__}: {e}"})
+                    print(f"  {s.name:<16} {arm:<8} seed={seed}  FAILED: {runs[-1]['failed'][:120]}", flush=True)
+                    continue
+                run |= measure(trained, split.x_test, split.y_test, cfg.eig_floors) | {"seconds": trained.seconds}
+                if not (seed == cfg.seeds[0] and arm in plot_arms):
+                    run["report"] = None
+                runs.append(run)
+                print(f"  {s.name:<16} {arm:<8} seed={seed}  acc={run['test_acc']:.3f}  ({trained.seconds:.1f}s)", flush=True)
     wall = time.perf_counter() - t0
-    used = sorted({r["sources"] for r in runs})
-    if used != [digest]:  # a worker imported a package edited after the start
-        print(f"WARNING: the runs executed different canonreg sources {used} (start: {digest})", flush=True)
-        digest = f"{digest} at the start; the runs used {', '.join(used)}"
-    runs.sort(key=lambda r: ([s.name for s in settings].index(r["setting"]), ARMS.index(r["arm"]), r["seed"]))
     records = [r for r in runs if "failed" not in r]
     failures = [r for r in runs if "failed" in r]
+
+    # Phase, prediction and measured exponents per (setting, arm, layer), at every floor.
     by_floor = {floor: analyse(cfg, records, floor) for floor in cfg.eig_floors}
     rows = by_floor[cfg.eig_floors[0]]
+
     md = report_markdown(cfg, records, failures, by_floor, wall)
-    md += f"\nSources (canonreg package, _common.py, this recipe): sha256 {digest}; environment in results.json.\n"
     (out / "results.md").write_text(md)
     print(md)
     reports = {(r["setting"], r["arm"]): r.pop("report") for r in records if r.get("report") is not None}
@@ -459,8 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r.pop("report", None)
     summary = {
         "config": dataclasses.asdict(cfg),
-        "trial_configs": {f"{r['setting']}/{r['arm']}/{r['seed']}": r["config"] for r in runs},
-        "environment": environment() | {"workers": cfg.workers, "threads_per_worker": 1, "source_sha256": digest},
+        "environment": environment(),
         "wall_time_s": wall,
         "runs": runs,
         "layers": [
@@ -473,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(cfg, settings, reports, rows, out)
     return summary
 
+
+# ---------------------------------------------------------------------- tables and figures
 
 def _kfmt(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{x:.2f}"
@@ -500,7 +434,7 @@ def report_markdown(
         f"MLP width {cfg.width} on MNIST-1D, SGD η = {cfg.lr / (1 - cfg.momentum):g} (momentum {cfg.momentum:g}), batch "
         f"{cfg.batch_size}, {cfg.steps} steps; {cfg.preprocess} moments over the last {cfg.window} steps; "
         f"α = {cfg.metric}; a relation holds when the seed-mean α >= {cfg.threshold}; seeds {list(cfg.seeds)}; "
-        f"arms {list(cfg.arms)}. Wall time {wall:.0f} s with {cfg.workers} worker(s).",
+        f"arms {list(cfg.arms)}. Wall time {wall:.0f} s (one process).",
         "",
         "Measured κ: mean over seeds [95% t-interval] of the fit over eigenvalues above floor · λ_max; predicted κ in",
         "parentheses (– not determined by the phase, undef: B ∝ I). ✓/✗: prediction inside/outside the interval.",
@@ -511,7 +445,7 @@ def report_markdown(
     summ = []
     for floor, name, arm in ((f, Setting.parse(s).name, a) for f in by_floor for s in cfg.settings for a in cfg.arms):
         rs = [r for r in by_floor[floor] if r["setting"] == name and r["arm"] == arm]
-        acc, acc_h = mean_ci([r["test_acc"] for r in records if r["setting"] == name and r["arm"] == arm])
+        acc_text = fmt_ci([r["test_acc"] for r in records if r["setting"] == name and r["arm"] == arm])
         kinds = ", ".join(f"{r['layer']}:{r['prediction'].kind}" for r in rs)
         n_pred = sum(r["verdict"] != "no prediction" for r in rs)
         n_ok = sum(r["verdict"] == "consistent" for r in rs)
@@ -525,7 +459,6 @@ def report_markdown(
         inside = sum(m.ci_low <= k <= m.ci_high for k, m in checks)
         held = [r["measured"][rel] for r in rs for rel in r["prediction"].holding]
         unit = sum(m.ci_low <= 1.0 <= m.ci_high for m in held)
-        acc_text = f"{acc:.3f}" + (f" ± {acc_h:.3f}" if math.isfinite(acc_h) else "")
         summ.append([f"{floor:g}", name, arm, acc_text, kinds, f"{n_ok}/{n_pred}", f"{inside}/{len(checks)}", f"{unit}/{len(held)}"])
     lines += [markdown_table(["floor", "setting", "arm", "test acc", "phase kind per layer", "layers consistent / with a prediction", "exponents inside CI / predicted", "held relations with κ CI ∋ 1"], summ), ""]
 

@@ -31,9 +31,13 @@ seed), then probed in three ways.
    the nuisance. Gaussian input noise is applied to ``x`` directly. The score of the input itself
    (``I_T(x)``) is reported as the reference a representation should improve on.
 
-3. The mean CRH alignment ``α`` over layers and relations (CRHMonitor, every ``monitor_every``-th
-   batch of the last ``eval_every`` steps),
-   to read robustness against how canonical each arm's representations became.
+3. The mean CRH alignment ``α`` over layers and relations and its minimum over the inner layers,
+   measured after training over the whole training set with the task loss's gradient only
+   (:func:`canonreg.measure_crh`), to read robustness against how canonical each arm's
+   representations became.
+
+Each arm is trained by :func:`canonreg.experiment.train_trial` (the loop every recipe and ablation
+shares) in one visible loop over arms and seeds; every model is evaluated here, in this process.
 
 Each number is a mean with a 95% Student-t interval over seeds (drops and scores are computed per
 seed, then summarised). Run::
@@ -48,8 +52,8 @@ per-seed records, summaries), ``robustness.png`` and ``invariance.png``.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,30 +61,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from _common import (
     ARM_COLORS,
     check_arms,
     check_seeds,
-    environment,
-    fmt_ci,
-    fmt_diff,
+    config_from_args,
     hidden_representations,
     markdown_table,
-    mean_ci,
-    parse_config,
-    progress_line,
+    recipe_parser,
     train,
     trial_config,
-    write_json,
 )
+from torch import Tensor, nn
 
-from canonreg.data import mnist1d, mnist1d_args  # noqa: E402
-from canonreg.experiment import ARMS, load_data  # noqa: E402
-from canonreg.functional import invariance_score  # noqa: E402
+from canonreg.data import mnist1d, mnist1d_args
+from canonreg.experiment import ARMS, load_data
+from canonreg.functional import invariance_score
+from canonreg.stats import environment, fmt_ci, fmt_diff, mean_half_width, write_json
 
 #: nuisance name → the mnist1d generator argument that sets its strength.
 NUISANCES: dict[str, str] = {
@@ -94,8 +91,7 @@ NUISANCES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class RobustnessConfig:
-    """The robustness study (defaults: full mode, about 6 CPU-minutes with one thread; seconds when
-    the compactness recipe already trained the same arms, see ``cache``).
+    """The robustness study (defaults: full mode, about 6 CPU-minutes with one thread).
 
     Training fields have the meaning of :class:`canonreg.experiment.TrialConfig` and are shared by
     all arms. Evaluation: ``test_seed`` (generator seed of every test set; must differ from
@@ -103,8 +99,7 @@ class RobustnessConfig:
     for the invariance score, the stronger generator arguments (mnist1d defaults in brackets:
     ``max_translation`` [48; at most 72, the length the generator shifts within], ``scale_coeff``
     [0.4], ``iid_noise_scale`` [0.02], ``corr_noise_scale`` [0.25], ``shear_scale`` [0.75]),
-    ``gauss_sigmas`` and ``fgsm_eps`` (normalised input units). ``threads``: torch threads (0 = keep);
-    ``cache``: reuse trained models from the model cache (``_common.train``; ``--no-cache`` retrains).
+    ``gauss_sigmas`` and ``fgsm_eps`` (normalised input units). ``threads``: torch threads (0 = keep).
     """
 
     arms: tuple[str, ...] = ARMS
@@ -137,7 +132,6 @@ class RobustnessConfig:
     gauss_sigmas: tuple[float, ...] = (0.25, 0.5)
     fgsm_eps: tuple[float, ...] = (0.02, 0.05, 0.1)
     threads: int = 1
-    cache: bool = True
     out: str = "results/robustness"
     quick: bool = False
 
@@ -167,10 +161,20 @@ class RobustnessConfig:
         return {arg: getattr(self, arg) for arg in NUISANCES.values()}
 
 
+#: ``--quick``: the CI setting (< 1 minute).
 QUICK: dict[str, Any] = dict(
     seeds=(0, 1), num_samples=2000, width=64, steps=100, eval_every=50, n_test=400, n_pairs=200,
     gauss_sigmas=(0.5,), fgsm_eps=(0.05,), out="results/robustness-quick",
 )  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RobustnessConfig:
+    p = recipe_parser(__doc__, arms=ARMS, mlp=True)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--n-pairs", type=int)
+    p.add_argument("--gauss-sigmas", nargs="+", type=float)
+    p.add_argument("--fgsm-eps", nargs="+", type=float)
+    return config_from_args(RobustnessConfig, p, argv, QUICK)
 
 
 # ---------------------------------------------------------------------- paired nuisances
@@ -362,8 +366,8 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------- the study
-def run(cfg: RobustnessConfig) -> dict[str, Any]:
-    """Train every arm and seed, evaluate, write tables, JSON and figures to ``cfg.out``."""
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(argv)
     t_start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -379,48 +383,36 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
     print(f"data: {split.x.shape[0]} train samples; {cfg.n_test} per test set; {cfg.n_pairs} pairs "
           f"(input invariance: {', '.join(f'{k} {v:.2f}' for k, v in input_inv.items())})", flush=True)  # fmt: skip
 
+    # Train every arm and seed (same data, initialisation and batch order per seed), then probe.
     records: list[dict[str, Any]] = []
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            trained = train(trial_config(cfg, arm, seed), split, cache=cfg.cache)
+            trained = train(trial_config(cfg, arm, seed), split)
             ev = evaluate(trained.model, cfg, sets, pairs)
-            rec = {
-                "arm": arm,
-                "seed": seed,
-                "test_acc": accuracy(trained.model, split.x_test, split.y_test),
-                "mean_alpha": trained.mean_alpha,
-                "min_alpha_inner": trained.min_alpha_inner,
-                "train_loss": trained.train_loss,
-                "train_seconds": trained.seconds,
-                "cached": trained.cached,
-                **ev,
-            }
-            records.append(rec)
-            print(progress_line(arm, seed, trained, lambda: f"clean={ev['acc']['clean']:.3f} all={ev['acc']['all']:.3f}"), flush=True)
+            records.append({
+                "arm": arm, "seed": seed, "test_acc": accuracy(trained.model, split.x_test, split.y_test),
+                "mean_alpha": trained.mean_alpha, "min_alpha_inner": trained.min_alpha_inner, "train_loss": trained.train_loss,
+                "train_seconds": trained.seconds, **ev,
+            })  # fmt: skip
+            print(f"  {arm:<8} seed={seed}  α={trained.mean_alpha:.3f}  min α inner={trained.min_alpha_inner:.3f}  "
+                  f"clean={ev['acc']['clean']:.3f}  all={ev['acc']['all']:.3f}  ({trained.seconds:.1f}s)", flush=True)  # fmt: skip
 
+    # Tables, JSON (with the resolved configs and the environment) and the figures.
     summary = summarise(records, cfg, input_inv)
     md = tables(summary, cfg)
     (out / "results.md").write_text(md + "\n")
-    write_json(
-        out / "results.json",
-        {
-            "recipe": "robustness",
-            "config": dataclasses.asdict(cfg),
-            "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
-            "mnist1d_default_args": mnist1d_args(),
-            "environment": environment(),
-            "input_invariance": input_inv,
-            "summary": summary,
-            "records": records,
-            "wall_time_s": time.perf_counter() - t_start,
-        },
-    )
+    write_json(out / "results.json", {
+        "recipe": "robustness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
+        "mnist1d_default_args": mnist1d_args(), "environment": environment(), "input_invariance": input_inv,
+        "summary": summary, "records": records, "wall_time_s": time.perf_counter() - t_start,
+    })  # fmt: skip
     plot(summary, cfg, out)
     print(md)
     print(f"\nwrote {out}/results.md, results.json, robustness.png, invariance.png in {time.perf_counter() - t_start:.0f}s")
     return {"summary": summary, "records": records}
 
 
+# ---------------------------------------------------------------------- tables and figures
 def summarise(records: list[dict[str, Any]], cfg: RobustnessConfig, input_inv: dict[str, float]) -> dict[str, Any]:
     """Per arm: mean and 95% half-width over seeds of every accuracy, drop and invariance score."""
     s: dict[str, Any] = {"input_invariance": input_inv, "arms": {}}
@@ -428,11 +420,11 @@ def summarise(records: list[dict[str, Any]], cfg: RobustnessConfig, input_inv: d
         rs = [r for r in records if r["arm"] == arm]
         entry: dict[str, Any] = {}
         for key in ("test_acc", "mean_alpha", "min_alpha_inner"):
-            entry[key] = mean_ci([r[key] for r in rs])
-        entry["acc"] = {c: mean_ci([r["acc"][c] for r in rs]) for c in rs[0]["acc"]}
-        entry["drop"] = {c: mean_ci([r["drop"][c] for r in rs]) for c in rs[0]["drop"]}
+            entry[key] = mean_half_width([r[key] for r in rs])
+        entry["acc"] = {c: mean_half_width([r["acc"][c] for r in rs]) for c in rs[0]["acc"]}
+        entry["drop"] = {c: mean_half_width([r["drop"][c] for r in rs]) for c in rs[0]["drop"]}
         entry["invariance"] = {
-            t: {layer: mean_ci([r["invariance"][t][layer] for r in rs]) for layer in rs[0]["invariance"][t]}
+            t: {layer: mean_half_width([r["invariance"][t][layer] for r in rs]) for layer in rs[0]["invariance"][t]}
             for t in rs[0]["invariance"]
         }
         entry["values"] = {
@@ -583,11 +575,6 @@ def plot(summary: dict[str, Any], cfg: RobustnessConfig, out: Path) -> None:
 def _err(half: tuple[float, ...]) -> list[float] | None:
     """Error-bar half-widths (None when there is a single seed)."""
     return None if any(np.isnan(half)) else list(half)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(RobustnessConfig, argv, QUICK, description=(__doc__ or "").splitlines()[0])
-    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -48,9 +48,8 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,28 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from_args, markdown_table, recipe_parser
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
-    ARM_COLORS,
-    STUDY_ARMS,
-    check_arms,
-    check_seeds,
-    environment,
-    fmt_ci,
-    markdown_table,
-    mean_ci,
-    parse_config,
-    write_json,
-)
 
 from canonreg import CRHMonitor, CRHReport
 from canonreg.data import modular_addition
-from canonreg.experiment import TrialConfig, make_arm, optimizer_step
+from canonreg.experiment import ARMS, TrialConfig, make_arm, optimizer_step
 from canonreg.functional import RELATIONS
 from canonreg.models import TinyTransformer
+from canonreg.stats import environment, fmt_ci, mean_half_width, write_json
 
 #: Layer types, in forward order within a block, then the head.
 LAYER_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2", "head")
@@ -99,8 +85,7 @@ class TransformerConfig:
     ``lr`` with weight decay ``weight_decay``; the arms' ``noise``, ``loss_weight`` and ``relations`` as in
     :class:`canonreg.experiment.TrialConfig`. Measurement: a ``window``-step monitor window at the end
     of every ``eval_every`` steps; ``n_bootstrap`` resamples for the exponent intervals of the last one.
-    Execution: ``threads`` torch threads per run, ``workers`` runs in parallel processes (1 = in this
-    process; results do not depend on it).
+    Execution: ``threads`` torch threads; the runs go one after the other in this process.
     """
 
     arms: tuple[str, ...] = STUDY_ARMS
@@ -124,7 +109,6 @@ class TransformerConfig:
     metric: str = "pearson"
     n_bootstrap: int = 100
     threads: int = 1
-    workers: int = 2
     out: str = "results/transformer"
     quick: bool = False
 
@@ -135,7 +119,7 @@ class TransformerConfig:
             raise ValueError(f"Expected `p` >= 3, but got {self.p!r}")
         if not 0 < self.train_fraction < 1:
             raise ValueError(f"Expected `train_fraction` in (0, 1), but got {self.train_fraction!r}")
-        for name in ("d_model", "heads", "layers", "steps", "eval_every", "window", "threads", "workers"):
+        for name in ("d_model", "heads", "layers", "steps", "eval_every", "window", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)!r}")
         if self.steps % self.eval_every:
@@ -155,7 +139,6 @@ QUICK: dict[str, Any] = {
     "eval_every": 30,
     "window": 3,
     "n_bootstrap": 20,
-    "workers": 1,
     "out": "results/transformer-quick",
 }
 
@@ -252,13 +235,15 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    for r in train_all(cfg, [(arm, seed) for arm in cfg.arms for seed in cfg.seeds]):
-        runs.append(r)
-        print(
-            f"  {r['arm']:<8} seed={r['seed']}  train-acc={r['train_acc']:.3f}  test-acc={r['test_acc']:.3f}  "
-            f"mean α={r['mean_alpha']:.3f}  ({r['seconds']:.1f}s)",
-            flush=True,
-        )
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            r = train_arm(cfg, arm, seed)
+            runs.append(r)
+            print(
+                f"  {r['arm']:<8} seed={r['seed']}  train-acc={r['train_acc']:.3f}  test-acc={r['test_acc']:.3f}  "
+                f"mean α={r['mean_alpha']:.3f}  ({r['seconds']:.1f}s)",
+                flush=True,
+            )
     summary = summarise(cfg, runs)
     timing = {
         "wall_s": time.perf_counter() - t_start,
@@ -280,30 +265,17 @@ def run(cfg: TransformerConfig) -> dict[str, Any]:
     return result
 
 
-def train_all(cfg: TransformerConfig, jobs: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
-    """:func:`train_arm` for every ``(arm, seed)``, in order; in ``workers`` spawned processes when > 1."""
-    if cfg.workers == 1:
-        for arm, seed in jobs:
-            yield train_arm(cfg, arm, seed)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:  # spawn: no forked torch thread pools
-        yield from pool.map(train_arm, [cfg] * len(jobs), *zip(*jobs))
-
-
 def summarise(cfg: TransformerConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per arm: accuracy, mean α, α per (type, relation) and κ per (type, relation) as ``[mean, half]``."""
     out: dict[str, Any] = {}
     for arm in cfg.arms:
         sel = [r for r in runs if r["arm"] == arm]
         out[arm] = {
-            "test_acc": list(mean_ci([r["test_acc"] for r in sel])),
-            "train_acc": list(mean_ci([r["train_acc"] for r in sel])),
-            "mean_alpha": list(mean_ci([r["mean_alpha"] for r in sel])),
-            "alignment": {k: {rel: list(mean_ci([r["final_alignment_by_type"][k][rel] for r in sel])) for rel in RELATIONS} for k in LAYER_TYPES},
-            "exponents": {k: {rel: list(mean_ci([r["exponents_by_type"][k][rel] for r in sel])) for rel in RELATIONS} for k in LAYER_TYPES},
+            "test_acc": list(mean_half_width([r["test_acc"] for r in sel])),
+            "train_acc": list(mean_half_width([r["train_acc"] for r in sel])),
+            "mean_alpha": list(mean_half_width([r["mean_alpha"] for r in sel])),
+            "alignment": {k: {rel: list(mean_half_width([r["final_alignment_by_type"][k][rel] for r in sel])) for rel in RELATIONS} for k in LAYER_TYPES},
+            "exponents": {k: {rel: list(mean_half_width([r["exponents_by_type"][k][rel] for r in sel])) for rel in RELATIONS} for k in LAYER_TYPES},
         }
     return out
 
@@ -352,7 +324,7 @@ def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], timing: dict[s
         k_rows = [[k, *[fmt_ci([r["exponents_by_type"][k][rel] for r in sel], 2) for rel in RELATIONS]] for k in LAYER_TYPES]
         parts += [markdown_table(["layer type", *RELATIONS], k_rows), ""]
     base = [r for r in runs if r["arm"] == cfg.arms[0]]
-    kappas = {(k, rel): mean_ci([r["exponents_by_type"][k][rel] for r in base])[0] for k in LAYER_TYPES for rel in RELATIONS}
+    kappas = {(k, rel): mean_half_width([r["exponents_by_type"][k][rel] for r in base])[0] for k in LAYER_TYPES for rel in RELATIONS}
     near = {target: sorted((f"{k} {rel}" for (k, rel), v in kappas.items() if math.isfinite(v) and abs(v - target) < 0.25)) for target in (3, 2, 1)}
     parts += [
         (
@@ -361,7 +333,7 @@ def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], timing: dict[s
         ),
         "",
         (
-            f"Wall time {timing['wall_s']:.0f} s with {cfg.workers} worker process(es) × {cfg.threads} thread; CPU time of the "
+            f"Wall time {timing['wall_s']:.0f} s in one process × {cfg.threads} thread; CPU time of the "
             f"training runs {timing['train_cpu_s']:.0f} s (load average {', '.join(f'{v:.1f}' for v in timing['load_average'])} "
             f"on {os.cpu_count()} CPUs at the end, i.e. a shared machine when above the CPU count)."
         ),
@@ -407,9 +379,20 @@ def plot_alignment(cfg: TransformerConfig, runs: list[dict[str, Any]], path: Pat
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(TransformerConfig, argv, QUICK, description=(__doc__ or "").splitlines()[0])
-    return run(cfg)
+def parse_args(argv: Sequence[str] | None = None) -> TransformerConfig:
+    p = recipe_parser(__doc__, arms=ARMS)
+    p.add_argument("--p", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--threads", type=int)
+    return config_from_args(TransformerConfig, p, argv, QUICK)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -100,26 +99,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from_args, markdown_table, recipe_parser
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (
-    ARM_COLORS,
-    STUDY_ARMS,
-    check_arms,
-    check_seeds,
-    environment,
-    fmt_ci,
-    markdown_table,
-    mean_ci,
-    parse_config,
-    write_json,
-)
-
-from canonreg.experiment import TrialConfig, make_arm, optimizer_step
+from canonreg.experiment import ARMS, TrialConfig, make_arm, optimizer_step
 from canonreg.layers import select_layers
 from canonreg.models import CNN1d, ResidualMLP, mlp
+from canonreg.stats import environment, fmt_ci, format_interval, mean_ci, mean_half_width, write_json
 
 Arch = Literal["mlp", "resmlp", "cnn1d"]
 Regime = Literal["rich", "lazy"]
@@ -598,7 +584,7 @@ def summarise(runs: list[dict[str, Any]], groups: list[tuple[str, str]], regimes
                 continue
             row: dict[str, Any] = {key: value, "regime": regime, "seeds": len(sel), "converged": sum(r["converged"] for r in sel)}
             for k in SUMMARY_KEYS:
-                row[k] = list(mean_ci([r[k] for r in sel]))
+                row[k] = list(mean_half_width([r[k] for r in sel]))
             rows.append(row)
     return rows
 
@@ -642,10 +628,7 @@ def _col(sel: list[dict[str, Any]], key: str, digits: int = 3) -> str:
 
 def _fmt_g(sel: list[dict[str, Any]], key: str) -> str:
     """``mean ± half`` in 3 significant digits (for quantities spanning orders of magnitude)."""
-    m, h = mean_ci([r[key] for r in sel])
-    if math.isnan(m):
-        return "nan"
-    return f"{m:.3g}" if math.isnan(h) else f"{m:.3g} ± {h:.2g}"
+    return format_interval(mean_ci([r[key] for r in sel]), 3, significant=True)
 
 
 def _markdown(cfg: UniversalityConfig, tables: dict[str, str], timing: dict[str, Any]) -> str:
@@ -793,9 +776,20 @@ def plot_conserved(cfg: UniversalityConfig, runs: list[dict[str, Any]], path: Pa
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(UniversalityConfig, argv, QUICK, description=(__doc__ or "").splitlines()[0])
-    return run(cfg)
+def parse_args(argv: Sequence[str] | None = None) -> UniversalityConfig:
+    p = recipe_parser(__doc__, arms=ARMS)
+    p.add_argument("--archs", nargs="+", choices=ARCHS)
+    p.add_argument("--regimes", nargs="+", choices=REGIMES)
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--threads", type=int)
+    return config_from_args(UniversalityConfig, p, argv, QUICK)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

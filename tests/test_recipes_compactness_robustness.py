@@ -4,6 +4,7 @@ range)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from torch import nn
 
 pytest.importorskip("mnist1d")
 pytest.importorskip("scipy")
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny trials: one thread, as in the recipes and the runner
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -138,66 +140,47 @@ def test_hidden_representations_are_the_post_activation_inputs() -> None:
     assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model)
 
 
-def test_mean_ci_is_the_student_t_interval() -> None:
-    # Closed-form Student-t quantiles: df = 1 (Cauchy) tan(π(p − ½)); df = 2 (2p − 1)·sqrt(2 / (4p(1 − p))).
-    p = 0.975
-    t1 = math.tan(math.pi * (p - 0.5))
-    t2 = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
-    m, h = _common.mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and h == pytest.approx(t2 / math.sqrt(3), rel=1e-12)  # s = 1, n = 3
-    assert _common.mean_ci([1.0, float("nan"), 3.0]) == pytest.approx((2.0, t1))  # NaN dropped; s = √2, n = 2
-    assert _common.mean_ci([5.0])[0] == 5.0 and math.isnan(_common.mean_ci([5.0])[1])
-    assert _common.fmt_ci([0.5, 0.5]) == "0.500 ± 0.000" and _common.fmt_ci([0.25]) == "0.250"
-    # Paired differences: the per-seed offset cancels; * when the interval excludes 0.
-    assert _common.fmt_diff([1.1, 5.2, 9.3], [0.1, 4.2, 8.3]) == "+1.000 ± 0.000 *"
-    assert _common.fmt_diff([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == f"+2.000 ± {t2 / math.sqrt(3):.3f}"
-    with pytest.raises(ValueError, match="equal length"):
-        _common.fmt_diff([1.0], [1.0, 2.0])
+def test_config_from_args_quick_and_precedence() -> None:
+    """defaults < ``--quick`` values < explicit options; lists become tuples; the dataclass validates."""
 
+    @dataclass(frozen=True)
+    class _Cfg:
+        seeds: tuple[int, ...] = (0, 1, 2)
+        steps: int = 100
+        progress: bool = False
+        quick: bool = False
 
-@dataclass(frozen=True)
-class _Cfg:
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lr: float = 0.1
-    noise: float | str = "auto"
-    mode: Literal["a", "b"] = "a"
-    steps: int = 100
-    quick: bool = False
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False)
+        p.add_argument("--seeds", nargs="+", type=int)
+        p.add_argument("--steps", type=int)
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction)
+        return p
 
-
-def test_parse_config_types_quick_and_precedence() -> None:
     quick = {"seeds": (0,), "steps": 10}
-    assert _common.parse_config(_Cfg, [], quick, "") == _Cfg()
-    assert _common.parse_config(_Cfg, ["--quick"], quick, "") == _Cfg(seeds=(0,), steps=10, quick=True)
-    got = _common.parse_config(_Cfg, ["--quick", "--steps", "7", "--seeds", "3", "4", "--noise", "0.5", "--lr", "1", "--mode", "b"], quick, "")
-    assert got == _Cfg(seeds=(3, 4), lr=1.0, noise=0.5, mode="b", steps=7, quick=True)
-    assert isinstance(got.lr, float) and _common.parse_config(_Cfg, ["--noise", "auto"], quick, "").noise == "auto"
+    assert _common.config_from_args(_Cfg, parser(), [], quick) == _Cfg()
+    assert _common.config_from_args(_Cfg, parser(), ["--quick"], quick) == _Cfg(seeds=(0,), steps=10, quick=True)
+    got = _common.config_from_args(_Cfg, parser(), ["--quick", "--steps", "7", "--seeds", "3", "4", "--progress"], quick)
+    assert got == _Cfg(seeds=(3, 4), steps=7, progress=True, quick=True)
+    assert _common.config_from_args(_Cfg, parser(), ["--no-progress"], quick).progress is False
     with pytest.raises(SystemExit):
-        _common.parse_config(_Cfg, ["--mode", "c"], quick, "")
+        _common.config_from_args(_Cfg, parser(), ["--steps", "x"], quick)
+    with pytest.raises(ValueError, match="seeds"):
+        compactness.parse_args(["--seeds", "1", "1"])
 
 
-def test_recipe_training_is_the_experiment_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The recipes' loop must train exactly what canonreg.experiment.run_trial trains.
+def test_recipe_training_is_the_experiment_trial() -> None:
+    # The recipes' loop must train exactly what canonreg.experiment.run_trial trains, and measure α the same way.
     cfg = TrialConfig(arm="both", num_samples=2000, width=16, steps=30, eval_every=10, n_bootstrap=0, seed=3)
     split = load_data(cfg)
-    trained = _common.train(cfg, split, cache=False)
+    trained = _common.train(cfg, split)
     with torch.no_grad():
         acc = float((trained.model(split.x_test).argmax(1) == split.y_test).double().mean())
     ref = run_trial(cfg, data=split)
-    assert acc == ref["test_acc"] and not trained.cached
-    assert trained.mean_alpha == pytest.approx(ref["mean_alpha"], rel=1e-9)
-    assert trained.min_alpha_inner == pytest.approx(ref["min_alpha_inner"], rel=1e-9)
-    # The model cache returns the same weights and statistics, and a changed config retrains.
-    monkeypatch.setenv("CANONREG_CACHE_DIR", str(tmp_path))
-    first = _common.train(cfg, split)
-    again = _common.train(cfg, split)
-    assert not first.cached and again.cached and again.mean_alpha == first.mean_alpha
-    for (k, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
-        assert torch.equal(a, b), k
-    torch.testing.assert_close(again.model(split.x_test), trained.model(split.x_test), rtol=0, atol=0)
-    assert not _common.train(cfg.replace(steps=20), split).cached
-    monkeypatch.setenv("CANONREG_CACHE_DIR", "off")
-    assert not _common.train(cfg, split).cached
+    assert acc == ref["test_acc"]
+    assert trained.mean_alpha == ref["mean_alpha"] and trained.min_alpha_inner == ref["min_alpha_inner"]
+    assert trained.train_loss == ref["window_train_loss"]
 
 
 def test_trial_config_copies_the_shared_budget() -> None:
@@ -210,8 +193,9 @@ def test_trial_config_copies_the_shared_budget() -> None:
 # ---------------------------------------------------------------------- --quick end to end
 def _run_quick(recipe: str, out: Path) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(RECIPES / f"{recipe}.py"), "--quick", "--no-cache", "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONHASHSEED": "0"},
+        [sys.executable, str(RECIPES / f"{recipe}.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join([str(RECIPES.parent), os.environ.get("PYTHONPATH", "")])},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for arm in ARMS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from canonreg import RELATIONS
+from canonreg.experiment import TrialConfig, load_data, train_trial
 from canonreg.functional import alignment, power_law_fit, random_orthogonal
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -25,6 +27,7 @@ import gamma_scaling  # noqa: E402
 import pah  # noqa: E402
 
 stats = pytest.importorskip("scipy.stats")
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny trials: one thread, as in the recipes and the runner
 
 
 # ============================================================================ gamma_scaling helpers
@@ -221,11 +224,53 @@ def test_setting_parse_and_config_validation() -> None:
         pah.Config(eig_floors=(1.5,))
 
 
+# ============================================================================ the loop the recipes use
+def _tiny(**kw: object) -> TrialConfig:
+    base = dict(dataset="mnist1d", num_samples=600, width=16, depth=3, steps=30, eval_every=10, batch_size=32, n_bootstrap=20, seed=3)
+    return TrialConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arm", ["baseline", "noise"])
+def test_monitoring_only_the_last_window_changes_nothing_but_the_cost(arm: str) -> None:
+    """``monitor_windows="last"`` (gamma_scaling, pah): same trained weights and the same last-window
+    report as the monitor attached throughout (reset after every window)."""
+    every = train_trial(_tiny(arm=arm), threads=1)
+    last = train_trial(_tiny(arm=arm, monitor_windows="last"), threads=1)
+    for (name, a), b in zip(every.model.state_dict().items(), last.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert last.report.alignment == every.report.alignment
+    balance = [json.dumps({k: v.to_dict() for k, v in t.report.balance.items()}, sort_keys=True) for t in (every, last)]
+    assert balance[0] == balance[1]  # as JSON text: NaN entries (no signal term) compare equal
+    assert [h["step"] for h in every.history] == [10, 20, 30] and [h["step"] for h in last.history] == [30]
+    assert last.history[-1] == every.history[-1] and last.train_loss == every.train_loss
+    with pytest.raises(ValueError, match="monitor_windows"):
+        _tiny(monitor_windows="first")
+
+
+def test_pah_refits_equal_the_monitors_own_fits() -> None:
+    """pah.measure refits the window report's exponents at each floor; at the monitor's floor (1e-6)
+    and seed they must be the monitor's own fits, bootstrap intervals included."""
+    cfg = _tiny(preprocess="centered", monitor_windows="last")
+    split = load_data(cfg)
+    trained = train_trial(cfg, data=split, threads=1)
+    got = pah.measure(trained, split.x_test, split.y_test, (1e-3, 1e-6))
+    want = {layer: {r: f.to_dict() for r, f in fits.items()} for layer, fits in trained.report.exponents.items()}
+    assert json.dumps(got["exponents"]["1e-06"], sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert set(got["exponents"]) == {"0.001", "1e-06"}
+    assert got["exponents"]["0.001"] != got["exponents"]["1e-06"]
+    with torch.no_grad():
+        acc = (trained.model(split.x_test).argmax(1) == split.y_test).double().mean().item()
+    assert got["test_acc"] == acc
+    for layer, flat in got["z_flatness"].items():
+        assert 0 < flat <= 1 + 1e-12, layer
+
+
 # ============================================================================ end to end (--quick)
 def _run(script: str, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(RECIPES.parent), os.environ.get("PYTHONPATH", "")])}  # this checkout's canonreg
     proc = subprocess.run(
         [sys.executable, str(RECIPES / script), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -220,7 +220,7 @@ def test_transformer_quick(tmp_path: Path) -> None:
     assert "test acc" in md and "PAH" in md
 
 
-@pytest.mark.parametrize("bad", [{"arms": ("sgd",)}, {"train_fraction": 1.0}, {"steps": 150, "eval_every": 100}, {"window": 200}, {"workers": 0}])
+@pytest.mark.parametrize("bad", [{"arms": ("sgd",)}, {"train_fraction": 1.0}, {"steps": 150, "eval_every": 100}, {"window": 200}, {"threads": 0}])
 def test_transformer_config_rejects_bad_values(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         transformer.TransformerConfig(**bad)
