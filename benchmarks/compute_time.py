@@ -1,14 +1,22 @@
 """Time of :meth:`canonreg.CRHMonitor.compute` with and without effective ranks and exponents.
 
-Model: four independent 3×3 convolutions of resnet10t's widths (64→64, 128→128, 256→256, 512→512,
-padding 1), each on its own input of batch 8 and 4×4 positions (128 sample rows per layer), one
-backward pass of ``Σ mean(out²)``. A convolution's ``H_a``, ``G_a`` and ``Z_a`` are ``(C_in·9)``-sized
-(576 … 4608), so their eigendecompositions dominate ``compute()``. Every variant is timed on the same
-monitor; ``report.timings`` gives the split (reduce, matrices, alignment, exponents, ranks).
+Models (``--model``):
 
-    python benchmarks/compute_time.py                 # all four variants, 1 thread
+* ``convs`` (default): four independent 3×3 convolutions of resnet10t's widths (64→64, 128→128,
+  256→256, 512→512, padding 1), each on its own input of batch 8 and 4×4 positions (128 sample rows
+  per layer), one backward pass of ``Σ mean(out²)``. A convolution's ``H_a``, ``G_a`` and ``Z_a`` are
+  ``(C_in·9)``-sized (576 … 4608).
+* ``linear``: one ``nn.Linear(width, width)`` (default 4096) on a batch of 256 rows.
+
+Every variant is timed on the same monitor, ``--repeat`` times in turn (the median is printed);
+``report.timings`` gives the split (reduce, matrices, alignment, exponents, ranks). Wall seconds and
+process CPU seconds are both printed: on a shared, loaded machine the CPU time is the cost of the
+call, the wall time also counts waiting for a core. The load average is printed before and after.
+
+    python benchmarks/compute_time.py                           # convs, all four variants, 1 thread
+    python benchmarks/compute_time.py --variants none --repeat 3 --threads 2
+    python benchmarks/compute_time.py --model linear --width 4096 --variants none
     python benchmarks/compute_time.py --threads 16 --device cuda
-    python benchmarks/compute_time.py --variants none,ranks
 
 Prints one table row per variant (seconds). Nothing is written to disk.
 """
@@ -16,6 +24,7 @@ Prints one table row per variant (seconds). Nothing is written to disk.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -30,6 +39,7 @@ VARIANTS = {  # name: (exponents, ranks)
     "exponents": (True, False),
     "both": (True, True),
 }
+PARTS = ("reduce", "matrices", "alignment", "exponents", "ranks")
 
 
 class FourConvs(nn.Module):
@@ -40,14 +50,35 @@ class FourConvs(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in WIDTHS)
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return sum((conv(x).square().mean() for conv, x in zip(self.convs, xs)), torch.zeros(()))
+        return sum((conv(x).square().mean() for conv, x in zip(self.convs, xs)), torch.zeros((), device=xs[0].device))
+
+
+def monitored(model_name: str, width: int, preprocess: str, device: torch.device) -> tuple[CRHMonitor, str]:
+    """A monitor that has seen one forward/backward pass of the chosen model, and a description."""
+    torch.manual_seed(0)
+    if model_name == "convs":
+        model: nn.Module = FourConvs().to(device)
+        inputs = [torch.randn(8, c, 4, 4, device=device, requires_grad=True) for c in WIDTHS]
+        about = f"layers {[f'{c}->{c} 3x3 (d_a={c * 9})' for c in WIDTHS]}"
+    else:
+        model = nn.Sequential(nn.Linear(width, width)).to(device)
+        inputs = torch.randn(256, width, device=device, requires_grad=True)
+        about = f"one Linear({width}, {width}), 256 rows"
+    monitor = CRHMonitor(model, preprocess=preprocess)
+    with monitor:
+        out = model(inputs)
+        (out if out.dim() == 0 else out.square().mean()).backward()
+    return monitor, about
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="convs", choices=("convs", "linear"))
+    parser.add_argument("--width", type=int, default=4096, help="width of --model linear (default 4096)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--device", default="cpu", help="where the model and accumulators live (default cpu)")
     parser.add_argument("--variants", default="none,ranks,exponents,both", help=f"comma-separated subset of {list(VARIANTS)}")
+    parser.add_argument("--repeat", type=int, default=1, help="timed calls per variant, interleaved (median printed)")
     parser.add_argument("--n-bootstrap", type=int, default=200, help="bootstrap resamples of the exponent fits")
     parser.add_argument("--preprocess", default="normalized", choices=("raw", "centered", "normalized"))
     args = parser.parse_args()
@@ -57,23 +88,26 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = FourConvs().to(device)
-    xs = [torch.randn(8, c, 4, 4, device=device) for c in WIDTHS]
-    monitor = CRHMonitor(model, preprocess=args.preprocess)
-    with monitor:
-        model([x.requires_grad_() for x in xs]).backward()
-    parts = ("reduce", "matrices", "alignment", "exponents", "ranks")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, preprocess {args.preprocess}, "
-          f"layers {[f'{c}->{c} 3x3 (d_a={c * 9})' for c in WIDTHS]}")
-    print(f"{'variant':<10}{'exponents':>10}{'ranks':>7}{'wall s':>9}" + "".join(f"{p:>11}" for p in parts))
+    monitor, about = monitored(args.model, args.width, args.preprocess, device)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}, preprocess {args.preprocess}, {about}")
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
+    runs: dict[str, list[tuple[float, float, dict[str, float]]]] = {n: [] for n in names}
+    for _ in range(args.repeat):
+        for name in names:
+            exponents, ranks = VARIANTS[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            report = monitor.compute(exponents=exponents, ranks=ranks, n_bootstrap=args.n_bootstrap)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            runs[name].append((time.perf_counter() - t0, time.process_time() - c0, report.timings))
+    print(f"{'variant':<10}{'exponents':>10}{'ranks':>7}{'wall s':>9}{'cpu s':>8}" + "".join(f"{p:>11}" for p in PARTS))
     for name in names:
         exponents, ranks = VARIANTS[name]
-        t0 = time.perf_counter()
-        report = monitor.compute(exponents=exponents, ranks=ranks, n_bootstrap=args.n_bootstrap)
-        wall = time.perf_counter() - t0
-        cells = "".join(f"{report.timings[p]:>11.3f}" for p in parts)
-        print(f"{name:<10}{exponents!s:>10}{ranks!s:>7}{wall:>9.3f}{cells}", flush=True)
+        wall = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[1] for r in runs[name])
+        cells = "".join(f"{statistics.median(r[2][p] for r in runs[name]):>11.3f}" for p in PARTS)
+        print(f"{name:<10}{exponents!s:>10}{ranks!s:>7}{wall:>9.3f}{cpu:>8.3f}{cells}", flush=True)
+    print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
 
 
 if __name__ == "__main__":

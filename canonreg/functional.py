@@ -528,11 +528,7 @@ def power_law_fit(
         return PowerLawFit(nan, nan, nan, nan, nan, nan, 0)
     a64 = a.detach().double()
     a64 = 0.5 * (a64 + a64.T)
-    if eig is None:
-        b64 = b.detach().double()
-        lam, v = torch.linalg.eigh(0.5 * (b64 + b64.T))
-    else:
-        lam, v = eig[0].double(), eig[1].double()
+    lam, v = torch.linalg.eigh(0.5 * (b.detach().double() + b.detach().double().T)) if eig is None else (eig[0].double(), eig[1].double())
     rot = symmetric_product(v, a64 @ v)  # VᵀAV
     diag = torch.diagonal(rot)
     off = _off_diagonal_mass(rot, lam, floor, torch.linalg.matrix_norm(a64))

@@ -166,8 +166,8 @@ def _pow2_scale(spread: Tensor, fallback: Tensor) -> Tensor:
 
 
 def _absmax(x: Tensor) -> Tensor:
-    """``max |x_ij|`` as a 0-d tensor (0 for an empty tensor; NaN propagates)."""
-    return x.abs().amax() if x.numel() > 0 else torch.zeros((), dtype=x.dtype, device=x.device)
+    """``max |x_ij|`` as a 0-d tensor (0 for an empty tensor; NaN propagates; no temporary of ``x``'s size)."""
+    return torch.linalg.vector_norm(x, ord=math.inf) if x.numel() > 0 else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 class _CallMoment:
@@ -277,18 +277,25 @@ class _Moment:
         self.w_x = torch.zeros(d, dtype=like.dtype, device=like.device)
         self.w_xx = torch.zeros(d, m, dtype=like.dtype, device=like.device)
 
-    def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None) -> None:
-        """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``)."""
+    def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None, row_scale: Tensor | None = None) -> None:
+        """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``), each times ``row_scale_i`` if given.
+
+        ``row_scale`` (``(n,)``, e.g. inverse norms: normalisation fused into the one pass that shifts
+        and scales the rows) must be finite in the rows' dtype.
+        """
         if rows.shape[0] == 0:
             return
         self._match(rows)
+        per_row = None if row_scale is None else row_scale.to(rows.dtype).unsqueeze(1)
         if self.w_xx is None:
-            x0 = rows * factor
+            x0 = rows * factor if per_row is None else rows * (per_row * factor)
             shift = x0.mean(0) if self.centered else None
             dev = x0 - shift if shift is not None else x0
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
         k = (factor / self.w_scale).to(rows.dtype)
+        if per_row is not None:
+            k = per_row * k
         if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
             u = torch.addcmul((self.w_shift / self.w_scale).to(rows.dtype).neg_(), rows, k)
         else:
@@ -969,12 +976,12 @@ class CRHMonitor:
                 state.moments[k].add(v, ok)
             # g = −scale · (dL/dh); normalisation keeps only the sign.
             if normalized:
-                state.moments["Gb"].add_rows(_normalize(gb, gb_norm2), -1.0, ok)
+                _add_normalized(state.moments["Gb"], gb, gb_norm2, ok)
             else:
                 state.moments["Gb"].add_rows(gb, -scale, ok)
             if ga is not None and ga_norm2 is not None:
                 if normalized:
-                    state.moments["Ga"].add_rows(_normalize(ga, ga_norm2), -1.0, ok)
+                    _add_normalized(state.moments["Ga"], ga, ga_norm2, ok)
                 else:
                     state.moments["Ga"].add_rows(ga, -scale, ok)
             if rows_b is not None:
@@ -1011,30 +1018,26 @@ class CRHMonitor:
 
         With ``torch.distributed`` initialised and ``sync_dist=True`` this is a collective call (one
         all-reduce of a flat float64 buffer, preceded in centred modes by a small one of the counts and
-        sums that gives every rank the common means to re-centre on): every rank must call it, and every rank gets the report
-        one process would have computed from all ranks' samples. ``report.samples`` is the total over
-        ranks; ``report.steps`` the mean number of committed layer calls per rank.
+        sums that gives every rank the common means to re-centre on): every rank must call it and gets
+        the report of all ranks' samples (``report.samples``: total; ``report.steps``: mean per rank).
 
-        Cost: α alone needs per layer ``WᵀW`` and ``WWᵀ`` (``d_a d_b (d_a + d_b)`` flops, about half
-        spent by symmetry) and a few reads of each matrix (``raw``/``centered`` identities add
-        ``W H_a Wᵀ``, ``Wᵀ G_b W``); ``exponents`` and ``ranks`` add ``O(d³)`` eigendecompositions, on
-        the accumulators' device, batched per shape. ``report.timings`` has the split.
+        Cost: α needs per layer ``WᵀW`` and ``WWᵀ`` (about ``d_a d_b (d_a + d_b)/2`` flops) and a few
+        reads of each matrix (the ``raw``/``centered`` identities add ``W H_a Wᵀ``, ``Wᵀ G_b W``);
+        ``exponents`` and ``ranks`` add ``O(d³)`` eigendecompositions (on the accumulators' device,
+        batched per shape): on a convolution ``H_a``, ``G_a``, ``Z_a`` are ``(C_in·k²)``-sized, so
+        ``exponents=False, ranks=False`` is the setting for frequent calls. ``report.timings`` splits it.
 
         Args:
-            lr, weight_decay, batch_size: η, γ, S of the training step; when all three are given (and
-                the monitor tracks balance) the report includes the balance terms of spec §5.
-            exponents: fit PAH exponents for all six relations (4 eigendecompositions per layer:
-                ``G_a``, ``Z_a``, ``G_b``, ``Z_b``). False: ``report.exponents`` is empty.
-            ranks: effective ranks of ``H_a``, ``H_b``, ``G_a``, ``G_b`` (one ``eigvalsh`` each, shared
-                with the exponent fits for ``G_a``/``G_b``). False: ``report.effective_rank`` is empty;
-                α, samples and balance are unchanged. On a convolution ``H_a``/``G_a``/``Z_a`` are
-                ``(C_in·k²)``-sized, so ``exponents=False, ranks=False`` is the cheap setting for
-                frequent calls.
+            lr, weight_decay, batch_size: η, γ, S of the training step; all three (with
+                ``track_balance``) add the balance terms of spec §5.
+            exponents: PAH fits of the six relations (eigendecompositions of ``G_a, Z_a, G_b, Z_b``);
+                False: ``report.exponents`` is empty.
+            ranks: effective ranks of ``H_a, H_b, G_a, G_b`` (``G``'s shared with the fits); False:
+                ``report.effective_rank`` is empty. Neither switch changes α, samples or balance.
             n_bootstrap: bootstrap resamples for the exponent intervals (0: NaN intervals).
-            floor: relative eigenvalue floor of the exponent fits, in [0, 1) (formerly ``eig_floor``,
-                still accepted with a FutureWarning).
-            bootstrap_seed: seed of the bootstrap (formerly ``seed``, still accepted with a
-                FutureWarning; the constructor's ``seed`` is the row sub-sampling seed).
+            floor: relative eigenvalue floor of the fits, in [0, 1) (formerly ``eig_floor``).
+            bootstrap_seed: seed of the bootstrap (formerly ``seed``; the constructor's ``seed`` is the
+                row sub-sampling seed). Old names still work, with a FutureWarning.
 
         Raises:
             CanonRegError: before any backward pass reached a monitored layer, or (``on_missing="error"``)
@@ -1351,6 +1354,21 @@ def _balance_rows(tap: LayerTap, module: nn.Module, hb: Tensor, output: Tensor) 
     if bias is not None:
         return hb - bias.detach().to(hb.dtype)
     return hb.clone() if _shares_storage(hb, output) else hb
+
+
+def _add_normalized(moment: _Moment, g: Tensor, norm2: Tensor, ok: Tensor | None) -> None:
+    """Add the gradient rows ``−g_i/‖g_i‖`` (normalisation keeps only the sign of ``g = −dL/dh``).
+
+    On the CPU the inverse norms are checked (free there) and fused into the shift-and-scale pass;
+    if one is not finite in the rows' dtype (a row below ~1e-38), and on accelerators (no host sync),
+    the rows are divided by their norms first (:func:`_normalize`).
+    """
+    if g.device.type == "cpu" and g.shape[0] > 0:
+        inv = torch.where(norm2 > 0, norm2.rsqrt(), 0.0)
+        if float(inv.max()) < torch.finfo(g.dtype).max:
+            moment.add_rows(g, -1.0, ok, inv)
+            return
+    moment.add_rows(_normalize(g, norm2), -1.0, ok)
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:
