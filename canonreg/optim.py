@@ -50,16 +50,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .errors import (
-    CanonRegError,
-    check_choice,
-    check_fraction,
-    check_nonnegative,
-    check_nonnegative_int,
-    check_positive,
-    check_positive_int,
-    renamed_arguments,
-)
+from . import errors
+from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms, balance_terms
 from .layers import (
     HookSet,
@@ -83,9 +75,9 @@ __all__ = [
     "balance_from_state",
     "controller_step",
     "effective_lr",
+    "noise_factors",
     "noise_share",
     "per_sample_noise",
-    "noise_factors",
     "ramped_target",
     "update_balance_state",
 ]
@@ -741,9 +733,9 @@ class NoiseCalibrated(Optimizer):
         seed: int = 0,
     ) -> None:
         _check_base_optimizer(optimizer)
-        check_nonnegative("weight_decay", weight_decay)
+        errors.check_nonnegative("weight_decay", weight_decay)
         _check_noise("noise", noise)
-        check_positive("target_share", target_share)
+        errors.check_positive("target_share", target_share)
         self._config: dict[str, Any] = {
             "layers": layers, "decay": decay, "sketch": sketch, "gain": gain, "ema_decay": ema_decay,
             "max_noise": max_noise, "target_ramp": target_ramp, "ramp_steps": ramp_steps, "track_balance": track_balance,
@@ -983,9 +975,9 @@ class NoiseCalibrated(Optimizer):
         for i, group in enumerate(self.param_groups):
             for k in GROUP_KEYS:
                 group.setdefault(k, self.defaults[k])
-            check_nonnegative(f"param_groups[{i}]['nc_weight_decay']", group["nc_weight_decay"])
+            errors.check_nonnegative(f"param_groups[{i}]['nc_weight_decay']", group["nc_weight_decay"])
             _check_noise(f"param_groups[{i}]['nc_noise']", group["nc_noise"])
-            check_positive(f"param_groups[{i}]['nc_target_share']", group["nc_target_share"])
+            errors.check_positive(f"param_groups[{i}]['nc_target_share']", group["nc_target_share"])
             self._check_double_decay(i, group)
 
     def _check_double_decay(self, i: int, group: Mapping[str, Any]) -> None:
@@ -1428,21 +1420,21 @@ def _check_base_optimizer(optimizer: object) -> None:
 
 def _check_config(c: Mapping[str, Any]) -> None:
     """The wrapper's own settings (``NoiseCalibrated._config``), each error naming its argument."""
-    check_nonnegative("target_ramp", c["target_ramp"])
-    check_nonnegative_int("ramp_steps", c["ramp_steps"])
+    errors.check_nonnegative("target_ramp", c["target_ramp"])
+    errors.check_nonnegative_int("ramp_steps", c["ramp_steps"])
     decay = c["decay"]
     if not (isinstance(decay, str) or callable(decay)):
         raise TypeError(f"Expected `decay` to be 'matrices', 'layers' or a predicate (name, param) -> bool, but got {decay!r}")
     if isinstance(decay, str):
-        check_choice("decay", decay, ("matrices", "layers"))
+        errors.check_choice("decay", decay, ("matrices", "layers"))
     if c["sketch"] is not None:
-        check_positive_int("sketch", c["sketch"])
-    check_fraction("gain", c["gain"])
+        errors.check_positive_int("sketch", c["sketch"])
+    errors.check_fraction("gain", c["gain"])
     ema_decay = c["ema_decay"]
     if not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
         raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
-    check_positive("max_noise", c["max_noise"])
-    check_choice("nonfinite", c["nonfinite"], ("error", "warn", "skip"))
+    errors.check_positive("max_noise", c["max_noise"])
+    errors.check_choice("nonfinite", c["nonfinite"], ("error", "warn", "skip"))
     scaler = c["grad_scaler"]
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"Expected `grad_scaler` to be a torch.amp.GradScaler, but got {type(scaler).__name__}")
@@ -1453,4 +1445,4 @@ def _check_noise(name: str, value: object) -> None:
         if value != "auto":
             raise ValueError(f"Expected `{name}` to be a non-negative float or 'auto', but got the unknown mode {value!r}")
         return
-    check_nonnegative(name, value)
+    errors.check_nonnegative(name, value)
