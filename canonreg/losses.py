@@ -57,7 +57,7 @@ from .layers import (
     strip_inert_hooks,
     untraced_call,
 )
-from .taps import LayerTap, active_mask, tap_batch_size
+from .taps import LayerTap, active_mask, kept_rows, take_rows, tap_batch_size
 
 __all__ = [
     "AlignmentLoss",
@@ -610,6 +610,7 @@ class _Capture:
     in_version: int
     out_version: int
     w_version: int
+    keep: Tensor | None = None  # rows of real positions under a sample mask (canonreg.taps.masked); None: all
 
 
 @dataclass
@@ -975,19 +976,23 @@ class AlignmentLoss(nn.Module):
         def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or untraced_call(module, inputs, output):
                 return
-            if active_mask() is not None:  # never silently count padded positions
-                raise CanonRegError(
-                    f"AlignmentLoss: layer {_display(name)!r} ran inside a sample mask (canonreg.taps.masked / "
-                    "mask_from_inputs), which the loss does not support yet (only CRHMonitor does); run the loss's "
-                    "forward pass outside the mask or detach the loss"
-                )
+            keep = None
+            if active_mask() is not None:  # padded positions are no samples: the same rows of h_a, h_b, g
+                keep = kept_rows(_display(name), tap.output_rows(module, output).shape[0], output.device)
+                if keep is not None and keep.numel() == 0:
+                    raise CanonRegError(
+                        f"AlignmentLoss: every position of this call of layer {_display(name)!r} is masked out "
+                        "(canonreg.taps.masked); the loss needs at least one real position per pass"
+                    )
             x = inputs[0] if inputs else None
             rows_b = None
             if self._needs_out_rows:
                 # A copy (differentiable, cheap next to the layer's matmul): an in-place op after the layer,
                 # e.g. nn.ReLU(inplace=True), would otherwise overwrite h_b before the loss reads it.
                 rows_b = tap.output_rows(module, output)
-                if rows_b._is_view() or rows_b is output:
+                if keep is not None:
+                    rows_b = take_rows(rows_b, keep)
+                elif rows_b._is_view() or rows_b is output:
                     rows_b = rows_b.clone()
             cap = _Capture(
                 module,
@@ -997,19 +1002,22 @@ class AlignmentLoss(nn.Module):
                 x._version if isinstance(x, Tensor) else 0,
                 output._version,
                 tap.weight(module)._version,
+                keep,
             )
             self._captures.setdefault(name, []).append(cap)
             if self._needs_g and self.g_mode == "ema" and output.requires_grad:
-                output.register_hook(self._make_grad_hook(name, module, tap, inputs))
+                output.register_hook(self._make_grad_hook(name, module, tap, inputs, keep))
 
         return hook
 
-    def _make_grad_hook(self, name: str, module: nn.Module, tap: LayerTap, inputs: tuple[object, ...]) -> Callable[[Tensor], None]:
+    def _make_grad_hook(
+        self, name: str, module: nn.Module, tap: LayerTap, inputs: tuple[object, ...], keep: Tensor | None = None
+    ) -> Callable[[Tensor], None]:
         batch = float(tap_batch_size(tap, module, inputs))  # undo the 1/B of a batch-mean loss
 
         def grad_hook(grad: Tensor) -> None:
             with torch.no_grad():
-                gb = _work(tap.output_rows(module, grad.detach())) * (-batch)  # g = −dℓ/dh per sample
+                gb = _work(take_rows(tap.output_rows(module, grad.detach()), keep)) * (-batch)  # g = −dℓ/dh per sample
                 new = {"G_b": CF.second_moment(gb, self.preprocess)} if "G_b" in self._needs_g else {}
                 if "G_a" in self._needs_g:
                     ga = gb @ _work(tap.weight(module).detach())
@@ -1284,7 +1292,7 @@ class AlignmentLoss(nn.Module):
         if self._needs_out_rows:
             out_rows = _cat([_work(c.rows_b) for c in caps if c.rows_b is not None])
         if "H_a" in needed:
-            x = _cat([_work(tap.input_rows(c.module, c.inputs)) for c in caps])
+            x = _cat([_work(take_rows(tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
             image = None
             if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None and not self._sketched(x.shape[1]):
                 bias = tap.bias(module)
@@ -1295,7 +1303,7 @@ class AlignmentLoss(nn.Module):
             ops["H_b"] = self._rows(out_rows)
         if self._needs_g:
             if self.g_mode == "exact":
-                gb = _cat([_work(tap.output_rows(c.module, g)) for c, g in zip(caps, grads[name])])
+                gb = _cat([_work(take_rows(tap.output_rows(c.module, g), c.keep)) for c, g in zip(caps, grads[name])])
                 gb = -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)  # scale-free; no underflow
                 if "G_b" in needed:
                     ops["G_b"] = self._rows(gb)

@@ -84,6 +84,7 @@ __all__ = [
     "masked",
     "active_mask",
     "kept_rows",
+    "take_rows",
     "mask_from_inputs",
 ]
 
@@ -624,6 +625,11 @@ def kept_rows(
         pick = torch.randperm(n, generator=generator)[:max_rows].to(device)
         idx = pick if idx is None else idx[pick]
     return idx
+
+
+def take_rows(rows: Tensor, idx: Tensor | None) -> Tensor:
+    """``rows[idx]`` (differentiable), or ``rows`` itself when ``idx`` is None (see :func:`kept_rows`)."""
+    return rows if idx is None else rows.index_select(0, idx)
 
 
 def mask_from_inputs(model: nn.Module, key: str = "attention_mask") -> _Handles:

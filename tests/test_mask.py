@@ -227,11 +227,38 @@ def test_a_fully_masked_call_is_not_recorded() -> None:
     assert report.samples == {"0": 3, "2": 3}
 
 
-def test_alignment_loss_refuses_a_sample_mask_clearly() -> None:
+@pytest.mark.parametrize("g_mode", ["exact", "ema"])
+def test_masked_alignment_loss_equals_the_unpadded_per_sequence_reference(g_mode: str) -> None:
+    torch.manual_seed(0)
+    model = TinyAttention().double()
+    ref = _reference(model)
+    x, mask, tokens, target, lengths = _data()
+    n_tokens = int(lengths.sum())
+    loss = canonreg.AlignmentLoss(model, relations="all", preprocess="raw", metric="pearson", g_mode=g_mode, ema_decay=0.0)
+    if g_mode == "ema":  # the G averages come from one masked backward pass of the task loss
+        with masked(mask):
+            task = _loss(model, x, mask, tokens, target, n_tokens)
+        task.backward()
+        model.zero_grad()
+    with masked(mask):
+        task = _loss(model, x, mask, tokens, target, n_tokens)
+    value = loss(task)
+    assert torch.isfinite(value)
+    for name in LAYERS:
+        for rel, (a, b) in canonreg.RELATION_PAIRS.items():
+            expected = canonreg.functional.alignment(ref[name][a], ref[name][b], "pearson")
+            got = loss.last_alignment[name][rel]
+            assert_close(got.double(), expected, rtol=1e-7, atol=1e-9, msg=f"{name} {rel}")
+    value.backward()  # differentiable through the kept rows
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    loss.detach()
+
+
+def test_alignment_loss_refuses_a_fully_masked_call() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loss = canonreg.AlignmentLoss(model, relations=("f-RWA",))
     x = torch.randn(2, 5, 3)
-    with masked(torch.ones(2, 5)), pytest.raises(CanonRegError, match="AlignmentLoss.*sample mask"):
+    with masked(torch.zeros(2, 5)), pytest.raises(CanonRegError, match="every position.*'0'.*masked out"):
         model(x)
     task = model(x).square().mean()  # outside the mask the loss works
     assert torch.isfinite(loss(task))
