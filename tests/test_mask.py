@@ -105,13 +105,18 @@ def _reference(model: TinyAttention) -> dict[str, dict[str, Tensor]]:
     return ref
 
 
-@pytest.mark.parametrize("identities", [False, True])
-def test_masked_monitor_equals_the_unpadded_per_sequence_reference(identities: bool) -> None:
+def _setup() -> tuple[TinyAttention, dict[str, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor, int]]:
+    """A float64 model, its unpadded reference moments, and the padded batch with its real-token count."""
     torch.manual_seed(0)
     model = TinyAttention().double()
     ref = _reference(model)
     x, mask, tokens, target, lengths = _data()
-    n_tokens = int(lengths.sum())
+    return model, ref, (x, mask, tokens, target, int(lengths.sum()))
+
+
+@pytest.mark.parametrize("identities", [False, True])
+def test_masked_monitor_equals_the_unpadded_per_sequence_reference(identities: bool) -> None:
+    model, ref, (x, mask, tokens, target, n_tokens) = _setup()
     assert ref["head"]["n"] == n_tokens and ref["pool"]["n"] == len(LENGTHS)
     reports = {}
     for kind in ("masked", "plain"):
@@ -229,11 +234,7 @@ def test_a_fully_masked_call_is_not_recorded() -> None:
 
 @pytest.mark.parametrize("g_mode", ["exact", "ema"])
 def test_masked_alignment_loss_equals_the_unpadded_per_sequence_reference(g_mode: str) -> None:
-    torch.manual_seed(0)
-    model = TinyAttention().double()
-    ref = _reference(model)
-    x, mask, tokens, target, lengths = _data()
-    n_tokens = int(lengths.sum())
+    model, ref, (x, mask, tokens, target, n_tokens) = _setup()
     loss = canonreg.AlignmentLoss(model, relations="all", preprocess="raw", metric="pearson", g_mode=g_mode, ema_decay=0.0)
     if g_mode == "ema":  # the G averages come from one masked backward pass of the task loss
         with masked(mask):
