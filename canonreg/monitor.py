@@ -277,25 +277,18 @@ class _Moment:
         self.w_x = torch.zeros(d, dtype=like.dtype, device=like.device)
         self.w_xx = torch.zeros(d, m, dtype=like.dtype, device=like.device)
 
-    def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None, row_scale: Tensor | None = None) -> None:
-        """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``), each times ``row_scale_i`` if given.
-
-        ``row_scale`` (``(n,)``, e.g. inverse norms: normalisation fused into the one pass that shifts
-        and scales the rows) must be finite in the rows' dtype.
-        """
+    def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None) -> None:
+        """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``)."""
         if rows.shape[0] == 0:
             return
         self._match(rows)
-        per_row = None if row_scale is None else row_scale.to(rows.dtype).unsqueeze(1)
         if self.w_xx is None:
-            x0 = rows * factor if per_row is None else rows * (per_row * factor)
+            x0 = rows * factor
             shift = x0.mean(0) if self.centered else None
             dev = x0 - shift if shift is not None else x0
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
         k = (factor / self.w_scale).to(rows.dtype)
-        if per_row is not None:
-            k = per_row * k
         if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
             u = torch.addcmul((self.w_shift / self.w_scale).to(rows.dtype).neg_(), rows, k)
         else:
@@ -976,12 +969,12 @@ class CRHMonitor:
                 state.moments[k].add(v, ok)
             # g = −scale · (dL/dh); normalisation keeps only the sign.
             if normalized:
-                _add_normalized(state.moments["Gb"], gb, gb_norm2, ok)
+                state.moments["Gb"].add_rows(_normalize(gb, gb_norm2), -1.0, ok)
             else:
                 state.moments["Gb"].add_rows(gb, -scale, ok)
             if ga is not None and ga_norm2 is not None:
                 if normalized:
-                    _add_normalized(state.moments["Ga"], ga, ga_norm2, ok)
+                    state.moments["Ga"].add_rows(_normalize(ga, ga_norm2), -1.0, ok)
                 else:
                     state.moments["Ga"].add_rows(ga, -scale, ok)
             if rows_b is not None:
@@ -1354,21 +1347,6 @@ def _balance_rows(tap: LayerTap, module: nn.Module, hb: Tensor, output: Tensor) 
     if bias is not None:
         return hb - bias.detach().to(hb.dtype)
     return hb.clone() if _shares_storage(hb, output) else hb
-
-
-def _add_normalized(moment: _Moment, g: Tensor, norm2: Tensor, ok: Tensor | None) -> None:
-    """Add the gradient rows ``−g_i/‖g_i‖`` (normalisation keeps only the sign of ``g = −dL/dh``).
-
-    On the CPU the inverse norms are checked (free there) and fused into the shift-and-scale pass;
-    if one is not finite in the rows' dtype (a row below ~1e-38), and on accelerators (no host sync),
-    the rows are divided by their norms first (:func:`_normalize`).
-    """
-    if g.device.type == "cpu" and g.shape[0] > 0:
-        inv = torch.where(norm2 > 0, norm2.rsqrt(), 0.0)
-        if float(inv.max()) < torch.finfo(g.dtype).max:
-            moment.add_rows(g, -1.0, ok, inv)
-            return
-    moment.add_rows(_normalize(g, norm2), -1.0, ok)
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:
