@@ -185,3 +185,21 @@ def test_build_report_alignment_equals_per_pair_scores(metric: str) -> None:
         assert report.alignment["0"][rel] == pytest.approx(float(cf.alignment(mats[pa], mats[pb], metric)), abs=1e-13)
     assert report.exponents == {} and report.effective_rank == {}
     assert set(report.timings) == {"reduce", "matrices", "alignment", "exponents", "ranks", "total"}
+
+
+def test_plot_pair_scatters_the_eigen_coordinates() -> None:
+    pytest.importorskip("matplotlib")
+    from canonreg.plotting import plot_pair
+
+    report = _report()
+    ax = plot_pair(report, "2", "f-RWA")
+    mats = report.matrices("2")
+    lam, v = torch.linalg.eigh(mats["Z_a"])
+    a_i = torch.diagonal(v.T @ mats["H_a"] @ v)  # the obvious form
+    keep = (lam > 1e-6 * lam.max()) & (a_i > 0)
+    want = torch.stack([torch.log10(lam[keep]), torch.log10(a_i[keep])], 1)
+    got = torch.as_tensor(ax.collections[0].get_offsets().data, dtype=torch.float64)
+    assert_close(got, want, rtol=1e-9, atol=1e-9)
+    import matplotlib.pyplot as plt
+
+    plt.close(ax.figure)
