@@ -163,7 +163,11 @@ def interleaved(
             ratios = [v / ref[clock][r] for v, r in zip(t[clock], t["rounds"]) if ref[clock][r] > 0]
             res[f"seconds_{clock}"] = statistics.median(t[clock]) if t[clock] else None
             res[f"ratio_{clock}"] = statistics.median(ratios) if ratios else None
-        res["check"] = runners[c.name].close()
+        try:  # a failing check is reported, never allowed to lose the timings
+            res["check"] = runners[c.name].close()
+        except Exception as exc:  # noqa: BLE001
+            res["check"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {c.name}: close() failed: {res['check']['error']}")
         out[c.name] = res
     runners.clear()
     gc.collect()
@@ -191,8 +195,11 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     return peak, cur
 
 
-def memory_of(contender: Contender, steps: int) -> tuple[int, int]:
-    """Peak and net bytes of building ``contender``, running ``steps`` training steps and ``settle()`` on a fresh copy."""
+def memory_of(contender: Contender, steps: int) -> tuple[int, int] | None:
+    """Peak and net bytes of building ``contender``, running ``steps`` training steps and ``settle()`` on a fresh copy.
+
+    None (with a printed line) when that fails: a broken contender must not lose the other measurements.
+    """
     holder: list[Runner] = []
 
     def run() -> None:
@@ -204,10 +211,16 @@ def memory_of(contender: Contender, steps: int) -> tuple[int, int]:
 
     try:
         return peak_bytes(run)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  {contender.name}: memory pass failed: {type(exc).__name__}: {exc}")
+        return None
     finally:
-        if holder:
-            holder[0].release()
-            holder[0].close()
+        try:
+            if holder:
+                holder[0].release()
+                holder[0].close()
+        except Exception:  # noqa: BLE001, S110  (the timing pass reports a failing close())
+            pass
         holder.clear()
 
 

@@ -418,8 +418,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     memory: dict[str, dict[str, int]] = {}
     if cfg.memory:
         for c in contenders:
-            peak, net = memory_of(c, steps=1 if c.rounds is not None else 2)
-            memory[c.name] = {"peak": peak, "net": net}
+            got = memory_of(c, steps=1 if c.rounds is not None else 2)
+            if got is not None:
+                memory[c.name] = {"peak": got[0], "net": got[1]}
     agreement = bench.agreement() if cfg.agreement else {}
     env = environment()
     env.update(load_start=load_start, load_after_timing=load_timing, load_end=loadavg(), wall_seconds=time.perf_counter() - t0)
@@ -432,8 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds_cpu": t["seconds_cpu"], "seconds_wall": t["seconds_wall"],
             "ratio_cpu": t["ratio_cpu"], "ratio_wall": t["ratio_wall"],
             "peak_bytes": mem["peak"] if mem else None, "net_bytes": mem["net"] if mem else None,
-            "extra_peak_bytes": mem["peak"] - memory["plain"]["peak"] if mem else None,
-            "extra_held_bytes": mem["net"] - memory["plain"]["net"] if mem else None,
+            "extra_peak_bytes": mem["peak"] - memory["plain"]["peak"] if mem and "plain" in memory else None,
+            "extra_held_bytes": mem["net"] - memory["plain"]["net"] if mem and "plain" in memory else None,
             "agreement": agreement.get(c.name), "check": t["check"], "raw": {k: t[k] for k in ("wall", "cpu", "rounds")},
         })
     table = format_table(rows, cfg, bench.n_params, env)

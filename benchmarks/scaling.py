@@ -32,6 +32,7 @@ minus the same for ``plain`` after one step; ``peak`` likewise for the peak (it 
     python benchmarks/scaling.py             # all sweeps, 1 thread (about 10 minutes on an idle core)
     python benchmarks/scaling.py --quick     # seconds: tiny widths, batches and transformer
     python benchmarks/scaling.py --sweeps width transformer --widths 1024 4096
+    python benchmarks/scaling.py --merge w.json b.json t.json   # sweeps run as separate processes (--out w.json ...)
 
 Writes ``benchmarks/results/scaling.json``, ``scaling.md`` and ``scaling.png`` (``scaling_quick.*`` with ``--quick``).
 Reference: the monitor measures the CRH relations of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
@@ -43,6 +44,7 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import json
 import math
 import sys
 import time
@@ -119,6 +121,7 @@ class Config:
     threads: int = 1
     seed: int = 0
     figure: bool = True
+    merge: tuple[str, ...] = ()
     out: str = str(RESULTS / "scaling.json")
 
 
@@ -143,6 +146,8 @@ def parse(argv: list[str] | None) -> Config:
         p.add_argument(f"--gpt-{name.replace('_', '-')}", dest=f"gpt_{name}", type=int)
     p.add_argument("--exact-max-gib", dest="exact_max_gib", type=float)
     p.add_argument("--figure", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files (e.g. sweeps run as parallel "
+                   "processes) into --out's JSON, table and figure; the first file's config heads the merged one")
     p.add_argument("--out")
     args = p.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -158,6 +163,8 @@ def parse(argv: list[str] | None) -> Config:
     if args.widths is not None and args.width_batches is None:
         default = dict(zip(Config.widths, Config.width_batches))
         values["width_batches"] = tuple(default.get(w, 128 if w > 2048 else 512) for w in args.widths)
+    if args.merge:
+        values["merge"] = tuple(args.merge)
     cfg = Config(**values)
     if len(cfg.width_batches) != len(cfg.widths):
         p.error(f"Expected one `--width-batches` entry per width ({len(cfg.widths)}), but got {len(cfg.width_batches)}")
@@ -336,8 +343,9 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         timing.update({k: v for k, v in got.items() if k != "plain"})
     contenders = [plain, *monitored]
     memory = {c.name: memory_of(c, steps=1) for c in contenders if not c.name.startswith("every10")}
+    base_mem = memory.get("plain")
     # every1 copies train identically (same init, batches, steps), so exact and sketched α see the same samples
-    alphas = {k: timing[f"every1/{k}"]["check"].get("alignment") for k in kinds}
+    alphas = {k: timing[f"every1/{k}"]["check"].get("alignment") for k in kinds}  # None where close() failed
     sketch_error = None
     if alphas.get("exact") and alphas.get("sketch"):
         ex, sk = alphas["exact"], alphas["sketch"]
@@ -350,8 +358,8 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         "seconds_per_step_wall": {k: v["seconds_wall"] for k, v in timing.items()},
         "ratio_cpu": {k: v["ratio_cpu"] for k, v in timing.items()},
         "ratio_wall": {k: v["ratio_wall"] for k, v in timing.items()},
-        "extra_held_bytes": {k: m[1] - memory["plain"][1] for k, m in memory.items() if k != "plain"},
-        "extra_peak_bytes": {k: m[0] - memory["plain"][0] for k, m in memory.items() if k != "plain"},
+        "extra_held_bytes": {k: m[1] - base_mem[1] for k, m in memory.items() if k != "plain" and m and base_mem},
+        "extra_peak_bytes": {k: m[0] - base_mem[0] for k, m in memory.items() if k != "plain" and m and base_mem},
         "compute": compute_times, "alignment": alphas, "sketch_max_abs_error": sketch_error, "load_start": load0, "load_end": loadavg(), "seconds": time.perf_counter() - t0,
         "raw": {k: {c: v[c] for c in ("wall", "cpu", "rounds")} for k, v in timing.items()},
     }
@@ -451,7 +459,8 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("step time / plain step (CPU clock)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     ax = axes[2]
     rs = [r for r in results if r["sweep"] == "width"]
     for kind, style in (("exact", "-"), ("sketch", "--")):
@@ -465,7 +474,8 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("width w")
     ax.set_ylabel("compute() seconds")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax = axes[3]
     bars = [(f"{r['sweep']}\n{kind}\n{every}", r["ratio_cpu"][f"{every}/{kind}"])
             for r in results if r["sweep"] in ("conv", "transformer") for kind in r["kinds"] for every in ("every1", "every10")]
@@ -483,6 +493,14 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse(argv)
+    if cfg.merge:
+        parts = [json.loads(Path(f).read_text()) for f in cfg.merge]
+        order = {s: i for i, s in enumerate(SWEEPS)}
+        results = sorted((r for part in parts for r in part["results"]), key=lambda r: (order[r["sweep"]], r["x"]))
+        cfg = dataclasses.replace(Config(**{**_config_from_json(parts[0]["config"]), "merge": cfg.merge}), out=cfg.out,
+                                  figure=cfg.figure)
+        env = {**parts[0]["environment"], "merged_from": {f: p["environment"] for f, p in zip(cfg.merge, parts)}}
+        return report(results, cfg, env)
     torch.set_num_threads(cfg.threads)
     if not HAS_SKETCH:
         print("note: this canonreg's CRHMonitor has no `sketch` argument: exact monitoring only, wide points that do not fit are skipped")
@@ -493,6 +511,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.append(measure(point, cfg))
     env = environment()
     env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0, has_sketch=HAS_SKETCH)
+    return report(results, cfg, env)
+
+
+def _config_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    values["gpt"] = GPTConfig(**d["gpt"])
+    return values
+
+
+def report(results: list[dict[str, Any]], cfg: Config, env: dict[str, Any]) -> dict[str, Any]:
+    """Print and write the JSON, the markdown table and (``cfg.figure``) the figure of ``results``."""
     table = format_table(results, cfg, env)
     lines = verdict(results)
     print(table)

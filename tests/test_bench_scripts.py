@@ -102,6 +102,8 @@ def test_scaling_quick(tmp_path: Path, restore_threads: None) -> None:
         held, est = r["extra_held_bytes"]["every1/exact"], r["exact_state_bytes_estimate"]
         assert 0.3 * est <= held <= est + 100 * sum(a + b for a, b in r["layer_dims"]), (held, est)
     assert len(result["verdict"]) == 1 and "below 50M" in result["verdict"][0]
+    merged = scaling.main(["--merge", str(out), "--no-figure", "--out", str(tmp_path / "merged.json")])
+    assert merged["results"] == saved["results"] and merged["table"] == saved["table"]
 
 
 def test_transformer_config() -> None:
