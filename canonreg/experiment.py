@@ -658,7 +658,7 @@ class _TrialRun:
             return
         final = step == cfg.steps
         report = self.monitor.compute(
-            lr=self.eta, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, exponents=final, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed
+            lr=self.eta, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, exponents=final, n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed
         )
         self.report = report
         mean_alpha = report.mean_alignment()
@@ -787,7 +787,7 @@ def run_trial(
     result.update(evaluate(trained.model, split))
     report = measure_crh(
         trained.model, split.x, split.y, preprocess=cfg.preprocess, metric=cfg.metric,  # type: ignore[arg-type]
-        exponents=True, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+        exponents=True, n_bootstrap=cfg.n_bootstrap, bootstrap_seed=cfg.seed,
     )  # fmt: skip
     result.update(_alignment_metrics(report))
     result.update(_training_metrics(trained))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as CF
-from .errors import CanonRegError, check_bool, check_choice, check_nonnegative_int, check_positive_int
+from .errors import CanonRegError, check_bool, check_choice, check_nonnegative_int, check_positive_int, renamed_arguments
 from .layers import _CLAIMS, LayerSpec
 from .monitor import CRHMonitor
 from .report import CRHReport
@@ -41,6 +41,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 _INTERFERING = ("AlignmentLoss", "NoiseCalibrated")
 
 
+@renamed_arguments(seed="bootstrap_seed")
 def measure_crh(
     model: nn.Module,
     x: Tensor | Iterable[tuple[Tensor, Tensor]],
@@ -54,7 +55,7 @@ def measure_crh(
     grad_scale: str | float = "batch",
     exponents: bool = False,
     n_bootstrap: int = 0,
-    seed: int = 0,
+    bootstrap_seed: int = 0,
     ignore_index: int | None = None,
 ) -> CRHReport:
     """The six CRH relations of ``model`` on a whole data set, with the task loss's gradient only.
@@ -76,7 +77,8 @@ def measure_crh(
             cross-entropy); for a sum-reduced loss pass ``grad_scale="none"``.
         batch_size: samples per pass (memory only: the result does not depend on it).
         layers, preprocess, metric, grad_scale: as for :class:`~canonreg.CRHMonitor`.
-        exponents, n_bootstrap, seed: PAH exponent fits, as in :meth:`~canonreg.CRHMonitor.compute`.
+        exponents, n_bootstrap, bootstrap_seed: PAH exponent fits, as in :meth:`~canonreg.CRHMonitor.compute`
+            (``bootstrap_seed`` was called ``seed``; the old name still works, with a FutureWarning).
         ignore_index: positions whose target equals it are no samples (token targets ``(batch, positions)``
             padded with e.g. ``-100``): each batch runs inside ``canonreg.taps.masked(y != ignore_index)``,
             so per-position layers keep the rows of real positions only (see :func:`canonreg.taps.masked`).
@@ -110,7 +112,7 @@ def measure_crh(
             seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index)
         if seen == 0:
             raise CanonRegError("measure_crh: the data is empty")
-        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, bootstrap_seed=seed)
+        return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
     finally:
         model.train(was_training)
 

@@ -135,3 +135,22 @@ def test_min_alignment(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     assert min_alignment(report) == min(report.alignment[n][r] for n in report.layers for r in canonreg.RELATIONS)
     with pytest.raises(ValueError, match="layers"):
         min_alignment(report, ["nope"])
+
+
+def test_seed_renamed_bootstrap_seed(data: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # `seed` → `bootstrap_seed` (the vocabulary of CRHMonitor.compute): the old name gives the same report with a FutureWarning.
+    x, y = data
+    model = mlp()
+    kw = dict(exponents=True, n_bootstrap=20)
+    new = measure_crh(model, x, y, bootstrap_seed=3, **kw)
+    with pytest.warns(FutureWarning, match="`seed` is renamed `bootstrap_seed`"):
+        old = measure_crh(model, x, y, seed=3, **kw)  # type: ignore[call-arg]
+    other = measure_crh(model, x, y, bootstrap_seed=4, **kw)
+
+    def intervals(report: canonreg.CRHReport) -> list[str]:  # repr: NaN intervals (too few points) compare equal
+        return [repr((f.ci_low, f.ci_high)) for fits in report.exponents.values() for f in fits.values()]
+
+    assert intervals(old) == intervals(new)
+    assert intervals(other) != intervals(new)  # the seed reaches the bootstrap
+    with pytest.raises(TypeError, match="both `seed` and its new name `bootstrap_seed`"):
+        measure_crh(model, x, y, seed=3, bootstrap_seed=3)  # type: ignore[call-arg]
