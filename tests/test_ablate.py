@@ -379,3 +379,20 @@ def _to_toml(cfg: dict[str, Any]) -> str:
         out += [f"{k} = {val(v)}" for k, v in body.items()]
         out.append("")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- the package
+def test_package_keeps_every_public_name_and_module_entry() -> None:
+    # canonreg.ablate became a package (spec, runner, store, tables, plots, cli): the old names import from it,
+    # the statistics are canonreg.stats' own, and `python -m canonreg.ablate` is `canonreg ablate`.
+    import subprocess
+
+    from canonreg import stats
+
+    names = {"PlotSpec", "AblationSpec", "AblationResult", "Interval", "load_spec", "run_ablation", "load_results", "summarize",
+             "write_summaries", "summary_markdown", "summary_csv", "plot_metric", "mean_ci", "t_quantile", "code_fingerprint",
+             "Terminated", "main", "TIMING_KEYS"}  # fmt: skip
+    assert names <= set(ablate.__all__) and all(hasattr(ablate, n) for n in ablate.__all__)
+    assert ablate.mean_ci is stats.mean_ci and ablate.Interval is stats.Interval and ablate.code_fingerprint is stats.code_fingerprint
+    out = subprocess.run([sys.executable, "-m", "canonreg.ablate", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: canonreg ablate"), out.stderr
