@@ -313,6 +313,48 @@ def test_lightning_callback_logs_windows_and_final_measurement(tmp_path) -> None
     pickle.loads(pickle.dumps(module.net))
 
 
+def test_lightning_callback_mask_key_drops_padding(tmp_path) -> None:
+    pl = _lightning()
+    from canonreg.integrations.lightning import CRHCallback
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, 6, generator=g), torch.randint(0, 3, (32, 5), generator=g)
+    mask = (torch.arange(5)[None, :] < torch.randint(1, 6, (32,), generator=g)[:, None]).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, mask), batch_size=8)
+
+    class TokenLit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            from canonreg.integrations.lightning import alignment_penalty
+
+            xb, yb, mb = batch
+            ce = F.cross_entropy(self(xb, attention_mask=mb).transpose(1, 2), yb, reduction="none")
+            task = (ce * mb).sum() / mb.sum()
+            return task + alignment_penalty(self, task)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    counts = {}
+    for key in ("attention_mask", None):
+        cb = CRHCallback(every_n_steps=4, mask_key=key, align={"relations": ("f-RWA",), "weight": 0.1})
+        lit = TokenLit()
+        _trainer(pl, tmp_path / str(key), [cb], max_steps=4).fit(lit, loader)
+        assert cb.last_report is not None and cb.monitor is None and cb._mask_handle is None
+        assert not lit._forward_pre_hooks and not lit._forward_hooks
+        counts[key] = cb.last_metrics["crh/samples/net.0"]
+    assert counts["attention_mask"] == int(mask.sum()) < counts[None] == mask.numel()  # one epoch, every sequence once
+    with pytest.raises(TypeError, match="`mask_key`"):
+        CRHCallback(every_n_steps=4, mask_key="")
+
+
 def test_lightning_gradient_accumulation_windows_match_a_plain_loop(tmp_path) -> None:
     pl = _lightning()
     from lightning.pytorch.loggers import CSVLogger

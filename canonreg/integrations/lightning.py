@@ -40,6 +40,7 @@ from ..losses import AlignmentLoss
 from ..measure import measure_crh
 from ..monitor import CRHMonitor
 from ..report import CRHReport
+from ..taps import mask_from_inputs
 from .flat import _PREFIX_OK, flat_metrics
 
 try:
@@ -84,6 +85,11 @@ class CRHCallback(Callback):  # type: ignore[misc]
             (e.g. ``{"relations": "all", "weight": 0.1}``), or None; add :func:`alignment_penalty`
             to the loss in ``training_step``. The training-time monitor then sees the total gradient.
         prefix, final_prefix: key prefixes of the two measurements.
+        mask_key: a keyword argument of the module's ``forward`` whose 0/1 tensor marks real positions
+            (e.g. ``"attention_mask"`` for ``self(ids, attention_mask=m)``): every training call of the module
+            then runs as inside :func:`canonreg.taps.masked`, so padding is no sample for the monitor and the
+            loss; None (default) counts every position. For ``measure_at_end`` pass
+            ``measure_kwargs={"ignore_index": -100}``.
 
     Attributes:
         monitor, align: the live monitor / loss while training (else None).
@@ -108,8 +114,13 @@ class CRHCallback(Callback):  # type: ignore[misc]
         align: Mapping[str, Any] | None = None,
         prefix: str = "crh",
         final_prefix: str = "crh_final",
+        mask_key: str | None = None,
     ) -> None:
         super().__init__()
+        if mask_key is not None and (not isinstance(mask_key, str) or not mask_key):
+            raise TypeError(f"Expected `mask_key` to be a keyword-argument name or None, but got {mask_key!r}")
+        self.mask_key = mask_key
+        self._mask_handle: Any | None = None
         if every_n_steps is not None:
             check_positive_int("every_n_steps", every_n_steps)
         if every_n_steps is None and measure_at_end is None:
@@ -153,6 +164,8 @@ class CRHCallback(Callback):  # type: ignore[misc]
             # Lightning divides each micro-batch loss by accumulate_grad_batches: the monitor multiplies back.
             kwargs = {"accumulation": int(trainer.accumulate_grad_batches), **self.monitor_kwargs}
             self.monitor = CRHMonitor(pl_module, layers=self.layers, **kwargs).attach()
+        if self.mask_key is not None:
+            self._mask_handle = mask_from_inputs(pl_module, self.mask_key)
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -201,6 +214,9 @@ class CRHCallback(Callback):  # type: ignore[misc]
         if self.align is not None:
             self.align.detach()
             self.align = None
+        if self._mask_handle is not None:
+            self._mask_handle.remove()
+            self._mask_handle = None
 
     def _pairs(self, loader: Iterable[Batch], device: torch.device) -> Iterator[tuple[Any, Tensor]]:
         for i, batch in enumerate(loader):
