@@ -17,7 +17,7 @@ from .measure import measure_crh, min_alignment
 from .monitor import CRHMonitor
 from .optim import NoiseCalibrated
 from .report import CRHReport
-from .taps import ConvTap, LayerTap, LinearTap, register_tap
+from .taps import ConvTap, LayerTap, LinearTap, mask_from_inputs, masked, register_tap
 from .writers import CSVWriter, TensorBoardWriter
 
 __version__ = "0.1.0"
@@ -43,4 +43,6 @@ __all__ = [
     "LinearTap",
     "ConvTap",
     "register_tap",
+    "masked",
+    "mask_from_inputs",
 ]
