@@ -67,6 +67,7 @@ from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from
 from canonreg import RELATIONS
 from canonreg.ablate import run_ablation
 from canonreg.experiment import ARMS, config_id
+from canonreg.optim import effective_lr
 from canonreg.stats import environment, fmt_ci, mean_ci, t_quantile, write_json
 
 
@@ -116,6 +117,11 @@ class Config:
             raise ValueError(f"Expected `window` in [1, steps={self.steps}], but got {self.window!r}")
         if self.workers < 0:
             raise ValueError(f"Expected `workers` to be a non-negative int, but got {self.workers!r}")
+
+    @property
+    def eta(self) -> float:
+        """SGD's long-run step ``η = lr / (1 − β)`` (theory §5; ``lr`` with the default momentum 0)."""
+        return effective_lr({"lr": self.lr, "momentum": self.momentum})
 
     def grid(self, arm: str) -> tuple[float, ...]:
         """The weight decays ``arm`` runs on."""
@@ -260,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             runs.append(run | {
                 "test_acc": res["test_acc"], "train_loss": res["window_train_loss"], "alpha": res["window_alpha"],
                 "balance": res["balance"], "optimizer_balance": res["optimizer_balance"],
-                "rho": cfg.lr / (1 - cfg.momentum) / (trial.weight_decay * cfg.batch_size),
-                "decay_times": cfg.lr / (1 - cfg.momentum) * trial.weight_decay * cfg.steps, "seconds": res["wall_time_s"],
+                "rho": cfg.eta / (trial.weight_decay * cfg.batch_size), "decay_times": cfg.eta * trial.weight_decay * cfg.steps,
+                "seconds": res["wall_time_s"],
             })  # fmt: skip
     wall = time.perf_counter() - t0
     runs.sort(key=lambda r: (ARMS.index(r["arm"]), r["weight_decay"], r["seed"]))
@@ -316,7 +322,7 @@ def report_markdown(
     wall: float,
 ) -> str:
     """The tables of ``results.md``."""
-    eta = cfg.lr / (1 - cfg.momentum)
+    eta = cfg.eta
     lines = [
         "# γ-scaling: CRH alignment against weight decay",
         "",

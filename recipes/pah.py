@@ -67,6 +67,7 @@ from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from
 from canonreg import RELATION_PAIRS, RELATIONS, CanonRegError, CRHReport
 from canonreg.experiment import ARMS, TrainedTrial, TrialConfig, load_data, train_trial
 from canonreg.functional import power_law_fit
+from canonreg.optim import effective_lr
 from canonreg.stats import environment, fmt_ci, mean_ci, write_json
 
 
@@ -431,7 +432,7 @@ def report_markdown(
     lines = [
         "# PAH: exponents per layer against the phase table (spec §4)",
         "",
-        f"MLP width {cfg.width} on MNIST-1D, SGD η = {cfg.lr / (1 - cfg.momentum):g} (momentum {cfg.momentum:g}), batch "
+        f"MLP width {cfg.width} on MNIST-1D, SGD η = {effective_lr({'lr': cfg.lr, 'momentum': cfg.momentum}):g} (momentum {cfg.momentum:g}), batch "
         f"{cfg.batch_size}, {cfg.steps} steps; {cfg.preprocess} moments over the last {cfg.window} steps; "
         f"α = {cfg.metric}; a relation holds when the seed-mean α >= {cfg.threshold}; seeds {list(cfg.seeds)}; "
         f"arms {list(cfg.arms)}. Wall time {wall:.0f} s (one process).",
