@@ -17,6 +17,7 @@ the byte for tensor storage; it does not see Python objects or allocator caching
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import statistics
@@ -87,6 +88,17 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor)
         opt.step()
 
     return step
+
+
+def given_options(cls: type, args: Any, quick: dict[str, Any] | None, quick_out: str) -> dict[str, Any]:
+    """Config field values: ``quick`` (and ``out = quick_out``) when ``args.quick``, then every field of the
+    dataclass ``cls`` given on the command line (``args.<field>`` not None; lists become tuples)."""
+    values: dict[str, Any] = {**quick, "out": quick_out} if quick is not None and args.quick else {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    return values
 
 
 def loadavg() -> list[float] | None:

@@ -72,6 +72,7 @@ from _harness import (  # noqa: E402
     Runner,
     available_bytes,
     fmt_ratio,
+    given_options,
     interleaved,
     loadavg,
     markdown_table,
@@ -135,14 +136,7 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=None, help="compare factors with canonreg's")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.quick:
-        values["out"] = str(RESULTS / "peers_quick.json")
-    for f in dataclasses.fields(Config):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = tuple(v) if isinstance(v, list) else v
-    cfg = Config(**values)
+    cfg = Config(**given_options(Config, args, QUICK, str(RESULTS / "peers_quick.json")))
     for name in ("width", "hidden", "d_in", "batch", "threads", "rounds", "steps", "slow_rounds"):
         if getattr(cfg, name) < 1:
             p.error(f"Expected `--{name.replace('_', '-')}` to be a positive int, but got {getattr(cfg, name)}")

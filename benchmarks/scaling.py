@@ -67,6 +67,7 @@ from _harness import (  # noqa: E402
     Runner,
     available_bytes,
     fmt_ratio,
+    given_options,
     interleaved,
     loadavg,
     markdown_table,
@@ -150,21 +151,13 @@ def parse(argv: list[str] | None) -> Config:
                    "processes) into --out's JSON, table and figure; the first file's config heads the merged one")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.quick:
-        values["out"] = str(RESULTS / "scaling_quick.json")
-    for f in dataclasses.fields(Config):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = tuple(v) if isinstance(v, list) else v
+    values = given_options(Config, args, QUICK, str(RESULTS / "scaling_quick.json"))
     gpt = {k: getattr(args, f"gpt_{k}") for k in ("vocab", "seq", "d_model", "n_layer", "n_head", "mlp_ratio")
            if getattr(args, f"gpt_{k}") is not None}
     values["gpt"] = dataclasses.replace(values.get("gpt", GPTConfig()), **gpt)
     if args.widths is not None and args.width_batches is None:
         default = dict(zip(Config.widths, Config.width_batches))
         values["width_batches"] = tuple(default.get(w, 128 if w > 2048 else 512) for w in args.widths)
-    if args.merge:
-        values["merge"] = tuple(args.merge)
     cfg = Config(**values)
     if len(cfg.width_batches) != len(cfg.widths):
         p.error(f"Expected one `--width-batches` entry per width ({len(cfg.widths)}), but got {len(cfg.width_batches)}")
