@@ -187,6 +187,31 @@ class _CallMoment:
         self.s_x = u.sum(0)
         self.s_xx = _gram(u) if probe is None else u.T @ (u @ probe)
 
+    @classmethod
+    def projected(cls, z: Tensor, a: Tensor, centered: bool, dtype: torch.dtype) -> _CallMoment:
+        """The call of the rows ``x_i = A z_i`` from ``z`` (``n × m``) and ``A`` (``d × m``, ``m ≪ d``), float64.
+
+        ``Σ(x − x̄)(x − x̄)ᵀ = A [Σ(z − z̄)(z − z̄)ᵀ] Aᵀ`` (raw: ``A [Σzzᵀ] Aᵀ``): an ``m × m`` float64 Gram and
+        one ``d × m × d`` product instead of the ``n·d²/2`` Gram of the rows; the same rows re-associated,
+        so exact up to rounding (the small Gram in float64, the last product in ``dtype``).
+        """
+        self = cls.__new__(cls)
+        z = z.to(torch.float64)
+        self.count = z.shape[0]
+        zbar = z.mean(0) if centered and self.count > 0 else None
+        dz = z - zbar if zbar is not None else z
+        t = a @ (dz.T @ dz)  # A C
+        spread = ((t * a).sum(1).amax().clamp_min(0.0) / max(self.count, 1)).sqrt()  # from diag(A C Aᵀ)
+        mean = None if zbar is None else a @ zbar
+        self.origin = None if mean is None else mean.to(dtype)
+        self.scale = _pow2_scale(spread, spread if mean is None else _absmax(mean))
+        s_x = a @ dz.sum(0)
+        if mean is not None and self.origin is not None:  # Σ(x − origin) about the rounded origin
+            s_x = s_x + (mean - self.origin.to(torch.float64)) * self.count
+        self.s_x = (s_x / self.scale).to(dtype)
+        self.s_xx = (t / self.scale).to(dtype) @ (a / self.scale).to(dtype).T
+        return self
+
 
 def _at_least_one(v: Tensor | float) -> Tensor | float:
     return v.clamp_min(1.0) if isinstance(v, Tensor) else max(v, 1.0)
@@ -854,9 +879,7 @@ class CRHMonitor:
                     hb_norm2 = _row_norm2(hb)
                     if not self._finite(name, "activations (h_b)", call, hb_norm2.sum(), deferred):
                         return
-                    yb = _normalize(hb, hb_norm2) if self.preprocess == "normalized" else hb
-                    fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
-                    pending["Hb"] = yb if fresh_small else self._state[name].moments["Hb"].reduce(yb)
+                    pending["Hb"] = self._output_moment(name, tap, module, output, xa, hb, hb_norm2)
                 if self.track_balance:
                     rows_b = _balance_rows(tap, module, hb, output)
         scale = self._scale(tap, module, inputs)
@@ -868,6 +891,47 @@ class CRHMonitor:
             grad_fn.register_hook(lambda grad_inputs, grad_outputs: commit(grad_outputs[0], grad_inputs[slot]))
         else:
             output.register_hook(lambda grad: commit(grad, None))
+
+    def _output_moment(
+        self, name: str, tap: LayerTap, module: nn.Module, output: Tensor, xa: Tensor, hb: Tensor, hb_norm2: Tensor
+    ) -> Tensor | _CallMoment:
+        """What a directly accumulated ``H_b`` keeps of this call until its commit.
+
+        A plain Linear layer with a narrow input (:func:`_narrow`) uses the per-call identity
+        ``h_b = [W b] [h_a; 1]`` (normalized: ``[h_a; 1]/‖h_b‖``) with this call's weights
+        (:meth:`_CallMoment.projected`); otherwise the rows, kept or reduced like ``H_a``'s.
+        """
+        moment = self._state[name].moments["Hb"]
+        normalized = self.preprocess == "normalized"
+        if self.sketch is None and _plain_linear(tap, module) and _narrow(hb.shape[0], xa.shape[1] + 1, hb.shape[1]):
+            w = tap.weight(module).detach().to(torch.float64)
+            bias = tap.bias(module)
+            col = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(w)
+            z = torch.cat([xa.to(torch.float64), torch.ones_like(xa[:, :1], dtype=torch.float64)], dim=1)
+            if normalized:
+                z = z * _inverse_norm(hb_norm2).unsqueeze(1)
+            return _CallMoment.projected(z, torch.cat([w, col.unsqueeze(1)], dim=1), moment.centered, hb.dtype)
+        yb = _normalize(hb, hb_norm2) if normalized else hb
+        fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
+        return yb if fresh_small else moment.reduce(yb)
+
+    def _add_ga(
+        self, moment: _Moment, tap: LayerTap, module: nn.Module, gb: Tensor, ga: Tensor, ga_norm2: Tensor, scale: float, ok: Tensor | None
+    ) -> None:
+        """Add this call's ``g_a = Wᵀ g_b`` rows (``−scale·dL/dh_a``; normalized: ``−g_a/‖g_a‖``) to ``G_a``.
+
+        A plain Linear layer with a narrow output (:func:`_narrow`) uses ``g_a = Wᵀ g_b`` with this
+        call's weights (:meth:`_CallMoment.projected`, a ``d_b × d_b`` Gram) instead of the rows' Gram.
+        """
+        normalized = self.preprocess == "normalized"
+        if self.sketch is None and _plain_linear(tap, module) and _narrow(gb.shape[0], gb.shape[1], ga.shape[1]):
+            w = tap.weight(module).detach().to(torch.float64)
+            z = gb.to(torch.float64) * (-_inverse_norm(ga_norm2).unsqueeze(1) if normalized else -scale)
+            moment.add_call(_CallMoment.projected(z, w.T, moment.centered, ga.dtype), ok)
+        elif normalized:
+            moment.add_rows(_normalize(ga, ga_norm2), -1.0, ok)
+        else:
+            moment.add_rows(ga, -scale, ok)
 
     def _input_moment(
         self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], ya: Tensor, moment: _Moment
@@ -897,7 +961,7 @@ class CRHMonitor:
         that accumulate ``G_a`` directly. Anything less certain returns None (the monitor then
         computes ``dL/dh_b · W`` itself).
         """
-        if not self.direct or type(tap) is not LinearTap or type(module).forward is not nn.Linear.forward:
+        if not self.direct or not _plain_linear(tap, module):
             return None
         x = inputs[0] if inputs else None
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.requires_grad or output.dim() != 2:
@@ -973,10 +1037,7 @@ class CRHMonitor:
             else:
                 state.moments["Gb"].add_rows(gb, -scale, ok)
             if ga is not None and ga_norm2 is not None:
-                if normalized:
-                    state.moments["Ga"].add_rows(_normalize(ga, ga_norm2), -1.0, ok)
-                else:
-                    state.moments["Ga"].add_rows(ga, -scale, ok)
+                self._add_ga(state.moments["Ga"], tap, module, gb, ga, ga_norm2, scale, ok)
             if rows_b is not None:
                 # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms, from the float64 row norms) and
                 # Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩ (one dot in the working dtype: its products g·h stay in range
@@ -1347,6 +1408,24 @@ def _balance_rows(tap: LayerTap, module: nn.Module, hb: Tensor, output: Tensor) 
     if bias is not None:
         return hb - bias.detach().to(hb.dtype)
     return hb.clone() if _shares_storage(hb, output) else hb
+
+
+def _plain_linear(tap: LayerTap, module: nn.Module) -> bool:
+    """Whether the layer is an ``nn.Linear`` computing exactly ``h_b = W h_a + b`` per row."""
+    return type(tap) is LinearTap and type(module).forward is nn.Linear.forward
+
+
+def _narrow(n: int, m: int, d: int) -> bool:
+    """Whether rows ``x = A z`` (``z``: ``n × m``, ``x``: ``n × d``) are cheaper through ``A [Σzzᵀ] Aᵀ``.
+
+    ``2(d²m + n m²)`` (float64 priced double) against ``n d²/2`` for the rows' symmetric Gram.
+    """
+    return 4 * m * (d * d + n * m) < n * d * d
+
+
+def _inverse_norm(norm2: Tensor) -> Tensor:
+    """``1/‖x_i‖`` from float64 squared norms (0 for a zero row, which stays zero)."""
+    return torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2))
 
 
 def _shares_storage(a: Tensor, b: Tensor) -> bool:

@@ -936,3 +936,35 @@ def test_graph_traversed_twice_is_committed_once_with_the_task_gradient() -> Non
     ref = canonreg.measure_crh(m, x, y)  # task gradient only, same weights
     for layer in report.layers:
         torch.testing.assert_close(report.matrices(layer)["G_b"], ref.matrices(layer)["G_b"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("preprocess,identities", [("normalized", True), ("centered", False), ("raw", False)])
+def test_narrow_layers_use_the_per_call_identity_and_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, preprocess: str, identities: bool, offset: float
+) -> None:
+    """Issue 13: H_b of a 3 → 40 layer and G_a of a 40 → 2 layer come from A [Σzzᵀ] Aᵀ with each call's
+    weights (no 40 × 40 row Gram); every matrix still equals the per-sample reference, across folds."""
+    import canonreg.monitor as cm
+
+    calls = {"n": 0}
+    projected = cm._CallMoment.projected.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type, *args: object) -> object:
+        calls["n"] += 1
+        return projected(cls, *args)
+
+    monkeypatch.setattr(cm._CallMoment, "projected", classmethod(counted))
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 40), nn.Tanh(), nn.Linear(40, 2)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3 if offset else 1.0)  # keep the Tanh out of saturation at the offset
+    batches = [(offset + torch.randn(64, 3, dtype=torch.float64), torch.randint(0, 2, (64,))) for _ in range(20)]
+    case = Case("narrow", model, batches, ["0", "2"])
+    refs = reference_rows(case)
+    report = run_monitor(case, preprocess=preprocess, identities=identities).compute(exponents=False, ranks=False)
+    assert calls["n"] == 2 * len(batches)  # H_b of layer 0 and G_a of layer 2, every call
+    for layer in case.layers:
+        expected = ref_matrices(refs[layer], preprocess)
+        for k, v in report.matrices(layer).items():
+            assert_close(v, expected[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{layer} {k}: {m}")
