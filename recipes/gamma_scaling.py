@@ -77,7 +77,9 @@ class Config:
     """The study: arms × weight decays × seeds, one MLP on MNIST-1D, plain SGD (momentum 0, so η = lr).
 
     ``loss_weight`` None: each arm's default (0.1 for ``loss``/``both``, the preset's for ``crh``).
-    ``workers``: runner processes (0 = in this process; the numbers do not depend on it).
+    ``workers``: runner processes (0 = in this process; the numbers do not depend on it). ``resume``:
+    keep the runs already finished in ``out/runs`` (the runner warns when other code produced them);
+    ``--no-resume`` trains every run again.
     """
 
     weight_decays: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -101,6 +103,7 @@ class Config:
     metric: str = "pearson"
     workers: int = 2
     progress: bool = False
+    resume: bool = True
     out: str = "results/gamma_scaling"
     quick: bool = False
 
@@ -141,6 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--window", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction)
     return config_from_args(Config, p, argv, QUICK)
 
 
@@ -255,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             continue
         grid = {"arm": arms, "weight_decay": list(cfg.grid(arms[0])), "seed": list(cfg.seeds)}
         spec = {"ablation": {"name": f"gamma_scaling-{name}", "workers": cfg.workers}, "fixed": fixed, "grid": grid}
-        done = run_ablation(spec, out=out / "runs" / name, progress=cfg.progress, plots=False)
+        done = run_ablation(spec, out=out / "runs" / name, resume=cfg.resume, progress=cfg.progress, plots=False)
         for trial in done.configs:
             rid = config_id(trial)
             run = {"arm": trial.arm, "weight_decay": trial.weight_decay, "seed": trial.seed, "config": trial.to_dict()}
