@@ -4,7 +4,10 @@ Variants (each on its own copy of one initialised MLP, same batch, SGD with mome
 
 * ``plain``      — ``CE(model(x), y)``; the reference.
 * ``attached``   — the same step with the loss attached but never called (hook cost only).
-* ``loss``       — ``CE + align()``, f-RWA + b-RWA on every Linear layer, factored trace identities.
+* ``loss``       — ``CE + align()``, f-RWA + b-RWA on every Linear layer, factored trace identities
+  (``estimator="exact"``).
+* ``hutch:k``    — the same with ``estimator="hutchinson", probes=k`` for each ``k`` in ``--probes``:
+  every Frobenius moment from ``k`` shared Rademacher probes per side (``O(k·(n·d + d_a·d_b))``).
 * ``loss/k``     — ``align()`` (weighted ``k·λ``) added on every ``k``-th step only, for each ``k`` in
   ``--every`` (per-step average over one cycle of ``k`` steps): the amortised use the exact per-step
   cost cannot avoid (see the multiply-add count below).
@@ -16,10 +19,14 @@ Timing: warm-up steps, then ``rounds`` rounds that time one step of every varian
 the median over rounds and the ratio is ``median(variant) / median(plain)``. The JSON holds config,
 environment, raw timings and an analytic multiply-add count per step (plain step ``3·n·d_a·d_b`` per
 layer; loss extra per layer: ``2·d_a·d_b·min(d_a,d_b)`` for ``‖WᵀW‖_F`` forward+backward,
-``2·n·d·min(n,d)`` per batch Gram ``‖H‖_F``, ``3·n·d_a·d_b`` for ``⟨H_b, WWᵀ⟩``; ``⟨H_a, WᵀW⟩`` is free).
+``2·n·d·min(n,d)`` per batch Gram ``‖H‖_F``, ``3·n·d_a·d_b`` for ``⟨H_b, WWᵀ⟩``; ``⟨H_a, WᵀW⟩`` is free;
+Hutchinson per sketched side of width ``d > k``: about ``6·k·n·d`` per H and ``9·k·d_a·d_b`` for both Z)
+and, per ``k``, the spread of the randomized α at the initialisation (``spread_draws`` draws, every term).
 
     python benchmarks/loss_overhead.py            # MLP 4×1024 hidden, batch 512
     python benchmarks/loss_overhead.py --quick    # seconds: width 128, batch 64
+    python benchmarks/loss_overhead.py --threads 1 --d_in 40 --probes 8 16 32 \
+        --out benchmarks/results/loss_overhead_estimators.json   # 40→4×1024→10, exact vs randomized
 
 Reference: the loss implements the alignment α of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
 """
@@ -65,6 +72,8 @@ class Config:
     metric: str = "cosine"
     weight: float = 0.1
     every: tuple[int, ...] = (4, 16)  # the loss/k variants
+    probes: tuple[int, ...] = (16,)  # the hutch:k variants (empty: none)
+    spread_draws: int = 20
     warmup: int = 2
     rounds: int = 8
     dense: bool = True
@@ -83,8 +92,8 @@ def parse(argv: list[str] | None) -> Config:
     for f in dataclasses.fields(Config):
         if f.name == "relations":
             p.add_argument("--relations", nargs="+", default=None)
-        elif f.name == "every":
-            p.add_argument("--every", type=int, nargs="+", default=None)
+        elif f.name in ("every", "probes"):
+            p.add_argument(f"--{f.name}", type=int, nargs="*", default=None)
         elif f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
         else:
@@ -92,7 +101,7 @@ def parse(argv: list[str] | None) -> Config:
     args = vars(p.parse_args(argv))
     quick = args.pop("quick")
     kw: dict[str, Any] = dict(QUICK) if quick else {}
-    kw.update({k: (tuple(v) if k in ("relations", "every") else v) for k, v in args.items() if v is not None})
+    kw.update({k: (tuple(v) if k in ("relations", "every", "probes") else v) for k, v in args.items() if v is not None})
     cfg = Config(**kw)
     if not cfg.every or any(k < 2 for k in cfg.every):
         raise ValueError(f"Expected `every` to be one or more ints >= 2, but got {cfg.every!r}")
@@ -151,7 +160,37 @@ def macs(cfg: Config) -> dict[str, float]:
             extra += 2 * n * da * min(n, da)
         if "b-RWA" in cfg.relations:
             extra += 2 * n * db * min(n, db) + 3 * n * da * db
-    return {"plain": plain, "loss_extra": extra, "predicted_ratio": (plain + extra) / plain}
+    out = {"plain": plain, "loss_extra": extra, "predicted_ratio": (plain + extra) / plain}
+    for k in cfg.probes:
+        hx = 0.0
+        for da, db in itertools.pairwise(dims):
+            hx += sum(6 * k * n * d for d in (da, db) if d > k) + (9 * k * da * db if min(da, db) > k else 2 * da * db * min(da, db))
+        out[f"hutch:{k}_extra"] = hx
+        out[f"hutch:{k}_predicted_ratio"] = (plain + hx) / plain
+    return out
+
+
+def estimator_spread(base: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> dict[str, Any]:
+    """Per k: mean and std over ``spread_draws`` draws of every randomized α term, beside the exact α."""
+    model = copy.deepcopy(base)
+    kw: dict[str, Any] = {"metric": cfg.metric, "preprocess": cfg.preprocess}
+    with AlignmentLoss(model, cfg.relations, **kw) as exact:
+        model(x)
+        exact()
+        ref = {f"{n}/{r}": float(a) for n, d in exact.last_alignment.items() for r, a in d.items()}
+    out: dict[str, Any] = {"exact": ref}
+    for k in cfg.probes:
+        draws: dict[str, list[float]] = {t: [] for t in ref}
+        with AlignmentLoss(model, cfg.relations, estimator="hutchinson", probes=k, **kw) as est:
+            model(x)
+            with torch.no_grad():
+                for _ in range(cfg.spread_draws):
+                    est()
+                    for n, d in est.last_alignment.items():
+                        for r, a in d.items():
+                            draws[f"{n}/{r}"].append(float(a))
+        out[str(k)] = {t: {"mean": statistics.fmean(v), "std": statistics.stdev(v)} for t, v in draws.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -175,9 +214,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         reg: Callable[[], Tensor] | None = None
-        if kind == "attached" or kind.startswith("loss"):
+        if kind == "attached" or kind.startswith(("loss", "hutch:")):
+            est = {"estimator": "hutchinson", "probes": int(kind.split(":")[1])} if kind.startswith("hutch:") else {}
             align = AlignmentLoss(
-                model, cfg.relations, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight * every  # type: ignore[arg-type]
+                model, cfg.relations, metric=cfg.metric, preprocess=cfg.preprocess, weight=cfg.weight * every, **est  # type: ignore[arg-type]
             )
             reg = None if kind == "attached" else align
         elif kind == "dense":
@@ -193,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return step
 
-    kinds = ["plain", "attached", "loss", *(f"loss/{k}" for k in cfg.every)] + (["dense"] if cfg.dense else [])
+    kinds = ["plain", "attached", "loss", *(f"loss/{k}" for k in cfg.every), *(f"hutch:{k}" for k in cfg.probes)]
+    kinds += ["dense"] if cfg.dense else []
     steps = {k: make(k) for k in kinds}
     for k in kinds:
         for i in range(cfg.warmup):
@@ -217,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ms_per_step_all": {k: [1e3 * t for t in v] for k, v in times.items()},
         "ratio_to_plain": {k: med[k] / med["plain"] for k in kinds},
         "macs": macs(cfg),
+        "spread_at_init": estimator_spread(base, x, y, cfg) if cfg.probes else {},
     }
     print(f"MLP {cfg.d_in}→{cfg.hidden}×{cfg.width}→{cfg.d_out}, batch {cfg.batch}, relations {list(cfg.relations)}, "
           f"preprocess={cfg.preprocess}, metric={cfg.metric}, threads={torch.get_num_threads()}, rounds={cfg.rounds}")
@@ -224,7 +266,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in kinds:
         print(f"{k:<10}{1e3 * med[k]:>10.1f}{result['ratio_to_plain'][k]:>10.2f}")
     m = result["macs"]
-    print(f"analytic multiply-adds: plain {m['plain']:.3g}, loss extra {m['loss_extra']:.3g} → predicted {m['predicted_ratio']:.2f}× plain")
+    print(f"analytic multiply-adds: plain {m['plain']:.3g}, loss extra {m['loss_extra']:.3g} → predicted {m['predicted_ratio']:.2f}× plain"
+          + "".join(f"; hutch:{k} {m[f'hutch:{k}_predicted_ratio']:.2f}×" for k in cfg.probes))
+    spread = result["spread_at_init"]
+    for k in cfg.probes:
+        stds = [v["std"] for v in spread[str(k)].values()]
+        bias = [v["mean"] - spread["exact"][t] for t, v in spread[str(k)].items()]
+        print(f"hutch:{k} at init: std of α̂ per term median {statistics.median(stds):.4f} max {max(stds):.4f}; "
+              f"mean α̂ − α: max |{max(abs(b) for b in bias):.4f}| ({cfg.spread_draws} draws)")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {result['environment']['load_average']}")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
