@@ -72,7 +72,7 @@ class DemoConfig:
             None (default) = the preset's, ``canonreg.losses.CRH_PRESET["weight"]``.
         window: training-monitor window in steps; after every window the task-only α is measured
             on the training set for the figure's curves.
-        preprocess, metric: the measurement protocol (spec §3).
+        preprocess, metric: the measurement protocol (theory §3).
         num_samples: MNIST-1D samples (train + test, 80/20). seed: initialisation and batch order.
         threads: torch intra-op threads (0 = torch's default). One by default: the matrices are small
             (128 wide), and two threads on 2 busy cores made a crh step 50× slower than one thread.
@@ -430,7 +430,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     for name in ("lr", "momentum", "weight_decay"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"{helps[name]} (default {getattr(d, name):g})")
     p.add_argument("--loss-weight", type=float, default=None, help="strength of the crh arm's objective (default: the preset's, canonreg.losses.CRH_PRESET)")
-    p.add_argument("--preprocess", choices=["raw", "centered", "normalized"], default=d.preprocess, help="measurement protocol (spec §3)")
+    p.add_argument("--preprocess", choices=["raw", "centered", "normalized"], default=d.preprocess, help="measurement protocol (theory §3)")
     p.add_argument("--metric", choices=["pearson", "cosine"], default=d.metric, help="alignment score α (default pearson)")
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)

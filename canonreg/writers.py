@@ -18,12 +18,12 @@ Metric names (``layer`` is the monitored layer's name, ``"<root>"`` for the mode
 =============================  ========================================================================
 ``alpha/<relation>``           α of the relation (theory §3), in the report's metric
 ``mean_alpha`` (layer ``*``)   mean α over layers and relations (:meth:`CRHReport.mean_alignment`)
-``kappa/<relation>``           PAH exponent κ in ``A ∝ B^κ`` (spec §4); also ``kappa_ci_low/…``,
+``kappa/<relation>``           PAH exponent κ in ``A ∝ B^κ`` (theory §4); also ``kappa_ci_low/…``,
                                ``kappa_ci_high/…``, ``kappa_r2/…``
 ``participation/<M>``          participation ratio ``(Tr M)² / Tr M²`` of ``M ∈ {H_a, H_b, G_a, G_b}``
 ``entropy_rank/<M>``           entropy effective rank of ``M``
 ``samples``                    rows accumulated for the layer
-``<prefix>/<term>``            balance terms (spec §5): ``decay, drift, noise, signal, noise_share, rho``
+``<prefix>/<term>``            balance terms (theory §5): ``decay, drift, noise, signal, noise_share, rho``
 =============================  ========================================================================
 
 ``log_report`` writes the report's own balance terms (the monitor's SGD-form measurement) with

@@ -1,6 +1,6 @@
 """Compactness recipe: are canonical representations more compact?
 
-Spec §6 (Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006): when a layer's input ``h`` obeys f-RGA
+Theory §6 (docs/theory.md; Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006): when a layer's input ``h`` obeys f-RGA
 (``H ∝ G``), directions the loss ignores carry no variance, and full CRH flattens the nonzero spectrum
 of ``Z`` — low-rank, equal-variance representations. This recipe trains an MLP on MNIST-1D under
 the four arms of :mod:`canonreg.experiment` (baseline, AlignmentLoss, NoiseCalibrated, both; same

@@ -8,7 +8,7 @@ Wang, Li & Wu, arXiv:2402.07193): for SGD ``W⁺ = W + η(M − γW)`` on one la
 
 and the paper's reading is that at stationarity the decay term pins the weight Gram matrices to the
 gradient-noise and drift matrices, which is what forms the relations. The only reference result is a
-*direction* (spec §8): larger γ → stronger alignment. The ratio ``ρ = η/(γS)`` says which force
+*direction* (the published reference results; theory §5 for the mechanism): larger γ → stronger alignment. The ratio ``ρ = η/(γS)`` says which force
 dominates, and the approach to stationarity takes ``~1/(ηγ)`` steps, so every run also records the
 number of decay times it trained for, ``ηγT``.
 
@@ -338,7 +338,7 @@ def report_markdown(
         "## Slope of α (mean over layers) per decade of γ, 95% intervals",
         "",
         "OLS: least squares over all (γ, seed) runs, Student-t interval. Per-seed: one slope per seed, t-interval over seeds.",
-        "Prediction (spec §8): slope > 0.",
+        "Prediction (the published reference results; theory §5 for the mechanism): slope > 0.",
         "",
     ]
     rows = []
@@ -356,7 +356,7 @@ def report_markdown(
     lines += [markdown_table(["arm", "γ", *RELATIONS, "test acc"], rows), ""]
 
     lines += [
-        "## Balance terms (spec §5), mean over layers and seeds",
+        "## Balance terms (theory §5), mean over layers and seeds",
         "",
         "ρ = η/(γS); ηγT = decay times trained; per unit η: decay = γ(2−ηγ)‖W‖², drift = 2(1−ηγ)E⟨g_a,h_a⟩, "
         "noise = (η/S)E[‖g_b‖²‖h_a‖²] (the natural SGD noise; the wrapper's injected noise is not in it). "

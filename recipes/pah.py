@@ -13,7 +13,7 @@ A relation ``A ∝ B`` that holds is the linear constraint ``power(A) = power(B)
     b-RGA: q − p = 1    b-GWA: q = 1    b-RWA: p = 0
 
 (:func:`predict_exponents`). One forward and one backward relation of different kinds fix ``(p, q)``
-and with it every PAH exponent ``κ_r = power(A_r) / power(B_r)`` of ``A_r ∝ B_r^κ_r`` — spec §4's
+and with it every PAH exponent ``κ_r = power(A_r) / power(B_r)`` of ``A_r ∝ B_r^κ_r`` — theory §4's
 table, exponents in ``[−1, 3]``. Inconsistent constraints (the same kind on both sides, or two kinds
 on one side plus a third relation) leave only a flat nonzero spectrum of ``Z``: full CRH, "compact".
 A single constraint fixes only some exponents (``f-RWA`` alone gives ``H_b ∝ Z_b²`` exactly); no
@@ -162,7 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return config_from_args(Config, p, argv, QUICK)
 
 
-# ---------------------------------------------------------------------- the phase table (spec §4)
+# ---------------------------------------------------------------------- the phase table (theory §4)
 #: Power of ``z`` of each matrix as ``(coefficient of p, coefficient of q, constant)``.
 POWERS: dict[str, tuple[int, int, int]] = {
     "H_a": (1, 0, 0),
@@ -200,7 +200,7 @@ class Prediction:
 
 
 def predict_exponents(holding: Iterable[str], tol: float = 1e-9) -> Prediction:
-    """Exponents ``κ_r`` of ``A_r ∝ B_r^κ_r`` implied by the relations in ``holding`` (spec §4).
+    """Exponents ``κ_r`` of ``A_r ∝ B_r^κ_r`` implied by the relations in ``holding`` (theory §4).
 
     Each holding relation ``A ∝ B`` adds the row ``power(A) − power(B)`` to a linear system in
     ``x = (p, q)``; see the module docstring. Its solutions form ``x(t) = x₀ + t d`` (``d = 0`` when two
@@ -430,7 +430,7 @@ def report_markdown(
     floor0 = cfg.eig_floors[0]
     rows = by_floor[floor0]
     lines = [
-        "# PAH: exponents per layer against the phase table (spec §4)",
+        "# PAH: exponents per layer against the phase table (theory §4)",
         "",
         f"MLP width {cfg.width} on MNIST-1D, SGD η = {effective_lr({'lr': cfg.lr, 'momentum': cfg.momentum}):g} (momentum {cfg.momentum:g}), batch "
         f"{cfg.batch_size}, {cfg.steps} steps; {cfg.preprocess} moments over the last {cfg.window} steps; "
@@ -543,7 +543,7 @@ def plot(cfg: Config, settings: Sequence[Setting], reports: Mapping[tuple[str, s
     lim = [-1.5, 3.5]
     ax.plot(lim, lim, "k:", lw=1)
     ax.set_xlim(lim)
-    ax.set_xlabel("predicted κ (phase table, spec §4)")
+    ax.set_xlabel("predicted κ (phase table, theory §4)")
     ax.set_ylabel("measured κ (mean over seeds, 95% CI)")
     for arm in cfg.arms:
         ax.plot([], [], "o", color=ARM_COLORS.get(arm), label=arm)

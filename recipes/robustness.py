@@ -16,7 +16,7 @@ seed), then probed in three ways.
    * FGSM (Goodfellow, Shlens & Szegedy, arXiv:1412.6572):
      ``x_adv = x + ε · sign(∇_x CE(f(x), y))`` on the clean set, ε swept.
 
-2. **Invariance score** of every hidden representation ``h`` (spec §6, Ziyin et al.,
+2. **Invariance score** of every hidden representation ``h`` (theory §6, Ziyin et al.,
    arXiv:2410.03006): ``I_T(h) = E‖h(Tx) − h(x)‖² / E‖h(x) − h(x′)‖²`` (0 = invariant, ≈ 1 = the
    transform moves ``h`` as far as replacing the input by another sample), from
    :func:`canonreg.functional.invariance_score`. It needs *pairs*: ``x`` and ``Tx`` must be the same

@@ -17,16 +17,16 @@ it was read at. The arms of :func:`canonreg.experiment.make_arm` decay only para
 each arm has come through the transition.
 
 Measured with a :class:`canonreg.CRHMonitor` on every Linear layer (every token position is a
-sample, spec §1; ``preprocess``/``metric`` as configured, by default the paper's ``normalized`` /
+sample, theory §1; ``preprocess``/``metric`` as configured, by default the paper's ``normalized`` /
 ``pearson``):
 
 * **alignment over training**: every ``eval_every`` steps the monitor is attached for the last
   ``window`` steps of the segment; ``α`` of the six relations per layer (theory §2–§3), averaged
   per layer *type* (``q, k, v, o, fc1, fc2`` over blocks; ``head``) and over the six relations;
 * **the six relations at the end** (the last window), per layer type;
-* **PAH exponents** (spec §4): ``A ∝ B^κ`` for each relation pair ``(A, B)`` of
+* **PAH exponents** (theory §4): ``A ∝ B^κ`` for each relation pair ``(A, B)`` of
   :data:`canonreg.RELATION_PAIRS`, fitted on ``B``'s eigenbasis with a bootstrap interval, per layer;
-  summarised per layer type. Spec §8 quotes exponents ≈ 3, 2, 1 read by eye for a 6-layer transformer
+  summarised per layer type. The paper quotes exponents ≈ 3, 2, 1 read by eye for a 6-layer transformer
   (Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006); here they are fitted, with intervals over
   seeds, for a smaller model on a different task, so the comparison is indicative only;
 * train and test accuracy (argmax of the logits).
@@ -309,12 +309,12 @@ def _markdown(cfg: TransformerConfig, runs: list[dict[str, Any]], timing: dict[s
         rel_rows = [[k, *[fmt_ci([r["final_alignment_by_type"][k][rel] for r in sel], 2) for rel in RELATIONS]] for k in LAYER_TYPES]
         parts += [markdown_table(["layer type", *RELATIONS], rel_rows), ""]
     parts += [
-        "## PAH exponents κ (A ∝ B^κ per relation pair, spec §4), end of training",
+        "## PAH exponents κ (A ∝ B^κ per relation pair, theory §4), end of training",
         "",
         (
             "Per layer: least squares of log v_iᵀAv_i on log λ_i(B) over B's eigenvalues above 1e-6 of the largest; "
             "averaged over the blocks of a type, then mean ± interval over seeds (per-layer bootstrap intervals and R² are in "
-            "results.json). Spec §8 quotes ≈ 3, 2, 1 read by eye for a 6-layer transformer; this is a smaller model on another task."
+            "results.json). The paper quotes ≈ 3, 2, 1 read by eye for a 6-layer transformer; this is a smaller model on another task."
         ),
         "",
     ]

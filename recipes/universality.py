@@ -115,7 +115,7 @@ REGIMES: tuple[str, ...] = ("rich", "lazy")
 
 # ====================================================================== the effective theory
 def two_point_rhs(state: Sequence[float] | np.ndarray, k_h: float, eta_y: float, dy2: float) -> tuple[Any, Any, Any]:
-    """Right-hand side of the two-point system (van Rossem & Saxe, arXiv:2402.09142; spec §7).
+    """Right-hand side of the two-point system (van Rossem & Saxe, arXiv:2402.09142; theory §7).
 
         dh/dt = −k_h w,   dy/dt = −w (η_y h + k_h y/h),
         dw/dt = −½ η_y (3w − y + Δy*²) h − ½ k_h (y + w) w / h
@@ -167,7 +167,7 @@ def conserved_quantity(h: np.ndarray, y: np.ndarray, k_h: float, eta_y: float) -
 
 
 def h_infinity(h0: float, y0: float, k_h: float, eta_y: float, dy2: float) -> float:
-    """Final representational distance of the two-point system (spec §7).
+    """Final representational distance of the two-point system (theory §7).
 
         h_∞ = ½ (A + √(A² + 4 ρ Δy*²)),   A = h_0 − ρ y_0 / h_0,   ρ = k_h / η_y
 
