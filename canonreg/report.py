@@ -75,27 +75,27 @@ def layer_matrices(
     return {"H_a": h_a, "H_b": h_b, "G_a": g_a, "G_b": g_b, "Z_a": F.symmetric_product(w, w), "Z_b": F.symmetric_product(w.T, w.T)}
 
 
-#: :func:`_symmetric` works on blocks of ``_SYM_BLOCK × _SYM_BLOCK`` entries.
+#: :func:`_symmetric` works on row panels of this height.
 _SYM_BLOCK = 256
 
 
 def _symmetric(m: Tensor, scale: float = 1.0, mean: Tensor | None = None) -> Tensor:
-    """``scale · (M + Mᵀ)/2 − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) as a new tensor, in one blocked pass:
-    each block of ``M`` and its mirror are read once and the result written once (no temporary of
-    ``M``'s size). With ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the centred moment of
-    :func:`~canonreg.functional.moment_from_sums`, exactly symmetric."""
+    """``scale · (M + Mᵀ)/2 − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) as a new tensor, exactly symmetric.
+
+    One pass over row panels: panel ``i`` of the upper triangle and its mirrored column panel are read
+    once and the result written to both (no temporary of ``M``'s size, a few large ops per panel). With
+    ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the moment of
+    :func:`~canonreg.functional.moment_from_sums`."""
     d = m.shape[0]
     out = torch.empty_like(m)
     half = 0.5 * scale
     for i in range(0, d, _SYM_BLOCK):
         e = min(i + _SYM_BLOCK, d)
-        for j in range(i, d, _SYM_BLOCK):
-            f = min(j + _SYM_BLOCK, d)
-            block = torch.add(m[i:e, j:f], m[j:f, i:e].T).mul_(half)
-            if mean is not None:
-                block.addr_(mean[i:e], mean[j:f], alpha=-1.0)
-            out[i:e, j:f] = block
-            out[j:f, i:e] = block.T
+        panel = torch.add(m[i:e, i:], m[i:, i:e].T).mul_(half)
+        if mean is not None:
+            panel.addr_(mean[i:e], mean[i:], alpha=-1.0)
+        out[i:e, i:] = panel
+        out[i:, i:e] = panel.T
     return out
 
 
