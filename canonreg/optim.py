@@ -38,9 +38,8 @@ second moment is that of SGD at batch size ``≈ S / (1 + σ²)``.
 
 from __future__ import annotations
 
+import functools
 import math
-import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -51,21 +50,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import errors
+from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms, balance_terms
-from .layers import (
-    HookSet,
-    LayerSpec,
-    OwnedHook,
-    _display,
-    at_least_float32,
-    claim_model,
-    release_model,
-    select_layers,
-    strip_inert_hooks,
-    untraced_call,
-)
-from .taps import LayerTap, matrix_view, tap_batch_size, to_weight_layout
+from .layers import LayerSpec, _display
+from .taps import LayerTap, matrix_view, to_weight_layout
 
 __all__ = [
     "DecayRule",
@@ -82,7 +71,6 @@ __all__ = [
     "update_balance_state",
 ]
 
-Policy = Literal["error", "warn", "skip"]
 DecayRule = Literal["matrices", "layers"] | Callable[[str, Tensor], bool]
 NoiseMode = float | Literal["auto"]
 
@@ -407,43 +395,6 @@ def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
         batch_size=s,
         mean_gradient_sq_norm=state.signal / (eta * eta * (1.0 - 1.0 / s)) if s > 1 else 0.0,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Hooks that pickle to nothing.
-# ---------------------------------------------------------------------------------------------
-
-
-class _WeakHook(OwnedHook):
-    """A module hook bound weakly to its optimizer (a dropped optimizer leaves a no-op).
-
-    As every canonreg hook (:class:`canonreg.layers.OwnedHook`), pickling or deep-copying the *model*
-    turns it into :func:`canonreg.layers.inert_hook`: copies of the model are never hooked by this
-    optimizer (their gradients would otherwise be mistaken for the original's).
-    """
-
-    __slots__ = ("_name", "_ref")
-
-    def __init__(self, owner: NoiseCalibrated, name: str | None) -> None:
-        self._ref = weakref.ref(owner)
-        self._name = name
-
-    def __call__(self, module: nn.Module, inputs: tuple[object, ...], output: object = None) -> None:  # type: ignore[override]
-        owner = self._ref()
-        if owner is None:
-            return
-        # calls inside torch.func transforms or with substituted parameters are not training steps
-        if self._name is None:
-            if untraced_call(module, inputs, recurse=True) is None:
-                owner._on_root_call()
-        elif untraced_call(module, inputs, output) is None:
-            owner._on_forward(self._name, module, inputs, output)
-        return
-
-
-def _release(hooks: HookSet, model: nn.Module, token: object) -> None:
-    hooks.remove()
-    release_model("NoiseCalibrated", model, token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,9 +729,7 @@ class NoiseCalibrated(Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
         self._gen = torch.Generator()
-        self._hooks = HookSet()
-        self._token = object()
-        self._finalizer: weakref.finalize | None = None
+        self._capture: Capture | None = None
         self._draws: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._device_draws: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
         self._balance: dict[str, LayerBalanceState] = {}
@@ -794,13 +743,17 @@ class NoiseCalibrated(Optimizer):
         self._balance = {n: LayerBalanceState() for n in self._layers}
 
     def _resolve_layers(self, model: nn.Module) -> None:
-        modules, taps, excluded = select_layers(model, self._config["layers"], self._config["taps"])
-        self.excluded = dict(excluded)
+        # No sample mask: the noise mimics the per-sample gradients, which masked positions are part of.
+        capture = Capture(
+            model, self._config["layers"], owner_kind="NoiseCalibrated", on_call=self._on_call, on_root=self._on_root_call,
+            taps=self._config["taps"], mask=False, nonfinite=None,
+        )  # fmt: skip
         groups = self._param_groups_by_id()
-        for name, module in modules.items():
-            weight, bias = _layer_parameters(name, module, taps[name])
+        for name, target in list(capture.targets.items()):
+            module = target.module
+            weight, bias = _layer_parameters(name, module, target.tap)
             if not weight.requires_grad:
-                self.excluded[name] = "its weight does not require grad (frozen)"
+                capture.exclude(name, "its weight does not require grad (frozen)")
                 continue
             missing = [what for what, p in (("weight", weight), ("bias", bias)) if p is not None and p.requires_grad and id(p) not in groups]
             if missing:
@@ -808,7 +761,9 @@ class NoiseCalibrated(Optimizer):
                     f"Expected the parameters of `model` layer {_display(name)!r} ({', '.join(missing)}) to be in `optimizer`, "
                     "but they are not: build the optimizer from model.parameters(), or choose layers with `layers=`"
                 )
-            self._layers[name] = _Layer(name, module, taps[name], weight, bias, groups[id(weight)])
+            self._layers[name] = _Layer(name, module, target.tap, weight, bias, groups[id(weight)])
+        self._capture = capture
+        self.excluded = dict(capture.excluded)
         self._names = {id(p): n for n, p in model.named_parameters()}
 
     def _param_groups_by_id(self) -> dict[int, dict[str, Any]]:
@@ -863,33 +818,20 @@ class NoiseCalibrated(Optimizer):
     # ------------------------------------------------------------------ hooks
     @property
     def attached(self) -> bool:
-        return len(self._hooks) > 0
+        return self._capture is not None and self._capture.attached
 
     def attach(self) -> NoiseCalibrated:
-        """Install the hooks on ``model`` (idempotent). Raises CanonRegError if another NoiseCalibrated holds it."""
-        if self.attached:
-            return self
-        if self.model is None:
+        """Install the hooks on ``model`` (idempotent; :class:`~canonreg.capture.Capture`). Raises CanonRegError if
+        another NoiseCalibrated holds it. A dropped wrapper's hooks and claim go with it."""
+        if self._capture is None:
             raise CanonRegError("This NoiseCalibrated has no model to attach to (it was built with model=None)")
-        # The claim is held by a token, not by the wrapper, so that a dropped wrapper can be collected;
-        # its finalizer then removes the hooks and the claim.
-        claim_model("NoiseCalibrated", self.model, self._token)
-        try:
-            strip_inert_hooks(self.model)
-            self._hooks.add(self.model.register_forward_pre_hook(_WeakHook(self, None)))
-            for name, layer in self._layers.items():
-                self._hooks.add(layer.module.register_forward_hook(_WeakHook(self, name)))
-        except BaseException:
-            self.detach()
-            raise
-        self._finalizer = weakref.finalize(self, _release, self._hooks, self.model, self._token)
+        self._capture.attach()
         return self
 
     def detach(self) -> NoiseCalibrated:
         """Remove the hooks (idempotent) and return the wrapper; the model is left as it was. Steps with noise then raise."""
-        if self._finalizer is not None:
-            self._finalizer()  # runs _release once and unregisters itself
-            self._finalizer = None
+        if self._capture is not None:
+            self._capture.detach()
         for layer in self._layers.values():
             layer.clear()
         return self
@@ -920,47 +862,34 @@ class NoiseCalibrated(Optimizer):
             self._device_draws[key] = (weights.to(device), None if idx is None else idx.to(device))
         return self._device_draws[key]
 
-    def _on_forward(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        layer = self._layers[name]
-        if module is not layer.module or not torch.is_grad_enabled():
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        if not (self._config["track_balance"] or layer.group["nc_noise"] == "auto" or self._sigma(name) > 0):
-            return
+    def _on_call(self, call: LayerCall) -> Backward | None:
+        """Forward half of one layer call (:class:`~canonreg.capture.Capture`): the sketch's input rows and signs."""
+        layer = self._layers[call.name]
+        if not (self._config["track_balance"] or layer.group["nc_noise"] == "auto" or self._sigma(call.name) > 0):
+            return None
         if layer.weight.grad is None:  # a new accumulation window: drop what a skipped step left behind
             layer.clear()
-        batch = tap_batch_size(layer.tap, module, inputs)
-        x = inputs[0]
-        with torch.no_grad():
-            weights, idx = self._draw(batch, output.device)
-            if idx is not None:  # idx only exists for batch > sketch >= 1: dim 0 is the batch
-                if not isinstance(x, Tensor):
-                    raise CanonRegError(f"Layer {_display(name)!r}: its first input is not a tensor; NoiseCalibrated cannot sketch it")
-                x = x.index_select(0, idx)
-            rows = at_least_float32(layer.tap.input_rows(module, (x, *inputs[1:])).detach())
-            picked = weights.shape[0]
-            if rows.shape[0] != picked:  # several rows (positions) per sample share its weight
-                if rows.shape[0] % picked:
-                    raise CanonRegError(
-                        f"Layer {_display(name)!r}: {rows.shape[0]} input rows do not split into {picked} samples; "
-                        "NoiseCalibrated needs sample-major rows (the batch as dim 0 of each layer input)"
-                    )
-                weights = weights.repeat_interleave(rows.shape[0] // picked)
-            weights = weights.to(rows.dtype)
-        output.register_hook(self._grad_hook(layer, rows, weights, idx, batch))
+        batch = call.batch_size
+        weights, idx = self._draw(batch, call.output.device)
+        # idx only exists for batch > sketch >= 1: the rows of those batch elements (dim 0) only
+        rows = call.input_rows(idx)
+        picked = weights.shape[0]
+        if rows.shape[0] != picked:  # several rows (positions) per sample share its weight
+            if rows.shape[0] % picked:
+                raise CanonRegError(
+                    f"Layer {_display(call.name)!r}: {rows.shape[0]} input rows do not split into {picked} samples; "
+                    "NoiseCalibrated needs sample-major rows (the batch as dim 0 of each layer input)"
+                )
+            weights = weights.repeat_interleave(rows.shape[0] // picked)
+        return Backward(functools.partial(self._on_grad, layer, rows, weights.to(rows.dtype), batch), idx)
 
-    def _grad_hook(self, layer: _Layer, rows: Tensor, weights: Tensor, idx: Tensor | None, batch: int) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            with torch.no_grad():
-                g = grad if idx is None else grad.index_select(0, idx)
-                delta = at_least_float32(layer.tap.output_rows(layer.module, g.detach()))
-                a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
-                layer.add_noise(a, rows, n_b)
-                layer.samples += batch
-                layer.passes += 1
-
-        return hook
+    @staticmethod
+    def _on_grad(layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:
+        """Backward half: ``N += (w ⊙ δ)ᵀ h`` with ``δ`` the call's output-gradient rows."""
+        a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
+        layer.add_noise(a, rows, n_b)
+        layer.samples += batch
+        layer.passes += 1
 
     # ------------------------------------------------------------------ step
     def _decays(self, p: Tensor) -> bool:
@@ -1263,24 +1192,26 @@ class NoiseCalibrated(Optimizer):
         the weights), like a step GradScaler skips; counted in :attr:`skipped_steps`.
         """
         shown = ", ".join(repr(_display(n)) for n in names)
-        msg = (
+        handle_nonfinite(
+            self._config["nonfinite"],
             f"Non-finite gradient in layer(s) {shown} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r}): "
-            "checked on the full gradient, not on the noise sketch"
+            "checked on the full gradient, not on the noise sketch",
+            hint="check the loss and inputs, with AMP step through scaler.step(opt), or pass nonfinite='skip'",
+            consequence="the whole step is skipped (no noise, decay or base step)",
+            stacklevel=4,
         )
-        if self._config["nonfinite"] == "error":
-            raise CanonRegError(msg + "; check the loss and inputs, with AMP step through scaler.step(opt), or pass nonfinite='skip'")
-        if self._config["nonfinite"] == "warn":
-            warnings.warn(msg + "; the whole step is skipped (no noise, decay or base step)", RuntimeWarning, stacklevel=3)
         self.skipped_steps += 1
         for layer in self._layers.values():
             layer.clear()
 
     def _nonfinite(self, name: str) -> None:
-        msg = f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r})"
-        if self._config["nonfinite"] == "error":
-            raise CanonRegError(msg + "; with AMP pass `grad_scaler=` and step through scaler.step(opt), or pass nonfinite='skip'")
-        if self._config["nonfinite"] == "warn":
-            warnings.warn(msg + "; no noise for this layer in this step", RuntimeWarning, stacklevel=3)
+        handle_nonfinite(
+            self._config["nonfinite"],
+            f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r})",
+            hint="with AMP pass `grad_scaler=` and step through scaler.step(opt), or pass nonfinite='skip'",
+            consequence="no noise for this layer in this step",
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------------------ logging
     @property
