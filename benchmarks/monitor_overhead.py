@@ -379,6 +379,7 @@ def sketch_error(cfg: Config) -> dict[str, Any]:
     see the same 4 batches. Reports per k the max and mean absolute error over layers × six relations
     × seeds, and the float64 state per moment (``d·(k + 1)`` vs ``d²`` entries).
     """
+    env = environment()
     g = torch.Generator().manual_seed(cfg.seed)
     width = cfg.widths[0]
     torch.manual_seed(cfg.seed)
@@ -424,7 +425,6 @@ def sketch_error(cfg: Config) -> dict[str, Any]:
     lines += [f"{r['mode']:<12}{r['k']:>6}{r['max_abs_error']:>11.4f}{r['mean_abs_error']:>12.4f}{r['state_ratio_vs_exact']:>8.3f}" for r in rows]
     table = "\n".join(lines)
     print(table)
-    env = environment()
     env["wall_seconds"] = time.perf_counter() - t0
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = {"config": dataclasses.asdict(cfg), "environment": env, "results": rows, "table": table}

@@ -319,3 +319,48 @@ def conv1d_and_linear_twins(d_in: int, hidden: int, d_out: int) -> tuple[nn.Modu
             lin[c].weight.copy_(conv[c].weight.T)
             lin[c].bias.copy_(conv[c].bias)
     return conv, lin
+
+
+def two_simulated_ranks(monkeypatch: pytest.MonkeyPatch, rank_main: Callable[[int], object]) -> tuple[dict[int, object], int]:
+    """Run ``rank_main(rank)`` for ranks 0 and 1 in two threads whose ``all_reduce_flat`` is a barrier sum.
+
+    Patches ``canonreg.monitor.all_reduce_flat`` and ``_world_size`` (2). Returns each rank's result
+    and the number of all-reduce calls rank 0 made; an exception in either rank is re-raised.
+    """
+    import threading
+
+    import canonreg.monitor as monitor_mod
+
+    barrier = threading.Barrier(2)
+    inbox: dict[int, list[Tensor]] = {}
+    calls = {"n": 0}
+
+    def fake_all_reduce(tensors: list[Tensor]) -> list[Tensor]:
+        rank = int(threading.current_thread().name[-1])
+        inbox[rank] = [t.detach().to(torch.float64).clone() for t in tensors]
+        barrier.wait()
+        out = [a + b for a, b in zip(inbox[0], inbox[1])]
+        barrier.wait()
+        calls["n"] += rank == 0
+        return out
+
+    monkeypatch.setattr(monitor_mod, "all_reduce_flat", fake_all_reduce)
+    monkeypatch.setattr(monitor_mod, "_world_size", lambda: 2)
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = rank_main(rank)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, calls["n"]

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 
 import pytest
 import torch
-from conftest import make_case, ref_cosine, ref_matrices, ref_pearson, reference_rows, run_monitor
+from conftest import make_case, ref_cosine, ref_matrices, ref_pearson, reference_rows, run_monitor, two_simulated_ranks
 from torch import Tensor, nn
 
 import canonreg
@@ -170,23 +169,11 @@ def test_bad_sketch_argument_names_it(bad: object) -> None:
 
 def test_two_simulated_ranks_reduce_the_sketches(monkeypatch: pytest.MonkeyPatch) -> None:
     """The distributed path (two ranks as threads) gives both ranks the α̂ of one process that saw all rows."""
-    import canonreg.monitor as monitor_mod
-
     torch.manual_seed(5)
     init = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
     with torch.no_grad():
         init[0].weight.mul_(1e-2)  # inputs sit at 100: keep the Tanh out of saturation
     data = [[100 + torch.randn(8, 12) for _ in range(3)], [100.5 + torch.randn(8, 12) for _ in range(3)]]
-    barrier = threading.Barrier(2)
-    inbox: dict[int, list[Tensor]] = {}
-
-    def fake_all_reduce(tensors: list[Tensor]) -> list[Tensor]:
-        rank = int(threading.current_thread().name[-1])
-        inbox[rank] = [t.detach().to(torch.float64).clone() for t in tensors]
-        barrier.wait()
-        out = [a + b for a, b in zip(inbox[0], inbox[1])]
-        barrier.wait()
-        return out
 
     def run(m: nn.Module, batches: list[Tensor]) -> canonreg.CRHReport:
         monitor = CRHMonitor(m, preprocess="centered", sketch=4)
@@ -197,26 +184,12 @@ def test_two_simulated_ranks_reduce_the_sketches(monkeypatch: pytest.MonkeyPatch
         return monitor.compute(exponents=False, ranks=False)
 
     single = run(copy.deepcopy(init), [*data[0], *data[1]])
-    monkeypatch.setattr(monitor_mod, "all_reduce_flat", fake_all_reduce)
-    monkeypatch.setattr(monitor_mod, "_world_size", lambda: 2)
-    reports: dict[int, canonreg.CRHReport] = {}
-    errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            reports[rank] = run(copy.deepcopy(init), data[rank])
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,), name=f"rank{r}") for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    reports, calls = two_simulated_ranks(monkeypatch, lambda rank: run(copy.deepcopy(init), data[rank]))
+    assert calls == 2  # the small mean reduction, then the main one
     for rank in (0, 1):
-        assert reports[rank].samples == single.samples
+        report = reports[rank]
+        assert isinstance(report, canonreg.CRHReport)
+        assert report.samples == single.samples
         for layer in single.layers:
             for rel in canonreg.RELATIONS:
-                assert reports[rank].alignment[layer][rel] == pytest.approx(single.alignment[layer][rel], abs=1e-5)
+                assert report.alignment[layer][rel] == pytest.approx(single.alignment[layer][rel], abs=1e-5)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_case, ref_moment, reference_rows, run_monitor
+from conftest import make_case, ref_moment, reference_rows, run_monitor, two_simulated_ranks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -705,56 +705,30 @@ def test_keyboard_interrupt_inside_with_detaches_and_the_monitor_stays_usable() 
 def test_two_simulated_ranks_recentre_on_the_global_mean(monkeypatch: pytest.MonkeyPatch) -> None:
     """The distributed reduction (two ranks as threads, a barrier all-reduce): ranks whose data sit at
     different large offsets give the covariance of all rows, on both ranks, without cancellation."""
-    import threading
-
-    import canonreg.monitor as monitor_mod
-
     torch.manual_seed(13)
     init = nn.Sequential(nn.Linear(4, 3))
     data = [[1000 + torch.randn(16, 4) for _ in range(3)], [1000.5 + torch.randn(16, 4) for _ in range(3)]]
-    barrier = threading.Barrier(2)
-    inbox: dict[int, list[Tensor]] = {}
-    calls = {"n": 0}
 
-    def fake_all_reduce(tensors: list[Tensor]) -> list[Tensor]:
-        rank = int(threading.current_thread().name[-1])
-        inbox[rank] = [t.detach().to(torch.float64).clone() for t in tensors]
-        barrier.wait()
-        out = [a + b for a, b in zip(inbox[0], inbox[1])]
-        barrier.wait()
-        calls["n"] += rank == 0
-        return out
+    def rank_main(rank: int) -> canonreg.CRHReport:
+        m = copy.deepcopy(init)
+        monitor = CRHMonitor(m, preprocess="centered")
+        with monitor:
+            for x in data[rank]:
+                m.zero_grad()
+                m(x).square().mean().backward()
+        return monitor.compute(exponents=False)
 
-    monkeypatch.setattr(monitor_mod, "all_reduce_flat", fake_all_reduce)
-    monkeypatch.setattr(monitor_mod, "_world_size", lambda: 2)
-    reports: dict[int, canonreg.CRHReport] = {}
-    errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            m = copy.deepcopy(init)
-            monitor = CRHMonitor(m, preprocess="centered")
-            with monitor:
-                for x in data[rank]:
-                    m.zero_grad()
-                    m(x).square().mean().backward()
-            reports[rank] = monitor.compute(exponents=False)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,), name=f"rank{r}") for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert calls["n"] == 2  # the small mean reduction, then the main one
+    reports, calls = two_simulated_ranks(monkeypatch, rank_main)
+    assert calls == 2  # the small mean reduction, then the main one
     want = dense_cov(torch.cat([*data[0], *data[1]]))
     for rank in (0, 1):
-        assert reports[rank].samples["0"] == 96
-        assert_close(reports[rank].matrices("0")["H_a"], want, rtol=0, atol=1e-5)
-    assert torch.equal(reports[0].matrices("0")["G_b"], reports[1].matrices("0")["G_b"])
+        report = reports[rank]
+        assert isinstance(report, canonreg.CRHReport)
+        assert report.samples["0"] == 96
+        assert_close(report.matrices("0")["H_a"], want, rtol=0, atol=1e-5)
+    r0, r1 = reports[0], reports[1]
+    assert isinstance(r0, canonreg.CRHReport) and isinstance(r1, canonreg.CRHReport)
+    assert torch.equal(r0.matrices("0")["G_b"], r1.matrices("0")["G_b"])
 
 
 def test_renamed_arguments_maps_old_name_with_a_warning_and_refuses_both() -> None:
