@@ -216,7 +216,7 @@ def _check_finite(policy: Policy | None, name: str, index: int, what: str, rows:
         f"Non-finite {what} in layer {_display(name)!r}, call {index} (policy nonfinite={policy!r})",
         hint="pass nonfinite='skip' or 'warn' to drop such calls instead",
         consequence="the call is dropped",
-        stacklevel=6,
+        stacklevel=5,  # the owner's line that asked for the rows
     )
     raise _Dropped
 
