@@ -413,15 +413,11 @@ class Capture:
         if self._entered.pop():
             self.detach()
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __reduce_ex__(self, protocol: object) -> Any:  # pickle and copy.deepcopy both go through it
         raise TypeError(
             "A canonreg Capture holds hooks on a live model and is never pickled or copied: its owner leaves it out "
             "of its state and builds a new one when loaded"
         )
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Capture:
-        self.__getstate__()
-        raise AssertionError  # unreachable
 
     # ------------------------------------------------------------------ the hooks
     def _on_root(self, module: nn.Module, inputs: tuple[object, ...]) -> None:

@@ -304,6 +304,20 @@ def test_nonfinite_gradient_rows_are_dropped() -> None:
         (model(torch.randn(2, 3)) * torch.tensor([1.0, float("inf")])).sum().backward()
 
 
+def test_need_grad_false_delivers_calls_without_gradients() -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).requires_grad_(False)
+    x = torch.randn(4, 3)
+    rec = Recorder()
+    with rec.capture(model, need_grad=False):
+        model(x)
+    assert len(rec.calls) == 1 and "g_b" not in rec.calls[0]
+    assert_close(rec.calls[0]["h_b"], model(x))
+    rec2 = Recorder()
+    with rec2.capture(model) as cap:  # default: only outputs that require grad
+        model(x)
+    assert rec2.calls == [] and cap.stats["0"].no_grad_output == 1 and cap.stats["0"].fired == 1
+
+
 def test_dtype_rule_upcasts_half_precision_rows() -> None:
     model = nn.Sequential(nn.Linear(3, 2)).to(torch.bfloat16)
     rec = Recorder()
