@@ -237,28 +237,32 @@ def train(model: nn.Module, data: Split, cfg: Config, seed: int, arm: str | None
     return {"seconds": time.perf_counter() - t0, "final": last, "layers": layers, "relations": list(relations), "weight": lam}
 
 
+def alpha_draws(model: nn.Module, x: torch.Tensor, relations: Any, layers: Any, draws: int, **options: Any) -> dict[str, list[float]]:
+    """``draws`` evaluations of every term's α (``"layer/relation"``) of ``AlignmentLoss(model, relations,
+    layers, **options)`` after one pass of ``x`` (randomized estimators draw fresh probes each time)."""
+    out: dict[str, list[float]] = {}
+    with AlignmentLoss(model, relations, layers, **options) as loss:
+        model(x)
+        with torch.no_grad():
+            for _ in range(draws):
+                loss()
+                for n, d in loss.last_alignment.items():
+                    for r, a in d.items():
+                        out.setdefault(f"{n}/{r}", []).append(float(a))
+    return out
+
+
 def estimator_spread(model: nn.Module, data: Split, cfg: Config, info: dict[str, Any], seed: int) -> dict[str, Any]:
     """Spread of the randomized α of a trained arm's terms on one training batch: for each ``k`` in
     ``spread_probes``, ``spread_draws`` draws of ``AlignmentLoss(..., estimator="hutchinson", probes=k)``
     against the exact α of the same batch: mean, std, and std of ``1 − α̂`` relative to ``1 − α``."""
-    x, y = data.x[: cfg.batch], data.y[: cfg.batch]
+    x = data.x[: cfg.batch]
     kw: dict[str, Any] = {"metric": cfg.metric, "preprocess": cfg.preprocess}
-    with AlignmentLoss(model, info["relations"], info["layers"], **kw) as exact:
-        model(x)
-        exact()
-        ref = {f"{n}/{r}": float(a) for n, d in exact.last_alignment.items() for r, a in d.items()}
+    ref = {t: v[0] for t, v in alpha_draws(model, x, info["relations"], info["layers"], 1, **kw).items()}
     torch.manual_seed(seed)
     out: dict[str, Any] = {"exact": ref}
     for k in cfg.spread_probes:
-        draws: dict[str, list[float]] = {t: [] for t in ref}
-        with AlignmentLoss(model, info["relations"], info["layers"], estimator="hutchinson", probes=k, **kw) as est:
-            F.cross_entropy(model(x), y)
-            with torch.no_grad():
-                for _ in range(cfg.spread_draws):
-                    est()
-                    for n, d in est.last_alignment.items():
-                        for r, a in d.items():
-                            draws[f"{n}/{r}"].append(float(a))
+        draws = alpha_draws(model, x, info["relations"], info["layers"], cfg.spread_draws, estimator="hutchinson", probes=k, **kw)
         out[str(k)] = {
             t: {"mean": statistics.fmean(v), "std": statistics.stdev(v), "rel_std_1_minus_alpha": statistics.stdev(v) / max(1e-12, 1 - ref[t])}
             for t, v in draws.items()

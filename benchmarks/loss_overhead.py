@@ -16,7 +16,8 @@ Variants (each on its own copy of one initialised MLP, same batch, SGD with mome
 
 Timing: warm-up steps, then ``rounds`` rounds that time one step of every variant in turn
 (interleaved, so load drift on a shared machine hits all variants alike); the reported per-step time is
-the median over rounds and the ratio is ``median(variant) / median(plain)``. The JSON holds config,
+the median over rounds and the ratio is ``median(variant) / median(plain)``, on the wall clock and on
+the process CPU clock (with ``--threads 1`` the CPU clock is barely disturbed by other processes). The JSON holds config,
 environment, raw timings and an analytic multiply-add count per step (plain step ``3·n·d_a·d_b`` per
 layer; loss extra per layer: ``2·d_a·d_b·min(d_a,d_b)`` for ``‖WᵀW‖_F`` forward+backward,
 ``2·n·d·min(n,d)`` per batch Gram ``‖H‖_F``, ``3·n·d_a·d_b`` for ``⟨H_b, WWᵀ⟩``; ``⟨H_a, WᵀW⟩`` is free;
@@ -56,6 +57,9 @@ import canonreg
 from canonreg import functional as cf
 from canonreg.losses import AlignmentLoss
 from canonreg.models import mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_effect import alpha_draws  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -170,25 +174,13 @@ def macs(cfg: Config) -> dict[str, float]:
     return out
 
 
-def estimator_spread(base: nn.Module, x: Tensor, y: Tensor, cfg: Config) -> dict[str, Any]:
+def estimator_spread(base: nn.Module, x: Tensor, cfg: Config) -> dict[str, Any]:
     """Per k: mean and std over ``spread_draws`` draws of every randomized α term, beside the exact α."""
     model = copy.deepcopy(base)
     kw: dict[str, Any] = {"metric": cfg.metric, "preprocess": cfg.preprocess}
-    with AlignmentLoss(model, cfg.relations, **kw) as exact:
-        model(x)
-        exact()
-        ref = {f"{n}/{r}": float(a) for n, d in exact.last_alignment.items() for r, a in d.items()}
-    out: dict[str, Any] = {"exact": ref}
+    out: dict[str, Any] = {"exact": {t: v[0] for t, v in alpha_draws(model, x, cfg.relations, None, 1, **kw).items()}}
     for k in cfg.probes:
-        draws: dict[str, list[float]] = {t: [] for t in ref}
-        with AlignmentLoss(model, cfg.relations, estimator="hutchinson", probes=k, **kw) as est:
-            model(x)
-            with torch.no_grad():
-                for _ in range(cfg.spread_draws):
-                    est()
-                    for n, d in est.last_alignment.items():
-                        for r, a in d.items():
-                            draws[f"{n}/{r}"].append(float(a))
+        draws = alpha_draws(model, x, cfg.relations, None, cfg.spread_draws, estimator="hutchinson", probes=k, **kw)
         out[str(k)] = {t: {"mean": statistics.fmean(v), "std": statistics.stdev(v)} for t, v in draws.items()}
     return out
 
@@ -240,31 +232,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i in range(cfg.warmup):
             steps[k](i)
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}  # process CPU time: barely disturbed by other processes at 1 thread
     load_before = environment()["load_average"]
     for r in range(cfg.rounds):
         for k in kinds:
             reps = int(k.split("/")[1]) if k.startswith("loss/") else 1  # one full cycle: align() on 1 of k steps
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for j in range(reps):
                 steps[k](j)
             sync()
             times[k].append((time.perf_counter() - t0) / reps)
+            cpu[k].append((time.process_time() - c0) / reps)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     result = {
         "config": dataclasses.asdict(cfg),
         "environment": {**environment(), "load_average_before": load_before},
         "ms_per_step_median": {k: 1e3 * v for k, v in med.items()},
         "ms_per_step_all": {k: [1e3 * t for t in v] for k, v in times.items()},
         "ratio_to_plain": {k: med[k] / med["plain"] for k in kinds},
+        "cpu_ms_per_step_median": {k: 1e3 * v for k, v in med_cpu.items()},
+        "cpu_ratio_to_plain": {k: med_cpu[k] / med_cpu["plain"] for k in kinds},
         "macs": macs(cfg),
-        "spread_at_init": estimator_spread(base, x, y, cfg) if cfg.probes else {},
+        "spread_at_init": estimator_spread(base, x, cfg) if cfg.probes else {},
     }
     print(f"MLP {cfg.d_in}→{cfg.hidden}×{cfg.width}→{cfg.d_out}, batch {cfg.batch}, relations {list(cfg.relations)}, "
           f"preprocess={cfg.preprocess}, metric={cfg.metric}, threads={torch.get_num_threads()}, rounds={cfg.rounds}")
-    print(f"{'variant':<10}{'ms/step':>10}{'× plain':>10}")
+    print(f"{'variant':<10}{'ms/step':>10}{'× plain':>10}{'CPU ms':>10}{'CPU ×':>8}")
     for k in kinds:
-        print(f"{k:<10}{1e3 * med[k]:>10.1f}{result['ratio_to_plain'][k]:>10.2f}")
+        print(f"{k:<10}{1e3 * med[k]:>10.1f}{result['ratio_to_plain'][k]:>10.2f}{1e3 * med_cpu[k]:>10.1f}"
+              f"{result['cpu_ratio_to_plain'][k]:>8.2f}")
     m = result["macs"]
     print(f"analytic multiply-adds: plain {m['plain']:.3g}, loss extra {m['loss_extra']:.3g} → predicted {m['predicted_ratio']:.2f}× plain"
           + "".join(f"; hutch:{k} {m[f'hutch:{k}_predicted_ratio']:.2f}×" for k in cfg.probes))

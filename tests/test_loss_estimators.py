@@ -82,6 +82,20 @@ def test_gram_sketches_gradient_matches_autograd_of_dense() -> None:
     assert_close(w3.grad, w4.grad)
 
 
+@pytest.mark.parametrize("preprocess", cf.PREPROCESS_MODES)
+def test_lazy_row_sketch_gradient_matches_autograd_of_dense(preprocess: str) -> None:
+    """The hand-written backward of ``M Ω`` (row norms, centring) vs autograd through ``second_moment``,
+    with an all-zero row (its normalisation is the constant 1)."""
+    x, _ = _operands(5, n=20, da=7)
+    x[4] = 0.0
+    torch.manual_seed(3)
+    om, g = torch.randn(7, 3, dtype=D64), torch.randn(7, 3, dtype=D64)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (sketch_product(LazyRowMoment(x1, preprocess), om) * g).sum().backward()  # type: ignore[arg-type]
+    (cf.second_moment(x2, preprocess) @ om * g).sum().backward()  # type: ignore[arg-type]
+    assert_close(x1.grad, x2.grad)
+
+
 def test_rademacher_probes_are_signs_with_identity_second_moment() -> None:
     torch.manual_seed(0)
     om = rademacher_probes(6, 20000, like=torch.zeros((), dtype=D64))
