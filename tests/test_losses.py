@@ -694,15 +694,18 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path) -> None:
     try:
         over = _load_script("loss_overhead").main(
             ["--quick", "--d_in", "8", "--width", "16", "--hidden", "2", "--batch", "8", "--warmup", "1",
-             "--rounds", "1", "--every", "2", "--out", str(tmp_path / "o.json")]
+             "--rounds", "1", "--every", "2", "--probes", "4", "--spread_draws", "3", "--out", str(tmp_path / "o.json")]
         )
         saved = json.loads((tmp_path / "o.json").read_text())
-        assert saved["ratio_to_plain"]["plain"] == 1.0
-        assert set(saved["ratio_to_plain"]) == {"plain", "attached", "loss", "loss/2", "dense"} == set(over["ratio_to_plain"])
+        assert saved["ratio_to_plain"]["plain"] == 1.0 and saved["cpu_ratio_to_plain"]["plain"] == 1.0
+        assert set(saved["ratio_to_plain"]) == {"plain", "attached", "loss", "loss/2", "hutch:4", "dense"} == set(over["ratio_to_plain"])
+        spread = saved["spread_at_init"]
+        assert set(spread["4"]) == set(spread["exact"]) and all(v["std"] > 0 for v in spread["4"].values())
         assert saved["config"]["width"] == 16 and "torch" in saved["environment"]
 
         eff = _load_script("loss_effect").main(
-            ["--quick", "--steps", "3", "--width", "8", "--arms", "f-RWA+b-RWA@inner:2",
+            ["--quick", "--steps", "3", "--width", "8", "--arms", "f-RWA+b-RWA@inner:2", "f-RWA+b-RWA@inner:2/hutchinson4",
+             "--spread_probes", "4", "--spread_draws", "3", "--measure_on", "train",
              "--out", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md")]
         )
     finally:
@@ -712,7 +715,12 @@ def test_benchmark_scripts_run_and_write_their_results(tmp_path) -> None:
     arm = eff["summary"]["arms"]["f-RWA+b-RWA@inner:2"]
     assert arm["layers"] == ["2", "4"] and arm["relations"] == ["f-RWA", "b-RWA"]
     runs = json.loads((tmp_path / "e.json").read_text())["runs"]["0"]
-    assert set(runs) == {"init", "baseline", "f-RWA+b-RWA@inner:2"} and runs["f-RWA+b-RWA@inner:2"]["train"]["weight"] == 2.0
+    assert set(runs) == {"init", "baseline", "f-RWA+b-RWA@inner:2", "f-RWA+b-RWA@inner:2/hutchinson4"}
+    assert runs["f-RWA+b-RWA@inner:2"]["train"]["weight"] == 2.0
+    assert set(runs["f-RWA+b-RWA@inner:2"]["spread"]) == {"exact", "4"} and "spread" not in runs["f-RWA+b-RWA@inner:2/hutchinson4"]
+    cmp = eff["summary"]["estimators"]["f-RWA+b-RWA@inner:2/hutchinson4"]
+    assert cmp["exact_twin"] == "f-RWA+b-RWA@inner:2" and cmp["probes"] == 4 and set(cmp["alpha_minus_exact"]) == {"2/f-RWA", "2/b-RWA", "4/f-RWA", "4/b-RWA"}
+    assert "Randomized vs exact estimator" in md and "measure_crh" in md and "## Spread of the randomized α" in md
 
 
 def test_crh_reach_quick_runs_and_combines_per_seed_files(tmp_path) -> None:
