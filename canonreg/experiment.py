@@ -750,6 +750,7 @@ def run_trial(
     data: Split | Callable[[TrialConfig], Split] | None = None,
     model_fn: ModelFn | None = None,
     threads: int | None = None,
+    measure: Callable[[TrainedTrial, Split], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train one arm under ``cfg`` (:func:`train_trial`) and return its metrics, JSON-ready.
 
@@ -758,6 +759,9 @@ def run_trial(
         progress: show a tqdm bar over the steps (needs tqdm).
         callback: called with a :class:`TrialEvent` after every monitor window.
         data, model_fn, threads: your own data and model, and the thread count (see :func:`train_trial`).
+        measure: your own measurement of the trained model, ``measure(trained, split) -> dict``
+            (:class:`TrainedTrial`, the data split), called after every metric below; its dict is
+            returned under ``"measure"`` (not timed in ``wall_time_s``/``cpu_time_s``).
 
     Returns:
         A dict with ``config`` (resolved), ``run_id`` (:func:`config_id`), ``train_acc``,
@@ -780,7 +784,7 @@ def run_trial(
     cfg = cfg.resolved()
     if threads is not None:
         with _num_threads(threads):
-            return run_trial(cfg, progress=progress, callback=callback, data=data, model_fn=model_fn)
+            return run_trial(cfg, progress=progress, callback=callback, data=data, model_fn=model_fn, measure=measure)
     split = _data(cfg, data)
     trained = train_trial(cfg, data=split, model_fn=model_fn, progress=progress, callback=callback)
     result: dict[str, Any] = {"config": cfg.to_dict(), "run_id": config_id(cfg)}
@@ -795,6 +799,8 @@ def run_trial(
     result["cpu_time_s"] = time.process_time() - cpu0  # CPU seconds of this process (all its threads)
     result["threads"] = torch.get_num_threads()
     result["torch"] = torch.__version__
+    if measure is not None:
+        result["measure"] = measure(trained, split)
     return jsonable(result)
 
 

@@ -381,6 +381,84 @@ def _to_toml(cfg: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------- a measurement of every trained model
+MEASURE = "_ablate_measure:weights_and_accuracy"  # tests/_ablate_measure.py; tests/ is on sys.path (workers inherit it)
+
+
+def test_measure_runs_in_the_workers_is_stored_and_kept_on_resume(tmp_path: Path) -> None:
+    import _ablate_measure
+
+    from canonreg.experiment import load_data, train_trial
+
+    cfg = grid_config(arm=["baseline", "loss"], seed=[1])
+    res = run(cfg, tmp_path, workers=2, plots=False, measure=MEASURE, measure_args={"scale": 2.0, "rows": 5})
+    assert res.new_runs == 2 and not res.failures
+    for trial in res.configs:
+        rec = res.records[config_id(trial)]
+        assert rec["measure_call"] == {"function": MEASURE, "args": {"scale": 2.0, "rows": 5}}
+        assert "measure" not in rec["result"]
+        # reference: the same trial trained here, in this process, and measured directly
+        ref = _ablate_measure.weights_and_accuracy(train_trial(trial), load_data(trial), scale=2.0, rows=5)
+        m = rec["measure"]
+        assert m["sq_weights"] == ref["sq_weights"] and m["pred"] == ref["pred"].tolist() and len(m["pred"]) == 5
+        assert (m["arm"], m["seed"], m["n_train"]) == (trial.arm, 1, load_data(trial).x.shape[0])
+        assert m["test_acc"] == rec["result"]["test_acc"]  # the run's own evaluation of the same model
+        assert m["undefined"] is None  # NaN stored as JSON null
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert {json.loads(line)["run_id"]: json.loads(line)["measure"] for line in lines} == {rid: r["measure"] for rid, r in res.records.items()}
+    # resume: the same call recomputes nothing and returns the stored records
+    again = run(cfg, tmp_path, plots=False, measure=MEASURE, measure_args={"scale": 2.0, "rows": 5})
+    assert again.new_runs == 0 and again.skipped_runs == 2 and again.records == res.records
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
+    # another call (other args) runs again; a run without a measurement accepts any record
+    other = run(cfg, tmp_path, plots=False, measure=MEASURE, measure_args={"scale": 1.0, "rows": 5})
+    assert other.new_runs == 2
+    for rid, rec in other.records.items():
+        assert rec["measure"]["sq_weights"] == pytest.approx(res.records[rid]["measure"]["sq_weights"] / 2, rel=1e-15)
+    assert run(cfg, tmp_path, plots=False).new_runs == 0
+
+
+@pytest.mark.parametrize(
+    "measure, measure_args, named",
+    [
+        ("_ablate_measure.weights_and_accuracy", None, "'package.module:function'"),
+        ("_ablate_measure:weights:x", None, "'package.module:function'"),
+        ("no_such_module_xyz:f", None, "no_such_module_xyz"),
+        ("_ablate_measure:no_such_function", None, "no attribute 'no_such_function'"),
+        ("canonreg.ablate:DEFAULT_METRICS", None, "callable"),
+        (42, None, "`measure`"),
+        (MEASURE, {"scale": float("nan")}, "`measure_args`"),
+        (MEASURE, {"scale": object()}, "`measure_args`"),
+        (MEASURE, [1], "`measure_args`"),
+        (None, {"scale": 1.0}, "`measure_args` only together with `measure`"),
+    ],
+)
+def test_bad_measure_is_rejected_before_anything_runs(measure: Any, measure_args: Any, named: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="measure") as info:
+        run(grid_config(), tmp_path / "out", measure=measure, measure_args=measure_args)
+    assert named in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("fails", "measure '_ablate_measure:fails' raised ZeroDivisionError: division by zero"),
+        ("not_a_dict", "Expected measure '_ablate_measure:not_a_dict' to return a dict, but got list"),
+        ("not_json", "Expected measure '_ablate_measure:not_json' to return a JSON-able dict"),
+    ],
+)
+def test_failing_measure_fails_its_run_like_a_run_error(function: str, message: str, tmp_path: Path) -> None:
+    cfg = grid_config(arm=["baseline"], seed=[0])
+    res = run(cfg, tmp_path, plots=False, measure=f"_ablate_measure:{function}")
+    rid = config_id(res.configs[0])
+    assert res.new_runs == 0 and list(res.failures) == [rid] and res.records == {}
+    assert res.failures[rid].startswith("MeasureError: " + message)
+    (err,) = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert err["run_id"] == rid and message in err["error"] and "Traceback" in err["traceback"]
+    assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
+
+
 # ---------------------------------------------------------------------- the package
 def test_package_keeps_every_public_name_and_module_entry() -> None:
     # canonreg.ablate became a package (spec, runner, store, tables, plots, cli): the old names import from it,

@@ -62,6 +62,12 @@ Determinism: every trial runs with ``torch.set_num_threads(1)`` (worker processe
 in-process mode alike) and is seeded from its config, so the same config gives the same numbers bit
 for bit in one environment, whichever backend or worker count ran it.
 
+Measuring the trained models: ``run_ablation(config, measure="package.module:function",
+measure_args={...})`` calls ``function(trained, split, **measure_args) -> dict`` on every trained run
+in its worker (:class:`~canonreg.experiment.TrainedTrial`: model, resolved config, the monitor's last
+window) and stores the dict in the run's record under ``"measure"`` — for what ``run_trial``'s metrics
+do not hold (representations on other data, attacks, refits). See :mod:`canonreg.ablate.measure`.
+
 Interval over seeds: with ``n`` finite values, mean ``m`` and sample standard deviation ``s``,
 ``m ± t_{0.975, n−1} · s / √n`` (:func:`mean_ci`; no interval for ``n = 1``).
 
@@ -75,7 +81,8 @@ CLI: ``canonreg ablate CONFIG [--out DIR] [--workers N] [--backend local|ray] [-
 Modules, one job each: :mod:`~canonreg.ablate.spec` (the grid and its validation),
 :mod:`~canonreg.ablate.runner` (processes / Ray, interrupts, resuming), :mod:`~canonreg.ablate.store`
 (``results.jsonl``), :mod:`~canonreg.ablate.tables` (summaries over seeds), :mod:`~canonreg.ablate.plots`
-(figures), :mod:`~canonreg.ablate.cli` (``canonreg ablate``). Intervals and run metadata come from
+(figures), :mod:`~canonreg.ablate.measure` (user measurements in the workers), :mod:`~canonreg.ablate.cli`
+(``canonreg ablate``). Intervals and run metadata come from
 :mod:`canonreg.stats`.
 """
 
@@ -83,6 +90,7 @@ from __future__ import annotations
 
 from ..stats import Interval, code_fingerprint, mean_ci, t_quantile
 from .cli import PROG, main
+from .measure import MeasureError
 from .plots import plot_metric
 from .runner import AblationResult, Terminated, run_ablation
 from .spec import (
@@ -117,6 +125,7 @@ __all__ = [
     "t_quantile",
     "code_fingerprint",
     "Terminated",
+    "MeasureError",
     "main",
     "ARM_COLORS",
     "BACKENDS",

@@ -21,15 +21,18 @@ import torch
 from ..experiment import TrialConfig, config_id, scalar_metrics
 from ..stats import environment, progress_bar
 from ..writers import CSVWriter, TensorBoardWriter
+from .measure import bound_measure, measure_args_json, resolve_measure
 from .spec import BACKENDS, AblationSpec, Backend, load_spec
 from .store import _append_line, load_results
 from .tables import write_summaries
 
 
-def _execute(cfg_dict: dict[str, Any], log_kind: str, log_dir: str | None) -> dict[str, Any]:
-    """Run one trial (in a worker process, a Ray task or in-process); never raises.
+def _execute(cfg_dict: dict[str, Any], log_kind: str, log_dir: str | None, measure: MeasureCall | None = None) -> dict[str, Any]:
+    """Run one trial (in a worker process, a Ray task or in-process), with the measurement ``measure``
+    (``{"function", "args"}``, see :mod:`canonreg.ablate.measure`) if given; never raises.
 
-    Returns ``{"run_id", "result"}`` or ``{"run_id", "error", "traceback"}``.
+    Returns ``{"run_id", "result"}`` (the measurement under ``result["measure"]``) or
+    ``{"run_id", "error", "traceback"}``.
     """
     from ..experiment import run_trial
 
@@ -47,7 +50,8 @@ def _execute(cfg_dict: dict[str, Any], log_kind: str, log_dir: str | None) -> di
             else:
                 writer = TensorBoardWriter(log_dir)
         callback = writer.log_event if writer is not None else None
-        result = run_trial(cfg, callback=callback)
+        fn = None if measure is None else bound_measure(measure["function"], measure["args"])
+        result = run_trial(cfg, callback=callback, measure=fn)
         return {"run_id": rid, "result": result}
     except Exception as e:  # reported to the parent, recorded in errors.jsonl
         return {"run_id": rid, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -114,13 +118,15 @@ class _SigtermRaises:
             self._installed = False
 
 
-Job = tuple[TrialConfig, str, str | None]
+#: ``{"function": "package.module:function", "args": {...}}``: a run's measurement, stored in its record.
+MeasureCall = dict[str, Any]
+Job = tuple[TrialConfig, str, str | None, MeasureCall | None]
 
 
 def _run_local(jobs: Sequence[Job], workers: int) -> Generator[tuple[TrialConfig, dict[str, Any]], None, None]:
     if workers == 0:
-        for cfg, kind, log_dir in jobs:
-            yield cfg, _execute(cfg.to_dict(), kind, log_dir)
+        for cfg, kind, log_dir, measure in jobs:
+            yield cfg, _execute(cfg.to_dict(), kind, log_dir, measure)
         return
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -128,7 +134,7 @@ def _run_local(jobs: Sequence[Job], workers: int) -> Generator[tuple[TrialConfig
     ctx = mp.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
     try:
-        futures = {pool.submit(_execute, cfg.to_dict(), kind, log_dir): cfg for cfg, kind, log_dir in jobs}
+        futures = {pool.submit(_execute, cfg.to_dict(), kind, log_dir, measure): cfg for cfg, kind, log_dir, measure in jobs}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -172,7 +178,7 @@ def _run_ray(jobs: Sequence[Job], workers: int) -> Generator[tuple[TrialConfig, 
         started = True
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(_execute)
-        refs = {remote.remote(cfg.to_dict(), kind, log_dir): cfg for cfg, kind, log_dir in jobs}
+        refs = {remote.remote(cfg.to_dict(), kind, log_dir, measure): cfg for cfg, kind, log_dir, measure in jobs}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -228,6 +234,8 @@ def run_ablation(
     quick: bool = False,
     progress: bool = True,
     plots: bool = True,
+    measure: str | None = None,
+    measure_args: Mapping[str, Any] | None = None,
 ) -> AblationResult:
     """Run (or finish) an ablation grid and write its results, tables and figures.
 
@@ -245,13 +253,33 @@ def run_ablation(
         quick: apply the spec's ``[quick]`` overrides.
         progress: show a tqdm bar over the runs (needs tqdm).
         plots: write the figures (needs matplotlib).
+        measure: ``"package.module:function"``, a measurement of every trained model run in the
+            worker, ``function(trained, split, **measure_args) -> dict``
+            (:mod:`canonreg.ablate.measure`); its dict is stored in the run's record under
+            ``"measure"``, the call under ``"measure_call"``. The module must be importable in the
+            workers: worker processes get this process's ``sys.path`` (a script's folder included),
+            Ray tasks need it installed. A failing measurement fails its run (``errors.jsonl``,
+            retried on the next start). With ``resume``, a finished run counts only if its record
+            holds this same call (function and args); others are run again.
+        measure_args: JSON mapping of keyword arguments for ``measure`` (tuples arrive as lists).
 
     Raises:
         ValueError / TypeError: a bad config or argument (before anything runs).
         ImportError: ``backend="ray"`` without ray, ``progress=True`` without tqdm.
     """
     spec, configs, out_dir, backend, nworkers = _prepare(config, out=out, workers=workers, backend=backend, quick=quick, progress=progress)
-    return _run_prepared(spec, configs, out_dir, backend, nworkers, resume=resume, progress=progress, plots=plots)
+    call = _measure_call(measure, measure_args)
+    return _run_prepared(spec, configs, out_dir, backend, nworkers, resume=resume, progress=progress, plots=plots, measure=call)
+
+
+def _measure_call(measure: str | None, measure_args: Mapping[str, Any] | None) -> MeasureCall | None:
+    """The checked ``{"function", "args"}`` of :func:`run_ablation`'s ``measure`` (None without one)."""
+    if measure is None:
+        if measure_args is not None:
+            raise ValueError(f"Expected `measure_args` only together with `measure`, but got measure_args={measure_args!r} without it")
+        return None
+    resolve_measure(measure)  # importable here, before anything runs
+    return {"function": measure, "args": measure_args_json(measure_args)}
 
 
 def _prepare(
@@ -306,6 +334,7 @@ def _run_prepared(
     resume: bool,
     progress: bool,
     plots: bool,
+    measure: MeasureCall | None = None,
 ) -> AblationResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spec.json").write_text(json.dumps({"spec": spec.to_dict(), "runs": len(configs)}, indent=2))
@@ -314,6 +343,8 @@ def _run_prepared(
         os.replace(results_path, out_dir / "results.jsonl.prev")
     ids = [config_id(c) for c in configs]
     finished = load_results(results_path, repair=True)
+    if measure is not None:  # a run counts as finished only with this measurement
+        finished = {rid: rec for rid, rec in finished.items() if rec.get("measure_call") == measure}
     todo = [c for c, rid in zip(configs, ids) if rid not in finished]
     skipped = len(configs) - len(todo)
     code = _code_fingerprint()
@@ -331,7 +362,7 @@ def _run_prepared(
         n = min(os.cpu_count() or 1, len(todo)) if nworkers is None else min(nworkers, len(todo))
         bar = progress_bar(len(configs), progress, initial=skipped, desc=spec.name, unit="run", dynamic_ncols=True)
         env = {**environment(), "code": code}
-        new_runs = _run_jobs(spec, todo, out_dir, backend, n, env, finished, failures, bar)
+        new_runs = _run_jobs(spec, todo, out_dir, backend, n, env, finished, failures, bar, measure)
     records = {rid: finished[rid] for rid in ids if rid in finished}
     summary, markdown, written = write_summaries(spec, configs, list(records.values()), out_dir, plots=plots)
     return AblationResult(
@@ -355,11 +386,12 @@ def _run_jobs(
     finished: dict[str, dict[str, Any]],
     failures: dict[str, str],
     bar: Any,
+    measure: MeasureCall | None = None,
 ) -> int:
     """Run ``todo``, appending each outcome as it arrives (results to ``finished``, errors to ``failures``); the new runs."""
     _prefetch_data(todo)
     log_root = out_dir / "logs"
-    jobs: list[Job] = [(c, spec.logs, None if spec.logs == "none" else str(log_root / config_id(c))) for c in todo]
+    jobs: list[Job] = [(c, spec.logs, None if spec.logs == "none" else str(log_root / config_id(c)), measure) for c in todo]
     runs = _run_ray(jobs, workers) if backend == "ray" else _run_local(jobs, workers)
     new_runs = 0
     try:
@@ -369,7 +401,7 @@ def _run_jobs(
                     failures[outcome["run_id"]] = outcome["error"]
                     _record_failure(out_dir / "errors.jsonl", cfg, outcome, bar)
                 else:
-                    finished[outcome["run_id"]] = _record_result(out_dir / "results.jsonl", cfg, outcome, env, bar)
+                    finished[outcome["run_id"]] = _record_result(out_dir / "results.jsonl", cfg, outcome, env, bar, measure)
                     new_runs += 1
                 bar.update(1)
     finally:
@@ -388,9 +420,13 @@ def _record_failure(path: Path, cfg: TrialConfig, outcome: Mapping[str, Any], ba
     bar.set_postfix_str(f"FAILED {rid}: {outcome['error'][:60]}")
 
 
-def _record_result(path: Path, cfg: TrialConfig, outcome: Mapping[str, Any], env: Mapping[str, Any], bar: Any) -> dict[str, Any]:
-    result = {k: v for k, v in outcome["result"].items() if k not in ("config", "run_id")}
+def _record_result(
+    path: Path, cfg: TrialConfig, outcome: Mapping[str, Any], env: Mapping[str, Any], bar: Any, measure: MeasureCall | None = None
+) -> dict[str, Any]:
+    result = {k: v for k, v in outcome["result"].items() if k not in ("config", "run_id", "measure")}
     record = {"run_id": outcome["run_id"], "config": cfg.to_dict(), "result": result, "env": dict(env), "finished_at": _now()}
+    if measure is not None:
+        record.update(measure=outcome["result"]["measure"], measure_call=measure)
     _append_line(path, record)
     m = scalar_metrics(result)
     bar.set_postfix_str(f"{cfg.arm} test_acc={m['test_acc']:.3f} α={m['mean_alpha']:.3f}")
