@@ -19,7 +19,7 @@ gives any ``torch.optim`` optimizer
 
   jointly over all tapped layers (with a per-layer ``σ_l``: ``σ_l σ_l'`` on the cross blocks). For a
   mean loss ``L = (1/S) Σ_b ℓ_b`` this is ``(σ²/S) E_b[vec ∇ℓ_b vec ∇ℓ_bᵀ]``: σ² times the per-sample
-  gradient second moment that SGD's minibatch noise carries (spec §5's uncentred form), i.e. the
+  gradient second moment that SGD's minibatch noise carries (theory §5's uncentred form), i.e. the
   noise of random per-sample loss weights ``1 + σ ε_b``. It is the same for any ``m``; the sketch only
   saves compute (one ``m``-row matmul per layer instead of the ``B``-row ones of the backward pass).
 * **decoupled weight decay** ``W ← (1 − η_eff γ) W`` before the base step on the parameters chosen by
@@ -42,7 +42,7 @@ import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -176,7 +176,7 @@ def _is_adam_group(group: Mapping[str, Any]) -> bool:
 
 
 def noise_share(sigma: float, unit_noise: float, decay: float) -> float:
-    """Noise share ``noise / decay = (1 + σ²) n₁ / D`` (spec §5, trace form, per step).
+    """Noise share ``noise / decay = (1 + σ²) n₁ / D`` (theory §5, trace form, per step).
 
     ``n₁ = E‖P ⊙ N‖²`` is the per-step diffusion of the unit (σ = 1) noise — equal to SGD's own noise
     term — and ``D = η_eff γ (2 − η_eff γ) ‖W‖²`` the per-step decay of ``Tr WᵀW``.
@@ -244,7 +244,7 @@ def controller_step(
 class LayerBalanceState:
     """EMA of one layer's per-step balance measurements, plus the controller state.
 
-    All quantities are per optimizer step, for ``Tr WᵀW`` (spec §5), with ``P`` the per-coordinate
+    All quantities are per optimizer step, for ``Tr WᵀW`` (theory §5), with ``P`` the per-coordinate
     step size (``η_eff`` for SGD-style groups, ``lr / (sqrt(v̂)+ε)`` for Adam), ``M = −∇_W L`` the clean
     batch gradient, ``N`` the unit-σ noise sketch and ``r = η_eff γ``. For plain SGD the step
     ``W⁺ = (1 − r) W + P ⊙ (M + σ N)`` gives exactly
@@ -356,7 +356,7 @@ def ramped_target(target_share: float, decay_time: float, ramp: float, steps: in
     """Target share in effect: ``τ · min(1, max(Σ_t η_eff γ / ramp, t / ramp_steps))``.
 
     ``τ`` itself when ``ramp = 0``; ``ramp_steps = 0`` ends the ramp by decay time only. Weights approach the noise equilibrium over
-    ``~1/(η γ)`` steps (spec §5; arXiv:2402.07193); before that the drift dominates and SGD's own noise
+    ``~1/(η γ)`` steps (theory §5; arXiv:2402.07193); before that the drift dominates and SGD's own noise
     share is far below any stationary target, so holding ``τ`` from the first step would inject the
     largest noise exactly while the representation forms. With a small ``η γ`` one decay time can be
     longer than the whole run, so the ramp also ends after ``ramp_steps`` steps, whichever comes first.
@@ -370,7 +370,7 @@ def ramped_target(target_share: float, decay_time: float, ramp: float, steps: in
 
 
 def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
-    """The spec §5 balance terms (per unit step size) of a layer from its EMAs; None before data.
+    """The theory §5 balance terms (per unit step size) of a layer from its EMAs; None before data.
 
     Calls :func:`canonreg.functional.balance_terms` with the noise-weighted step size
     ``η̄ = sqrt(‖P⊙N‖² / ‖N‖²)`` (``η_eff`` for SGD-style groups) as ``lr`` and ``γ' = η_eff γ / η̄`` as
@@ -402,9 +402,55 @@ def balance_from_state(state: LayerBalanceState) -> BalanceTerms | None:
 # ---------------------------------------------------------------------------------------------
 
 
-#: Keep a layer's unit noise as factors ``Aᵀ X`` while that is cheaper (False: always materialise;
-#: a switch for tests that compare the two paths).
-_FACTORED_NOISE = True
+@dataclass(frozen=True)
+class WrapperConfig:
+    """NoiseCalibrated's own settings (validated, with normalised types); the arguments of the same
+    name in :class:`NoiseCalibrated` document each field. Param-group hyperparameters (``weight_decay``,
+    ``noise``, ``target_share``) are not here: they live in the param groups (``GROUP_KEYS``).
+
+    Pickled wrappers store it as a plain dict of these names (:meth:`as_dict`, :meth:`from_dict`), the
+    layout the wrapper has always written.
+    """
+
+    layers: LayerSpec = None
+    decay: DecayRule = "matrices"
+    sketch: int | None = 32
+    gain: float = 0.1
+    ema_decay: float = 0.95
+    max_noise: float = 10.0
+    target_ramp: float = 1.0
+    ramp_steps: int = 200
+    track_balance: bool = True
+    grad_scaler: torch.amp.GradScaler | None = None
+    nonfinite: Policy = "error"
+    taps: dict[type[nn.Module], LayerTap] | None = None
+    seed: int = 0
+
+    @classmethod
+    def checked(cls, **values: Any) -> WrapperConfig:
+        """Validate the raw arguments (each error naming its argument) and normalise their types."""
+        _check_config(values)
+        for k in ("gain", "ema_decay", "max_noise", "target_ramp"):
+            values[k] = float(values[k])
+        values.update(ramp_steps=int(values["ramp_steps"]), track_balance=bool(values["track_balance"]), seed=int(values["seed"]))
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{field: value}`` by reference (no copies: the grad scaler and taps stay the caller's objects)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> WrapperConfig:
+        """Read a stored config dict, also of earlier versions: ``ema`` is ``ema_decay`` (renamed), and a
+        config without ``ramp_steps`` (before it existed) ramps by decay time only (``ramp_steps=0``)."""
+        values = dict(config)
+        if "ema" in values:  # pickled before `ema` was renamed `ema_decay`
+            values["ema_decay"] = values.pop("ema")
+        values.setdefault("ramp_steps", 0)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"Expected a stored NoiseCalibrated config with keys of {cls.__name__}, but it has unknown keys {unknown}")
+        return cls(**values)
 
 
 @dataclass
@@ -425,6 +471,9 @@ class _Layer:
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
     passes: int = 0  # backward passes through the layer since the last step (> 1: gradient accumulation)
+    # Keep N_W factored while that is cheaper (False: always materialise). Private: tests that compare
+    # the two paths set it on each layer of a wrapper (``opt._layers[name].factored = False``).
+    factored: bool = True
 
     def clear(self) -> None:
         self.noise_w = None
@@ -441,7 +490,7 @@ class _Layer:
         """``N_W += aᵀ x``, ``N_b += n_b``: factored while that is cheaper, else materialised."""
         self.factors.append((a, x))
         rows = sum(f[0].shape[0] for f in self.factors)
-        if not (_FACTORED_NOISE and self.noise_w is None and rows * (a.shape[1] + x.shape[1]) < a.shape[1] * x.shape[1]):
+        if not (self.factored and self.noise_w is None and rows * (a.shape[1] + x.shape[1]) < a.shape[1] * x.shape[1]):
             self.materialize()
         if n_b is not None:
             self.noise_b = n_b if self.noise_b is None else self.noise_b.add_(n_b)
@@ -556,7 +605,7 @@ class NoiseCalibrated(Optimizer):
         base_optimizer.step()
 
     with ``Cov[σ ξ̂] = σ² Σ_b vec(∇L_b) vec(∇L_b)ᵀ`` — σ² times SGD's own noise covariance at this
-    batch (spec §5; arXiv:2402.07193, arXiv:2410.03006). The noise is added to the gradient, so it is
+    batch (theory §5; arXiv:2402.07193, arXiv:2410.03006). The noise is added to the gradient, so it is
     multiplied by the learning rate like the gradient, goes through momentum and is preconditioned by
     Adam. After ``step()`` the tapped layers' ``.grad`` hold the noised gradient the base step used.
 
@@ -687,12 +736,11 @@ class NoiseCalibrated(Optimizer):
         errors.check_nonnegative("weight_decay", weight_decay)
         _check_noise("noise", noise)
         errors.check_positive("target_share", target_share)
-        self._config: dict[str, Any] = {
-            "layers": layers, "decay": decay, "sketch": sketch, "gain": gain, "ema_decay": ema_decay,
-            "max_noise": max_noise, "target_ramp": target_ramp, "ramp_steps": ramp_steps, "track_balance": track_balance,
-            "grad_scaler": grad_scaler, "nonfinite": nonfinite, "taps": taps, "seed": seed,
-        }  # fmt: skip
-        _check_config(self._config)
+        self._config = WrapperConfig.checked(
+            layers=layers, decay=decay, sketch=sketch, gain=gain, ema_decay=ema_decay, max_noise=max_noise,
+            target_ramp=target_ramp, ramp_steps=ramp_steps, track_balance=track_balance, grad_scaler=grad_scaler,
+            nonfinite=nonfinite, taps=taps, seed=seed,
+        )  # fmt: skip
         if noise != 0 and model is None:
             raise ValueError(f"Expected `model` to be given with `noise`={noise!r}: the noise is built from the model's hooks")
         if noise == "auto" and not track_balance:
@@ -701,9 +749,6 @@ class NoiseCalibrated(Optimizer):
             raise ValueError("Expected `weight_decay` > 0 with `noise`='auto': the controller balances noise against decay")
         if decay == "layers" and model is None:
             raise ValueError("Expected `model` to be given with `decay`='layers'")
-        for k in ("gain", "ema_decay", "max_noise", "target_ramp"):
-            self._config[k] = float(self._config[k])
-        self._config.update(ramp_steps=int(ramp_steps), track_balance=bool(track_balance), seed=int(seed))
         hyper = {"nc_weight_decay": float(weight_decay), "nc_noise": noise if noise == "auto" else float(noise), "nc_target_share": float(target_share)}
         for k, v in hyper.items():
             optimizer.defaults.setdefault(k, v)
@@ -745,8 +790,8 @@ class NoiseCalibrated(Optimizer):
     def _resolve_layers(self, model: nn.Module) -> None:
         # No sample mask: the noise mimics the per-sample gradients, which masked positions are part of.
         capture = Capture(
-            model, self._config["layers"], owner_kind="NoiseCalibrated", on_call=self._on_call, on_root=self._on_root_call,
-            taps=self._config["taps"], mask=False, nonfinite=None,
+            model, self._config.layers, owner_kind="NoiseCalibrated", on_call=self._on_call, on_root=self._on_root_call,
+            taps=self._config.taps, mask=False, nonfinite=None,
         )  # fmt: skip
         groups = self._param_groups_by_id()
         for name, target in list(capture.targets.items()):
@@ -854,7 +899,7 @@ class NoiseCalibrated(Optimizer):
         if key not in self._device_draws:
             if batch not in self._draws:
                 signs = torch.randint(0, 2, (batch,), generator=self._gen).mul_(2).sub_(1).float()
-                m = self._config["sketch"]
+                m = self._config.sketch
                 idx = torch.randperm(batch, generator=self._gen)[:m] if m is not None and m < batch else None
                 weights = signs if idx is None else signs[idx] * math.sqrt(batch / idx.shape[0])
                 self._draws[batch] = (weights, idx)
@@ -865,7 +910,7 @@ class NoiseCalibrated(Optimizer):
     def _on_call(self, call: LayerCall) -> Backward | None:
         """Forward half of one layer call (:class:`~canonreg.capture.Capture`): the sketch's input rows and signs."""
         layer = self._layers[call.name]
-        if not (self._config["track_balance"] or layer.group["nc_noise"] == "auto" or self._sigma(call.name) > 0):
+        if not (self._config.track_balance or layer.group["nc_noise"] == "auto" or self._sigma(call.name) > 0):
             return None
         if layer.weight.grad is None:  # a new accumulation window: drop what a skipped step left behind
             layer.clear()
@@ -893,7 +938,7 @@ class NoiseCalibrated(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _decays(self, p: Tensor) -> bool:
-        rule = self._config["decay"]
+        rule = self._config.decay
         if rule == "matrices":
             return p.dim() >= 2
         if rule == "layers":
@@ -946,7 +991,7 @@ class NoiseCalibrated(Optimizer):
         active, values = measured
         self._inject_noise(active, values)
         self._decay_and_base_step()
-        if self._config["track_balance"]:
+        if self._config.track_balance:
             self._realised_update_terms(active, values)
         self._update_balance(active, values)
         for layer in self._layers.values():
@@ -963,7 +1008,7 @@ class NoiseCalibrated(Optimizer):
         groups = self._param_groups_by_id()
         for layer in self._layers.values():  # groups are replaced by load_state_dict: refresh the references
             layer.group = groups.get(id(layer.weight), layer.group)
-        scaler = self._config["grad_scaler"]
+        scaler = self._config.grad_scaler
         inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         active: list[tuple[_Layer, float, Tensor]] = []
         for layer in self._layers.values():
@@ -1035,13 +1080,13 @@ class NoiseCalibrated(Optimizer):
     def _update_balance(self, active: list[tuple[_Layer, float, Tensor]], values: list[list[float]]) -> None:
         """Fold the step's measurements into each layer's EMAs; in ``"auto"`` mode, one controller update."""
         for (layer, sigma, _), (w2, drift, n1, n_raw, g2, _ok) in zip(active, values):
-            if not (self._config["track_balance"] and all(map(math.isfinite, (w2, drift, n1, n_raw, g2)))):
+            if not (self._config.track_balance and all(map(math.isfinite, (w2, drift, n1, n_raw, g2)))):
                 continue
             group = layer.group
             rate = effective_lr(group) * float(group["nc_weight_decay"]) if self._decays(layer.weight) else 0.0
             st = update_balance_state(
                 self._balance[layer.name], weight_sq_norm=w2, drift=drift, unit_noise=n1, unit_noise_raw=n_raw,
-                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema_decay=self._config["ema_decay"], grad_sq=g2,
+                sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema_decay=self._config.ema_decay, grad_sq=g2,
                 micro_batches=layer.passes,
             )  # fmt: skip
             if group["nc_noise"] == "auto":
@@ -1051,11 +1096,11 @@ class NoiseCalibrated(Optimizer):
     def _controller(self, group: Mapping[str, Any], st: LayerBalanceState) -> float:
         """The controller's new ``u = log(1 + σ²)`` for a layer in ``"auto"`` mode (:func:`controller_step`)."""
         target = ramped_target(
-            float(group["nc_target_share"]), st.decay_time, self._config["target_ramp"], st.count, self._config.get("ramp_steps", 0)
+            float(group["nc_target_share"]), st.decay_time, self._config.target_ramp, st.count, self._config.ramp_steps
         )
         return controller_step(
             st.log1p_sigma2, decay=st.decay, unit_noise=st.unit_noise, target_share=target,
-            gain=self._config["gain"], max_noise=self._config["max_noise"], unit_noise_fast=st.unit_noise_fast,
+            gain=self._config.gain, max_noise=self._config.max_noise, unit_noise_fast=st.unit_noise_fast,
             growth=st.growth if st.count > 2 else 0.0,
         )  # fmt: skip
 
@@ -1083,7 +1128,7 @@ class NoiseCalibrated(Optimizer):
             def noise_rows(rows: Tensor | None) -> Tensor:
                 return _output_rows(n_w, d_b, rows)
         ok = ok.to(n_raw.dtype)
-        if not self._config["track_balance"]:
+        if not self._config.track_balance:
             zero = torch.zeros((), dtype=n_raw.dtype, device=n_raw.device)
             return torch.stack([zero, zero, zero, n_raw, zero, ok])
         w2 = torch.dot(w, w)
@@ -1110,7 +1155,7 @@ class NoiseCalibrated(Optimizer):
         by ``d_b/m`` (unbiased; exact when ``d_b <= m``): the denominator costs several passes, a full one
         per step would not be cheap.
         """
-        m = self._config["sketch"] or d_b
+        m = self._config.sketch or d_b
         rows = torch.randperm(d_b, generator=self._gen)[:m].to(w.device) if m < d_b else None
         plain = layer.plain
         state = self.state.get(layer.weight, {})
@@ -1153,7 +1198,7 @@ class NoiseCalibrated(Optimizer):
         if _is_adam_group(group):
             m = st.get("exp_avg")
             d_b = layer.tap.weight(layer.module).shape[0]  # rows of W's (d_b, d_a) matrix, as in _measure
-            k = self._config["sketch"] or d_b
+            k = self._config.sketch or d_b
             rows = torch.randperm(d_b, generator=self._gen)[:k].to(dev) if k < d_b else None
             plain = layer.plain
             denom = adam_denominator(group, st, rows if plain else None)
@@ -1193,8 +1238,8 @@ class NoiseCalibrated(Optimizer):
         """
         shown = ", ".join(repr(_display(n)) for n in names)
         handle_nonfinite(
-            self._config["nonfinite"],
-            f"Non-finite gradient in layer(s) {shown} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r}): "
+            self._config.nonfinite,
+            f"Non-finite gradient in layer(s) {shown} at step {self._steps} (policy nonfinite={self._config.nonfinite!r}): "
             "checked on the full gradient, not on the noise sketch",
             hint="check the loss and inputs, with AMP step through scaler.step(opt), or pass nonfinite='skip'",
             consequence="the whole step is skipped (no noise, decay or base step)",
@@ -1206,8 +1251,8 @@ class NoiseCalibrated(Optimizer):
 
     def _nonfinite(self, name: str) -> None:
         handle_nonfinite(
-            self._config["nonfinite"],
-            f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config['nonfinite']!r})",
+            self._config.nonfinite,
+            f"Non-finite noise sample in layer {_display(name)!r} at step {self._steps} (policy nonfinite={self._config.nonfinite!r})",
             hint="with AMP pass `grad_scaler=` and step through scaler.step(opt), or pass nonfinite='skip'",
             consequence="no noise for this layer in this step",
             stacklevel=4,
@@ -1216,7 +1261,7 @@ class NoiseCalibrated(Optimizer):
     # ------------------------------------------------------------------ logging
     @property
     def balance(self) -> dict[str, BalanceTerms]:
-        """Per layer: decay, drift, noise (SGD's own + injected), noise share (spec §5), per unit step size."""
+        """Per layer: decay, drift, noise (SGD's own + injected), noise share (theory §5), per unit step size."""
         out = {}
         for name, st in self._balance.items():
             terms = balance_from_state(st)
@@ -1316,7 +1361,7 @@ class NoiseCalibrated(Optimizer):
         return {
             "optimizer": self.optimizer,
             "model": self.model,
-            "config": self._config,
+            "config": self._config.as_dict(),
             "rng_state": self._gen.get_state(),
             "balance": self._balance,
             "steps": self._steps,
@@ -1324,9 +1369,7 @@ class NoiseCalibrated(Optimizer):
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._config = dict(state["config"])
-        if "ema" in self._config:  # pickled before `ema` was renamed `ema_decay`
-            self._config["ema_decay"] = self._config.pop("ema")
+        self._config = WrapperConfig.from_dict(state["config"])
         self._setup(state["optimizer"], state["model"])
         self._gen.set_state(state["rng_state"])
         self._balance = dict(state["balance"])
@@ -1350,7 +1393,7 @@ def _check_base_optimizer(optimizer: object) -> None:
 
 
 def _check_config(c: Mapping[str, Any]) -> None:
-    """The wrapper's own settings (``NoiseCalibrated._config``), each error naming its argument."""
+    """The wrapper's own settings (raw :class:`WrapperConfig` values), each error naming its argument."""
     errors.check_nonnegative("target_ramp", c["target_ramp"])
     errors.check_nonnegative_int("ramp_steps", c["ramp_steps"])
     decay = c["decay"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import io
 import math
@@ -21,6 +22,7 @@ from canonreg.functional import balance_terms
 from canonreg.optim import (
     LayerBalanceState,
     NoiseCalibrated,
+    WrapperConfig,
     adam_denominator,
     balance_from_state,
     controller_step,
@@ -289,18 +291,17 @@ def test_noise_covariance_is_the_per_sample_gradient_second_moment(make: type[nn
 
 @pytest.mark.parametrize("base", ["sgd_momentum", "adam"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_factored_noise_equals_materialised_noise(monkeypatch: pytest.MonkeyPatch, base: str, accumulate: int) -> None:
+def test_factored_noise_equals_materialised_noise(base: str, accumulate: int) -> None:
     """Wide layers keep N = Aᵀ X factored (‖N‖² from k × k Grams, sketch rows, one addmm into .grad):
     the trajectory and every balance measurement equal the materialised path's (checked by the
     covariance test above) to float64 round-off, with gradient accumulation over several backward passes too."""
-    import canonreg.optim as optim_module
-
     batches = [(x.double(), y) for x, y in _batches(6 * accumulate, batch=8, d_in=48)]
 
     def run(factored: bool) -> tuple[nn.Module, NoiseCalibrated, list[bool]]:
-        monkeypatch.setattr(optim_module, "_FACTORED_NOISE", factored)
         model = _mlp(d_in=48, width=64).double()
         opt = NoiseCalibrated(UNDECAYED[base](list(model.parameters())), model, weight_decay=1e-2, noise=1.5, sketch=4, seed=2)
+        for layer in opt._layers.values():
+            layer.factored = factored
         kept = []
         for i in range(0, len(batches), accumulate):
             opt.zero_grad()
@@ -762,8 +763,72 @@ def test_pickle_from_before_the_rename_loads() -> None:
     state["config"] = {("ema" if k == "ema_decay" else k): v for k, v in state["config"].items()}
     clone = NoiseCalibrated.__new__(NoiseCalibrated)
     clone.__setstate__(state)
-    assert clone._config["ema_decay"] == 0.25 and "ema" not in clone._config and not clone.attached
+    assert clone._config.ema_decay == 0.25 and not clone.attached
     clone.attach()
     _train(model, clone, _batches(2))  # the balance updates read ema_decay
     assert clone.balance_state["0"].count == 2
+    clone.detach()
+
+
+def test_config_is_typed_and_pickles_in_the_dict_layout() -> None:
+    # The settings are a frozen dataclass; the pickled state keeps the plain dict of 13 names.
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=1e-3, gain=1, ramp_steps=7, seed=4).detach()
+    cfg = opt._config
+    assert isinstance(cfg, WrapperConfig) and (cfg.gain, cfg.ramp_steps, cfg.seed, cfg.sketch) == (1.0, 7, 4, 32)
+    assert type(cfg.gain) is float  # normalised like the old dict's float(gain)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sketch = 4  # type: ignore[misc]
+    stored = opt.__getstate__()["config"]
+    assert type(stored) is dict and sorted(stored) == sorted(
+        ["layers", "decay", "sketch", "gain", "ema_decay", "max_noise", "target_ramp", "ramp_steps", "track_balance",
+         "grad_scaler", "nonfinite", "taps", "seed"]
+    )  # fmt: skip
+    assert stored["ramp_steps"] == 7 and stored["gain"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown keys \['warmup'\]"):
+        WrapperConfig.from_dict({**stored, "warmup": 3})
+
+
+def test_pickle_of_the_oldest_config_layout_loads_and_trains_as_before() -> None:
+    # The oldest stored layout, written by hand: "ema" (not ema_decay) and no "ramp_steps" (the target
+    # then ramped by decay time only). It must train exactly like a wrapper built with ramp_steps=0.
+    batches = _batches(12)
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _mlp()
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def reference(ramp_steps: int) -> tuple[nn.Module, NoiseCalibrated]:
+        model, base = fresh()
+        opt = NoiseCalibrated(
+            base, model, weight_decay=5e-3, noise="auto", target_share=10.0, ramp_steps=ramp_steps, gain=1.0, ema_decay=0.8, sketch=8, seed=3
+        )  # fmt: skip
+        _train(model, opt, batches)
+        return model, opt.detach()
+
+    model, ref = reference(0)
+    _, default_ramp = reference(200)
+    assert default_ramp.noise_scale != ref.noise_scale  # decay time 1/(η_eff γ) = 400 steps: the two ramps differ
+    model2, base2 = fresh()
+    hyper = {"nc_weight_decay": 5e-3, "nc_noise": "auto", "nc_target_share": 10.0}
+    for group in base2.param_groups:
+        group.update(hyper)
+    base2.defaults.update(hyper)
+    old_config = {
+        "layers": None, "decay": "matrices", "sketch": 8, "gain": 1.0, "ema": 0.8, "max_noise": 10.0, "target_ramp": 1.0,
+        "track_balance": True, "grad_scaler": None, "nonfinite": "error", "taps": None, "seed": 3,
+    }  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    state = {"optimizer": base2, "model": model2, "config": old_config, "rng_state": gen.get_state(),
+             "balance": {n: LayerBalanceState() for n in ("0", "2", "4")}, "steps": 0, "attached": True}  # fmt: skip
+    old = NoiseCalibrated.__new__(NoiseCalibrated)
+    old.__setstate__(state)
+    assert (old._config.ema_decay, old._config.ramp_steps) == (0.8, 0)
+    _train(model2, old, batches)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    assert old.balance_state == ref.balance_state and old.noise_scale == ref.noise_scale
+    assert any(s > 0 for s in old.noise_scale.values())  # the controller acted
+    clone = pickle.loads(pickle.dumps(old))  # and it re-pickles in the current layout
+    assert clone._config == old._config
+    old.detach()
     clone.detach()

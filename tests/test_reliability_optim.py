@@ -162,7 +162,7 @@ def _sketch_of(opt: NoiseCalibrated, batch: int) -> set[int]:
     g = torch.Generator()
     g.set_state(opt._gen.get_state())
     torch.randint(0, 2, (batch,), generator=g)
-    return set(torch.randperm(batch, generator=g)[: opt._config["sketch"]].tolist())
+    return set(torch.randperm(batch, generator=g)[: opt._config.sketch].tolist())
 
 
 @pytest.mark.parametrize("noise", [0.5, 0.0])
