@@ -1,7 +1,7 @@
 """What several recipes share and nothing else: the arm list and colours, the command-line merge of
-``--quick`` and explicit options into a frozen config, the MLP-on-mnist1d trial of a recipe config,
-training one arm with α measured after training, a Markdown table, and the hidden representations of
-a trained model.
+``--quick`` and explicit options into a frozen config, the MLP-on-mnist1d trials of a recipe config
+(one trial, or the ablation-runner spec of every arm × seed, and the runner's records read back), a
+Markdown table, and the hidden representations of a trained model.
 
 Training, the arms, statistics over seeds and run metadata live in the package
 (:mod:`canonreg.experiment`, :mod:`canonreg.ablate`, :mod:`canonreg.stats`).
@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from canonreg.data import Split
-from canonreg.experiment import TrialConfig, inner_layers, train_trial
+from canonreg.ablate import AblationResult
+from canonreg.experiment import TrialConfig, config_id
 from canonreg.layers import select_layers
-from canonreg.measure import measure_crh, min_alignment
 
 #: The arms the γ-scaling, PAH, universality and transformer studies compare by default: the four of
 #: the original ablation. The ``crh`` arm (the joint CRH objective, ~10× a plain step) is added with
@@ -113,39 +111,45 @@ def check_seeds(seeds: Sequence[int]) -> None:
         raise ValueError(f"Expected `seeds` to be distinct non-negative ints, but got {list(seeds)!r}")
 
 
+def _trial_fields(cfg: object) -> dict[str, Any]:
+    """The :class:`TrialConfig` fields of a recipe config: every field of :data:`TRIAL_FIELDS` it has
+    (``loss_weight`` None: each arm's default), on MNIST-1D with the MLP, no bootstrap."""
+    kw = {f: getattr(cfg, f) for f in TRIAL_FIELDS if hasattr(cfg, f)}
+    return {"dataset": "mnist1d", "model": "mlp", "n_bootstrap": 0, **kw}
+
+
 def trial_config(cfg: object, arm: str, seed: int) -> TrialConfig:
     """The MLP-on-mnist1d :class:`TrialConfig` of ``arm`` and ``seed`` under a recipe config ``cfg``.
 
     Every field of :data:`TRIAL_FIELDS` that ``cfg`` has is copied, so all arms share one budget
-    (steps × batch size), one dataset and one initialisation per seed. ``loss_weight`` is the
-    ``loss``/``both`` arms' λ; the ``crh`` arm runs the :func:`canonreg.crh_loss` preset at its own
-    weight (``crh_weight`` when ``cfg`` has one, else the preset's).
+    (steps × batch size), one dataset and one initialisation per seed. ``loss_weight``: the λ of the
+    loss arms; None = each arm's default (0.1 for ``loss``/``both``, the :func:`canonreg.crh_loss`
+    preset's weight for ``crh``).
     """
-    kw = {f: getattr(cfg, f) for f in TRIAL_FIELDS if hasattr(cfg, f)}
-    if arm == "crh":
-        kw["loss_weight"] = getattr(cfg, "crh_weight", None)
-    return TrialConfig(arm=arm, seed=seed, dataset="mnist1d", model="mlp", n_bootstrap=0, **kw)
+    return TrialConfig(arm=arm, seed=seed, **_trial_fields(cfg))
 
 
-@dataclass(frozen=True)
-class Trained:
-    """A trained arm: the model (eval mode) and its CRH alignment after training, over the whole
-    training split with the task loss's gradient only (:func:`canonreg.measure_crh`): ``alpha[layer][relation]``,
-    the mean, and the minimum over the six relations and the inner layers; ``train_loss`` (mean task
-    loss over the last window) and ``seconds`` (training loop) from :func:`~canonreg.experiment.train_trial`."""
-
-    model: nn.Module
-    mean_alpha: float
-    min_alpha_inner: float
-    alpha: dict[str, dict[str, float]]
-    train_loss: float
-    seconds: float
+def ablation_spec(name: str, cfg: Any) -> dict[str, Any]:
+    """The :func:`canonreg.ablate.run_ablation` spec of a recipe config: every arm × seed of
+    ``cfg.arms`` × ``cfg.seeds`` (arm-major), each run :func:`trial_config`, ``cfg.workers`` processes."""
+    fixed = {k: list(v) if isinstance(v, tuple) else v for k, v in _trial_fields(cfg).items() if v is not None}
+    grid = {"arm": list(cfg.arms), "seed": list(cfg.seeds)}
+    return {"ablation": {"name": name, "workers": cfg.workers}, "fixed": fixed, "grid": grid}
 
 
-def train(trial: TrialConfig, split: Split) -> Trained:
-    """:func:`canonreg.experiment.train_trial` (the loop every ablation and recipe shares) and α after training."""
-    t = train_trial(trial, data=split)
-    post = measure_crh(t.model, split.x, split.y, preprocess=trial.preprocess, metric=trial.metric)  # type: ignore[arg-type]
-    inner = inner_layers(post.layers)
-    min_inner = min_alignment(post, inner) if inner else math.nan
-    return Trained(t.model, post.mean_alignment(), min_inner, post.alignment, t.train_loss, t.seconds)
+def finished_runs(done: AblationResult) -> list[tuple[TrialConfig, dict[str, Any], Any]]:
+    """``(config, result, measure)`` of every run of ``done`` in grid order, NaN where the JSON
+    records hold None (a non-finite number). Raises a RuntimeError naming the runs that failed."""
+    failed = {config_id(c): done.failures.get(config_id(c), "not finished") for c in done.configs if config_id(c) not in done.records}
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (see {done.out}/errors.jsonl): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    recs = [done.records[config_id(c)] for c in done.configs]
+    return [(c, _nan_for_none(r["result"]), _nan_for_none(r.get("measure"))) for c, r in zip(done.configs, recs)]
+
+
+def _nan_for_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _nan_for_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_for_none(v) for v in x]
+    return math.nan if x is None else x

@@ -23,16 +23,19 @@ over seeds. Run::
     python recipes/compactness.py --quick --out /tmp/compactness     # CI setting, < 1 minute
     python recipes/compactness.py                                      # full: 4 arms × 3 seeds
 
-Each arm is trained by :func:`canonreg.experiment.train_trial`, the loop every recipe and ablation
-shares, in one visible loop over arms and seeds (sequential: every model is evaluated here, in this
-process).
+Every arm × seed is one run of the ablation runner (:func:`canonreg.ablate.run_ablation`, ``--workers``
+processes): :func:`canonreg.experiment.run_trial` trains it with the loop every recipe and ablation
+shares and measures accuracy and α; :func:`measure_run`, this recipe's measurement, computes the
+layer metrics on the trained model in the same worker. Finished runs are kept in ``--out``/``runs``
+(a second start trains only unfinished runs; ``--no-resume`` trains all again).
 
 Outputs in ``--out``: ``results.md`` (tables), ``results.json`` (resolved config, environment,
-per-seed records, summaries) and ``compactness.png`` (each metric against depth, per arm).
+per-seed records, summaries), ``compactness.png`` (each metric against depth, per arm) and ``runs/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -45,18 +48,21 @@ import numpy as np
 import torch
 from _common import (
     ARM_COLORS,
+    ablation_spec,
     check_arms,
     check_seeds,
     config_from_args,
+    finished_runs,
     hidden_representations,
     markdown_table,
     recipe_parser,
-    train,
     trial_config,
 )
 from torch import Tensor, nn
 
-from canonreg.experiment import ARMS, load_data
+from canonreg.ablate import run_ablation
+from canonreg.data import Split
+from canonreg.experiment import ARMS, TrainedTrial
 from canonreg.functional import entropy_rank, n_components, nc1, participation_ratio
 from canonreg.stats import environment, fmt_ci, fmt_diff, mean_half_width, write_json
 
@@ -70,9 +76,12 @@ class CompactnessConfig:
     """The compactness study (defaults: full mode, about 6 CPU-minutes with one thread).
 
     Training fields have the meaning of :class:`canonreg.experiment.TrialConfig` and are shared by
-    all arms. ``variance``: the explained-variance fraction of ``PCs``; ``max_rows``: training rows
-    used for the representation metrics (a seeded random subset when the split is larger);
-    ``threads``: torch threads (0 = keep the default).
+    all arms; ``loss_weight`` is the λ of the loss arms (None: each arm's default, 0.1 for
+    ``loss``/``both``, the :func:`canonreg.crh_loss` preset's for ``crh``). ``variance``: the
+    explained-variance fraction of ``PCs``; ``max_rows``: training rows used for the representation
+    metrics (a seeded random subset when the split is larger); ``workers``: runner processes (0 = in
+    this process; every run trains with one thread, the numbers do not depend on it); ``resume``: keep
+    finished runs of ``out/runs``; ``threads``: torch threads of this process (0 = keep the default).
     """
 
     arms: tuple[str, ...] = ARMS
@@ -86,7 +95,7 @@ class CompactnessConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise: float | str = "auto"
-    loss_weight: float = 0.1
+    loss_weight: float | None = None
     relations: tuple[str, ...] = ("f-RWA", "b-RWA")
     batch_size: int = 128
     steps: int = 2000
@@ -96,6 +105,8 @@ class CompactnessConfig:
     metric: str = "pearson"
     variance: float = 0.95
     max_rows: int = 4000
+    workers: int = 2
+    resume: bool = True
     threads: int = 1
     out: str = "results/compactness"
     quick: bool = False
@@ -107,8 +118,8 @@ class CompactnessConfig:
             raise ValueError(f"Expected `variance` to be a float in (0, 1], but got {self.variance!r}")
         if self.max_rows < 20:
             raise ValueError(f"Expected `max_rows` to be an int >= 20, but got {self.max_rows!r}")
-        if self.threads < 0:
-            raise ValueError(f"Expected `threads` to be a non-negative int, but got {self.threads!r}")
+        if self.threads < 0 or self.workers < 0:
+            raise ValueError(f"Expected `threads` and `workers` to be non-negative ints, but got {self.threads!r}, {self.workers!r}")
         trial_config(self, self.arms[0], self.seeds[0])  # validates the training fields early
 
 
@@ -123,6 +134,8 @@ QUICK: dict[str, Any] = dict(
 def parse_args(argv: Sequence[str] | None = None) -> CompactnessConfig:
     p = recipe_parser(__doc__, arms=ARMS, mlp=True)
     p.add_argument("--max-rows", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction)
     return config_from_args(CompactnessConfig, p, argv, QUICK)
 
 
@@ -151,6 +164,13 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, variance: float) -> dict[str
     return {name: layer_metrics(h, y, variance) for name, h in hidden_representations(model, x).items()}
 
 
+def measure_run(trained: TrainedTrial, split: Split, variance: float, max_rows: int) -> dict[str, dict[str, float]]:
+    """The runner's measurement of one trained arm, in its worker: :func:`measure` on ``max_rows``
+    training rows (a random subset drawn with ``data_seed``: the same rows for every arm and seed)."""
+    rows = torch.randperm(split.x.shape[0], generator=torch.Generator().manual_seed(trained.config.data_seed))[:max_rows]
+    return measure(trained.model, split.x[rows], split.y[rows], variance)
+
+
 # ====================================================================== the study
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
@@ -160,37 +180,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # Data: one mnist1d split for every arm and seed; the representation metrics use (a fixed
-    # subset of) the training set.
-    split = load_data(trial_config(cfg, cfg.arms[0], cfg.seeds[0]))
-    rows = torch.randperm(split.x.shape[0], generator=torch.Generator().manual_seed(cfg.data_seed))[: cfg.max_rows]
-    x_metric, y_metric = split.x[rows], split.y[rows]
-    print(f"data: {split.x.shape[0]} train / {split.x_test.shape[0]} test samples; metrics on {len(rows)} training rows", flush=True)
-
-    # Train every arm and seed (same data, initialisation and batch order per seed), then measure.
+    # Every arm × seed: trained by run_trial (same data, initialisation and batch order per seed in every
+    # arm), then measure_run on the model in the same worker (on up to max_rows training rows).
+    done = run_ablation(
+        ablation_spec("compactness", cfg), out=out / "runs", resume=cfg.resume, progress=False, plots=False,
+        measure="compactness:measure_run", measure_args={"variance": cfg.variance, "max_rows": cfg.max_rows},
+    )  # fmt: skip
     records: list[dict[str, Any]] = []
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            trained = train(trial_config(cfg, arm, seed), split)
-            with torch.no_grad():
-                test_acc = float((trained.model(split.x_test).argmax(1) == split.y_test).double().mean())
-                train_acc = float((trained.model(split.x).argmax(1) == split.y).double().mean())
-            layers = measure(trained.model, x_metric, y_metric, cfg.variance)
-            records.append({
-                "arm": arm, "seed": seed, "test_acc": test_acc, "train_acc": train_acc, "mean_alpha": trained.mean_alpha,
-                "min_alpha_inner": trained.min_alpha_inner, "alpha": trained.alpha, "train_loss": trained.train_loss,
-                "train_seconds": trained.seconds, "layers": layers,
-            })  # fmt: skip
-            last = list(layers)[-1]
-            print(f"  {arm:<8} seed={seed}  test={test_acc:.3f}  α={trained.mean_alpha:.3f}  min α inner={trained.min_alpha_inner:.3f}  "
-                  f"PR({last})={layers[last]['pr']:.1f}  ({trained.seconds:.1f}s)", flush=True)  # fmt: skip
+    for trial, res, layers in finished_runs(done):
+        records.append({
+            "arm": trial.arm, "seed": trial.seed, "test_acc": res["test_acc"], "train_acc": res["train_acc"],
+            "mean_alpha": res["mean_alpha"], "min_alpha_inner": res["min_alpha_inner"], "alpha": res["alpha"],
+            "train_loss": res["window_train_loss"], "train_seconds": res["train_time_s"], "layers": layers,
+        })  # fmt: skip
+        last = list(layers)[-1]
+        print(f"  {trial.arm:<8} seed={trial.seed}  test={res['test_acc']:.3f}  α={res['mean_alpha']:.3f}  "
+              f"min α inner={res['min_alpha_inner']:.3f}  PR({last})={layers[last]['pr']:.1f}  ({res['train_time_s']:.1f}s)", flush=True)  # fmt: skip
 
     # Tables, JSON (with the resolved configs and the environment) and the figure.
     summary = summarise(records, cfg)
     md = tables(summary, cfg)
     (out / "results.md").write_text(md + "\n")
     write_json(out / "results.json", {
-        "recipe": "compactness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
+        "recipe": "compactness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).resolved().to_dict(),
         "environment": environment(), "summary": summary, "records": records, "wall_time_s": time.perf_counter() - t_start,
     })  # fmt: skip
     plot(summary, out)
@@ -227,7 +239,7 @@ def tables(summary: dict[str, Any], cfg: CompactnessConfig) -> str:
         "",
         f"MLP width {cfg.width}, depth {cfg.depth}; {cfg.optimizer} lr={cfg.lr} momentum={cfg.momentum} "
         f"weight_decay={cfg.weight_decay}; {cfg.steps} steps of batch {cfg.batch_size} in every arm; "
-        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)} (loss/both arms); "
+        f"noise={cfg.noise}, loss_weight={trial_config(cfg, 'loss', cfg.seeds[0]).resolved().loss_weight:g}, relations={list(cfg.relations)} (loss/both arms); "
         f"crh arm: canonreg.crh_loss preset at λ={trial_config(cfg, 'crh', cfg.seeds[0]).resolved().loss_weight:g}. "
         f"Mean ± 95% t-interval over {len(cfg.seeds)} seeds {list(cfg.seeds)}. "
         f"α: {cfg.metric}, preprocess={cfg.preprocess}, measured after training over the whole training set with the "

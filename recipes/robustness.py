@@ -36,8 +36,12 @@ seed), then probed in three ways.
    (:func:`canonreg.measure_crh`), to read robustness against how canonical each arm's
    representations became.
 
-Each arm is trained by :func:`canonreg.experiment.train_trial` (the loop every recipe and ablation
-shares) in one visible loop over arms and seeds; every model is evaluated here, in this process.
+Every arm × seed is one run of the ablation runner (:func:`canonreg.ablate.run_ablation`, ``--workers``
+processes): :func:`canonreg.experiment.run_trial` trains it with the loop every recipe and ablation
+shares and measures accuracy and α; :func:`measure_run`, this recipe's measurement, probes the trained
+model in the same worker (the test sets and pairs are rebuilt there from the config, once per worker).
+Finished runs are kept in ``--out``/``runs`` (a second start trains only unfinished runs;
+``--no-resume`` trains all again).
 
 Each number is a mean with a 95% Student-t interval over seeds (drops and scores are computed per
 seed, then summarised). Run::
@@ -46,12 +50,14 @@ seed, then summarised). Run::
     python recipes/robustness.py                                     # full: 4 arms × 3 seeds
 
 Outputs in ``--out``: ``results.md`` (tables), ``results.json`` (resolved config, environment,
-per-seed records, summaries), ``robustness.png`` and ``invariance.png``.
+per-seed records, summaries), ``robustness.png``, ``invariance.png`` and ``runs/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,19 +69,21 @@ import torch
 import torch.nn.functional as F
 from _common import (
     ARM_COLORS,
+    ablation_spec,
     check_arms,
     check_seeds,
     config_from_args,
+    finished_runs,
     hidden_representations,
     markdown_table,
     recipe_parser,
-    train,
     trial_config,
 )
 from torch import Tensor, nn
 
-from canonreg.data import mnist1d, mnist1d_args
-from canonreg.experiment import ARMS, load_data
+from canonreg.ablate import run_ablation
+from canonreg.data import Split, mnist1d, mnist1d_args
+from canonreg.experiment import ARMS, TrainedTrial, load_data
 from canonreg.functional import invariance_score
 from canonreg.stats import environment, fmt_ci, fmt_diff, mean_half_width, write_json
 
@@ -99,7 +107,11 @@ class RobustnessConfig:
     for the invariance score, the stronger generator arguments (mnist1d defaults in brackets:
     ``max_translation`` [48; at most 72, the length the generator shifts within], ``scale_coeff``
     [0.4], ``iid_noise_scale`` [0.02], ``corr_noise_scale`` [0.25], ``shear_scale`` [0.75]),
-    ``gauss_sigmas`` and ``fgsm_eps`` (normalised input units). ``threads``: torch threads (0 = keep).
+    ``gauss_sigmas`` and ``fgsm_eps`` (normalised input units). ``loss_weight``: the λ of the loss arms
+    (None: each arm's default, 0.1 for ``loss``/``both``, the :func:`canonreg.crh_loss` preset's for
+    ``crh``). ``workers``: runner processes (0 = in this process; every run trains with one thread, the
+    numbers do not depend on it); ``resume``: keep finished runs of ``out/runs``; ``threads``: torch
+    threads of this process (0 = keep).
     """
 
     arms: tuple[str, ...] = ARMS
@@ -113,7 +125,7 @@ class RobustnessConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise: float | str = "auto"
-    loss_weight: float = 0.1
+    loss_weight: float | None = None
     relations: tuple[str, ...] = ("f-RWA", "b-RWA")
     batch_size: int = 128
     steps: int = 2000
@@ -131,6 +143,8 @@ class RobustnessConfig:
     shear_scale: float = 2.5
     gauss_sigmas: tuple[float, ...] = (0.25, 0.5)
     fgsm_eps: tuple[float, ...] = (0.02, 0.05, 0.1)
+    workers: int = 2
+    resume: bool = True
     threads: int = 1
     out: str = "results/robustness"
     quick: bool = False
@@ -152,8 +166,8 @@ class RobustnessConfig:
         for name in ("gauss_sigmas", "fgsm_eps"):
             if any(v <= 0 for v in getattr(self, name)):
                 raise ValueError(f"Expected `{name}` to hold positive floats, but got {getattr(self, name)!r}")
-        if self.threads < 0:
-            raise ValueError(f"Expected `threads` to be a non-negative int, but got {self.threads!r}")
+        if self.threads < 0 or self.workers < 0:
+            raise ValueError(f"Expected `threads` and `workers` to be non-negative ints, but got {self.threads!r}, {self.workers!r}")
         trial_config(self, self.arms[0], self.seeds[0])  # validates the training fields early
 
     def strong_args(self) -> dict[str, float | int]:
@@ -174,6 +188,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RobustnessConfig:
     p.add_argument("--n-pairs", type=int)
     p.add_argument("--gauss-sigmas", nargs="+", type=float)
     p.add_argument("--fgsm-eps", nargs="+", type=float)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction)
     return config_from_args(RobustnessConfig, p, argv, QUICK)
 
 
@@ -365,6 +381,25 @@ def evaluate(
     return {"acc": acc, "drop": drop, "invariance": inv}
 
 
+#: The config fields the probes read: the runner's ``measure_args`` (see :func:`measure_run`).
+PROBE_FIELDS: tuple[str, ...] = ("test_seed", "n_test", "n_pairs", *NUISANCES.values(), "gauss_sigmas", "fgsm_eps")
+
+
+def measure_run(trained: TrainedTrial, split: Split, **probe: Any) -> dict[str, Any]:
+    """The runner's measurement of one trained arm, in its worker: :func:`evaluate` on the test sets and
+    pairs of the :data:`PROBE_FIELDS` ``probe`` (in the training normalisation of ``split``), and the
+    clean test accuracy."""
+    cfg = RobustnessConfig(data_seed=trained.config.data_seed, **{k: tuple(v) if isinstance(v, list) else v for k, v in probe.items()})
+    sets, pairs = _probe_data(cfg, split.mean, split.std)
+    return {"test_acc": accuracy(trained.model, split.x_test, split.y_test), **evaluate(trained.model, cfg, sets, pairs)}
+
+
+@functools.lru_cache(maxsize=2)
+def _probe_data(cfg: RobustnessConfig, mean: float, std: float) -> tuple[dict[str, tuple[Tensor, Tensor]], tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """:func:`test_sets` and :func:`paired_sets`, built once per worker process."""
+    return test_sets(cfg, mean, std), paired_sets(cfg, mean, std)
+
+
 # ---------------------------------------------------------------------- the study
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
@@ -375,34 +410,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     # Data: the training split, the regenerated test sets and the invariance pairs, all in the
-    # training normalisation.
+    # training normalisation (built here for the input's own invariance and the disk cache the workers read).
     split = load_data(trial_config(cfg, cfg.arms[0], cfg.seeds[0]))
-    sets = test_sets(cfg, split.mean, split.std)
-    pairs = paired_sets(cfg, split.mean, split.std)
+    _, pairs = _probe_data(cfg, split.mean, split.std)
     input_inv = {name: invariance_score(pairs[0], tx) for name, tx in pairs[2].items()}
     print(f"data: {split.x.shape[0]} train samples; {cfg.n_test} per test set; {cfg.n_pairs} pairs "
           f"(input invariance: {', '.join(f'{k} {v:.2f}' for k, v in input_inv.items())})", flush=True)  # fmt: skip
 
-    # Train every arm and seed (same data, initialisation and batch order per seed), then probe.
+    # Every arm × seed: trained by run_trial (same data, initialisation and batch order per seed in every
+    # arm), then probed by measure_run in the same worker.
+    done = run_ablation(
+        ablation_spec("robustness", cfg), out=out / "runs", resume=cfg.resume, progress=False, plots=False,
+        measure="robustness:measure_run", measure_args={k: getattr(cfg, k) for k in PROBE_FIELDS},
+    )  # fmt: skip
     records: list[dict[str, Any]] = []
-    for arm in cfg.arms:
-        for seed in cfg.seeds:
-            trained = train(trial_config(cfg, arm, seed), split)
-            ev = evaluate(trained.model, cfg, sets, pairs)
-            records.append({
-                "arm": arm, "seed": seed, "test_acc": accuracy(trained.model, split.x_test, split.y_test),
-                "mean_alpha": trained.mean_alpha, "min_alpha_inner": trained.min_alpha_inner, "train_loss": trained.train_loss,
-                "train_seconds": trained.seconds, **ev,
-            })  # fmt: skip
-            print(f"  {arm:<8} seed={seed}  α={trained.mean_alpha:.3f}  min α inner={trained.min_alpha_inner:.3f}  "
-                  f"clean={ev['acc']['clean']:.3f}  all={ev['acc']['all']:.3f}  ({trained.seconds:.1f}s)", flush=True)  # fmt: skip
+    for trial, res, ev in finished_runs(done):
+        records.append({
+            "arm": trial.arm, "seed": trial.seed, "test_acc": ev.pop("test_acc"), "mean_alpha": res["mean_alpha"],
+            "min_alpha_inner": res["min_alpha_inner"], "train_loss": res["window_train_loss"], "train_seconds": res["train_time_s"], **ev,
+        })  # fmt: skip
+        print(f"  {trial.arm:<8} seed={trial.seed}  α={res['mean_alpha']:.3f}  min α inner={res['min_alpha_inner']:.3f}  "
+              f"clean={ev['acc']['clean']:.3f}  all={ev['acc']['all']:.3f}  ({res['train_time_s']:.1f}s)", flush=True)  # fmt: skip
 
     # Tables, JSON (with the resolved configs and the environment) and the figures.
     summary = summarise(records, cfg, input_inv)
     md = tables(summary, cfg)
     (out / "results.md").write_text(md + "\n")
     write_json(out / "results.json", {
-        "recipe": "robustness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).to_dict(),
+        "recipe": "robustness", "config": dataclasses.asdict(cfg), "trial_config": trial_config(cfg, "both", cfg.seeds[0]).resolved().to_dict(),
         "mnist1d_default_args": mnist1d_args(), "environment": environment(), "input_invariance": input_inv,
         "summary": summary, "records": records, "wall_time_s": time.perf_counter() - t_start,
     })  # fmt: skip
@@ -454,7 +489,7 @@ def tables(summary: dict[str, Any], cfg: RobustnessConfig) -> str:
         "",
         f"MLP width {cfg.width}, depth {cfg.depth}; {cfg.optimizer} lr={cfg.lr} momentum={cfg.momentum} "
         f"weight_decay={cfg.weight_decay}; {cfg.steps} steps of batch {cfg.batch_size} in every arm; "
-        f"noise={cfg.noise}, loss_weight={cfg.loss_weight}, relations={list(cfg.relations)} (loss/both arms); "
+        f"noise={cfg.noise}, loss_weight={trial_config(cfg, 'loss', cfg.seeds[0]).resolved().loss_weight:g}, relations={list(cfg.relations)} (loss/both arms); "
         f"crh arm: canonreg.crh_loss preset at λ={trial_config(cfg, 'crh', cfg.seeds[0]).resolved().loss_weight:g}. "
         f"Mean ± 95% t-interval over {n} seeds {list(cfg.seeds)}. α ({cfg.metric}, {cfg.preprocess}): after training, "
         "whole training set, task-loss gradient only; min α inner: minimum over the six relations and the inner layers.",

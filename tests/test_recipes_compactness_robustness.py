@@ -31,7 +31,7 @@ import compactness  # noqa: E402
 import robustness  # noqa: E402
 
 from canonreg.data import mnist1d, mnist1d_args  # noqa: E402
-from canonreg.experiment import ARMS, TrialConfig, load_data, run_trial  # noqa: E402
+from canonreg.experiment import ARMS, load_data, run_trial  # noqa: E402
 
 
 # ---------------------------------------------------------------------- robustness helpers
@@ -170,17 +170,27 @@ def test_config_from_args_quick_and_precedence() -> None:
         compactness.parse_args(["--seeds", "1", "1"])
 
 
-def test_recipe_training_is_the_experiment_trial() -> None:
-    # The recipes' loop must train exactly what canonreg.experiment.run_trial trains, and measure α the same way.
-    cfg = TrialConfig(arm="both", num_samples=2000, width=16, steps=30, eval_every=10, n_bootstrap=0, seed=3)
-    split = load_data(cfg)
-    trained = _common.train(cfg, split)
-    with torch.no_grad():
-        acc = float((trained.model(split.x_test).argmax(1) == split.y_test).double().mean())
-    ref = run_trial(cfg, data=split)
-    assert acc == ref["test_acc"]
-    assert trained.mean_alpha == ref["mean_alpha"] and trained.min_alpha_inner == ref["min_alpha_inner"]
-    assert trained.train_loss == ref["window_train_loss"]
+def test_recipe_runs_are_the_trial_configs_and_the_measure_sees_the_trained_model(tmp_path: Path) -> None:
+    # The runner trains every arm × seed of the recipe config as trial_config says, and the recipe's
+    # measurement (in the runner) sees the model train_trial trains: compared with a direct computation.
+    from canonreg.ablate import AblationSpec, run_ablation
+    from canonreg.experiment import train_trial
+
+    cfg = compactness.CompactnessConfig(arms=("baseline", "both"), seeds=(3,), num_samples=2000, width=16, steps=30, eval_every=10, max_rows=300)
+    spec = _common.ablation_spec("t", cfg)
+    assert AblationSpec.from_dict(spec).configs() == [_common.trial_config(cfg, a, s).resolved() for a in cfg.arms for s in cfg.seeds]
+    done = run_ablation(spec, out=tmp_path, workers=0, progress=False, plots=False,
+                        measure="compactness:measure_run", measure_args={"variance": 0.9, "max_rows": 300})  # fmt: skip
+    runs = _common.finished_runs(done)
+    assert [(t.arm, t.seed) for t, _, _ in runs] == [("baseline", 3), ("both", 3)]
+    for trial, res, layers in runs:
+        split = load_data(trial)
+        trained = train_trial(trial, data=split)
+        rows = torch.randperm(split.x.shape[0], generator=torch.Generator().manual_seed(cfg.data_seed))[:300]
+        assert layers == compactness.measure(trained.model, split.x[rows], split.y[rows], 0.9)
+        ref = run_trial(trial, data=split)
+        assert res["test_acc"] == ref["test_acc"] and res["mean_alpha"] == ref["mean_alpha"]
+        assert res["window_train_loss"] == trained.train_loss
 
 
 def test_trial_config_copies_the_shared_budget() -> None:
@@ -191,9 +201,9 @@ def test_trial_config_copies_the_shared_budget() -> None:
 
 
 # ---------------------------------------------------------------------- --quick end to end
-def _run_quick(recipe: str, out: Path) -> dict[str, Any]:
+def _run_quick(recipe: str, out: Path, *options: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, str(RECIPES / f"{recipe}.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(RECIPES / f"{recipe}.py"), "--quick", "--out", str(out), *options],
         capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join([str(RECIPES.parent), os.environ.get("PYTHONPATH", "")])},
     )  # fmt: skip
@@ -230,6 +240,13 @@ def test_compactness_quick(tmp_path: Path) -> None:
     for arm in ARMS:
         s = res["summary"][arm]
         assert len(s["test_acc"]) == 2 and _finite_in(s["test_acc"][0], 0.0, 1.0) and s["test_acc"][1] >= 0
+    # a second start resumes: nothing is trained again, the same records and tables come back
+    runs = (tmp_path / "runs" / "results.jsonl").read_text()
+    assert len(runs.splitlines()) == len(records) and all('"measure_call"' in line for line in runs.splitlines())
+    md = (tmp_path / "results.md").read_text()
+    again = _run_quick("compactness", tmp_path, "--workers", "0")
+    assert (tmp_path / "runs" / "results.jsonl").read_text() == runs
+    assert again["records"] == records and (tmp_path / "results.md").read_text() == md
 
 
 def test_robustness_quick(tmp_path: Path) -> None:
@@ -256,6 +273,8 @@ def test_robustness_quick(tmp_path: Path) -> None:
 def test_crh_arm_runs_the_preset_weight_not_the_loss_arms() -> None:
     from canonreg.losses import CRH_PRESET
 
-    cfg = compactness.CompactnessConfig(loss_weight=0.1)
+    cfg = compactness.CompactnessConfig()  # loss_weight None: each arm's default
     assert _common.trial_config(cfg, "loss", 0).resolved().loss_weight == 0.1
     assert _common.trial_config(cfg, "crh", 0).resolved().loss_weight == float(CRH_PRESET["weight"])
+    cfg = robustness.RobustnessConfig(loss_weight=0.3)  # a given λ: every loss arm's (as in gamma_scaling)
+    assert {_common.trial_config(cfg, a, 0).resolved().loss_weight for a in ("loss", "both", "crh")} == {0.3}
