@@ -749,7 +749,9 @@ class AlignmentLoss(nn.Module):
     (:class:`LazyRowMoment`, :func:`gram_sketches`); sides of width ``≤ k`` stay exact. Measured
     (``benchmarks/results/loss_overhead_estimators.json``, ``loss_effect_estimators.md``): std of α̂
     about ``0.01`` at ``k = 16`` on trained width-128 layers (``∝ 1/√k``), the same α after
-    training as the exact loss (3 seeds), and a fraction of the exact cost on wide layers. ``"exact"``
+    training as the exact loss (3 seeds), and, with f-RWA + b-RWA on every layer of an MLP
+    40→4×1024→10 at batch 512 (one thread), 1.42–1.46× a plain step at ``k = 16`` (1.32–1.39× at
+    ``k = 8``) against 4.7–4.9× for the exact form. ``"exact"``
     stays the default: deterministic, and as cheap on narrow layers (width ≲ 256).
 
     Scale conventions: α is invariant to positive rescaling of either matrix, so the batch-mean
