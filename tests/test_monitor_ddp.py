@@ -48,7 +48,7 @@ def _train(name: str, preprocess: str, rank: int | None) -> dict[str, object]:
             opt.zero_grad()
             case.loss(model(x), y).backward()
             opt.step()
-    report = monitor.compute(lr=LR, weight_decay=WD, batch_size=8, n_bootstrap=20, seed=1)
+    report = monitor.compute(lr=LR, weight_decay=WD, batch_size=8, n_bootstrap=20, bootstrap_seed=1)
     return {
         "layers": report.layers,
         "matrices": {n: report.matrices(n) for n in report.layers},
