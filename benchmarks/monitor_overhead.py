@@ -17,7 +17,7 @@ CNN (three 3×3 Conv2d layers + a Linear head on 3×16×16 inputs; every output 
 
 Timing (``--clock wall``, the default, or ``--clock cpu`` = process CPU time, which other processes on a
 shared machine barely disturb; use it with ``--threads 1``): warm-up steps per variant, then ``rounds`` rounds that time every variant in turn (interleaved,
-so load drift on a shared machine hits all variants alike); a variant's time per step is the median over
+so load drift on a shared machine hits all variants alike; odd rounds in reverse order); a variant's time per step is the median over
 rounds of the mean over its timed steps, and its ratio is the median over rounds of
 ``variant / plain`` of the same round. The cost floor of ``every1`` is about one extra ``n·d²`` matmul
 per accumulated matrix: raw/centered accumulate 2 Grams per layer (``H_a``, ``G_b``), normalized 4.
@@ -84,6 +84,7 @@ class Config:
     sketch_ks: tuple[int, ...] = (32, 64, 128, 256, 512)
     sketch_seeds: int = 3
     train_steps: int = 100
+    baseline_rev: str = ""  # a git revision: also time its canonreg ("base-every1/<mode>", "base-every10/<mode>")
     seed: int = 0
     out: str = str(RESULTS / "monitor_overhead.json")
 
@@ -109,6 +110,8 @@ def parse(argv: list[str] | None) -> Config:
     p.add_argument("--sketch-error", dest="sketch_error", action="store_true", default=None,
                    help="measure the sketch's α error vs k against the exact monitor (writes monitor_sketch_error.json)")
     p.add_argument("--sketch-ks", dest="sketch_ks", type=int, nargs="+")
+    p.add_argument("--baseline-rev", dest="baseline_rev",
+                   help="git revision whose canonreg is timed beside this one in the same rounds (before/after)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
@@ -239,6 +242,29 @@ def _timed(step: Callable[[], None], n: int, device: torch.device) -> tuple[floa
     return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
+def load_baseline(rev: str) -> Any:
+    """The ``canonreg`` package of git revision ``rev``, imported as ``canonreg_baseline`` (``git archive``)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="canonreg_baseline_"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "canonreg"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    spec = importlib.util.spec_from_file_location(
+        "canonreg_baseline", tmp / "canonreg" / "__init__.py", submodule_search_locations=[str(tmp / "canonreg")]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["canonreg_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BASELINE: Any = None  # set by main() from --baseline-rev
+
+
 def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Tensor, cfg: Config, naive: bool) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build().to(x.device)
@@ -257,6 +283,9 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
         variants[f"every10/{mode}"] = (
             step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, every=10, defer_checks=defer), 10
         )
+        if BASELINE is not None:
+            variants[f"base-every1/{mode}"] = (step, lambda mode=mode: BASELINE.CRHMonitor(model, preprocess=mode), cfg.steps)
+            variants[f"base-every10/{mode}"] = (step, lambda mode=mode: BASELINE.CRHMonitor(model, preprocess=mode, every=10), 10)
         if cfg.sketch > 0:
             variants[f"sketch{cfg.sketch}/{mode}"] = (
                 step, lambda mode=mode: canonreg.CRHMonitor(model, preprocess=mode, sketch=cfg.sketch, defer_checks=defer), cfg.steps
@@ -271,7 +300,8 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(cfg.rounds):
-        for key, (fn, make_monitor, n) in variants.items():
+        order = list(variants.items())
+        for key, (fn, make_monitor, n) in order if r % 2 == 0 else order[::-1]:  # alternate: no variant always last
             if key.startswith("naive") and r > 0:
                 continue
             monitor = make_monitor() if make_monitor is not None else None
@@ -287,7 +317,7 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
                 times[key].append(wall)
                 cpu[key].append(proc)
                 if monitor is not None:  # it really measured
-                    monitor.compute(exponents=False, ranks=not key.startswith("sketch"))  # type: ignore[attr-defined]
+                    monitor.compute(exponents=False, ranks=False)  # type: ignore[attr-defined]
             finally:
                 if monitor is not None:
                     monitor.detach()  # type: ignore[attr-defined]
@@ -332,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if cfg.sketch_error:
         return sketch_error(cfg)
+    global BASELINE
+    BASELINE = load_baseline(cfg.baseline_rev) if cfg.baseline_rev else None
     import canonreg.monitor as monitor_module
 
     if cfg.syrk_block > 0:  # a tuning knob: Grams wider than this are built from upper-triangle blocks
@@ -438,6 +470,8 @@ def format_table(rows: list[dict[str, Any]], cfg: Config) -> str:
     head = f"{'model':<10}{'mode':<12}{'plain s':>9}{'every1 s':>10}{'every1 x':>10}{'every10 x':>11}{'naive s':>10}{'naive x':>9}{'vs naive':>10}"
     if cfg.sketch > 0:
         head += f"{f'sketch{cfg.sketch} x':>13}"
+    if cfg.baseline_rev:
+        head += f"{'base1 x':>9}{'base10 x':>10}"
     lines = [f"seconds per training step on {cfg.device} ({cfg.clock} clock, {torch.get_num_threads()} thread(s)); x = ratio to plain", head, "-" * len(head)]
     noisy = []
     for r in rows:
@@ -451,6 +485,8 @@ def format_table(rows: list[dict[str, Any]], cfg: Config) -> str:
             naive_x = f"{q[nk]:.1f}" if nv is not None else "—"
             speed = f"{nv / s[e1]:.1f}x" if nv is not None else "—"
             sketch = f"{q[f'sketch{cfg.sketch}/{mode}']:>13.2f}" if cfg.sketch > 0 else ""
+            if cfg.baseline_rev:
+                sketch += f"{q[f'base-every1/{mode}']:>9.2f}{q[f'base-every10/{mode}']:>10.3f}"
             lines.append(
                 f"{r['model']:<10}{mode:<12}{s['plain']:>9.4f}{s[e1]:>10.4f}{q[e1]:>10.2f}"
                 f"{q[e10]:>11.3f}{naive_s:>10}{naive_x:>9}{speed:>10}{sketch}"

@@ -8,7 +8,9 @@ entries of state (instead of ``d²``).
 
 ``Ω = sqrt(d/k) Q`` with ``Q`` the orthonormal columns of a seeded Gaussian ``d × k`` matrix (uniform on the
 Stiefel manifold, so ``E[Ω Ωᵀ] = I``); for ``k ≥ d``, ``Ω = I`` and every estimate below is exact. The
-``1`` column gives ``M 1`` exactly, hence the mean entry ``m̄ = 1ᵀM1/d²``.
+``1`` column gives ``M 1`` exactly, hence the mean entry ``m̄ = 1ᵀM1/d²``. Against the exact
+monitor's ``n·d²/2`` per Gram (and its identities, which save two of the four moments in raw/centered
+mode), the sketch pays for widths above about ``4(k + 1)``.
 
 Estimates (theory §3). Pearson's α of two ``d × d`` matrices is the cosine of their entry-centred
 versions ``A_c = A − Ā 11ᵀ``; with ``A_c Ω = AΩ − Ā 1(1ᵀΩ)`` computed exactly from the sketch,
@@ -20,8 +22,11 @@ versions ``A_c = A − Ā 11ᵀ``; with ``A_c Ω = AΩ − Ā 1(1ᵀΩ)`` comput
 a ratio (slightly biased, in [−1, 1] by Cauchy–Schwarz) and exact when ``k ≥ d``. ``Z_a = WᵀW`` and
 ``Z_b = WWᵀ`` enter as ``Wᵀ(WΩ)``, ``W(WᵀΩ)`` at ``compute()`` time (``2·d_a·d_b·(k + 1)``), so all six
 relations are estimated: f-RGA, f-GWA, f-RWA from ``(H_a Ω, G_a Ω, Z_a Ω)``, the b-relations likewise
-with ``Ω_b``. The error shrinks like ``1/sqrt(k)`` (times ``sqrt(1 − k/d)``); measured figures are in
-``benchmarks/results/monitor_sketch_error.json`` (``benchmarks/monitor_overhead.py --sketch-error``).
+with ``Ω_b``. The error shrinks like ``1/sqrt(k)`` (times ``sqrt(1 − k/d)``). Measured on a trained MLP
+40 → 1024 ×4 → 10 (``benchmarks/monitor_overhead.py --sketch-error``,
+``benchmarks/results/monitor_sketch_error.json``; 3 probe seeds, 5 layers × 6 relations each):
+``max |α̂ − α|`` 0.065 / 0.042 / 0.026 / 0.019 / 0.010 at ``k`` = 32 / 64 / 128 / 256 / 512 (raw), and
+at most 0.042 / 0.028 / 0.021 / 0.014 / 0.009 (centered, normalized); mean errors are 4–7× smaller.
 
 Not estimated (they need the full matrices): the matrices themselves, PAH exponents (eigenvectors of
 ``Z``) and effective ranks; ``compute()`` of a sketched monitor raises for them.
