@@ -144,12 +144,13 @@ def finished_runs(done: AblationResult) -> list[tuple[TrialConfig, dict[str, Any
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed (see {done.out}/errors.jsonl): " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     recs = [done.records[config_id(c)] for c in done.configs]
-    return [(c, _nan_for_none(r["result"]), _nan_for_none(r.get("measure"))) for c, r in zip(done.configs, recs)]
+    return [(c, nan_for_none(r["result"]), nan_for_none(r.get("measure"))) for c, r in zip(done.configs, recs)]
 
 
-def _nan_for_none(x: Any) -> Any:
+def nan_for_none(x: Any) -> Any:
+    """``x`` (JSON data) with every None replaced by NaN: the runner's records store non-finite numbers as null."""
     if isinstance(x, dict):
-        return {k: _nan_for_none(v) for k, v in x.items()}
+        return {k: nan_for_none(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_nan_for_none(v) for v in x]
+        return [nan_for_none(v) for v in x]
     return math.nan if x is None else x

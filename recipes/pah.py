@@ -20,8 +20,10 @@ A single constraint fixes only some exponents (``f-RWA`` alone gives ``H_b ∝ Z
 relation, no prediction. ``power(B) = 0`` means ``B ∝ I`` on the support: ``κ`` is undefined.
 
 The measurement. For each setting (depth, weight decay γ), arm and seed an MLP on MNIST-1D is
-trained by :func:`canonreg.experiment.train_trial` (one loop for every recipe and ablation), whose
-:class:`~canonreg.CRHMonitor` measures over the last ``window`` SGD steps only; moments are
+trained by :func:`canonreg.experiment.train_trial` (one loop for every recipe and ablation; one
+:func:`canonreg.ablate.run_ablation` grid of arms × seeds per setting, ``--workers`` processes,
+resumable in ``--out``/``runs/<setting>``, :func:`measure_run` measuring each trained model in its
+worker), whose :class:`~canonreg.CRHMonitor` measures over the last ``window`` SGD steps only; moments are
 ``centered`` by default, because the identities above — and so the table — are exact for centred
 (or raw) moments and are broken by the per-sample normalisation of the paper's protocol. Per layer:
 
@@ -47,11 +49,14 @@ Settings (``name:depth:γ``): ``strong-decay:4:1e-2`` (where CRH should form) an
 
 Outputs in ``--out``: ``results.md``, ``results.json`` (resolved config, environment, per-run fits,
 predictions and verdicts), ``eigen_scatter.png`` (eigen-scatter of every relation of one layer per
-setting, with the fitted and the predicted slope) and ``kappa_measured_vs_predicted.png``.
+setting, with the fitted and the predicted slope), ``kappa_measured_vs_predicted.png`` and ``runs/``
+(the runner's records; ``runs/<setting>/reports/``: the first seed's window report of every arm,
+trimmed to the scatter layer, for the figure).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -62,10 +67,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from_args, markdown_table, recipe_parser
+from _common import ARM_COLORS, STUDY_ARMS, check_arms, check_seeds, config_from_args, markdown_table, nan_for_none, recipe_parser
 
-from canonreg import RELATION_PAIRS, RELATIONS, CanonRegError, CRHReport
-from canonreg.experiment import ARMS, TrainedTrial, TrialConfig, load_data, train_trial
+from canonreg import RELATION_PAIRS, RELATIONS, CRHReport
+from canonreg.ablate import run_ablation
+from canonreg.data import Split
+from canonreg.experiment import ARMS, TrainedTrial, TrialConfig, config_id
 from canonreg.functional import power_law_fit
 from canonreg.optim import effective_lr
 from canonreg.stats import environment, fmt_ci, mean_ci, write_json
@@ -117,6 +124,8 @@ class Config:
     eig_floors: tuple[float, ...] = (1e-3, 1e-6)  # PAH fits use eigenvalues above floor · λ_max; the first is reported in full
     n_bootstrap: int = 200
     scatter_layer: str = "2"  # the layer whose eigen-scatter is plotted
+    workers: int = 2  # runner processes (0 = in this process; each run trains with one thread, the numbers do not depend on it)
+    resume: bool = True  # keep finished runs of out/runs
     out: str = "results/pah"
     quick: bool = False
 
@@ -134,16 +143,28 @@ class Config:
             raise ValueError(f"Expected `threshold` in [-1, 1], but got {self.threshold!r}")
         if not 1 <= self.window <= self.steps:
             raise ValueError(f"Expected `window` in [1, steps={self.steps}], but got {self.window!r}")
+        if self.workers < 0:
+            raise ValueError(f"Expected `workers` to be a non-negative int, but got {self.workers!r}")
 
-    def trial(self, setting: Setting, arm: str, seed: int) -> TrialConfig:
-        return TrialConfig(
-            arm=arm, dataset="mnist1d", num_samples=self.num_samples, data_seed=self.data_seed, model="mlp",
+    def trial_fields(self, setting: Setting) -> dict[str, Any]:
+        """The :class:`TrialConfig` fields every arm and seed of ``setting`` shares."""
+        return dict(
+            dataset="mnist1d", num_samples=self.num_samples, data_seed=self.data_seed, model="mlp",
             width=self.width, depth=setting.depth, optimizer="sgd", lr=self.lr, momentum=self.momentum,
             weight_decay=setting.weight_decay, noise=self.noise, loss_weight=self.loss_weight,
-            relations=self.relations, batch_size=self.batch_size, steps=self.steps, seed=seed,
+            relations=self.relations, batch_size=self.batch_size, steps=self.steps,
             preprocess=self.preprocess, metric=self.metric, eval_every=self.window, monitor_windows="last",
             n_bootstrap=self.n_bootstrap,
-        ).resolved()  # fmt: skip
+        )  # fmt: skip
+
+    def trial(self, setting: Setting, arm: str, seed: int) -> TrialConfig:
+        return TrialConfig(arm=arm, seed=seed, **self.trial_fields(setting)).resolved()
+
+    def spec(self, setting: Setting) -> dict[str, Any]:
+        """The :func:`canonreg.ablate.run_ablation` grid of ``setting``: every arm × seed (arm-major)."""
+        fixed = {k: list(v) if isinstance(v, tuple) else v for k, v in self.trial_fields(setting).items()}
+        grid = {"arm": list(self.arms), "seed": list(self.seeds)}
+        return {"ablation": {"name": f"pah-{setting.name}", "workers": self.workers}, "fixed": fixed, "grid": grid}
 
 
 #: ``--quick``: the CI setting (< 1 minute).
@@ -159,6 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--preprocess", choices=("raw", "centered", "normalized"))
     p.add_argument("--eig-floors", nargs="+", type=float)
     p.add_argument("--n-bootstrap", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction)
     return config_from_args(Config, p, argv, QUICK)
 
 
@@ -287,6 +310,29 @@ def measure(trained: TrainedTrial, x_test: torch.Tensor, y_test: torch.Tensor, e
     }
 
 
+def measure_run(
+    trained: TrainedTrial, split: Split, eig_floors: Sequence[float], scatter_layer: str, report_seed: int, report_dir: str
+) -> dict[str, Any]:
+    """The runner's measurement of one trained run, in its worker: :func:`measure` on the test split;
+    for the seed ``report_seed`` the window report (first floor's fits, only the plotted layer's
+    matrices) is saved to ``report_dir`` for the eigen-scatter, its path under ``"report_file"``."""
+    got = measure(trained, split.x_test, split.y_test, tuple(eig_floors))
+    report: CRHReport = got.pop("report")
+    got["report_file"] = None
+    if trained.config.seed == report_seed:
+        layer = _scatter_layer(report, scatter_layer)
+        path = Path(report_dir) / f"{trained.config.arm}-seed{report_seed}-{config_id(trained.config)}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dataclasses.replace(report, _matrices={layer: report.matrices(layer)}), path)
+        got["report_file"] = str(path)
+    return got
+
+
+def _scatter_layer(report: CRHReport, wanted: str) -> str:
+    """``wanted`` if the report has it, else its middle layer."""
+    return wanted if wanted in report.layers else report.layers[len(report.layers) // 2]
+
+
 # ---------------------------------------------------------------------- reading the table
 @dataclass(frozen=True)
 class Measured:
@@ -355,28 +401,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     settings = [Setting.parse(s) for s in cfg.settings]
 
-    # One visible loop: every (setting, arm, seed) trained by canonreg.experiment.train_trial (same data,
-    # initialisation and batch order per seed in every arm; the monitor on the last `window` steps).
-    split = load_data(cfg.trial(settings[0], cfg.arms[0], cfg.seeds[0]))
+    # One ablation grid per setting: every (arm, seed) trained by canonreg.experiment's loop (same data,
+    # initialisation and batch order per seed in every arm; the monitor on the last `window` steps), then
+    # measure_run on the trained model in its worker.
     plot_arms = {cfg.arms[0], cfg.arms[-1]}
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    reports: dict[tuple[str, str], CRHReport] = {}
     for s in settings:
-        for arm in cfg.arms:
-            for seed in cfg.seeds:
-                trial = cfg.trial(s, arm, seed)
-                run: dict[str, Any] = {"setting": s.name, "arm": arm, "seed": seed, "config": trial.to_dict()}
-                try:
-                    trained = train_trial(trial, data=split, threads=1)
-                except (CanonRegError, FloatingPointError) as e:  # a dead layer (α undefined in the loss) or divergence
-                    runs.append(run | {"failed": f"{type(e).__name__}: {e}"})
-                    print(f"  {s.name:<16} {arm:<8} seed={seed}  FAILED: {runs[-1]['failed'][:120]}", flush=True)
-                    continue
-                run |= measure(trained, split.x_test, split.y_test, cfg.eig_floors) | {"seconds": trained.seconds}
-                if not (seed == cfg.seeds[0] and arm in plot_arms):
-                    run["report"] = None
-                runs.append(run)
-                print(f"  {s.name:<16} {arm:<8} seed={seed}  acc={run['test_acc']:.3f}  ({trained.seconds:.1f}s)", flush=True)
+        runs_dir = out / "runs" / s.name
+        done = run_ablation(
+            cfg.spec(s), out=runs_dir, resume=cfg.resume, progress=False, plots=False, measure="pah:measure_run",
+            measure_args={"eig_floors": list(cfg.eig_floors), "scatter_layer": cfg.scatter_layer,
+                          "report_seed": cfg.seeds[0], "report_dir": str(runs_dir / "reports")},
+        )  # fmt: skip
+        for trial in done.configs:
+            rid = config_id(trial)
+            run: dict[str, Any] = {"setting": s.name, "arm": trial.arm, "seed": trial.seed, "config": trial.to_dict()}
+            if rid not in done.records:  # a dead layer (α undefined in the loss) or divergence
+                runs.append(run | {"failed": done.failures.get(rid, "not finished")})
+                print(f"  {s.name:<16} {trial.arm:<8} seed={trial.seed}  FAILED: {runs[-1]['failed'][:120]}", flush=True)
+                continue
+            got = nan_for_none(done.records[rid]["measure"])
+            report_file = got.pop("report_file")
+            if trial.seed == cfg.seeds[0] and trial.arm in plot_arms:
+                reports[(s.name, trial.arm)] = torch.load(report_file, weights_only=False)
+            runs.append(run | got | {"seconds": done.records[rid]["result"]["train_time_s"]})
+            print(f"  {s.name:<16} {trial.arm:<8} seed={trial.seed}  acc={got['test_acc']:.3f}  ({runs[-1]['seconds']:.1f}s)", flush=True)
     wall = time.perf_counter() - t0
     records = [r for r in runs if "failed" not in r]
     failures = [r for r in runs if "failed" in r]
@@ -388,9 +439,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     md = report_markdown(cfg, records, failures, by_floor, wall)
     (out / "results.md").write_text(md)
     print(md)
-    reports = {(r["setting"], r["arm"]): r.pop("report") for r in records if r.get("report") is not None}
-    for r in runs:
-        r.pop("report", None)
     summary = {
         "config": dataclasses.asdict(cfg),
         "environment": environment(),
@@ -435,7 +483,7 @@ def report_markdown(
         f"MLP width {cfg.width} on MNIST-1D, SGD η = {effective_lr({'lr': cfg.lr, 'momentum': cfg.momentum}):g} (momentum {cfg.momentum:g}), batch "
         f"{cfg.batch_size}, {cfg.steps} steps; {cfg.preprocess} moments over the last {cfg.window} steps; "
         f"α = {cfg.metric}; a relation holds when the seed-mean α >= {cfg.threshold}; seeds {list(cfg.seeds)}; "
-        f"arms {list(cfg.arms)}. Wall time {wall:.0f} s (one process).",
+        f"arms {list(cfg.arms)}. Wall time {wall:.0f} s ({cfg.workers} runner worker(s)).",
         "",
         "Measured κ: mean over seeds [95% t-interval] of the fit over eigenvalues above floor · λ_max; predicted κ in",
         "parentheses (– not determined by the phase, undef: B ∝ I). ✓/✗: prediction inside/outside the interval.",
@@ -508,7 +556,7 @@ def plot(cfg: Config, settings: Sequence[Setting], reports: Mapping[tuple[str, s
     fig, axes = plt.subplots(len(keys), len(RELATIONS), figsize=(4 * len(RELATIONS), 3.6 * len(keys)), squeeze=False)
     for i, key in enumerate(keys):
         rep = reports[key]
-        layer = cfg.scatter_layer if cfg.scatter_layer in rep.layers else rep.layers[len(rep.layers) // 2]
+        layer = _scatter_layer(rep, cfg.scatter_layer)
         row = next(r for r in rows if (r["setting"], r["arm"], r["layer"]) == (*key, layer))
         for j, rel in enumerate(RELATIONS):
             ax = axes[i, j]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from canonreg import RELATIONS
-from canonreg.experiment import TrialConfig, load_data, train_trial
+from canonreg.experiment import TrialConfig, config_id, load_data, train_trial
 from canonreg.functional import alignment, power_law_fit, random_orthogonal
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -263,6 +263,38 @@ def test_pah_refits_equal_the_monitors_own_fits() -> None:
     assert got["test_acc"] == acc
     for layer, flat in got["z_flatness"].items():
         assert 0 < flat <= 1 + 1e-12, layer
+
+
+def test_pah_runs_in_the_ablation_runner_as_its_own_loop_would(tmp_path: Path) -> None:
+    """One runner grid per setting holds exactly cfg.trial(setting, arm, seed) for every arm × seed, and
+    pah.measure_run in the runner gives pah.measure of the same trained model; the first seed's report
+    (the scatter layer only) is saved for the figure."""
+    from canonreg.ablate import AblationSpec, run_ablation
+    from canonreg.stats import jsonable
+
+    cfg = pah.Config(settings=("s:3:1e-2",), arms=("baseline", "noise"), seeds=(3, 4), num_samples=600, width=16, steps=30, window=10, n_bootstrap=20)
+    (setting,) = [pah.Setting.parse(x) for x in cfg.settings]
+    spec = cfg.spec(setting)
+    assert AblationSpec.from_dict(spec).configs() == [cfg.trial(setting, a, s) for a in cfg.arms for s in cfg.seeds]
+    args = {"eig_floors": [1e-3, 1e-6], "scatter_layer": "2", "report_seed": 3, "report_dir": str(tmp_path / "reports")}
+    done = run_ablation(spec | {"grid": {"arm": ["noise"], "seed": [3, 4]}}, out=tmp_path, workers=0, progress=False, plots=False,
+                        measure="pah:measure_run", measure_args=args)  # fmt: skip
+    for trial in done.configs:
+        got = done.records[config_id(trial)]["measure"]
+        split = load_data(trial)
+        trained = train_trial(trial, data=split, threads=1)
+        want = pah.measure(trained, split.x_test, split.y_test, (1e-3, 1e-6))
+        report = want.pop("report")
+        assert json.loads(json.dumps(jsonable(want))) == {k: v for k, v in got.items() if k != "report_file"}
+        if trial.seed == 3:
+            saved = torch.load(got["report_file"], weights_only=False)
+            assert json.dumps(jsonable(saved.alignment)) == json.dumps(jsonable(report.alignment))
+            assert json.dumps(jsonable(saved.exponents)) == json.dumps(jsonable(report.exponents))
+            assert all(torch.equal(a, report.matrices("2")[k]) for k, a in saved.matrices("2").items())
+            with pytest.raises(KeyError):
+                saved.matrices("0")  # only the plotted layer is kept
+        else:
+            assert got["report_file"] is None
 
 
 # ============================================================================ end to end (--quick)
