@@ -37,13 +37,13 @@ class Runner:
     """One contender, built and ready: ``step()`` is one training step (timed); ``release()`` drops
     products held between steps that a user would consume at once (per-sample gradients), outside the
     timing; ``close()`` checks that it computed what it claims and returns a summary (JSON-able);
-    ``settle()`` brings its state to steady size for the memory pass (a monitor: ``compute()``, which
-    folds its window into the float64 totals, then another step, which opens a new window)."""
+    ``fold()`` brings its state to steady size for the memory pass (a monitor: ``compute()``, which
+    folds its window into the float64 totals; the next step opens a new window)."""
 
     step: Callable[[], None]
     release: Callable[[], None] = lambda: None
     close: Callable[[], dict[str, Any]] = lambda: {}
-    settle: Callable[[], None] = lambda: None
+    fold: Callable[[], object] = lambda: None
 
 
 @dataclass
@@ -207,22 +207,38 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     return peak, cur
 
 
-def memory_of(contender: Contender, steps: int) -> tuple[int, int] | None:
-    """Peak and net bytes of building ``contender``, running ``steps`` training steps and ``settle()`` on a fresh copy.
+@dataclass(frozen=True)
+class Memory:
+    """Torch CPU allocation of one contender on a fresh copy (bytes, relative to before it was built).
+
+    ``step_peak``: the most held at once while building it and running ``steps + 1`` training steps
+    (a monitor folds its window with ``fold()`` before the last one, so that step runs at the steady
+    state); ``held``: still allocated after them (model copy, gradients, the contender's state);
+    ``fold_peak``: the most held at once during ``fold()`` (a monitor's ``compute()``; 0 otherwise).
+    """
+
+    step_peak: int
+    held: int
+    fold_peak: int
+
+
+def memory_of(contender: Contender, steps: int) -> Memory | None:
+    """Measure :class:`Memory` of ``contender``: build, ``steps`` steps, ``fold()``, one more step, each profiled.
 
     None (with a printed line) when that fails: a broken contender must not lose the other measurements.
     """
     holder: list[Runner] = []
 
     def run() -> None:
-        runner = contender.build()
-        holder.append(runner)
+        holder.append(contender.build())
         for _ in range(steps):
-            runner.step()
-        runner.settle()
+            holder[0].step()
 
     try:
-        return peak_bytes(run)
+        peak_a, net_a = peak_bytes(run)
+        peak_b, net_b = peak_bytes(holder[0].fold)
+        peak_c, net_c = peak_bytes(holder[0].step)
+        return Memory(step_peak=max(peak_a, net_a + net_b + peak_c), held=net_a + net_b + net_c, fold_peak=net_a + peak_b)
     except Exception as exc:  # noqa: BLE001
         print(f"  {contender.name}: memory pass failed: {type(exc).__name__}: {exc}")
         return None
@@ -231,7 +247,7 @@ def memory_of(contender: Contender, steps: int) -> tuple[int, int] | None:
             if holder:
                 holder[0].release()
                 holder[0].close()
-        except Exception:  # noqa: BLE001, S110  (the timing pass reports a failing close())
+        except Exception:  # noqa: BLE001  (the timing pass reports a failing close())
             pass
         holder.clear()
 

@@ -31,8 +31,9 @@ same layer (cosine of the matrices; per-sample tools through their per-sample *b
 are ``g_b/n``) and every ``A`` with the raw ``H_a``, so the table shows what is exact and what is sampled.
 
 Timing and memory: ``benchmarks/_harness.py`` (interleaved rounds, rotated order, warm-up, median
-ratio per clock; peak extra memory = peak torch CPU allocation of building the contender and running
-two steps, minus the same for ``plain``, from the profiler's allocation events). Per-sample contenders
+ratio per clock; extra memory from the profiler's allocation events, minus the same for ``plain``: the
+peak of building the contender and a few steps, the last at a monitor's steady state; what stays held;
+the peak of canonreg's ``compute()``). Per-sample contenders
 are skipped (with a printed line) when their ``n·|θ|`` float32 gradients would exceed
 ``--per-sample-max-gib`` or half the available memory.
 
@@ -69,6 +70,7 @@ from canonreg.stats import environment, write_json
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     Contender,
+    Memory,
     Runner,
     available_bytes,
     fmt_ratio,
@@ -190,11 +192,7 @@ class Bench:
 
         step = sgd_step(model, opt, self.x, self.y)
 
-        def settle() -> None:
-            monitor.compute(exponents=False, ranks=False)
-            step()
-
-        return Runner(step, close=close, settle=settle)
+        return Runner(step, close=close, fold=partial(monitor.compute, exponents=False, ranks=False))
 
     def backpack(self, extension: str) -> Runner:
         import backpack
@@ -291,7 +289,7 @@ class Bench:
             grads = per_sample(detached, self.x, self.y)
             for k, v in params.items():
                 v.grad = grads[k].mean(0)
-            held.append(grads)  # the product a user of per-sample gradients consumes
+            held[:] = [grads]  # the product a user of per-sample gradients consumes (the last step's)
             opt.step()
 
         seen: dict[str, Any] = {}
@@ -409,26 +407,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     timing = interleaved(contenders, rounds=cfg.rounds, warmup=cfg.warmup)
     load_timing = loadavg()
-    memory: dict[str, dict[str, int]] = {}
+    memory: dict[str, Memory] = {}
     if cfg.memory:
-        for c in contenders:
-            got = memory_of(c, steps=1 if c.rounds is not None else 2)
+        for c in contenders:  # every10: steps 1 and 11 collect, so the measured last step is a collected one
+            got = memory_of(c, steps=1 if c.rounds is not None else 10 if c.name.endswith("every10") else 2)
             if got is not None:
-                memory[c.name] = {"peak": got[0], "net": got[1]}
+                memory[c.name] = got
     agreement = bench.agreement() if cfg.agreement else {}
     env = environment()
     env.update(load_start=load_start, load_after_timing=load_timing, load_end=loadavg(), wall_seconds=time.perf_counter() - t0)
     rows = []
     for c in contenders:
         t = timing[c.name]
-        mem = memory.get(c.name)
+        mem, ref = memory.get(c.name), memory.get("plain")
         rows.append({
             "contender": c.name, "computes": c.computes, "timed_steps_per_round": c.steps, "rounds": len(t["rounds"]),
             "seconds_cpu": t["seconds_cpu"], "seconds_wall": t["seconds_wall"],
             "ratio_cpu": t["ratio_cpu"], "ratio_wall": t["ratio_wall"],
-            "peak_bytes": mem["peak"] if mem else None, "net_bytes": mem["net"] if mem else None,
-            "extra_peak_bytes": mem["peak"] - memory["plain"]["peak"] if mem and "plain" in memory else None,
-            "extra_held_bytes": mem["net"] - memory["plain"]["net"] if mem and "plain" in memory else None,
+            "memory": dataclasses.asdict(mem) if mem else None,
+            "extra_peak_bytes": mem.step_peak - ref.step_peak if mem and ref else None,
+            "extra_held_bytes": mem.held - ref.held if mem and ref else None,
+            "compute_peak_bytes": mem.fold_peak - ref.held if mem and ref and c.name.startswith("canonreg") else None,
             "agreement": agreement.get(c.name), "check": t["check"], "raw": {k: t[k] for k in ("wall", "cpu", "rounds")},
         })
     table = format_table(rows, cfg, bench.n_params, env)
@@ -455,18 +454,20 @@ def format_table(rows: list[dict[str, Any]], cfg: Config, n_params: int, env: di
         "measured on a shared, loaded machine.",
         f"Ratios: median over {cfg.rounds} interleaved rounds ({cfg.slow_rounds} for per-sample tools) of "
         "the step's time over the plain step's time in the same round; CPU clock (process time) and wall clock.",
-        "Extra memory: peak torch CPU allocation of building the contender and running 2 steps (1 for "
-        "per-sample tools; canonreg: then compute() and one more step, its steady state) minus the same for plain "
-        "(profiler allocation events); held = still allocated after.",
+        "Extra memory (torch's CPU allocation events, minus the same for plain): peak while building the contender and "
+        "running 2 steps (1 for per-sample tools, 10 for every10) and one more (canonreg: after compute(), at its steady "
+        "state); held = still allocated after them; compute() = canonreg's peak during compute().",
         "cos A / cos B: cosine of the contender's K-FAC factors to canonreg's raw H_a / G_b, over the Linear layers (one batch).",
         "",
     ]
-    header = ["contender", "computes", "s/step (cpu)", "× plain (cpu)", "× plain (wall)", "extra peak MiB", "held MiB", "cos A", "cos B"]
+    header = ["contender", "computes", "s/step (cpu)", "× plain (cpu)", "× plain (wall)", "extra peak MiB", "held MiB",
+              "compute() peak MiB", "cos A", "cos B"]
     body = []
     for r in rows:
         body.append([
             r["contender"], r["computes"], f"{r['seconds_cpu']:.4f}" if r["seconds_cpu"] is not None else "—",
             fmt_ratio(r["ratio_cpu"]), fmt_ratio(r["ratio_wall"]), mib(r["extra_peak_bytes"]), mib(r["extra_held_bytes"]),
+            mib(r["compute_peak_bytes"]),
             _agree(r["agreement"], "A"), _agree(r["agreement"], "B"),
         ])
     return "\n".join(head) + "\n" + markdown_table(header, body)

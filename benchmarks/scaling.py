@@ -26,9 +26,9 @@ no monitored matrix is larger than ``--exponents-max-dim``; ``report.timings`` g
 Timing: ``benchmarks/_harness.py`` (warm-up, interleaved rounds, rotated order, median of per-round
 ratios, CPU and wall clocks; the CPU clock is the reported one: with one thread, other processes on a
 shared machine barely disturb it). Heavy points (≳ 20 GFLOP per plain step) run ``--big-rounds``
-rounds. Extra memory: ``held`` = torch CPU allocation left after building the monitored copy, one
-collected step, ``compute()`` and another step (the steady state: float64 totals + a float32 window),
-minus the same for ``plain`` after one step; ``peak`` likewise for the peak (it includes ``compute()``).
+rounds. Extra memory (torch CPU allocation events, minus the same for ``plain``): ``held`` after building
+the monitored copy, one collected step, ``compute()`` and another step (the steady state: float64
+totals + a float32 window); the peak of those steps and the peak during ``compute()`` in the JSON.
 
     python benchmarks/scaling.py             # all sweeps, 1 thread (about 10 minutes on an idle core)
     python benchmarks/scaling.py --quick     # seconds: tiny widths, batches and transformer
@@ -313,11 +313,7 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
 
         step = sgd_step(model, opt, point.inputs, point.targets)
 
-        def settle() -> None:
-            monitor.compute(exponents=False, ranks=False)
-            step()
-
-        return Runner(step, close=close, settle=settle)
+        return Runner(step, close=close, fold=partial(monitor.compute, exponents=False, ranks=False))
 
     heavy = 6 * point.rows * n_params > HEAVY_FLOPS
     rounds = cfg.big_rounds if heavy else cfg.rounds
@@ -340,7 +336,7 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         plain_by_session.append({c: got["plain"][c] for c in ("wall", "cpu", "rounds")})
     contenders = [plain, *monitored]
     memory = {c.name: memory_of(c, steps=1) for c in contenders if not c.name.startswith("every10")}
-    base_mem = memory.get("plain")
+    ref = memory.get("plain")
     # every1 copies train identically (same init, batches, steps), so exact and sketched α see the same samples
     alphas = {k: timing[f"every1/{k}"]["check"].get("alignment") for k in kinds}  # None where close() failed
     sketch_error = None
@@ -355,8 +351,9 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         "seconds_per_step_wall": {k: v["seconds_wall"] for k, v in timing.items()},
         "ratio_cpu": {k: v["ratio_cpu"] for k, v in timing.items()},
         "ratio_wall": {k: v["ratio_wall"] for k, v in timing.items()},
-        "extra_held_bytes": {k: m[1] - base_mem[1] for k, m in memory.items() if k != "plain" and m and base_mem},
-        "extra_peak_bytes": {k: m[0] - base_mem[0] for k, m in memory.items() if k != "plain" and m and base_mem},
+        "extra_held_bytes": {k: m.held - ref.held for k, m in memory.items() if k != "plain" and m and ref},
+        "extra_peak_bytes": {k: m.step_peak - ref.step_peak for k, m in memory.items() if k != "plain" and m and ref},
+        "compute_peak_bytes": {k: m.fold_peak - ref.held for k, m in memory.items() if k != "plain" and m and ref},
         "compute": compute_times, "alignment": alphas, "sketch_max_abs_error": sketch_error, "load_start": load0, "load_end": loadavg(), "seconds": time.perf_counter() - t0,
         "raw": {k: {c: v[c] for c in ("wall", "cpu", "rounds")} for k, v in timing.items()},
     }
