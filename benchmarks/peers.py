@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 memory[c.name] = got
     agreement = bench.agreement() if cfg.agreement else {}
     env = environment()
-    env.update(load_start=load_start, load_after_timing=load_timing, load_end=loadavg(), wall_seconds=time.perf_counter() - t0)
+    env.update(load_start=load_start, load_after_timing=load_timing, load_end=loadavg(), wall_seconds=time.perf_counter() - t0,
+               command=" ".join(["python benchmarks/peers.py", *(sys.argv[1:] if argv is None else argv)]))
     rows = []
     for c in contenders:
         t = timing[c.name]
@@ -448,6 +449,8 @@ def _agree(a: dict[str, float] | None, what: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], cfg: Config, n_params: int, env: dict[str, Any]) -> str:
     head = [
+        f"`{env['command']}`",
+        "",
         f"MLP {cfg.d_in}→{cfg.width}×{cfg.hidden}→{cfg.classes} ({n_params:,} parameters), batch {cfg.batch}, "
         f"{cfg.threads} thread(s), SGD + cross-entropy, torch {env['torch']}, {env['cpu']}.",
         f"Load average (1/5/15 min) at start {env['load_start']}, after timing {env['load_after_timing']}: "

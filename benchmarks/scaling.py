@@ -396,6 +396,8 @@ def points(cfg: Config) -> list[Point]:
 # ----------------------------------------------------------------------------- report
 def format_table(results: list[dict[str, Any]], cfg: Config, env: dict[str, Any]) -> str:
     head = [
+        f"`{env.get('command', '?')}`",
+        "",
         f"Monitor (`preprocess={cfg.mode!r}`) overhead per training step, ratio to the plain step in the same run "
         f"(CPU clock, median over interleaved rounds), {cfg.threads} thread(s), torch {env['torch']}, {env['cpu']}; "
         "measured on a shared, loaded machine (load average = 1-min load at the end of each point).",
@@ -493,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = sorted((r for part in parts for r in part["results"]), key=lambda r: (order[r["sweep"]], r["x"]))
         cfg = dataclasses.replace(Config(**{**_config_from_json(parts[0]["config"]), "merge": cfg.merge}), out=cfg.out,
                                   figure=cfg.figure)
-        env = {**parts[0]["environment"], "merged_from": {f: p["environment"] for f, p in zip(cfg.merge, parts)}}
+        env = {**parts[0]["environment"], "merged_from": {f: p["environment"] for f, p in zip(cfg.merge, parts)},
+               "command": "; ".join(p["environment"].get("command", "?") for p in parts)}
         return report(results, cfg, env)
     torch.set_num_threads(cfg.threads)
     if not HAS_SKETCH:
@@ -504,7 +507,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for point in points(cfg):
         results.append(measure(point, cfg))
     env = environment()
-    env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0, has_sketch=HAS_SKETCH)
+    env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0, has_sketch=HAS_SKETCH,
+               command=" ".join(["python benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]))
     return report(results, cfg, env)
 
 
