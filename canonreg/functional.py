@@ -179,8 +179,9 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
 
     Both lie in ``[−1, 1]``, are symmetric and invariant to positive rescaling of either argument.
     The result is NaN when either matrix has zero spread (pearson) or zero norm (cosine): alignment
-    with a constant matrix is undefined. Differentiable. :func:`pairwise_alignment` scores several
-    matrices against each other in one pass.
+    with a constant matrix is undefined. Differentiable, and lean for the per-step losses;
+    :func:`pairwise_alignment` scores several large matrices in one pass without temporaries of their
+    size (what :meth:`~canonreg.CRHMonitor.compute` uses); the two agree to round-off.
 
     Returns:
         0-d tensor in the promoted dtype of ``a`` and ``b``.
@@ -193,7 +194,28 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
         raise ValueError(f"Expected `a` and `b` to have the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.numel() == 0:
         raise ValueError("Expected `a` and `b` to have at least one entry, but got empty tensors")
-    return _scores(_centred_gram([a, b], metric))[0, 1]
+    # The lean form for the per-step losses (few ops, differentiable); pairwise_alignment scores large
+    # matrices without temporaries of their size.
+    x = a.reshape(-1)
+    y = b.reshape(-1)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64  # integer/bool inputs: score them in float64
+    x = x.to(dtype)
+    y = y.to(dtype)
+    if metric == "pearson":
+        x = x - x.mean()
+        y = y - y.mean()
+    # Scale each side by its max before the products: exact in real arithmetic, and it keeps
+    # tiny gradient moments (1e-20 and below) from underflowing in float32.
+    sx = x.detach().abs().amax()
+    sy = y.detach().abs().amax()
+    x = x / torch.where(sx > 0, sx, torch.ones_like(sx))
+    y = y / torch.where(sy > 0, sy, torch.ones_like(sy))
+    denom = torch.sqrt((x * x).sum() * (y * y).sum())
+    num = (x * y).sum()
+    nan = torch.full_like(num, float("nan"))
+    return torch.where(denom > 0, num / torch.where(denom > 0, denom, torch.ones_like(denom)), nan).clamp(-1.0, 1.0)
 
 
 def pairwise_alignment(matrices: Sequence[Tensor], metric: Metric = "pearson") -> Tensor:
