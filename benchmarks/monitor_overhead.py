@@ -24,6 +24,19 @@ per accumulated matrix: raw/centered accumulate 2 Grams per layer (``H_a``, ``G_
 
     python benchmarks/monitor_overhead.py --quick   # < 1 min: d_in 256, widths 256 and 1024, CNN batch 8
     python benchmarks/monitor_overhead.py           # d_in 1024, widths 256 / 1024 / 2048, CNN batch 64
+    # issue 13's point (MLP 40 → 1024 ×4 → 10, batch 512, one thread), this tree beside a git revision:
+    python benchmarks/monitor_overhead.py --d-in 40 --depth 4 --widths 1024 --threads 1 --clock cpu \
+        --modes raw centered normalized --no-cnn --naive-max-width 0 --baseline-rev 56fe5ca~1 --rounds 7 --steps 3
+    # the sketch (CRHMonitor(sketch=k)) on wide layers, and its α error against the exact monitor:
+    python benchmarks/monitor_overhead.py --d-in 40 --depth 2 --widths 4096 --threads 1 --clock cpu --modes normalized \
+        --no-cnn --naive-max-width 0 --sketch 64 --rounds 2 --steps 1
+    python benchmarks/monitor_overhead.py --sketch-error --widths 1024 --d-in 40 --depth 4 --threads 1 \
+        --modes raw centered normalized                 # → results/monitor_sketch_error.json
+
+Floor of an exact monitor: each accumulated d × d Gram costs at least n·d²/2 multiply-adds against the 3·n·d²
+of a square layer's own forward and backward; at issue 13's point that is 1.44× (raw/centered, 8 Grams) and
+1.77× (normalized, 14 Grams) every step (``results/monitor_overhead_issue13_floor.json`` measures the Grams
+alone in the same process: 1.53× and 1.93× on the machine of record).
 
 The naive variant is timed for one step per mode in the first round, and skipped above
 ``--naive-max-width`` (default 1024; at width 2048 one naive step takes minutes).
