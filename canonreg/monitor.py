@@ -174,9 +174,10 @@ class _CallMoment:
     """One call's rows reduced in its forward hook: ``u = (x − origin)/scale``, ``Σu``, ``Σuuᵀ`` (upper layout).
 
     With a ``probe`` ``P`` (``d × m``, sketched moments) ``s_xx`` is ``(Σuuᵀ) P = uᵀ(uP)`` instead.
+    A call built by :meth:`projected` keeps ``Σuuᵀ = L Rᵀ`` as its two ``d × m`` factors (``factors``; ``s_xx`` None).
     """
 
-    __slots__ = ("origin", "s_x", "s_xx", "scale", "count")
+    __slots__ = ("origin", "s_x", "s_xx", "factors", "scale", "count")
 
     def __init__(self, rows: Tensor, centered: bool, probe: Tensor | None = None) -> None:
         self.count = rows.shape[0]
@@ -185,7 +186,8 @@ class _CallMoment:
         self.scale = _pow2_scale(_absmax(dev), _absmax(rows))
         u = dev * (1.0 / self.scale).to(rows.dtype)
         self.s_x = u.sum(0)
-        self.s_xx = _gram(u) if probe is None else u.T @ (u @ probe)
+        self.s_xx: Tensor | None = _gram(u) if probe is None else u.T @ (u @ probe)
+        self.factors: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def projected(cls, z: Tensor, a: Tensor, centered: bool, dtype: torch.dtype) -> _CallMoment:
@@ -209,7 +211,8 @@ class _CallMoment:
         if mean is not None and self.origin is not None:  # Σ(x − origin) about the rounded origin
             s_x = s_x + (mean - self.origin.to(torch.float64)) * self.count
         self.s_x = (s_x / self.scale).to(dtype)
-        self.s_xx = (t / self.scale).to(dtype) @ (a / self.scale).to(dtype).T
+        self.s_xx = None  # Σuuᵀ = (A C/s)(A/s)ᵀ, added to the window by one product (add_call)
+        self.factors = ((t / self.scale).to(dtype), (a / self.scale).to(dtype))
         return self
 
 
@@ -337,22 +340,36 @@ class _Moment:
         """
         if c.count == 0:
             return
-        self._match(c.s_xx)
+        self._match(c.s_x)
         if self.w_xx is None:
             self._open(c.origin, c.scale, ok, c.s_x)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
-        r = (c.scale / self.w_scale).to(c.s_xx.dtype)
-        s_xx = c.s_xx.mul_(r * r)  # in place: a call is committed once and then dropped
+        r = (c.scale / self.w_scale).to(c.s_x.dtype)
         s_x = c.s_x * r
+        left: list[Tensor] = []  # the shift terms s_x eᵀ + e s_xᵀ + n e eᵀ = [s_x e] [e, s_x + n e]ᵀ
+        right: list[Tensor] = []
         if c.origin is not None and self.w_shift is not None:
-            e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_xx.dtype)
-            # s_x eᵀ + e s_xᵀ + n e eᵀ = [s_x e] [e, s_x + n e]ᵀ: one pass over the d × d sums
-            s_xx.addmm_(torch.stack([s_x, e], 1), torch.stack([self._right(e), self._right(s_x + e * c.count)]))
+            e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_x.dtype)
+            left, right = [s_x, e], [self._right(e), self._right(s_x + e * c.count)]
             s_x = s_x + e * c.count
         if ok is not None:
-            s_xx, s_x = torch.where(ok, s_xx, 0.0), torch.where(ok, s_x, 0.0)
-        self.w_xx.add_(s_xx)
+            s_x = torch.where(ok, s_x, 0.0)
         self.w_x.add_(s_x)
+        if c.factors is not None:  # Σuuᵀ = L Rᵀ: everything in one product with the window (exact moments only)
+            assert self.probe is None
+            big_l = torch.cat([c.factors[0] * (r * r), *(v.unsqueeze(1) for v in left)], 1)
+            big_r = torch.cat([c.factors[1], *(v.unsqueeze(1) for v in right)], 1)
+            if ok is not None:
+                big_l, big_r = torch.where(ok, big_l, 0.0), torch.where(ok, big_r, 0.0)
+            self.w_xx.addmm_(big_l, big_r.T)
+        else:
+            assert c.s_xx is not None
+            s_xx = c.s_xx.mul_(r * r)  # in place: a call is committed once and then dropped
+            if left:  # one pass over the d × d sums
+                s_xx.addmm_(torch.stack(left, 1), torch.stack(right))
+            if ok is not None:
+                s_xx = torch.where(ok, s_xx, 0.0)
+            self.w_xx.add_(s_xx)
         self.w_n = self.w_n + (c.count if ok is None else torch.where(ok, c.count, 0))
 
     def add(self, item: Tensor | _CallMoment, ok: Tensor | None) -> None:
