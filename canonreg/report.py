@@ -165,6 +165,12 @@ class CRHReport:
 
     def matrices(self, layer: str) -> dict[str, Tensor]:
         """The six float64 matrices ``H_a, H_b, G_a, G_b, Z_a, Z_b`` of ``layer`` (copies)."""
+        if layer in self.layers and layer not in self._matrices:
+            raise CanonRegError(
+                f"The report has no matrices for layer {layer!r}: it was computed from sketches "
+                "(CRHMonitor(sketch=k) keeps d × (k + 1) sketches of the moments, not the d × d matrices); "
+                "use a monitor without `sketch` to get the matrices"
+            )
         if layer not in self._matrices:
             raise KeyError(f"Expected `layer` to be one of {self.layers}, but got {layer!r}")
         return {k: v.clone() for k, v in self._matrices[layer].items()}
