@@ -166,10 +166,10 @@ class CRHReport:
     def matrices(self, layer: str) -> dict[str, Tensor]:
         """The six float64 matrices ``H_a, H_b, G_a, G_b, Z_a, Z_b`` of ``layer`` (copies)."""
         if layer in self.layers and layer not in self._matrices:
-            raise CanonRegError(
-                f"The report has no matrices for layer {layer!r}: it was computed from sketches "
-                "(CRHMonitor(sketch=k) keeps d × (k + 1) sketches of the moments, not the d × d matrices); "
-                "use a monitor without `sketch` to get the matrices"
+            raise KeyError(
+                f"The report holds no matrices for layer {layer!r}: a report of CRHMonitor(sketch=k) keeps none "
+                "(d × (k + 1) sketches of the moments, not the d × d matrices), a trimmed one only those of "
+                f"{sorted(self._matrices)}"
             )
         if layer not in self._matrices:
             raise KeyError(f"Expected `layer` to be one of {self.layers}, but got {layer!r}")
