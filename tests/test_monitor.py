@@ -91,7 +91,7 @@ def test_monitor_matches_reference(name: str, bias: bool, preprocess: str, ident
     refs = _reference(name, bias)
     lr, wd = 0.05, 1e-3
     monitor = run_monitor(case, preprocess=preprocess, identities=identities, metric=metric)
-    report = monitor.compute(lr=lr, weight_decay=wd, batch_size=12, n_bootstrap=50, seed=3)
+    report = monitor.compute(lr=lr, weight_decay=wd, batch_size=12, n_bootstrap=50, bootstrap_seed=3)
 
     assert report.layers == case.layers
     assert report.preprocess == preprocess and report.metric == metric
@@ -887,9 +887,9 @@ def test_bad_model_and_grouped_conv() -> None:
         ({"lr": 0.1, "weight_decay": -1.0, "batch_size": 4}, ValueError, "`weight_decay`"),
         ({"lr": 0.1, "weight_decay": 0.0, "batch_size": 0}, ValueError, "`batch_size`"),
         ({"n_bootstrap": -1}, ValueError, "`n_bootstrap`"),
-        ({"eig_floor": 1.5}, ValueError, "`eig_floor`"),
+        ({"floor": 1.5}, ValueError, "`floor`"),
         ({"exponents": "yes"}, TypeError, "`exponents`"),
-        ({"seed": 1.5}, ValueError, "`seed`"),
+        ({"bootstrap_seed": 1.5}, ValueError, "`bootstrap_seed`"),
     ],
 )
 def test_bad_compute_arguments(kwargs: dict, exc: type, pattern: str) -> None:

@@ -547,7 +547,7 @@ def test_balance_matches_dense_reference_sgd(sigma: float) -> None:
 def test_balance_uses_adam_preconditioner() -> None:
     layer, x, y = _orthogonal_case()
     lr, gamma = 1e-2, 0.1
-    opt = NoiseCalibrated(torch.optim.Adam(layer.parameters(), lr=lr), layer, weight_decay=gamma, ema=0.0)
+    opt = NoiseCalibrated(torch.optim.Adam(layer.parameters(), lr=lr), layer, weight_decay=gamma, ema_decay=0.0)
     for _ in range(3):
         opt.zero_grad()
         F.mse_loss(layer(x), y, reduction="sum").div(4).backward()

@@ -217,7 +217,7 @@ def test_gradient_accumulation_gives_the_full_batch_balance() -> None:
     # item 4: 4 micro-batches of loss/4 must give the full batch's balance, not 1/16 of its noise term
     def run(k: int) -> NoiseCalibrated:
         layer, x, y = _one_hot_layer()
-        opt = NoiseCalibrated(torch.optim.SGD(layer.parameters(), lr=0.05), layer, weight_decay=0.1, sketch=None, ema=0.0)
+        opt = NoiseCalibrated(torch.optim.SGD(layer.parameters(), lr=0.05), layer, weight_decay=0.1, sketch=None, ema_decay=0.0)
         opt.zero_grad()
         for xs, ys in zip(x.chunk(k), y.chunk(k)):
             (F.mse_loss(layer(xs), ys, reduction="sum") / x.shape[0]).backward()
