@@ -123,3 +123,17 @@ def test_transformer_config() -> None:
     assert not torch.allclose(a[:, 4:], b[:, 4:])
     names = [n for n, m in small.named_modules() if scaling.in_blocks(n, m)]
     assert names == [f"blocks.{i}.{k}" for i in range(2) for k in ("qkv", "proj", "fc", "fc2")]
+
+
+def test_peers_absent_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                  restore_threads: None) -> None:
+    """Without the optional peers (as in CI) the run prints one line per missing library and times the rest."""
+    peers = _load("peers")
+    for name in ("backpack", "curvlinops", "opacus"):
+        monkeypatch.setitem(sys.modules, name, None)  # importlib.util.find_spec(name) is then None: not installed
+    result = peers.main(["--quick", "--width", "8", "--batch", "4", "--rounds", "1", "--warmup", "0", "--modes", "raw",
+                         "--no-memory", "--no-agreement", "--out", str(tmp_path / "p.json")])
+    printed = capsys.readouterr().out
+    for name in ("backpack", "curvlinops", "opacus"):
+        assert f"skipped {name}: not installed" in printed
+    assert [r["contender"] for r in result["results"]] == ["plain", "canonreg/raw/every1", "canonreg/raw/every10", "torch.func/vmap(grad)"]
