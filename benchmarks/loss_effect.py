@@ -45,10 +45,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +61,7 @@ from canonreg import functional as cf
 from canonreg.data import Split, mnist1d
 from canonreg.losses import AlignmentLoss
 from canonreg.models import mlp
+from canonreg.stats import environment, fmt_ci, mean_half_width
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYER_SETS = ("hidden", "inner", "all")
@@ -157,23 +155,6 @@ def arm_spec(arm: str, default_weight: float = math.nan) -> tuple[tuple[str, ...
 
 
 # ---------------------------------------------------------------------- statistics
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (NaN half-width for one value)."""
-    m = statistics.fmean(values)
-    n = len(values)
-    if n < 2:
-        return m, float("nan")
-    return m, _T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
-
-
-def fmt(values: list[float], digits: int = 3, scale: float = 1.0) -> str:
-    m, h = mean_ci([v * scale for v in values])
-    return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
-
-
 # ---------------------------------------------------------------------- one training
 def measure(model: nn.Module, data: Split, cfg: Config) -> dict[str, Any]:
     """Six relations of every Linear layer (both metrics; held-out set or, with ``measure_on="train"``,
@@ -270,18 +251,6 @@ def estimator_spread(model: nn.Module, data: Split, cfg: Config, info: dict[str,
     return out
 
 
-def environment() -> dict[str, Any]:
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "canonreg": canonreg.__version__,
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 # ---------------------------------------------------------------------- report
 def summarise(cfg: Config, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     seeds = sorted(runs)
@@ -289,13 +258,13 @@ def summarise(cfg: Config, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"accuracy": {}, "alpha": {}, "arms": {}}
     for c in conditions:
         accs = [runs[s][c]["test_acc"] for s in seeds]
-        summary["accuracy"][c] = dict(zip(("mean", "ci95"), mean_ci(accs)), values=accs)
+        summary["accuracy"][c] = dict(zip(("mean", "ci95"), mean_half_width(accs)), values=accs)
     for metric in ("pearson", "cosine"):
         layers = list(runs[seeds[0]]["baseline"][metric])
         summary["alpha"][metric] = {
             c: {
                 n: {
-                    r: dict(zip(("mean", "ci95"), mean_ci(v)), values=v)
+                    r: dict(zip(("mean", "ci95"), mean_half_width(v)), values=v)
                     for r in cf.RELATIONS
                     for v in [[runs[s][c][metric][n][r] for s in seeds]]
                 }
@@ -314,7 +283,7 @@ def summarise(cfg: Config, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "targets_reached_mean": all(statistics.fmean(v) >= cfg.target for v in targeted),
             "targets_reached_every_seed": all(min(v) >= cfg.target for v in targeted),
             "min_targeted_alpha": min(min(v) for v in targeted),
-            "baseline_minus_arm_accuracy": dict(zip(("mean", "ci95"), mean_ci(drops)), values=drops),
+            "baseline_minus_arm_accuracy": dict(zip(("mean", "ci95"), mean_half_width(drops)), values=drops),
             "accuracy_within_bound_mean": statistics.fmean(drops) <= cfg.max_acc_drop,
             "train_seconds": [runs[s][arm]["train"]["seconds"] for s in seeds],
         }
@@ -334,7 +303,7 @@ def compare_estimators(cfg: Config, runs: dict[int, dict[str, Any]], summary: di
 
         def paired(get: Any) -> dict[str, Any]:
             v = [get(runs[s][arm]) - get(runs[s][twin]) for s in seeds]
-            return dict(zip(("mean", "ci95"), mean_ci(v)), values=v)
+            return dict(zip(("mean", "ci95"), mean_half_width(v)), values=v)
 
         out[arm] = {
             "exact_twin": twin,
@@ -381,13 +350,13 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
     ]
     yn = {True: "yes", False: "no"}
     base_acc = summary["accuracy"]["baseline"]["values"]
-    lines.append(f"| baseline | — | — | — | {fmt(base_acc, 2, 100)} | — |")
+    lines.append(f"| baseline | — | — | — | {fmt_ci(base_acc, 2, 100)} | — |")
     for arm in cfg.arms:
         s = summary["arms"][arm]
         lines.append(
             f"| {arm} | {s['layers']} | {yn[s['targets_reached_mean']]} / {yn[s['targets_reached_every_seed']]} | "
-            f"{s['min_targeted_alpha']:.3f} | {fmt(summary['accuracy'][arm]['values'], 2, 100)} | "
-            f"{fmt(s['baseline_minus_arm_accuracy']['values'], 2, 100)} |"
+            f"{s['min_targeted_alpha']:.3f} | {fmt_ci(summary['accuracy'][arm]['values'], 2, 100)} | "
+            f"{fmt_ci(s['baseline_minus_arm_accuracy']['values'], 2, 100)} |"
         )
     for arm, c in summary["estimators"].items():
         lines += [
@@ -403,10 +372,10 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
         for term, d in c["alpha_minus_exact"].items():
             n, r = term.split("/")
             lines.append(
-                f"| {n} {r} | {fmt(summary['alpha'][cfg.metric][c['exact_twin']][n][r]['values'])} | "
-                f"{fmt(summary['alpha'][cfg.metric][arm][n][r]['values'])} | {fmt(d['values'])} |"
+                f"| {n} {r} | {fmt_ci(summary['alpha'][cfg.metric][c['exact_twin']][n][r]['values'])} | "
+                f"{fmt_ci(summary['alpha'][cfg.metric][arm][n][r]['values'])} | {fmt_ci(d['values'])} |"
             )
-        lines.append(f"| test accuracy (points) | | | {fmt(c['accuracy_minus_exact']['values'], 2, 100)} |")
+        lines.append(f"| test accuracy (points) | | | {fmt_ci(c['accuracy_minus_exact']['values'], 2, 100)} |")
     lines += spread_markdown(cfg, runs)
     lines += [
         "",
@@ -422,7 +391,7 @@ def markdown(cfg: Config, summary: dict[str, Any], runs: dict[int, dict[str, Any
             arm = summary["arms"].get(c)
             cells = []
             for r in cf.RELATIONS:
-                text = fmt(table[c][n][r]["values"])
+                text = fmt_ci(table[c][n][r]["values"])
                 cells.append(f"**{text}**" if arm and n in arm["layers"] and r in arm["relations"] else text)
             kind = "head" if n == names[-1] else "hidden"
             lines.append(f"| {n} ({kind}) | {c} | " + " | ".join(cells) + " |")

@@ -39,8 +39,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -53,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import canonreg
 from canonreg import functional as cf
 from canonreg.losses import AlignmentLoss
 from canonreg.models import mlp
+from canonreg.stats import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_effect import alpha_draws  # noqa: E402
@@ -110,19 +108,6 @@ def parse(argv: list[str] | None) -> Config:
     if not cfg.every or any(k < 2 for k in cfg.every):
         raise ValueError(f"Expected `every` to be one or more ints >= 2, but got {cfg.every!r}")
     return cfg
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "canonreg": canonreg.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 class DenseAlignment:

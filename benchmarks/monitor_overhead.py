@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -66,6 +65,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import canonreg
+from canonreg.stats import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"every1_max": 1.8, "every10_max": 1.1, "naive_speedup_min": 5.0, "at_width": 1024}
@@ -346,26 +346,6 @@ def bench_model(name: str, build: Callable[[], nn.Sequential], x: Tensor, y: Ten
         "model": name, "seconds_per_step": med, "ratio_to_plain": ratio, "ratio_of_fastest": ratio_min,
         "plain_spread": spread, "raw_seconds": times,
         f"raw_seconds_{'wall' if cfg.clock == 'cpu' else 'cpu'}": cpu,
-    }
-
-
-def environment() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "canonreg": canonreg.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
