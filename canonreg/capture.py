@@ -305,6 +305,8 @@ class Capture:
         mask: apply the active :func:`canonreg.taps.masked` mask.
         nonfinite: the non-finite policy of the row methods, or None (no check).
         need_grad: deliver only calls whose output requires grad (False: any tensor output).
+        on_masked_out: ``(name) -> None`` when a call of target ``name`` keeps no row under the mask
+            (after counting it in :attr:`CallStats.masked_out`; it may raise to refuse such calls).
 
     Raises:
         TypeError, ValueError, CanonRegError: from :func:`~canonreg.layers.select_layers`, a bad
@@ -323,6 +325,7 @@ class Capture:
         mask: bool = True,
         nonfinite: Policy | None = "error",
         need_grad: bool = True,
+        on_masked_out: Callable[[str], None] | None = None,
     ) -> None:
         if nonfinite is not None:
             check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
@@ -342,6 +345,7 @@ class Capture:
         self.need_grad = bool(need_grad)
         self._on_call = _weak_callable(on_call)
         self._on_root_fn = _weak_callable(on_root)
+        self._on_masked_out = _weak_callable(on_masked_out)
         self._by_layer: dict[str, list[Target]] = {}
         for t in self.targets.values():
             self._by_layer.setdefault(t.layer, []).append(t)
@@ -453,6 +457,9 @@ class Capture:
             keep = kept_rows(_display(t.name), t.tap.output_rows(t.module, output).shape[0], output.device)
             if keep is not None and keep.numel() == 0:
                 st.masked_out += 1
+                refuse = self._on_masked_out()
+                if refuse is not None:
+                    refuse(t.name)
                 return
         call = LayerCall(self, t, inputs, output, keep, st.delivered)
         try:

@@ -40,8 +40,10 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -49,20 +51,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional as CF
+from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, check_choice, check_nonnegative, check_positive, check_positive_int
-from .layers import (
-    HookSet,
-    LayerSpec,
-    OwnedHook,
-    _display,
-    claim_model,
-    layer_roles,
-    release_model,
-    select_layers,
-    strip_inert_hooks,
-    untraced_call,
-)
-from .taps import LayerTap, active_mask, kept_rows, take_rows, tap_batch_size
+from .layers import LayerSpec, _display, at_least_float32, layer_roles, select_layers
+from .taps import LayerTap, take_rows
 
 __all__ = [
     "AlignmentLoss",
@@ -96,7 +88,6 @@ __all__ = [
 
 GMode = Literal["ema", "exact"]
 Side = Literal["a", "b"]
-Policy = Literal["error", "warn", "skip"]
 
 _G_MATRICES = ("G_a", "G_b")
 
@@ -761,7 +752,9 @@ class AlignmentLoss(nn.Module):
     torch.func and torch.compile: passes inside ``torch.func`` transforms and through
     ``functional_call`` with substituted parameters are not captured and do not replace the last
     ordinary pass (:func:`canonreg.layers.untraced_call`). Build the loss before ``torch.compile``; a
-    model already compiled is refused.
+    model already compiled is refused. The hooks are those of :class:`canonreg.capture.Capture` (the
+    engine the monitor and :class:`~canonreg.NoiseCalibrated` share); a loss that is garbage-collected
+    while attached takes its hooks with it.
 
     Copies: ``copy.deepcopy(model)``, ``pickle`` and ``torch.save`` of the model work while the loss is
     attached and give a plain model (no hook travels; EMA/SWA ``AveragedModel`` copies are never
@@ -859,13 +852,15 @@ class AlignmentLoss(nn.Module):
                 "never change it. Unfreeze the layers to shape (p.requires_grad_(True)) or do not add the loss"
             )
 
-        selected, tap_table, excluded = select_layers(model, layers, taps)
         # Plain attributes: the model must not become a submodule (state_dict, .to(), .train()).
         object.__setattr__(self, "model", model)
-        self.layer_names: tuple[str, ...] = tuple(selected)
-        self._modules_by_name: dict[str, nn.Module] = dict(selected)
-        self._taps: dict[str, LayerTap] = tap_table
-        self.excluded: dict[str, str] = excluded
+        self._tap_types = taps
+        capture = self._new_capture(layers)
+        self._capture: Capture | None = capture
+        self.layer_names: tuple[str, ...] = tuple(capture.targets)
+        self._modules_by_name: dict[str, nn.Module] = dict(capture.modules)
+        self._taps: dict[str, LayerTap] = {n: t.tap for n, t in capture.targets.items()}
+        self.excluded: dict[str, str] = dict(capture.excluded)
         self.relations: tuple[str, ...] = rels
         self.metric: CF.Metric = metric
         self.preprocess: CF.Preprocess = preprocess
@@ -898,7 +893,6 @@ class AlignmentLoss(nn.Module):
         """Hooks, captures, G averages and counters of a freshly built loss."""
         self.calls = 0
         self._inert_warned = False
-        self._hooks = HookSet()
         self._captures: dict[str, list[_Capture]] = {}
         self._ema: dict[str, dict[str, Tensor]] = {}
         self._ema_updates: dict[str, int] = {}
@@ -944,9 +938,23 @@ class AlignmentLoss(nn.Module):
         )
 
     # ------------------------------------------------------------------ lifecycle
+    def _new_capture(self, layers: LayerSpec) -> Capture:
+        """The capture engine (:class:`canonreg.capture.Capture`) on ``layers`` of the model, not attached."""
+        return Capture(
+            self.model,
+            layers,
+            owner_kind="AlignmentLoss",
+            on_call=self._on_call,
+            on_root=self._on_root,
+            taps=self._tap_types,
+            nonfinite=None,  # the loss checks its own terms (one host sync per call at most)
+            need_grad=False,  # H and Z terms need no gradient of the output
+            on_masked_out=self._refuse_masked_out,
+        )
+
     @property
     def attached(self) -> bool:
-        return len(self._hooks) > 0
+        return self._capture is not None and self._capture.attached
 
     def attach(self) -> AlignmentLoss:
         """Install the hooks (idempotent; done at construction). Coexists with a CRHMonitor.
@@ -954,24 +962,16 @@ class AlignmentLoss(nn.Module):
         Raises:
             CanonRegError: another AlignmentLoss is attached to this model.
         """
-        if self.attached:
-            return self
-        claim_model("AlignmentLoss", self.model, self)
-        try:
-            strip_inert_hooks(self.model)
-            self._hooks.add(self.model.register_forward_pre_hook(OwnedHook(self._root_pre_hook)))
-            for name, module in self._modules_by_name.items():
-                self._hooks.add(module.register_forward_hook(OwnedHook(self._make_forward_hook(name))))
-        except BaseException:
-            self.detach()
-            raise
+        if self._capture is None:  # a copy of a loss: a new capture on the copy's model
+            self._capture = self._new_capture(list(self.layer_names))
+        self._capture.attach()
         return self
 
     def detach(self) -> AlignmentLoss:
         """Remove every hook and drop captured tensors (idempotent); the G averages are kept."""
-        self._hooks.remove()
+        if self._capture is not None:
+            self._capture.detach()
         self._captures = {}
-        release_model("AlignmentLoss", self.model, self)
         return self
 
     def __enter__(self) -> AlignmentLoss:  # noqa: PYI034
@@ -1020,90 +1020,75 @@ class AlignmentLoss(nn.Module):
         model with an attached loss are plain models.
         """
         state = dict(self.__dict__)
-        state["_hooks"] = HookSet()
+        state["_capture"] = None  # never copied (canonreg.capture): attach() builds a new one
         state["_captures"] = {}
         state["last_alignment"] = {}
         return state
 
-    # ------------------------------------------------------------------ hooks
-    def _root_pre_hook(self, module: nn.Module, args: tuple[object, ...]) -> None:
-        # calls inside torch.func transforms or with substituted parameters are not captured (nor do they
-        # clear the last ordinary pass): canonreg.layers.untraced_call
-        if torch.is_grad_enabled() and untraced_call(module, args, recurse=True) is None:
-            self._captures = {}
+    # ------------------------------------------------------------------ capture callbacks
+    def _on_root(self) -> None:
+        # a new ordinary pass (the engine leaves out torch.func transforms and substituted parameters,
+        # which neither are captured nor clear the last ordinary pass: canonreg.layers.untraced_call)
+        self._captures = {}
 
-    def _make_forward_hook(self, name: str) -> Callable[..., None]:
-        tap = self._taps[name]
+    def _refuse_masked_out(self, name: str) -> None:
+        raise CanonRegError(
+            f"AlignmentLoss: every position of this call of layer {_display(name)!r} is masked out "
+            "(canonreg.taps.masked); the loss needs at least one real position per pass"
+        )
 
-        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or untraced_call(module, inputs, output):
-                return
-            keep = None
-            if active_mask() is not None:  # padded positions are no samples: the same rows of h_a, h_b, g
-                keep = kept_rows(_display(name), tap.output_rows(module, output).shape[0], output.device)
-                if keep is not None and keep.numel() == 0:
-                    raise CanonRegError(
-                        f"AlignmentLoss: every position of this call of layer {_display(name)!r} is masked out "
-                        "(canonreg.taps.masked); the loss needs at least one real position per pass"
-                    )
-            x = inputs[0] if inputs else None
-            rows_b = None
-            if self._needs_out_rows:
+    def _on_call(self, call: LayerCall) -> Backward | None:
+        output, module, tap = call.output, call.module, call.tap
+        x = call.inputs[0] if call.inputs else None
+        rows_b = None
+        if self._needs_out_rows:
+            with torch.enable_grad():  # differentiable rows (the engine calls under no_grad)
                 # A copy (differentiable, cheap next to the layer's matmul): an in-place op after the layer,
                 # e.g. nn.ReLU(inplace=True), would otherwise overwrite h_b before the loss reads it.
-                rows_b = tap.output_rows(module, output)
-                if keep is not None:
-                    rows_b = take_rows(rows_b, keep)
-                elif rows_b._is_view() or rows_b is output:
+                rows_b = call.output_rows(detach=False)
+                if call.keep is None and (rows_b._is_view() or rows_b is output):
                     rows_b = rows_b.clone()
-            cap = _Capture(
-                module,
-                inputs,
-                output,
-                rows_b,
-                x._version if isinstance(x, Tensor) else 0,
-                output._version,
-                tap.weight(module)._version,
-                keep,
+        cap = _Capture(
+            module,
+            call.inputs,
+            output,
+            rows_b,
+            x._version if isinstance(x, Tensor) else 0,
+            output._version,
+            tap.weight(module)._version,
+            call.keep,
+        )
+        self._captures.setdefault(call.name, []).append(cap)
+        if self._needs_g and self.g_mode == "ema":
+            # batch: undoes the 1/B of a batch-mean loss. The callback holds the loss weakly: the loss holds
+            # this output (a tensor hook referring back to its tensor is a cycle the collector cannot see)
+            return Backward(partial(_to_loss, weakref.ref(self), call.name, module, tap, float(call.batch_size)))
+        return None
+
+    def _on_grad(self, name: str, module: nn.Module, tap: LayerTap, batch: float, rows: Tensor) -> None:
+        """Fold the G moments of one call's gradient rows ``dL/dh_b`` into the moving averages."""
+        gb = rows * (-batch)  # g = −dℓ/dh per sample
+        new = {"G_b": CF.second_moment(gb, self.preprocess)} if "G_b" in self._needs_g else {}
+        if "G_a" in self._needs_g:
+            ga = gb @ _work(tap.weight(module).detach())
+            new["G_a"] = CF.second_moment(ga, self.preprocess)
+        if not all(bool(torch.isfinite(v).all()) for v in new.values()):
+            handle_nonfinite(
+                self.nonfinite,
+                f"Non-finite gradients reached layer {_display(name)!r}",
+                hint="its G average was not updated (pass nonfinite='skip' to drop such backward passes silently)",
+                consequence="its G average was not updated",
             )
-            self._captures.setdefault(name, []).append(cap)
-            if self._needs_g and self.g_mode == "ema" and output.requires_grad:
-                output.register_hook(self._make_grad_hook(name, module, tap, inputs, keep))
-
-        return hook
-
-    def _make_grad_hook(
-        self, name: str, module: nn.Module, tap: LayerTap, inputs: tuple[object, ...], keep: Tensor | None = None
-    ) -> Callable[[Tensor], None]:
-        batch = float(tap_batch_size(tap, module, inputs))  # undo the 1/B of a batch-mean loss
-
-        def grad_hook(grad: Tensor) -> None:
-            with torch.no_grad():
-                gb = _work(take_rows(tap.output_rows(module, grad.detach()), keep)) * (-batch)  # g = −dℓ/dh per sample
-                new = {"G_b": CF.second_moment(gb, self.preprocess)} if "G_b" in self._needs_g else {}
-                if "G_a" in self._needs_g:
-                    ga = gb @ _work(tap.weight(module).detach())
-                    new["G_a"] = CF.second_moment(ga, self.preprocess)
-                if not all(bool(torch.isfinite(v).all()) for v in new.values()):
-                    if self.nonfinite == "error":
-                        raise CanonRegError(
-                            f"Non-finite gradients reached layer {_display(name)!r}; its G average was not updated "
-                            "(pass nonfinite='skip' to drop such backward passes silently)"
-                        )
-                    if self.nonfinite == "warn":
-                        warnings.warn(f"Non-finite gradients in layer {_display(name)!r}; G average not updated", RuntimeWarning, stacklevel=2)
-                    return
-                ema = self._ema.setdefault(name, {})
-                beta = self.ema_decay
-                for k, v in new.items():
-                    v = v.to(torch.float64)
-                    if k in ema:
-                        ema[k] = ema[k].to(v.device).mul_(beta).add_(v, alpha=1.0 - beta)
-                    else:
-                        ema[k] = v.clone()
-                self._ema_updates[name] = self._ema_updates.get(name, 0) + 1
-
-        return grad_hook
+            return
+        ema = self._ema.setdefault(name, {})
+        beta = self.ema_decay
+        for k, v in new.items():
+            v = v.to(torch.float64)
+            if k in ema:
+                ema[k] = ema[k].to(v.device).mul_(beta).add_(v, alpha=1.0 - beta)
+            else:
+                ema[k] = v.clone()
+        self._ema_updates[name] = self._ema_updates.get(name, 0) + 1
 
     # ------------------------------------------------------------------ the loss
     def forward(self, task_loss: Tensor | None = None) -> Tensor:
@@ -1388,6 +1373,13 @@ class AlignmentLoss(nn.Module):
         return ops
 
 
+def _to_loss(ref: weakref.ref[AlignmentLoss], name: str, module: nn.Module, tap: LayerTap, batch: float, rows: Tensor) -> None:
+    """Hand one call's gradient rows to its loss, if the loss still exists."""
+    loss = ref()
+    if loss is not None:
+        loss._on_grad(name, module, tap, batch, rows)
+
+
 #: Module types whose output is exactly ``W h_a + b`` row by row (so ``h_a Wᵀ = h_b − b``).
 _EXACT_AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -1424,9 +1416,8 @@ def _operand_tensor(a: SketchOperand) -> Tensor:
     return a.rows if isinstance(a, RowMoment) else a.weight if isinstance(a, WeightGram) else a
 
 
-def _work(x: Tensor) -> Tensor:
-    """Loss arithmetic in at least float32 (half/bfloat16 tensors are upcast)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+#: Loss arithmetic in at least float32 (half/bfloat16 tensors are upcast).
+_work = at_least_float32
 
 
 # ====================================================================== preset

@@ -9,6 +9,7 @@ is about float32.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import warnings
 
@@ -630,6 +631,48 @@ def test_detach_restores_the_model_and_context_manager_reattaches() -> None:
         raise RuntimeError("boom")
     assert not align.attached
     assert "model" not in dict(align.named_children()) and list(align.parameters()) == []
+
+
+def test_a_dropped_loss_takes_its_hooks_and_claim() -> None:
+    model = tanh_mlp()
+    align = AlignmentLoss(model, ("f-RWA", "b-GWA"), g_mode="ema")
+    x = torch.randn(8, 5, dtype=torch.float64)
+    model(x).sum().backward()  # a G hook ran: it must not keep the loss alive
+    out = model(x)  # a pending graph whose output carries a G hook
+    del align
+    gc.collect()
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.modules())
+    out.sum().backward()  # the pending hook finds no loss and does nothing
+    again = AlignmentLoss(model, ("f-RWA",))  # the claim went with the dropped loss
+    model(x)
+    assert torch.isfinite(again())
+    again.detach()
+
+
+@pytest.mark.parametrize("policy", ["error", "warn", "skip"])
+def test_nonfinite_gradients_leave_the_g_average_unchanged_by_policy(policy: str) -> None:
+    model = tanh_mlp()
+    align = AlignmentLoss(model, ("b-GWA",), g_mode="ema", nonfinite=policy)  # type: ignore[arg-type]
+    x = torch.randn(8, 5, dtype=torch.float64)
+    model(x).square().sum().backward()
+    before = {n: dict(d) for n, d in align._ema.items()}
+    updates = dict(align._ema_updates)
+    nan_pass = (model(x) * float("nan")).sum()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        if policy == "error":
+            with pytest.raises(CanonRegError, match=r"Non-finite gradients reached layer '4'; its G average was not updated"):
+                nan_pass.backward()
+        else:
+            nan_pass.backward()
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    if policy == "warn":
+        assert msgs and all("Non-finite gradients reached layer" in m and "G average was not updated" in m for m in msgs)
+    else:
+        assert msgs == []
+    assert align._ema_updates == updates
+    assert all(torch.equal(align._ema[n][k], v) for n, d in before.items() for k, v in d.items())
+    align.detach()
 
 
 def test_state_dict_pickle_and_deepcopy_round_trip() -> None:
