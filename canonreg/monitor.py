@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import sketch as _sketch
+from .capture import CallStats, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import (
     CanonRegError,
     check_bool,
@@ -78,19 +79,14 @@ from .layers import (
     OwnedHook,
     _display,
     all_reduce_flat,
+    at_least_float32,
     check_layer_weight,
-    claim_model,
-    release_model,
-    select_layers,
-    strip_inert_hooks,
-    untraced_call,
 )
 from .report import CRHReport, ReportInputs, ReportOptions, build_report
 from .taps import LayerTap, LinearTap, functional_only_children, kept_rows, tap_batch_size, weight_parameter
 
 __all__ = ["CRHMonitor"]
 
-Policy = Literal["error", "warn", "skip"]
 GradScale = Literal["batch", "none"]
 
 #: Partial sums in the working dtype cover at most this many committed calls before they are
@@ -458,9 +454,6 @@ class _LayerState:
         self.n = 0  # committed rows (samples)
         self.steps = 0  # committed layer calls
         self.skipped = 0  # calls dropped by the non-finite policy
-        self.untraced = 0  # calls skipped: inside torch.func transforms or with substituted parameters
-        self.fired = 0  # calls seen while active and grad-enabled
-        self.no_grad_output = 0  # of those, calls whose output did not require grad
         # deferred finiteness checks: (call, what was checked, device bool flags, rows) per committed call
         self.checks: list[tuple[int, tuple[str, ...], Tensor, int]] = []
 
@@ -625,7 +618,15 @@ class CRHMonitor:
         if sketch is not None:
             check_positive_int("sketch", sketch)
         self.model = model
-        self.layers, self._taps, self.excluded = select_layers(model, layers, taps)
+        # The capture engine owns the hooks on the model and the claim; the monitor reads the rows itself
+        # (its own sub-sampling, norms and finiteness checks), so no mask and no engine policy.
+        self._capture = Capture(
+            model, layers, owner_kind="CRHMonitor", on_call=self._on_call, on_root=self._on_root, taps=taps,
+            mask=False, nonfinite=None,
+        )
+        self.layers = self._capture.modules
+        self._taps = {n: t.tap for n, t in self._capture.targets.items()}
+        self.excluded = self._capture.excluded
         self._requested_explicitly = layers is not None
         self.preprocess: F.Preprocess = preprocess
         self.metric: F.Metric = metric
@@ -644,7 +645,8 @@ class CRHMonitor:
         self.sync_dist = sync_dist
         self._seed = seed
         self._gen = torch.Generator().manual_seed(seed)
-        self._hooks = HookSet()
+        self._hooks = HookSet()  # the monitor's own: weight-parameter hooks of the accumulation check
+        weakref.finalize(self, self._hooks.remove)
         self.sketch = sketch
         self._probes = self._make_probes(sketch, seed) if sketch is not None else {}
         self._state: dict[str, _LayerState] = {}
@@ -656,7 +658,7 @@ class CRHMonitor:
     # ------------------------------------------------------------------ lifecycle
     @property
     def attached(self) -> bool:
-        return len(self._hooks) > 0
+        return self._capture.attached
 
     @property
     def direct(self) -> bool:
@@ -678,18 +680,16 @@ class CRHMonitor:
             return self
         for name, module in self.layers.items():
             check_layer_weight(name, module, self._taps[name], need_data=True)
-        claim_model("CRHMonitor", self.model, self)
+        self._capture.attach()
         try:
-            strip_inert_hooks(self.model)
-            self._hooks.add(self.model.register_forward_pre_hook(OwnedHook(self._root_pre_hook)))
             for name, module in self.layers.items():
-                self._hooks.add(module.register_forward_hook(OwnedHook(self._make_forward_hook(name))))
                 leaf = self._weight_leaf(name, module) if self.accumulation is None else None
                 if leaf is not None:
-                    self._hooks.add(leaf.register_hook(OwnedHook(functools.partial(self._param_hook, name, leaf))))
-                    self._hooks.add(
-                        leaf.register_post_accumulate_grad_hook(OwnedHook(functools.partial(self._param_post_hook, name, leaf)))
-                    )
+                    # held weakly, like the engine's hooks: a dropped monitor leaves nothing on the model
+                    pre = functools.partial(_weak_call, weakref.WeakMethod(self._param_hook), name, leaf)
+                    post = functools.partial(_weak_call, weakref.WeakMethod(self._param_post_hook), name, leaf)
+                    self._hooks.add(leaf.register_hook(OwnedHook(pre)))
+                    self._hooks.add(leaf.register_post_accumulate_grad_hook(OwnedHook(post)))
         except BaseException:
             self.detach()
             raise
@@ -706,7 +706,7 @@ class CRHMonitor:
         (``torch.optim.swa_utils.AveragedModel``) and checkpoints are never measured.
         """
         self._hooks.remove()
-        release_model("CRHMonitor", self.model, self)
+        self._capture.detach()
         return self
 
     def __enter__(self) -> CRHMonitor:
@@ -723,6 +723,7 @@ class CRHMonitor:
         """Forget everything accumulated (hooks stay as they are; the ``every`` count and the row
         sub-sampling generator restart, so a reset monitor behaves like a fresh one)."""
         self._state = {n: _LayerState(self.preprocess != "raw", self._probes.get(n)) for n in self.layers}
+        self._capture.stats.update((n, CallStats()) for n in self._capture.stats)
         self._gen.manual_seed(self._seed)
         self._calls = 0
         self._active = True
@@ -731,12 +732,10 @@ class CRHMonitor:
         raise TypeError("CRHMonitor holds hooks on a live model and cannot be pickled; pickle its report instead")
 
     # ------------------------------------------------------------------ hooks
-    def _root_pre_hook(self, module: nn.Module, args: tuple[object, ...]) -> None:
-        # `module is self.model` guards against hooks that a deepcopy of the model carried along; calls inside
-        # torch.func transforms or with substituted parameters are not training passes (layers.untraced_call).
-        if module is self.model and torch.is_grad_enabled() and untraced_call(module, args, recurse=True) is None:
-            self._active = self._calls % self.every == 0
-            self._calls += 1
+    def _on_root(self) -> None:
+        """A grad-enabled forward call of the model itself (the engine's ``on_root``): the ``every`` count."""
+        self._active = self._calls % self.every == 0
+        self._calls += 1
 
     def _scale(self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> float:
         k = float(self.accumulation or 1)
@@ -830,10 +829,10 @@ class CRHMonitor:
             f"Non-finite {what} in layer {_display(name)!r} at forward call {call} of the monitored model "
             f"(policy nonfinite={self.nonfinite!r})"
         )
-        if self.nonfinite == "error":
-            raise CanonRegError(msg + "; pass nonfinite='skip' or 'warn' to drop such calls instead")
-        if self.nonfinite == "warn":
-            warnings.warn(msg + "; the call is dropped for this layer", RuntimeWarning, stacklevel=stacklevel)
+        handle_nonfinite(
+            self.nonfinite, msg, hint="pass nonfinite='skip' or 'warn' to drop such calls instead",
+            consequence="the call is dropped for this layer", stacklevel=stacklevel + 1,
+        )
         self._state[name].skipped += 1
 
     def _resolve(self, name: str) -> None:
@@ -856,36 +855,18 @@ class CRHMonitor:
             state.steps -= 1
             self._policy(name, whats[ok.index(False)], call, stacklevel=5)
 
-    def _make_forward_hook(self, name: str) -> Callable[..., None]:
-        layer = self.layers[name]
-
-        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-            if module is not layer or not self._active or not torch.is_grad_enabled():
-                return
-            if self._admit(name, module, inputs, output):
-                assert isinstance(output, Tensor)
-                self._capture(name, module, inputs, output)
-
-        return hook
-
-    def _admit(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> bool:
-        """Count a grad-enabled call of a layer; True when it is a training sample to capture."""
-        state = self._state[name]
-        if untraced_call(module, inputs, output) is not None:
-            state.untraced += 1  # a torch.func transform or functional_call pass: never a sample
-            return False
-        state.fired += 1
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            state.no_grad_output += 1
-            return False
-        if output.is_meta:
+    def _on_call(self, call: LayerCall) -> None:
+        """One delivered layer call (the engine's ``on_call``: grad-enabled, traced, output requiring grad)."""
+        if not self._active:
+            return
+        if call.output.is_meta:
             raise CanonRegError(
-                f"Layer {_display(name)!r} ran on the meta device (no values to measure); detach the monitor "
+                f"Layer {_display(call.name)!r} ran on the meta device (no values to measure); detach the monitor "
                 "before meta-device passes, or materialise the model"
             )
-        return True
+        self._capture_call(call.name, call.module, call.inputs, call.output)
 
-    def _capture(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> None:
+    def _capture_call(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> None:
         """Forward half of one layer call: the rows of ``h_a`` (and ``h_b``), then a hook for the backward half."""
         tap = self._taps[name]
         call = self._calls
@@ -898,7 +879,7 @@ class CRHMonitor:
                 if idx.numel() == 0:
                     return  # every position of this call is masked out
                 xa = xa[idx]
-            xa = _work_dtype(xa)
+            xa = at_least_float32(xa)
             ha_norm2 = _row_norm2(xa)
             if not self._finite(name, "activations (h_a)", call, ha_norm2.sum(), deferred):
                 return
@@ -907,7 +888,7 @@ class CRHMonitor:
             pending["Ha"], version = self._input_moment(tap, module, inputs, ya, self._state[name].moments["Ha"])
             rows_b = None
             if self.direct or self.track_balance:
-                hb = _work_dtype(tap.output_rows(module, output).detach())
+                hb = at_least_float32(tap.output_rows(module, output).detach())
                 if idx is not None:
                     hb = hb[idx]
                 if self.direct:
@@ -1034,7 +1015,7 @@ class CRHMonitor:
             gb = tap.output_rows(module, grad.detach())
             if idx is not None:
                 gb = gb[idx]
-            gb = _work_dtype(gb)
+            gb = at_least_float32(gb)
             gb_norm2 = _row_norm2(gb)
             if not self._finite(name, "gradients (g_b)", call, gb_norm2.sum(), deferred):
                 return
@@ -1044,10 +1025,10 @@ class CRHMonitor:
                     ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
                     if idx is not None:
                         ga = ga[idx]
-                    ga = _work_dtype(ga)
+                    ga = at_least_float32(ga)
                 else:
                     w = tap.weight(module).detach()
-                    ga = gb @ _work_dtype(w).to(gb.dtype)
+                    ga = gb @ at_least_float32(w).to(gb.dtype)
                 ga_norm2 = _row_norm2(ga)
                 if not self._finite(name, "gradients (g_a)", call, ga_norm2.sum(), deferred):
                     return
@@ -1351,15 +1332,15 @@ class CRHMonitor:
         functional = functional_only_children(self.model)
         if name in functional:
             return functional[name]
-        state = self._state[name]
-        if state.fired == 0 and state.untraced > 0:
+        state, stats = self._state[name], self._capture.stats[name]
+        if stats.fired == 0 and stats.untraced > 0:
             return (
                 f"the layer ran only inside torch.func transforms (vmap/grad) or through torch.func.functional_call "
-                f"with substituted parameters ({state.untraced} call(s)); such calls are not recorded"
+                f"with substituted parameters ({stats.untraced} call(s)); such calls are not recorded"
             )
-        if state.fired == 0:
+        if stats.fired == 0:
             return "the layer never ran in a grad-enabled forward pass while the monitor was attached"
-        if state.no_grad_output == state.fired:
+        if stats.no_grad_output == stats.fired:
             return "the layer's output never required grad (frozen layer fed by inputs that need no grad?)"
         if state.skipped > 0:
             return f"every call was dropped by the non-finite policy ({state.skipped} call(s))"
@@ -1398,6 +1379,13 @@ class _Commit:
             return
         self.done = True
         self.monitor._commit_backward(*self.args, grad, grad_input)  # type: ignore[arg-type, call-arg]
+
+
+def _weak_call(method: weakref.WeakMethod[Callable[..., None]], *args: object) -> None:
+    """Call ``method`` (held weakly) if its object is still alive."""
+    fn = method()
+    if fn is not None:
+        fn(*args)
 
 
 def _no_autocast(t: object) -> torch.autocast:
@@ -1468,11 +1456,6 @@ def _shares_storage(a: Tensor, b: Tensor) -> bool:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
         return True
-
-
-def _work_dtype(x: Tensor) -> Tensor:
-    """Per-step products in at least float32 (half/bfloat16 models are upcast); sums are float64."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _world_size() -> int:

@@ -968,3 +968,21 @@ def test_narrow_layers_use_the_per_call_identity_and_match_the_reference(
         expected = ref_matrices(refs[layer], preprocess)
         for k, v in report.matrices(layer).items():
             assert_close(v, expected[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{layer} {k}: {m}")
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_a_dropped_monitor_takes_its_hooks_and_claim(accumulation: int | None) -> None:
+    # accumulation=None also puts hooks on the weights (the accumulation check): they must not keep it alive
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    monitor = CRHMonitor(model, accumulation=accumulation).attach()
+    x = torch.randn(8, 4)
+    model(x).square().mean().backward()
+    ref = weakref.ref(monitor)
+    del monitor
+    gc.collect()
+    assert ref() is None
+    assert not model._forward_pre_hooks and not any(m._forward_hooks for m in model.modules())
+    assert not any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    with CRHMonitor(model) as again:  # the claim went with the dropped monitor
+        model(x).square().mean().backward()
+    assert again.compute().samples == {"0": 8, "2": 8}
