@@ -55,6 +55,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -145,8 +146,47 @@ def _gram(x: Tensor) -> Tensor:
     return out
 
 
-#: The four streamed moments of a layer; the reduced sums name them ``Ha_xx``/``Ha_x``, ….
-_MOMENTS = ("Ha", "Hb", "Ga", "Gb")
+@dataclass(frozen=True)
+class _Accumulator:
+    """One per-layer sum of the monitor, declared once in :data:`_ACCUMULATORS`.
+
+    ``name`` is its key in the reduced sums handed to the report; ``kind`` says where it lives and its
+    shape: ``count`` (a :class:`_LayerState` int attribute, shape ``()``), ``second`` / ``first``
+    (``Σxxᵀ`` / ``Σx`` of the streamed :class:`_Moment` ``moment``: ``(d, d)`` — ``(d, k + 1)``
+    sketched — and ``(d,)``, with ``d = d_a`` or ``d_b`` by the moment's side ``moment[1]``), ``scalar``
+    (a float64 ``_LayerState.scalars`` entry, shape ``()``). ``when``: kept always, only for ``direct``
+    monitors, or only with ``track_balance``. ``mean``: divided by the world size after the
+    all-reduce (a per-rank mean instead of a sum).
+    """
+
+    name: str
+    kind: Literal["count", "second", "first", "scalar"]
+    moment: str = ""
+    when: Literal["always", "direct", "balance"] = "always"
+    mean: bool = False
+
+
+def _moment_pair(moment: str, when: Literal["always", "direct"]) -> tuple[_Accumulator, _Accumulator]:
+    """``moment``'s ``Σxxᵀ`` and ``Σx`` accumulators (keys ``<moment>_xx``, ``<moment>_x``)."""
+    return _Accumulator(moment + "_xx", "second", moment, when), _Accumulator(moment + "_x", "first", moment, when)
+
+
+#: Every per-layer accumulator, in the order of the flat all-reduce buffer and of the report's sums:
+#: ``_keys``, ``_zeros_like_key``, ``_LayerState`` (reset), ``_exported``/``_reduced_sums`` (the
+#: reduction) and ``_global_means`` all read this one declaration.
+_ACCUMULATORS: tuple[_Accumulator, ...] = (
+    _Accumulator("n", "count"),  # committed rows (samples)
+    _Accumulator("steps", "count", mean=True),  # committed layer calls (report: mean per rank)
+    *_moment_pair("Ha", "always"),
+    *_moment_pair("Gb", "always"),
+    *_moment_pair("Hb", "direct"),
+    *_moment_pair("Ga", "direct"),
+    _Accumulator("gnhn", "scalar", when="balance"),  # Σ‖g_b‖²‖h_a‖²
+    _Accumulator("gh", "scalar", when="balance"),  # Σ⟨g_b, W h_a⟩
+)
+
+#: The four streamed moments of a layer (from :data:`_ACCUMULATORS`); the sums name them ``Ha_xx``/``Ha_x``, ….
+_MOMENTS = tuple(sorted({a.moment for a in _ACCUMULATORS if a.moment}, key=lambda m: (m[0] != "H", m[1])))
 
 
 def _pow2_scale(spread: Tensor, fallback: Tensor) -> Tensor:
@@ -445,11 +485,10 @@ class _LayerState:
     """Running statistics of one layer: four :class:`_Moment` and the float64 balance scalars."""
 
     def __init__(self, centered: bool, probes: dict[str, Tensor] | None = None) -> None:
-        side = {"Ha": "a", "Ga": "a", "Hb": "b", "Gb": "b"}
         self.moments: dict[str, _Moment] = {
-            k: _Moment(centered, None if probes is None else probes[side[k]]) for k in _MOMENTS
+            k: _Moment(centered, None if probes is None else probes[k[1]]) for k in _MOMENTS
         }
-        self.scalars: dict[str, Tensor] = {}  # float64 sums: gnhn, gh
+        self.scalars: dict[str, Tensor] = {}  # float64 sums of the ``scalar`` accumulators (gnhn, gh)
         self.partial_commits = 0
         self.n = 0  # committed rows (samples)
         self.steps = 0  # committed layer calls
@@ -1222,7 +1261,8 @@ class CRHMonitor:
 
         Not copies: the tensors may be the accumulators' own (the report only reads them).
         """
-        keys = self._keys()
+        accumulators = self._accumulators()
+        keys = [a.name for a in accumulators]
         for name in names:
             self._check_accumulation(name)
             self._resolve(name)
@@ -1231,29 +1271,33 @@ class CRHMonitor:
         device = self._device()
         world = _world_size() if self.sync_dist else 1
         centres = self._global_means(names, device) if world > 1 and self.preprocess != "raw" else {}
-        flat = [t for n in names for t in self._exported(n, keys, centres, device)]
+        flat = [t for n in names for t in self._exported(n, accumulators, centres, device)]
         reduced = all_reduce_flat(flat) if world > 1 else [t.detach().to(torch.float64) for t in flat]
         it = iter(reduced)
         sums = {n: {k: next(it) for k in keys} for n in names}
         for s in sums.values():
-            s["steps"] = s["steps"] / world
+            for a in accumulators:
+                if a.mean:
+                    s[a.name] = s[a.name] / world
         return sums
 
-    def _exported(self, name: str, keys: list[str], centres: dict[tuple[str, str], Tensor], device: torch.device) -> list[Tensor]:
-        """One layer's sums in ``keys`` order (moments about the common mean ``centres`` when given)."""
+    def _exported(
+        self, name: str, accumulators: list[_Accumulator], centres: dict[tuple[str, str], Tensor], device: torch.device
+    ) -> list[Tensor]:
+        """One layer's sums in ``accumulators`` order (moments about the common mean ``centres`` when given)."""
         state = self._state[name]
         exported = {m: state.moments[m].about(centres.get((name, m))) for m in _MOMENTS}
         out = []
-        for k in keys:
-            pair = exported.get(k[:2])
-            if k in ("n", "steps"):
-                out.append(torch.tensor(float(state.n if k == "n" else state.steps), dtype=torch.float64, device=device))
+        for a in accumulators:
+            pair = exported.get(a.moment)
+            if a.kind == "count":
+                out.append(torch.tensor(float(getattr(state, a.name)), dtype=torch.float64, device=device))
             elif pair is not None:
-                out.append((pair[1] if k.endswith("_xx") else pair[0]).to(device))
-            elif k in state.scalars:
-                out.append(state.scalars[k].to(device))
+                out.append((pair[1] if a.kind == "second" else pair[0]).to(device))
+            elif a.name in state.scalars:
+                out.append(state.scalars[a.name].to(device))
             else:
-                out.append(self._zeros_like_key(name, k, device))
+                out.append(self._zeros_like_key(name, a, device))
         return out
 
     def _check_samples(self, names: list[str], sums: dict[str, dict[str, Tensor]]) -> dict[str, str]:
@@ -1274,13 +1318,14 @@ class CRHMonitor:
                 warnings.warn(f"Layers recorded no samples and are left out of the report — {msg}", RuntimeWarning, stacklevel=3)
         return missing
 
+    def _accumulators(self) -> list[_Accumulator]:
+        """The :data:`_ACCUMULATORS` this monitor keeps (``direct`` ones if direct, ``balance`` ones if tracked)."""
+        kept = {"always": True, "direct": self.direct, "balance": self.track_balance}
+        return [a for a in _ACCUMULATORS if kept[a.when]]
+
     def _keys(self) -> list[str]:
-        keys = ["n", "steps", "Ha_xx", "Ha_x", "Gb_xx", "Gb_x"]
-        if self.direct:
-            keys += ["Hb_xx", "Hb_x", "Ga_xx", "Ga_x"]
-        if self.track_balance:
-            keys += ["gnhn", "gh"]
-        return keys
+        """The keys of the reduced sums, in all-reduce order."""
+        return [a.name for a in self._accumulators()]
 
     def _global_means(self, names: list[str], device: torch.device) -> dict[tuple[str, str], Tensor]:
         """Every centred moment's mean over all ranks (one small all-reduce of counts and ``Σx``).
@@ -1293,7 +1338,7 @@ class CRHMonitor:
         for n in names:
             for m in _MOMENTS:
                 mom = self._state[n].moments[m]
-                d = self._zeros_like_key(n, m + "_x", device).shape[0]
+                d = self._dim(n, m[1])
                 total = mom.total_x()
                 parts.append(torch.as_tensor(0.0 if mom.n is None else mom.n, dtype=torch.float64).to(device))
                 parts.append(torch.zeros(d, dtype=torch.float64, device=device) if total is None else total.to(device))
@@ -1314,16 +1359,22 @@ class CRHMonitor:
             return self._taps[n].weight(self.layers[n]).device
         return torch.device("cpu")
 
-    def _zeros_like_key(self, name: str, key: str, device: torch.device) -> Tensor:
-        w = self._taps[name].weight(self.layers[name])
-        d_b, d_a = w.shape
-        shapes = {
-            "Ha_xx": (d_a, d_a), "Ha_x": (d_a,), "Ga_xx": (d_a, d_a), "Ga_x": (d_a,),
-            "Hb_xx": (d_b, d_b), "Hb_x": (d_b,), "Gb_xx": (d_b, d_b), "Gb_x": (d_b,),
-        }
-        shape = shapes.get(key, ())
-        if self.sketch is not None and key.endswith("_xx"):  # sketched: d × (k + 1)
-            shape = (shape[0], self._probes[name][key[1]].shape[1])
+    def _dim(self, name: str, side: str) -> int:
+        """``d_a`` (side ``"a"``) or ``d_b`` (side ``"b"``) of layer ``name``'s ``W`` (``(d_b, d_a)``)."""
+        d_b, d_a = self._taps[name].weight(self.layers[name]).shape
+        return int(d_a if side == "a" else d_b)
+
+    def _zeros_like_key(self, name: str, acc: _Accumulator, device: torch.device) -> Tensor:
+        """A float64 zero of accumulator ``acc``'s shape for layer ``name`` (see :class:`_Accumulator`)."""
+        shape: tuple[int, ...] = ()
+        if acc.kind in ("second", "first"):
+            d = self._dim(name, acc.moment[1])
+            if acc.kind == "first":
+                shape = (d,)
+            elif self.sketch is not None:  # sketched: d × (k + 1)
+                shape = (d, self._probes[name][acc.moment[1]].shape[1])
+            else:
+                shape = (d, d)
         return torch.zeros(shape, dtype=torch.float64, device=device)
 
     def _missing_reason(self, name: str) -> str:
