@@ -265,7 +265,7 @@ def markdown(summary: dict[str, dict[str, Any]], cfg: Config, seconds: float) ->
         )
     lines += [
         "",
-        f"Balance at the end (seed {cfg.seeds[0]}), per layer, each term / decay (spec §5: at stationarity "
+        f"Balance at the end (seed {cfg.seeds[0]}), per layer, each term / decay (theory §5: at stationarity "
         "drift + noise + signal ≈ decay, i.e. net ≈ measured growth ≈ 0); own = SGD's/Adam's own noise share:",
         "",
         "| variant | layer | σ | drift | noise (own) | signal | net | measured growth |",

@@ -33,15 +33,15 @@ their neutral value by :meth:`TrialConfig.resolved` (``noise = 0`` without the w
 * the six relations ``α`` per weight layer (theory §2–§3) **after training, over the whole
   training set, with the task loss's gradient only** (:func:`canonreg.measure_crh`), their mean,
   their minimum over the inner layers (``min_alpha_inner``: every weight layer but the first, whose
-  input is the data, and the last, the head), PAH exponents with intervals (spec §4);
+  input is the data, and the last, the head), PAH exponents with intervals (theory §4);
 * from the training-time :class:`~canonreg.CRHMonitor` over the last ``eval_every`` steps: the SGD
-  balance terms of spec §5 (η taken as ``lr / (1 − momentum)`` for SGD with momentum) and
+  balance terms of theory §5 (η taken as ``lr / (1 − momentum)`` for SGD with momentum) and
   ``window_alpha`` (in the loss arms its ``G`` contains the regulariser's own gradient, so it is
   never reported as an effect);
 * the window mean ``α`` after every window of ``eval_every`` steps and the first step where it reaches
   ``alpha_threshold`` (``steps_to_alpha``; None if never); with ``track_crh=True`` also the
   post-hoc task-only ``min_alpha_inner`` / ``mean_alpha_post`` after every window;
-* compactness on the test split (spec §6): for the input ``h`` of every weight layer after the first
+* compactness on the test split (theory §6): for the input ``h`` of every weight layer after the first
   (the hidden representations), the participation ratio ``(Tr C)² / Tr C²`` and the number of
   principal components for 95% of the variance of the covariance ``C = Cov(h)``; NC1
   ``Tr(Σ_W Σ_B⁺)/C`` of the penultimate representation (the input of the last layer) on both splits;
@@ -154,7 +154,7 @@ class TrialConfig:
         loss_metric: the alignment loss's score, ``"cosine"`` or ``"pearson"``.
         batch_size: S, the same in every arm. steps: optimizer steps, the same in every arm.
         seed: seed of initialisation, batch order and noise.
-        preprocess, metric: the monitor's measurement protocol (spec §3).
+        preprocess, metric: the monitor's measurement protocol (theory §3).
         eval_every: monitor window in steps; α is measured over each window and the final
             metrics over the last one (windows are aligned to end at ``steps``).
         monitor_every: the monitor collects every ``monitor_every``-th step of a window (1 = all;
@@ -559,7 +559,7 @@ def train_trial(
     :class:`~canonreg.CRHMonitor` (``cfg.preprocess``, ``cfg.metric``) is attached throughout (for
     the last window only with ``monitor_windows="last"``) — it never changes the computation — collecting every ``monitor_every``-th step and reset after every
     window of ``eval_every`` steps; windows are aligned to end at ``steps``. Balance terms use
-    ``η = lr / (1 − β)`` for SGD with momentum β (spec §5), ``η = lr`` for Adam/AdamW.
+    ``η = lr / (1 − β)`` for SGD with momentum β (theory §5), ``η = lr`` for Adam/AdamW.
 
     Deterministic given ``cfg`` in one environment (same torch build and thread count): Python,
     NumPy and torch's global RNG are seeded from ``cfg.seed``; the model is built from it.
@@ -846,7 +846,7 @@ def _optimizer_balance(opt: torch.optim.Optimizer) -> Mapping[str, CF.BalanceTer
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> dict[str, Any]:
-    """Accuracy, cross-entropy and compactness (spec §6) of a trained model on both splits.
+    """Accuracy, cross-entropy and compactness (theory §6) of a trained model on both splits.
 
     For the input ``h`` of every weight layer after the first (the hidden representations; for
     convolutions every position is a row): participation ratio ``(Tr C)² / Tr C²`` and the number

@@ -524,7 +524,7 @@ def power_law_fit(
     generator: torch.Generator | None = None,
     eig: tuple[Tensor, Tensor] | None = None,
 ) -> PowerLawFit:
-    """Fit the PAH exponent κ in ``A ∝ B^κ`` (spec §4).
+    """Fit the PAH exponent κ in ``A ∝ B^κ`` (theory §4).
 
     With ``B = V Λ Vᵀ`` and ``a_i = v_iᵀ A v_i``, fit ``log a_i = κ log λ_i + c`` over eigenvalues
     ``λ_i > floor · λ_max`` with ``a_i > 0``. The interval is a 95% percentile bootstrap over the
@@ -656,7 +656,7 @@ def nc1(features: Tensor, labels: Tensor) -> float:
 
 
 def invariance_score(h_x: Tensor, h_tx: Tensor) -> float:
-    """Invariance of a representation to a nuisance transform ``T`` (spec §6).
+    """Invariance of a representation to a nuisance transform ``T`` (theory §6).
 
     ``E‖h(Tx) − h(x)‖² / E‖h(x) − h(x')‖²`` with ``x, x'`` independent samples; the denominator is
     computed exactly over all pairs as ``2 Tr Cov(h(x))`` (unbiased). 0 = perfectly invariant,
@@ -677,7 +677,7 @@ def invariance_score(h_x: Tensor, h_tx: Tensor) -> float:
 
 @dataclass(frozen=True)
 class BalanceTerms:
-    """Trace form of the three forces on the weight Gram matrices (spec §5), per unit learning rate.
+    """Trace form of the three forces on the weight Gram matrices (theory §5), per unit learning rate.
 
     From ``W⁺ = W + η(M − γW)`` with ``M`` the negative batch gradient,
     ``Tr E[Δ(WᵀW)]/η = drift + noise + signal − decay`` where
@@ -730,7 +730,7 @@ def balance_terms(
     batch_size: int,
     mean_gradient_sq_norm: float = 0.0,
 ) -> BalanceTerms:
-    """Balance terms of spec §5 from per-sample means (see :class:`BalanceTerms`).
+    """Balance terms of theory §5 from per-sample means (see :class:`BalanceTerms`).
 
     Args:
         weight_sq_norm: ``‖W‖_F²``.

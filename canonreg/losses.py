@@ -10,7 +10,7 @@ and :class:`AlignmentLoss` returns ``weight · Σ_{l,r} w_l w_r ℓ_{l,r} / Σ_{
 
 Everything α needs is five scalars, ``⟨A,B⟩_F``, ``‖A‖_F²``, ``‖B‖_F²``, ``1ᵀA1``, ``1ᵀB1``
 (Pearson: ``cov = ⟨A,B⟩ − (1ᵀA1)(1ᵀB1)/N``, ``var_A = ‖A‖² − (1ᵀA1)²/N``, ``N = d²``), and each is
-a trace identity of factored matrices (crh-spec §3), so no ``d × d`` matrix is ever built when the
+a trace identity of factored matrices (crh-theory §3), so no ``d × d`` matrix is ever built when the
 operands are a batch moment ``H = FᵀF`` (``F`` the preprocessed, centred rows over ``√n``) or a weight
 Gram ``Z_a = WᵀW`` / ``Z_b = WWᵀ``:
 
@@ -407,7 +407,7 @@ def spectral_flatness(w: Tensor) -> Tensor:
     With ``λ_i`` the eigenvalues of ``Z``: ``φ = Σλ³ / sqrt(Σλ² · Σλ⁴)`` (Cauchy–Schwarz on ``λ·λ²``),
     so ``φ = 1`` exactly when the nonzero spectrum of ``Z`` is flat (``Z² = sZ``: ``W`` is a scaled partial
     isometry, of any rank), the state in which the exact identities ``H_b = W H_a Wᵀ``, ``G_a = Wᵀ G_b W``
-    make all six relations hold together (crh-spec §1, §6). Computed in float64 from ``W / max|W_ij|``. ``Z_a = WᵀW`` and ``Z_b = WWᵀ`` share
+    make all six relations hold together (crh-theory §1, §6). Computed in float64 from ``W / max|W_ij|``. ``Z_a = WᵀW`` and ``Z_b = WWᵀ`` share
     their nonzero spectrum, so one value serves both; computed from the ``min(d_a, d_b)``-sized Gram
     ``K`` of ``W``: ``Tr Z³ = ⟨K, K²⟩``, ``‖Z‖ = ‖K‖``, ``‖Z²‖ = ‖K²‖``. NaN for ``W = 0``.
 
@@ -687,13 +687,13 @@ class AlignmentLoss(nn.Module):
     Everything is computed from the most recent grad-enabled call of ``model`` (a "pass"; a layer
     called several times in one pass contributes the rows of every call).
 
-    Why these pieces (crh-spec §1, §6): in raw/centred mode ``H_b = W H_a Wᵀ`` and
+    Why these pieces (crh-theory §1, §6): in raw/centred mode ``H_b = W H_a Wᵀ`` and
     ``G_a = Wᵀ G_b W`` hold exactly, so all six relations hold together iff ``H_a ∝ Z_a``,
     ``G_b ∝ Z_b`` and ``Z`` has a flat nonzero spectrum — the flatness term targets that shared
     structure directly, and ``focus`` keeps the optimiser on the relation that lags instead of
     over-fitting those that already hold. ``relations="all"`` asks for all six.
 
-    Symbols → sources (crh-spec §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
+    Symbols → sources (crh-theory §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
     current pass (differentiable: gradients reach the weights and every earlier layer); ``Z_a = WᵀW``,
     ``Z_b = WWᵀ`` from the current weights (differentiable); ``G_a``, ``G_b`` (``g = −dℓ/dh``) from
 
@@ -1461,7 +1461,7 @@ def crh_loss(model: nn.Module, *, weight: float | None = None, layers: LayerSpec
     3 seeds, α measured after training on the whole training set with the task gradient only):
     against a weighted *mean* of the 18 terms the soft maximum lifts the worst relation (0.37 → 0.77
     at λ = 1, 2000 steps, same accuracy) because the mean spends its gradient on relations that
-    already hold; a spectral-flatness term (the shared structure of spec §6) and a joint
+    already hold; a spectral-flatness term (the shared structure of theory §6) and a joint
     f-RWA + b-GWA + flatness objective did not help under normalized/pearson scoring. Full CRH at
     baseline accuracy was *not* reached: min α over the inner layers 0.55 / 0.78 / 0.87 at
     λ = 0.1 / 1 / 3 for −2.1 / −4.1 / −11.9 points of test accuracy (best plain baseline 73.4 %,

@@ -1138,7 +1138,7 @@ class CRHMonitor:
 
         Args:
             lr, weight_decay, batch_size: η, γ, S of the training step; all three (with
-                ``track_balance``) add the balance terms of spec §5.
+                ``track_balance``) add the balance terms of theory §5.
             exponents: PAH fits of the six relations (eigendecompositions of ``G_a, Z_a, G_b, Z_b``);
                 False: ``report.exponents`` is empty.
             ranks: effective ranks of ``H_a, H_b, G_a, G_b`` (``G``'s shared with the fits); False:

@@ -137,7 +137,7 @@ def test_monitor_matches_reference(name: str, bias: bool, preprocess: str, ident
             # eigenvalues near zero carry ~1e-16 absolute noise into the entropy
             assert report.effective_rank[layer][m]["entropy"] == pytest.approx(er, rel=1e-7)
 
-        # balance terms (spec §5): per-sample loops over rows
+        # balance terms (theory §5): per-sample loops over rows
         ga_ha = sum(float(ref.ga[i] @ ref.ha[i]) for i in range(ref.ha.shape[0])) / ref.ha.shape[0]
         gn_hn = sum(float(ref.gb[i].square().sum() * ref.ha[i].square().sum()) for i in range(ref.ha.shape[0])) / ref.ha.shape[0]
         bal = report.balance[layer]

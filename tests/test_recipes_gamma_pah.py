@@ -1,5 +1,5 @@
 """Tests of the ``gamma_scaling`` and ``pah`` recipes: their helpers against independent references
-(closed-form OLS, spec §4's phase table, matrices built to obey a phase exactly), and each recipe's
+(closed-form OLS, theory §4's phase table, matrices built to obey a phase exactly), and each recipe's
 ``--quick`` mode end to end."""
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_prediction_properties_over_all_64_phases() -> None:
             for rel, kappa in pred.kappa.items():
                 if math.isnan(kappa):
                     continue
-                # spec §4: exponents lie in [−1, 3], positive ones in [1/3, 3]
+                # theory §4: exponents lie in [−1, 3], positive ones in [1/3, 3]
                 assert -1 - 1e-12 <= kappa <= 3 + 1e-12, (holding, rel, kappa)
                 assert kappa <= 0 or kappa >= 1 / 3 - 1e-12, (holding, rel, kappa)
                 if rel in holding:
