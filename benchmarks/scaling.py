@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -80,7 +79,6 @@ from _harness import (  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = ("width", "batch", "conv", "transformer")
-HAS_SKETCH = "sketch" in inspect.signature(canonreg.CRHMonitor).parameters
 TARGET_TRANSFORMER_EVERY10 = 1.1
 HEAVY_FLOPS = 2e10  # plain steps above this many multiply-adds (≈ 6·rows·params) run --big-rounds rounds
 
@@ -273,15 +271,13 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
     state = exact_state_bytes(dims, cfg.mode)
     # compute() builds the report's float64 matrices beside the state: 2.5× the state at its peak (measured on the transformer)
     exact_fits = state <= cfg.exact_max_gib * 2**30 and 2.5 * state <= 0.7 * available_bytes()
-    use_sketch = HAS_SKETCH and (not exact_fits or (point.width is not None and point.width >= cfg.sketch_from))
+    use_sketch = (not exact_fits or (point.width is not None and point.width >= cfg.sketch_from))
     kinds = (["exact"] if exact_fits else []) + (["sketch"] if use_sketch else [])
     notes = []
     if not exact_fits:
         notes.append(f"exact state {state / 2**30:.1f} GiB > --exact-max-gib {cfg.exact_max_gib}, or 2.5 times it > 70% of the available memory "
                      f"({available_bytes() / 2**30:.1f} GiB): "
-                     + (f"sketch k={cfg.sketch} only" if HAS_SKETCH else "skipped (this canonreg has no CRHMonitor(sketch=k))"))
-    if point.width is not None and point.width >= cfg.sketch_from and not HAS_SKETCH:
-        notes.append("no CRHMonitor(sketch=k) in this canonreg: exact only")
+                     + f"sketch k={cfg.sketch} only")
     for note in notes:
         print(f"  {point.label}: {note}")
     max_dim = max(max(a, b) for a, b in dims)
@@ -499,15 +495,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "command": "; ".join(p["environment"].get("command", "?") for p in parts)}
         return report(results, cfg, env)
     torch.set_num_threads(cfg.threads)
-    if not HAS_SKETCH:
-        print("note: this canonreg's CRHMonitor has no `sketch` argument: exact monitoring only, wide points that do not fit are skipped")
     load_start = loadavg()
     t0 = time.perf_counter()
     results = []
     for point in points(cfg):
         results.append(measure(point, cfg))
     env = environment()
-    env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0, has_sketch=HAS_SKETCH,
+    env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0,
                command=" ".join(["python benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]))
     return report(results, cfg, env)
 

@@ -91,7 +91,7 @@ def test_scaling_quick(tmp_path: Path, restore_threads: None) -> None:
     saved = json.loads(out.read_text())
     assert [r["sweep"] for r in saved["results"]] == ["width", "width", "batch", "conv", "transformer"]
     for r in saved["results"]:
-        kinds = ["exact"] + (["sketch"] if scaling.HAS_SKETCH and r["sweep"] == "width" and r["x"] >= 32 else [])
+        kinds = ["exact"] + (["sketch"] if r["sweep"] == "width" and r["x"] >= 32 else [])
         assert r["kinds"] == kinds
         for kind in kinds:
             for every in ("every1", "every10"):
