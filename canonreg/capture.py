@@ -18,6 +18,9 @@ every owner:
   then yields one :class:`LayerCall` per sub-layer, named ``"<module name>[<sub>]"`` (e.g.
   ``"attn.in_proj[q]"``), each with its own tap over the same module call (its ``output_rows`` is
   also applied to the gradient of the module's whole output, so it selects the sub-layer's part).
+  A tap that also defines ``open_call`` (:class:`CallOpener`; ``nn.MultiheadAttention``'s) reads its
+  sub-layers from inside the forward instead: the engine holds the tap's context during each ordinary
+  call and delivers the inner calls the tap reports, each with its own per-call tap.
 * **Lifecycle**: :meth:`Capture.attach` / :meth:`Capture.detach` (idempotent, both return the
   capture), ``with capture:`` (nesting-safe: only the block that attached detaches; hooks are removed
   on exceptions); one owner of a kind per model (:func:`canonreg.layers.claim_model`), a compiled
@@ -56,11 +59,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +78,7 @@ from .layers import (
     _display,
     at_least_float32,
     claim_model,
+    eager_under_compile,
     release_model,
     select_layers,
     strip_inert_hooks,
@@ -80,7 +86,7 @@ from .layers import (
 )
 from .taps import LayerTap, active_mask, kept_rows, take_rows, tap_batch_size
 
-__all__ = ["Backward", "CallStats", "Capture", "LayerCall", "Policy", "Target", "handle_nonfinite", "sublayer_name"]
+__all__ = ["Backward", "CallOpener", "CallStats", "Capture", "LayerCall", "Policy", "Target", "handle_nonfinite", "sublayer_name"]
 
 Policy = Literal["error", "warn", "skip"]
 
@@ -138,6 +144,21 @@ class Backward(NamedTuple):
     samples: Tensor | None = None
 
 
+class CallOpener(Protocol):
+    """A tap whose sub-layers run inside the module's forward, out of reach of module hooks (e.g. attention).
+
+    ``open_call(module, args, kwargs, deliver)`` returns a context the engine holds for one measured
+    forward call; inside it the tap calls ``deliver(sub, tap, inputs, output)`` for each inner call of
+    sub-layer ``sub`` (a key of its ``sublayers``), with ``tap`` reading that call's rows from
+    ``inputs`` and ``output`` (the inner op's tensors; the gradient hook goes on ``output``).
+    """
+
+    def open_call(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: Mapping[str, Any],
+        deliver: Callable[[str, LayerTap, tuple[object, ...], Tensor], None],
+    ) -> contextlib.AbstractContextManager[object]: ...
+
+
 class _Dropped(Exception):
     """Raised by a row method when the non-finite policy drops the call (caught by the engine's hook)."""
 
@@ -173,6 +194,9 @@ class LayerCall:
     def input_rows(self, samples: Tensor | None = None, *, detach: bool = True) -> Tensor:
         """``(n, d_a)`` rows of ``h_a``; with ``samples``, of those batch elements (dim 0 of the first input) only."""
         inputs = self.inputs
+        if samples is not None and not _batch_major_rows(self.tap):
+            rows = _sample_rows(self.tap.input_rows(self.module, inputs), self.batch_size, samples)
+            return self._finish(rows, samples, detach, "activations (h_a)")
         if samples is not None:
             x = inputs[0] if inputs else None
             if not isinstance(x, Tensor):
@@ -182,6 +206,9 @@ class LayerCall:
 
     def output_rows(self, samples: Tensor | None = None, *, detach: bool = True) -> Tensor:
         """``(n, d_b)`` rows of ``h_b``; ``samples`` as in :meth:`input_rows`."""
+        if samples is not None and not _batch_major_rows(self.tap):
+            rows = _sample_rows(self.tap.output_rows(self.module, self.output), self.batch_size, samples)
+            return self._finish(rows, samples, detach, "activations (h_b)")
         out = self.output if samples is None else self.output.index_select(0, samples)
         return self._finish(self.tap.output_rows(self.module, out), samples, detach, "activations (h_b)")
 
@@ -192,10 +219,25 @@ class LayerCall:
     def _finish(self, rows: Tensor, samples: Tensor | None, detach: bool, what: str) -> Tensor:
         if detach:
             rows = rows.detach()
-        batch = int(self.output.shape[0]) if samples is not None else 0
+        batch = _batch_of(self.tap, self.module, self.inputs, self.output) if samples is not None else 0
         rows = at_least_float32(take_rows(rows, _keep(self.keep, rows.shape[0], samples, batch)))
         _check_finite(self._capture.nonfinite, self.name, self.index, what, rows)
         return rows
+
+
+def _batch_major_rows(tap: LayerTap) -> bool:
+    """Whether the batch is dim 0 of the tensors a call of ``tap`` sees (False: a tap with ``batch_leading = False``,
+    whose rows are batch-major but whose tensors are not, e.g. the sequence-first tensors inside attention)."""
+    return bool(getattr(tap, "batch_leading", True))
+
+
+def _batch_of(tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> int:
+    return int(output.shape[0]) if _batch_major_rows(tap) else tap_batch_size(tap, module, inputs)
+
+
+def _sample_rows(rows: Tensor, batch: int, samples: Tensor) -> Tensor:
+    """The batch-major ``rows`` of batch elements ``samples`` (each element's rows stay together)."""
+    return rows.reshape(batch, -1, rows.shape[-1]).index_select(0, samples.to(rows.device)).reshape(-1, rows.shape[-1])
 
 
 def _keep(keep: Tensor | None, n_rows: int, samples: Tensor | None, batch: int) -> Tensor | None:
@@ -225,38 +267,55 @@ class _GradRows:
     """The backward half of a call: its gradient rows. Holds no tensor of the forward pass (a tensor
     hook referring to its own tensor would be a reference cycle the collector cannot see)."""
 
-    __slots__ = ("index", "keep", "module", "name", "policy", "samples", "tap")
+    __slots__ = ("batch", "index", "keep", "module", "name", "policy", "samples", "tap")
 
     def __init__(self, call: LayerCall, samples: Tensor | None) -> None:
         self.name, self.index, self.module, self.tap, self.keep = call.name, call.index, call.module, call.tap, call.keep
         self.policy = call._capture.nonfinite
         self.samples = samples
+        self.batch = _batch_of(call.tap, call.module, call.inputs, call.output) if samples is not None else 0
 
     def __call__(self, grad: Tensor) -> Tensor:
-        g = grad if self.samples is None else grad.index_select(0, self.samples)
-        rows = self.tap.output_rows(self.module, g.detach()).detach()
-        rows = at_least_float32(take_rows(rows, _keep(self.keep, rows.shape[0], self.samples, int(grad.shape[0]))))
+        if self.samples is not None and not _batch_major_rows(self.tap):
+            rows = _sample_rows(self.tap.output_rows(self.module, grad.detach()).detach(), self.batch, self.samples)
+        else:
+            g = grad if self.samples is None else grad.index_select(0, self.samples)
+            rows = self.tap.output_rows(self.module, g.detach()).detach()
+        rows = at_least_float32(take_rows(rows, _keep(self.keep, rows.shape[0], self.samples, self.batch)))
         _check_finite(self.policy, self.name, self.index, "gradients (dL/dh_b)", rows)
         return rows
 
 
+_HookKind = Literal["root", "forward", "open", "close"]
+
+
 class _Hook(OwnedHook):
-    """The engine's module hook: a weak reference to its capture (a dropped capture leaves a no-op)."""
+    """The engine's module hook: a weak reference to its capture (a dropped capture leaves a no-op).
 
-    __slots__ = ("_ref", "_layer")
+    ``kind``: ``"root"`` (pre-hook of the model), ``"forward"`` (forward hook of a layer), or for a
+    tap that opens its calls (:meth:`Capture._on_open`) ``"open"`` (pre-hook with kwargs) and
+    ``"close"`` (forward hook that runs even when the forward raises).
+    """
 
-    def __init__(self, capture: Capture, layer: str | None) -> None:
+    __slots__ = ("_kind", "_layer", "_ref")
+
+    def __init__(self, capture: Capture, layer: str, kind: _HookKind) -> None:
         self._ref = weakref.ref(capture)
         self._layer = layer
+        self._kind = kind
 
     def __call__(self, module: nn.Module, inputs: tuple[object, ...], output: object = None) -> None:  # type: ignore[override]
         capture = self._ref()
         if capture is None:
             return
-        if self._layer is None:
+        if self._kind == "root":
             capture._on_root(module, inputs)
-        else:
+        elif self._kind == "forward":
             capture._on_forward(self._layer, module, inputs, output)
+        elif self._kind == "open":
+            capture._on_open(self._layer, module, inputs, output if isinstance(output, dict) else {})
+        else:
+            capture._on_close(self._layer)
 
 
 def _weak_callable(fn: Callable[..., Any] | None) -> Callable[[], Callable[..., Any] | None]:
@@ -349,6 +408,9 @@ class Capture:
         self._by_layer: dict[str, list[Target]] = {}
         for t in self.targets.values():
             self._by_layer.setdefault(t.layer, []).append(t)
+        #: layers whose tap opens each call (``open_call``): their sub-layers' rows come from inside the forward
+        self._openers: dict[str, CallOpener] = {n: tap for n, tap in layer_taps.items() if callable(getattr(tap, "open_call", None))}  # type: ignore[misc]
+        self._open: dict[str, contextlib.AbstractContextManager[object]] = {}
         self._hooks = HookSet()
         self._token = object()
         self._finalizer: weakref.finalize | None = None
@@ -371,6 +433,7 @@ class Capture:
             self._by_layer[t.layer] = left
         else:
             del self._by_layer[t.layer], self.modules[t.layer]
+            self._openers.pop(t.layer, None)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -385,9 +448,13 @@ class Capture:
         try:
             strip_inert_hooks(self.model)
             if self._on_root_fn() is not None:
-                self._hooks.add(self.model.register_forward_pre_hook(_Hook(self, None)))
+                self._hooks.add(self.model.register_forward_pre_hook(_Hook(self, "", "root")))
             for layer, module in self.modules.items():
-                self._hooks.add(module.register_forward_hook(_Hook(self, layer)))
+                if layer in self._openers:
+                    self._hooks.add(module.register_forward_pre_hook(_Hook(self, layer, "open"), with_kwargs=True))
+                    self._hooks.add(module.register_forward_hook(_Hook(self, layer, "close"), always_call=True))
+                else:
+                    self._hooks.add(module.register_forward_hook(_Hook(self, layer, "forward")))
         except BaseException:
             _release(self._hooks, self.owner_kind, self.model, self._token)
             raise
@@ -400,6 +467,8 @@ class Capture:
         Gradient hooks already placed on live autograd graphs (forward done, backward pending) still
         deliver that backward pass.
         """
+        for layer in list(self._open):
+            self._on_close(layer)
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
@@ -450,6 +519,50 @@ class Capture:
                 continue
             assert isinstance(output, Tensor)
             self._deliver(t, st, on_call, inputs, output)
+
+    def _on_open(self, layer: str, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
+        """Pre-hook of a layer whose tap opens its calls: hold the tap's context for this forward call.
+
+        Inside it the tap hands each inner call of a sub-layer to :meth:`_deliver_inner` (the same
+        rules as :meth:`_on_forward`, per sub-layer); :meth:`_on_close` leaves it after the forward
+        (also when the forward raises).
+        """
+        self._on_close(layer)  # defensive: a context left open by a forward that never closed
+        targets = self._by_layer[layer]
+        if module is not targets[0].module or not torch.is_grad_enabled():
+            return
+        if untraced_call(module, args, recurse=True) is not None or untraced_call(module, tuple(kwargs.values())) is not None:
+            for t in targets:
+                self.stats[t.name].untraced += 1
+            return
+        on_call = self._on_call()
+        if on_call is None:
+            return
+        subs = {t.sub: t for t in targets}
+        deliver = eager_under_compile(functools.partial(self._deliver_inner, subs, on_call))  # like every hook
+        ctx = self._openers[layer].open_call(module, args, kwargs, deliver)
+        ctx.__enter__()
+        self._open[layer] = ctx
+
+    def _on_close(self, layer: str) -> None:
+        ctx = self._open.pop(layer, None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def _deliver_inner(
+        self, subs: dict[str | None, Target], on_call: Callable[[LayerCall], Backward | None], sub: str, tap: LayerTap,
+        inputs: tuple[object, ...], output: Tensor,
+    ) -> None:
+        """One inner call of sub-layer ``sub`` (read with ``tap``, this call's tap) of an opened layer call."""
+        t = subs.get(sub)
+        if t is None or t.name not in self.stats:  # a sub-layer the owner excluded
+            return
+        st = self.stats[t.name]
+        st.fired += 1
+        if not (output.requires_grad or not self.need_grad):
+            st.no_grad_output += 1
+            return
+        self._deliver(Target(t.name, t.layer, t.module, tap, t.sub), st, on_call, inputs, output)
 
     def _deliver(self, t: Target, st: CallStats, on_call: Callable[[LayerCall], Backward | None], inputs: tuple[object, ...], output: Tensor) -> None:
         keep = None

@@ -93,6 +93,9 @@ def select_layers(
         )
     if not chosen:
         raise ValueError(sel.nothing_matched())
+    for child in [n for n in sel.excluded if n in sel.functional]:
+        if child.rpartition(".")[0] in chosen:  # measured through its parent (MHA's out_proj as "<attn>[out]")
+            del sel.excluded[child]
     return chosen, sel.taps_of(chosen), sel.excluded
 
 
@@ -152,6 +155,8 @@ class _Selection:
                 raise ValueError(
                     f"Expected `layers` to contain names from model.named_modules(), but {n!r} does not exist. {self._tappable_list()}"
                 )
+            if n in self.functional:
+                raise CanonRegError(f"Layer {_display(n)!r} cannot be measured on its own: {self.functional[n]}")
             if n not in self.tappable:
                 kind = type(self.named[n]).__name__
                 raise CanonRegError(
@@ -203,7 +208,9 @@ class _Selection:
             if found is None:  # unreachable: chosen ⊆ tappable
                 raise CanonRegError(f"Layer {_display(n)!r} has no tap: {untapped_reason(m, self.taps)}")
             found.check(m, _display(n))
-            check_layer_weight(n, m, found)
+            subs = getattr(found, "sublayers", None)
+            for sub_name, sub_tap in (subs(m).items() if callable(subs) else [(None, found)]):
+                check_layer_weight(n if sub_name is None else f"{n}[{sub_name}]", m, sub_tap)
             out[n] = found
         return out
 

@@ -644,6 +644,7 @@ class _Capture:
     in_version: int
     out_version: int
     w_version: int
+    tap: LayerTap  # this call's tap (reads its rows; a sub-layer inside attention has one per call)
     keep: Tensor | None = None  # rows of real positions under a sample mask (canonreg.taps.masked); None: all
 
 
@@ -1056,6 +1057,7 @@ class AlignmentLoss(nn.Module):
             x._version if isinstance(x, Tensor) else 0,
             output._version,
             tap.weight(module)._version,
+            tap,
             call.keep,
         )
         self._captures.setdefault(call.name, []).append(cap)
@@ -1339,7 +1341,7 @@ class AlignmentLoss(nn.Module):
         if self._needs_out_rows:
             out_rows = _cat([_work(c.rows_b) for c in caps if c.rows_b is not None])
         if "H_a" in needed:
-            x = _cat([_work(take_rows(tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
+            x = _cat([_work(take_rows(c.tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
             image = None
             if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None and not self._sketched(x.shape[1]):
                 bias = tap.bias(module)
@@ -1350,7 +1352,7 @@ class AlignmentLoss(nn.Module):
             ops["H_b"] = self._rows(out_rows)
         if self._needs_g:
             if self.g_mode == "exact":
-                gb = _cat([_work(take_rows(tap.output_rows(c.module, g), c.keep)) for c, g in zip(caps, grads[name])])
+                gb = _cat([_work(take_rows(c.tap.output_rows(c.module, g), c.keep)) for c, g in zip(caps, grads[name])])
                 gb = -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)  # scale-free; no underflow
                 if "G_b" in needed:
                     ops["G_b"] = self._rows(gb)

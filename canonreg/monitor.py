@@ -663,7 +663,8 @@ class CRHMonitor:
             model, layers, owner_kind="CRHMonitor", on_call=self._on_call, on_root=self._on_root, taps=taps,
             mask=False, nonfinite=None,
         )
-        self.layers = self._capture.modules
+        # one entry per measured (sub-)layer: "attn[q]" is the MultiheadAttention module "attn"
+        self.layers: dict[str, nn.Module] = {n: t.module for n, t in self._capture.targets.items()}
         self._taps = {n: t.tap for n, t in self._capture.targets.items()}
         self.excluded = self._capture.excluded
         self._requested_explicitly = layers is not None
@@ -903,11 +904,13 @@ class CRHMonitor:
                 f"Layer {_display(call.name)!r} ran on the meta device (no values to measure); detach the monitor "
                 "before meta-device passes, or materialise the model"
             )
-        self._capture_call(call.name, call.module, call.inputs, call.output)
+        self._capture_call(call.name, call.module, call.tap, call.inputs, call.output)
 
-    def _capture_call(self, name: str, module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> None:
-        """Forward half of one layer call: the rows of ``h_a`` (and ``h_b``), then a hook for the backward half."""
-        tap = self._taps[name]
+    def _capture_call(self, name: str, module: nn.Module, tap: LayerTap, inputs: tuple[object, ...], output: Tensor) -> None:
+        """Forward half of one layer call: the rows of ``h_a`` (and ``h_b``), then a hook for the backward half.
+
+        ``tap`` is this call's (the engine's :attr:`LayerCall.tap`: for a sub-layer inside attention it
+        knows where this call's rows are)."""
         call = self._calls
         deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
         with torch.no_grad(), _no_autocast(output):

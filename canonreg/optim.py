@@ -54,7 +54,7 @@ from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms, balance_terms
 from .layers import LayerSpec, _display
-from .taps import LayerTap, matrix_view, to_weight_layout
+from .taps import LayerTap, matrix_view, to_weight_layout, weight_parameter
 
 __all__ = [
     "DecayRule",
@@ -548,8 +548,11 @@ class _Layer:
 
 
 def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
-    """The parameters behind ``tap.weight(module)`` (possibly a reshaped view) and ``tap.bias(module)``."""
-    own = list(module.parameters(recurse=False))
+    """The parameters behind ``tap.weight(module)`` (possibly a reshaped view) and ``tap.bias(module)``.
+
+    Parameters of submodules count (MHA's ``out_proj.weight`` for the sub-layer ``attn[out]``).
+    """
+    own = list(module.parameters())
 
     def find(t: Tensor) -> nn.Parameter | None:
         return next((p for p in own if p.data_ptr() == t.data_ptr() and p.numel() == t.numel()), None)
@@ -566,6 +569,22 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     if b is not None and bias is None:
         raise CanonRegError(f"Layer {_display(name)!r}: its tap's bias is not a parameter of the module; exclude it with `layers=`")
     return weight, bias
+
+
+def _shared_parameter_reason(name: str, tap: LayerTap, module: nn.Module) -> str | None:
+    """Why NoiseCalibrated cannot take a layer whose ``W`` is a slice of a larger parameter, or None."""
+    w = tap.weight(module)
+    try:
+        p = weight_parameter(tap, module, _display(name))
+    except CanonRegError:
+        return None  # not a view of any parameter: _layer_parameters says so
+    if w.numel() == p.numel():
+        return None
+    return (
+        f"its W is rows of a parameter of shape {tuple(p.shape)} that it shares with other sub-layers (MHA's q, k, v "
+        "in in_proj_weight); NoiseCalibrated balances noise and decoupled weight decay per parameter, so it leaves "
+        "this parameter to the base optimizer (give the attention separate q/k/v nn.Linear layers to shape them)"
+    )
 
 
 def _has_memory(group: Mapping[str, Any]) -> bool:
@@ -796,6 +815,10 @@ class NoiseCalibrated(Optimizer):
         groups = self._param_groups_by_id()
         for name, target in list(capture.targets.items()):
             module = target.module
+            shared = _shared_parameter_reason(name, target.tap, module)
+            if shared is not None:
+                capture.exclude(name, shared)
+                continue
             weight, bias = _layer_parameters(name, module, target.tap)
             if not weight.requires_grad:
                 capture.exclude(name, "its weight does not require grad (frozen)")

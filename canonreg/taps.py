@@ -13,6 +13,9 @@ A tap turns one call of a module into per-sample rows (theory §1):
 * ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives; ``y = x @ weight + bias`` with
   ``weight`` stored ``(d_a, d_b)``): rows as for ``nn.Linear``, ``W = weight.T``. Resolved by the
   class's module and name, so canonreg never imports ``transformers``.
+* ``nn.MultiheadAttention``: four sub-layers ``attn[q]``, ``attn[k]``, ``attn[v]`` (row blocks of
+  ``in_proj_weight``) and ``attn[out]`` (``out_proj``), read from the ``F.linear`` calls inside the
+  functional attention (:mod:`canonreg.attention`).
 * ``nn.Embedding`` (opt-in, :class:`EmbeddingTap`): ``h_a = onehot(index)``, ``W = weight.T``; for
   small vocabularies (its moments are ``num_embeddings``-sized), so not registered by default.
 
@@ -61,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import MultiheadAttentionTap
 from .errors import CanonRegError
 
 if TYPE_CHECKING:
@@ -306,6 +310,7 @@ _REGISTRY: dict[type[nn.Module], LayerTap] = {
     nn.Linear: LinearTap(),
     nn.Conv1d: ConvTap(),
     nn.Conv2d: ConvTap(),
+    nn.MultiheadAttention: MultiheadAttentionTap(),  # type: ignore[dict-item]  # sub-layers q, k, v, out
 }
 
 
@@ -407,10 +412,6 @@ _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
     ((nn.EmbeddingBag,), "a lookup table with pooling; no built-in tap"),
     ((nn.RNNBase,), "recurrent weights are applied inside a fused kernel over all time steps, so hooks see "
      "only whole sequences; no built-in tap"),
-    ((nn.MultiheadAttention,), "in_proj_weight (q, k, v) is applied inside F.multi_head_attention_forward, so "
-     "q, k, v and their gradients never cross a module boundary a hook can see; measuring them would take "
-     "re-running the attention with explicit projections (about twice the module's cost); no built-in tap. "
-     "To measure q, k, v, use an attention module with its own nn.Linear q/k/v projections"),
     ((nn.Bilinear,), "a bilinear form x1ᵀ A x2, not h_b = W h_a + b; no built-in tap"),
     ((nn.modules.conv._ConvTransposeNd,), "transposed convolution; no built-in tap"),
     ((nn.Conv3d,), "3-D convolution; no built-in tap"),
@@ -421,14 +422,19 @@ _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
 
 
 def _owning_parameter(name: str, module: nn.Module, w: Tensor) -> nn.Parameter:
-    own = list(module.parameters(recurse=False))
-    for p in own:
-        # Same storage object (not just address: meta tensors all sit at 0) and every element covered.
-        if p.numel() == w.numel() and p.untyped_storage()._cdata == w.untyped_storage()._cdata:
+    """The parameter of ``module`` (or of a submodule) whose storage ``w`` views: a whole parameter, a
+    reshape or transpose of one, or a slice of one (MHA's q, k, v: row blocks of ``in_proj_weight``)."""
+    for p in module.parameters():
+        # Same storage object (not just address: meta tensors all sit at 0), every element of w inside p.
+        if p.untyped_storage()._cdata != w.untyped_storage()._cdata or w.numel() > p.numel():
+            continue
+        lo = w.storage_offset() - p.storage_offset()
+        hi = lo + sum((n - 1) * st for n, st in zip(w.shape, w.stride()))
+        if 0 <= lo and hi < p.numel():
             return p
     raise CanonRegError(
         f"Layer {name!r} ({type(module).__name__}): its tap's weight is not a parameter of the module or a view "
-        "of a whole one (reshape, transpose), so its layout in the parameter is unknown"
+        "of one (reshape, transpose, slice), so its layout in the parameter is unknown"
     )
 
 
@@ -482,7 +488,8 @@ def matrix_view(tap: LayerTap, module: nn.Module, t: Tensor) -> Tensor:
 def to_weight_layout(tap: LayerTap, module: nn.Module, m: Tensor) -> Tensor:
     """The inverse of :func:`matrix_view`: a ``(d_b, d_a)`` matrix as a tensor of the weight parameter's shape.
 
-    ``to_weight_layout(tap, mod, tap.weight(mod))`` equals the parameter; the noise wrapper adds
+    ``to_weight_layout(tap, mod, tap.weight(mod))`` equals the parameter (zero outside ``W`` when ``W``
+    is a slice of it, as MHA's q, k, v are of ``in_proj_weight``); the noise wrapper adds
     ``to_weight_layout(tap, mod, N)`` to ``p.grad``. Uses the tap's ``to_weight_layout`` method
     when it defines one, else the strides of ``tap.weight(module)`` relative to its parameter.
     """
@@ -492,6 +499,8 @@ def to_weight_layout(tap: LayerTap, module: nn.Module, m: Tensor) -> Tensor:
     w, p = _weight_and_parameter(tap, module)
     _expect_shape(m, w, "m")
     out = torch.empty_strided(p.shape, p.stride(), dtype=m.dtype, device=m.device)
+    if w.numel() < p.numel():  # W is a slice of the parameter (MHA's q, k, v): zeros elsewhere
+        out.zero_()
     out.as_strided(w.shape, w.stride(), out.storage_offset() + w.storage_offset() - p.storage_offset()).copy_(m)
     return out
 
@@ -508,7 +517,8 @@ def functional_only_children(model: nn.Module) -> dict[str, str]:
             child = f"{name}.out_proj" if name else "out_proj"
             out[child] = (
                 "nn.MultiheadAttention applies out_proj's weights functionally "
-                "(F.multi_head_attention_forward), so the module's own hooks never fire"
+                "(F.multi_head_attention_forward), so the module's own hooks never fire; it is measured as "
+                f"{(name + '[out]')!r} when its attention module {name!r} is selected (canonreg.attention)"
             )
     return out
 

@@ -294,6 +294,8 @@ def run_monitor(
     """Feed ``batches`` through the model under a fresh monitor (weights fixed unless ``step``)."""
     import canonreg
 
+    if case.name == "transformer":  # the module-level layers; the attention's q, k, v, out: tests/test_attention.py
+        kwargs.setdefault("layers", case.layers)
     monitor = canonreg.CRHMonitor(case.model, **kwargs)
     with monitor:
         for x, y in batches if batches is not None else case.batches:

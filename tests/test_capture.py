@@ -96,10 +96,11 @@ def test_rows_equal_per_call_reference(make: type[nn.Module]) -> None:
     x = torch.randn(*x, dtype=torch.float64)
     rec = Recorder()
     with rec.capture(model) as cap:
-        names = list(cap.targets)
+        # module-level layers (the attention's sub-layers q, k, v, out: tests/test_attention.py)
+        names = [n for n, t in cap.targets.items() if t.sub is None]
         model(x).square().sum().backward()
     ref = _reference(model, names, x)
-    _assert_calls_match(rec.calls, ref)
+    _assert_calls_match([c for c in rec.calls if c["name"] in names], ref)
     assert rec.roots == 1
 
 

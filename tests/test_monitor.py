@@ -177,31 +177,26 @@ def test_grad_scale_and_loss_reduction(name: str, reduction: str, grad_scale: st
     assert refs  # the cached full reference exists for this case too
 
 
-def test_transformer_out_proj_excluded_by_default_and_errors_when_requested() -> None:
+def test_transformer_attention_is_measured_as_q_k_v_out_and_out_proj_alone_is_refused() -> None:
     case = make_case("transformer")
+    subs = [f"encoder.self_attn[{s}]" for s in ("q", "k", "v", "out")]
     monitor = CRHMonitor(case.model)
-    assert "encoder.self_attn.out_proj" in monitor.excluded
+    assert [n for n in monitor.layers if n.startswith("encoder.self_attn")] == subs
+    assert "encoder.self_attn.out_proj" not in monitor.excluded  # measured as encoder.self_attn[out]
+    monitor = CRHMonitor(case.model, layers=nn.Linear)  # the attention module itself not selected
     assert "functionally" in monitor.excluded["encoder.self_attn.out_proj"]
-    assert "encoder.self_attn.out_proj" not in monitor.layers
-    monitor = CRHMonitor(case.model, layers=nn.Linear)
-    assert "encoder.self_attn.out_proj" in monitor.excluded
+    assert "'encoder.self_attn[out]'" in monitor.excluded["encoder.self_attn.out_proj"]
 
-    report = run_monitor(case).compute(exponents=False)
-    assert "encoder.self_attn.out_proj" in report.excluded
+    report = run_monitor(case, layers=nn.Linear).compute(exponents=False)
     assert "excluded 'encoder.self_attn.out_proj'" in str(report)
-
-    bad = run_monitor(case, layers=["encoder.linear1", "encoder.self_attn.out_proj"])
-    with pytest.raises(CanonRegError, match=r"out_proj.*functionally"):
-        bad.compute()
-    # a predicate that picks it also ends in the clear error, never an empty measurement
+    with pytest.raises(CanonRegError, match=r"out_proj.*functionally.*'encoder\.self_attn\[out\]'"):
+        CRHMonitor(case.model, layers=["encoder.linear1", "encoder.self_attn.out_proj"])
+    # a predicate that picks it ends in the clear error, never an empty measurement
     bad = run_monitor(case, layers=lambda n, m: n.endswith("out_proj"))
     with pytest.raises(CanonRegError, match="never fire"):
         bad.compute()
-    ok = run_monitor(case, layers=["encoder.linear1", "encoder.self_attn.out_proj"], on_missing="skip")
-    report = ok.compute(exponents=False)
-    assert report.layers == ["encoder.linear1"]
-    assert "encoder.self_attn.out_proj" in report.missing
-
+    report = run_monitor(case, layers=["encoder.self_attn"]).compute(exponents=False)
+    assert report.layers == subs and all(report.samples[s] == 7 * 5 for s in subs)  # 7 sequences of 5 tokens
 
 @pytest.mark.parametrize("preprocess,identities", [("raw", True), ("centered", False), ("normalized", True)])
 @pytest.mark.parametrize("name", ["mlp", "conv1d", "transformer"])
