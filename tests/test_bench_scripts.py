@@ -137,3 +137,13 @@ def test_peers_absent_are_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[
     for name in ("backpack", "curvlinops", "opacus"):
         assert f"skipped {name}: not installed" in printed
     assert [r["contender"] for r in result["results"]] == ["plain", "canonreg/raw/every1", "canonreg/raw/every10", "torch.func/vmap(grad)"]
+
+
+def test_attention_overhead_quick(capsys: pytest.CaptureFixture[str], restore_threads: None) -> None:
+    bench = _load("attention_overhead")
+    bench.main(["--d-model", "16", "--heads", "2", "--batch", "2", "--seq", "3", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "contender" not in line and ":---" not in line}
+    assert set(rows) == {"plain", "opened", "monitor", "monitor-no-attn"}
+    assert "'calls': 12" in rows["opened"]  # 3 steps (2 warm-up, 1 timed) × the four sub-layers
+    assert "block.self_attn[q]" in rows["monitor"] and "self_attn" not in rows["monitor-no-attn"]
