@@ -1,7 +1,9 @@
 """How the monitor's overhead and ``compute()`` time scale: width, batch, a conv net, a ≥ 50M-parameter transformer.
 
-Sweeps (SGD + cross-entropy, :class:`canonreg.CRHMonitor` with ``preprocess`` = ``--mode``, default the
-library's ``normalized``; each point times ``plain``, ``every1`` and ``every10`` in one process):
+Sweeps (SGD + cross-entropy, :class:`canonreg.CRHMonitor` with ``preprocess`` = each of ``--modes``, default
+the library's ``normalized``; each point and mode times ``plain``, ``every1`` and ``every10`` in one process,
+and with ``--idle`` also ``idle``: a monitor with ``every = 10**9``, whose only collected call is the warm-up
+step, so every timed step is an inactive one: the cost of the hooks that fire and return):
 
 * **width**: MLP ``40 → w → w → 10`` (``--width-hidden`` 2 hidden layers, so one ``w × w`` layer) for
   ``w`` in 256 … 8192, at a batch that shrinks with the width (``--width-batches``) to bound the run.
@@ -9,8 +11,8 @@ library's ``normalized``; each point times ``plain``, ``every1`` and ``every10``
   bytes per entry; ``compute()`` needs about 1.5 times as much again while it builds the report); where
   that state would exceed ``--exact-max-gib``, or 2.5 times it 70% of the available memory, the point uses the sketched
   monitor (``CRHMonitor(sketch=k)``, ``--sketch``) instead, and from ``--sketch-from`` on both are
-  timed, so the curves overlap. Without ``sketch`` in this canonreg the wide points are exact-only
-  where they fit and skipped (with a printed note) where they do not.
+  timed, so the curves overlap. ``--kinds exact sketch`` (or either alone) times these kinds at every
+  point instead of that rule (``exact`` still only where it fits).
 * **batch**: MLP ``40 → 1024 × 4 → 10`` (the peers' point) at batch 128 … 4096.
 * **conv**: three 3×3 convolutions (3→32→64→128, strides 1, 2, 2) + a Linear head on 3×32×32 inputs;
   every output position is a sample row, ``h_a`` is the ``C_in·9`` patch.
@@ -34,6 +36,7 @@ totals + a float32 window); the peak of those steps and the peak during ``comput
     python benchmarks/scaling.py --quick     # seconds: tiny widths, batches and transformer
     python benchmarks/scaling.py --sweeps width transformer --widths 1024 4096
     python benchmarks/scaling.py --merge w.json b.json t.json   # sweeps run as separate processes (--out w.json ...)
+    python benchmarks/scaling.py --sweeps transformer --modes raw centered --kinds exact --idle   # modes, inactive steps
 
 Writes ``benchmarks/results/scaling.json``, ``scaling.md`` and ``scaling.png`` (``scaling_quick.*`` with ``--quick``).
 Reference: the monitor measures the CRH relations of Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006.
@@ -79,6 +82,9 @@ from _harness import (  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEPS = ("width", "batch", "conv", "transformer")
+MODES = ("raw", "centered", "normalized")
+KINDS = ("exact", "sketch")
+IDLE_EVERY = 10**9  # the ``idle`` contender: only its first (warm-up) call is collected
 TARGET_TRANSFORMER_EVERY10 = 1.1
 HEAVY_FLOPS = 2e10  # plain steps above this many multiply-adds (≈ 6·rows·params) run --big-rounds rounds
 
@@ -98,7 +104,9 @@ class GPTConfig:
 @dataclass(frozen=True)
 class Config:
     sweeps: tuple[str, ...] = SWEEPS
-    mode: str = "normalized"
+    modes: tuple[str, ...] = ("normalized",)
+    kinds: tuple[str, ...] = ()  # empty: exact where it fits, sketch where not or at widths >= sketch_from
+    idle: bool = False
     d_in: int = 40
     classes: int = 10
     widths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
@@ -136,7 +144,11 @@ def parse(argv: list[str] | None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (seconds)")
     p.add_argument("--sweeps", nargs="+", choices=SWEEPS)
-    p.add_argument("--mode", choices=("raw", "centered", "normalized"))
+    p.add_argument("--modes", "--mode", dest="modes", nargs="+", choices=MODES, help="preprocess modes, each timed in turn")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, help="monitors timed at every point (default: exact where it "
+                   "fits, sketch where not or at widths >= --sketch-from)")
+    p.add_argument("--idle", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also time a monitor with every={IDLE_EVERY:.0e} (inactive steps only)")
     for name in ("widths", "width_batches", "batches"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, nargs="+")
     for name in ("width_hidden", "batch_width", "batch_hidden", "conv_batch", "gpt_batch", "sketch", "sketch_from",
@@ -262,22 +274,25 @@ class Point:
     width: int | None = None
 
 
-def measure(point: Point, cfg: Config) -> dict[str, Any]:
-    """Time plain / every1 / every10 (exact and/or sketched) on ``point``; ``compute()`` time; memory."""
+def measure(point: Point, cfg: Config, mode: str) -> dict[str, Any]:
+    """Time plain / every1 / every10 (/ idle) of the ``mode`` monitor (exact and/or sketched) on ``point``; ``compute()`` time; memory."""
     torch.manual_seed(cfg.seed)
     base = point.build()
     n_params = sum(p.numel() for p in base.parameters())
     dims = layer_dims(base, point.layers)
-    state = exact_state_bytes(dims, cfg.mode)
+    state = exact_state_bytes(dims, mode)
     # compute() builds the report's float64 matrices beside the state: 2.5× the state at its peak (measured on the transformer)
     exact_fits = state <= cfg.exact_max_gib * 2**30 and 2.5 * state <= 0.7 * available_bytes()
-    use_sketch = (not exact_fits or (point.width is not None and point.width >= cfg.sketch_from))
-    kinds = (["exact"] if exact_fits else []) + (["sketch"] if use_sketch else [])
+    if cfg.kinds:
+        kinds = [k for k in KINDS if k in cfg.kinds and (k != "exact" or exact_fits)]
+    else:
+        use_sketch = (not exact_fits or (point.width is not None and point.width >= cfg.sketch_from))
+        kinds = (["exact"] if exact_fits else []) + (["sketch"] if use_sketch else [])
     notes = []
-    if not exact_fits:
+    if not exact_fits and (not cfg.kinds or "exact" in cfg.kinds):
         notes.append(f"exact state {state / 2**30:.1f} GiB > --exact-max-gib {cfg.exact_max_gib}, or 2.5 times it > 70% of the available memory "
-                     f"({available_bytes() / 2**30:.1f} GiB): "
-                     + f"sketch k={cfg.sketch} only")
+                     f"({available_bytes() / 2**30:.1f} GiB): exact skipped"
+                     + (f", sketch k={cfg.sketch} only" if "sketch" in kinds else ""))
     for note in notes:
         print(f"  {point.label}: {note}")
     max_dim = max(max(a, b) for a, b in dims)
@@ -289,11 +304,13 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         if kind == "plain":
             return Runner(sgd_step(model, opt, point.inputs, point.targets))
         extra: dict[str, Any] = {"sketch": cfg.sketch} if kind == "sketch" else {}
-        monitor = canonreg.CRHMonitor(model, point.layers, preprocess=cfg.mode, every=every, **extra).attach()  # type: ignore[arg-type]
+        monitor = canonreg.CRHMonitor(model, point.layers, preprocess=mode, every=every, **extra).attach()  # type: ignore[arg-type]
 
         def close() -> dict[str, Any]:
             out: dict[str, Any] = {}
-            if kind not in compute_times:  # the first monitor of each kind to close (every1) is timed
+            if every == IDLE_EVERY:  # what the inactive steps collected: nothing beyond the warm-up call
+                out["steps"] = monitor.compute(exponents=False, ranks=False).steps
+            elif kind not in compute_times:  # the first monitor of each kind to close (every1) is timed
                 t0, c0 = time.perf_counter(), time.process_time()
                 report = monitor.compute(exponents=False, ranks=False)
                 times = {"seconds": time.process_time() - c0, "seconds_wall": time.perf_counter() - t0, "timings": report.timings}
@@ -304,6 +321,7 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
                                  timings_exponents=rep2.timings)
                 compute_times[kind] = times
                 out["alignment"] = report.alignment
+                out["steps"] = report.steps
             monitor.detach()
             return out
 
@@ -318,6 +336,8 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
     for kind in kinds:
         monitored.append(Contender(f"every1/{kind}", "", partial(runner, kind, 1), steps=cfg.steps))
         monitored.append(Contender(f"every10/{kind}", "", partial(runner, kind, 10), steps=10))
+        if cfg.idle:  # the warm-up step is its one collected call (so at least one warm-up step)
+            monitored.append(Contender(f"idle/{kind}", "", partial(runner, kind, IDLE_EVERY), steps=cfg.steps, warmup=max(1, cfg.warmup)))
     # every contender of a session lives until its end: big exact states are timed one monitor at a time
     split = exact_fits and state * len(monitored) > cfg.exact_max_gib * 2**30
     sessions = [[plain, c] for c in monitored] if split else [[plain, *monitored]]
@@ -331,7 +351,7 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         timing.update({k: v for k, v in got.items() if k != "plain"})
         plain_by_session.append({c: got["plain"][c] for c in ("wall", "cpu", "rounds")})
     contenders = [plain, *monitored]
-    memory = {c.name: memory_of(c, steps=1) for c in contenders if not c.name.startswith("every10")}
+    memory = {c.name: memory_of(c, steps=1) for c in contenders if not c.name.startswith(("every10", "idle"))}
     ref = memory.get("plain")
     # every1 copies train identically (same init, batches, steps), so exact and sketched α see the same samples
     alphas = {k: timing[f"every1/{k}"]["check"].get("alignment") for k in kinds}  # None where close() failed
@@ -340,7 +360,7 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         ex, sk = alphas["exact"], alphas["sketch"]
         sketch_error = max(abs(sk[n][r] - ex[n][r]) for n in ex for r in ex[n] if math.isfinite(ex[n][r]) and math.isfinite(sk[n][r]))
     res: dict[str, Any] = {
-        "sweep": point.sweep, "label": point.label, "x": point.x, "params": n_params, "rows_per_step": point.rows,
+        "sweep": point.sweep, "label": point.label, "mode": mode, "x": point.x, "params": n_params, "rows_per_step": point.rows,
         "layer_dims": dims, "exact_state_bytes_estimate": state, "kinds": kinds, "notes": notes, "rounds": rounds,
         "sessions": [[c.name for c in ss] for ss in sessions], "plain_by_session": plain_by_session,
         "seconds_per_step_cpu": {k: v["seconds_cpu"] for k, v in timing.items()},
@@ -350,11 +370,12 @@ def measure(point: Point, cfg: Config) -> dict[str, Any]:
         "extra_held_bytes": {k: m.held - ref.held for k, m in memory.items() if k != "plain" and m and ref},
         "extra_peak_bytes": {k: m.step_peak - ref.step_peak for k, m in memory.items() if k != "plain" and m and ref},
         "compute_peak_bytes": {k: m.fold_peak - ref.held for k, m in memory.items() if k != "plain" and m and ref},
-        "compute": compute_times, "alignment": alphas, "sketch_max_abs_error": sketch_error, "load_start": load0, "load_end": loadavg(), "seconds": time.perf_counter() - t0,
+        "compute": compute_times, "alignment": alphas,
+        "steps_collected": {k: v["check"]["steps"] for k, v in timing.items() if "steps" in v.get("check", {})}, "sketch_max_abs_error": sketch_error, "load_start": load0, "load_end": loadavg(), "seconds": time.perf_counter() - t0,
         "raw": {k: {c: v[c] for c in ("wall", "cpu", "rounds")} for k, v in timing.items()},
     }
     r = res["ratio_cpu"]
-    print(f"  {point.label:<28} params {n_params:>11,}  plain {res['seconds_per_step_cpu']['plain']:.4f} s  "
+    print(f"  {point.label:<28} {mode:<10} params {n_params:>11,}  plain {res['seconds_per_step_cpu']['plain']:.4f} s  "
           + "  ".join(f"{k} {fmt_ratio(r[k])}x" for k in r if k != "plain")
           + "  compute " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in compute_times.items())
           + f"  load {res['load_end']}", flush=True)
@@ -394,16 +415,17 @@ def format_table(results: list[dict[str, Any]], cfg: Config, env: dict[str, Any]
     head = [
         f"`{env.get('command', '?')}`",
         "",
-        f"Monitor (`preprocess={cfg.mode!r}`) overhead per training step, ratio to the plain step in the same run "
+        f"Monitor (`preprocess` {', '.join(repr(m) for m in _modes(results, cfg))}) overhead per training step, ratio to the plain step in the same run "
         f"(CPU clock, median over interleaved rounds), {cfg.threads} thread(s), torch {env['torch']}, {env['cpu']}; "
         "measured on a shared, loaded machine (load average = 1-min load at the end of each point).",
         "`exact`: float64 d×d moments; `sketch k`: `CRHMonitor(sketch=k)`. compute(): CPU seconds with "
         "`exponents=False, ranks=False` (with exponents, ranks skipped, in brackets where measured). "
         "state: torch allocation held after a collected step, compute() and another step (float64 totals + float32 "
-        "window), beyond the plain step's; peak in the JSON.",
+        "window), beyond the plain step's; peak in the JSON. idle: a monitor with every=10**9 after its one "
+        "collected (warm-up) call: the cost of inactive steps (`--idle`).",
         "",
     ]
-    header = ["point", "params", "monitor", "plain s", "every1 ×", "every10 ×", "state MiB", "compute() s", "load", "rounds"]
+    header = ["point", "params", "mode", "monitor", "plain s", "every1 ×", "every10 ×", "idle ×", "state MiB", "compute() s", "load", "rounds"]
     rows = []
     for r in results:
         for kind in r["kinds"] or ["—"]:
@@ -411,12 +433,18 @@ def format_table(results: list[dict[str, Any]], cfg: Config, env: dict[str, Any]
             ct = r["compute"].get(kind, {})
             cs = "—" if not ct else f"{ct['seconds']:.2f}" + (f" ({ct['seconds_exponents']:.2f})" if "seconds_exponents" in ct else "")
             rows.append([
-                r["label"], f"{r['params'] / 1e6:.1f}M", kind if kind != "sketch" else f"sketch {cfg.sketch}",
+                r["label"], f"{r['params'] / 1e6:.1f}M", r.get("mode", cfg.modes[0]), kind if kind != "sketch" else f"sketch {cfg.sketch}",
                 f"{r['seconds_per_step_cpu']['plain']:.4f}", fmt_ratio(q.get(f"every1/{kind}")), fmt_ratio(q.get(f"every10/{kind}"), 3),
+                fmt_ratio(q.get(f"idle/{kind}"), 3),
                 mib(r["extra_held_bytes"].get(f"every1/{kind}")), cs, f"{r['load_end'][0]:.1f}" if r["load_end"] else "—",
                 str(r["rounds"]),
             ])
     return "\n".join(head) + markdown_table(header, rows)
+
+
+def _modes(results: list[dict[str, Any]], cfg: Config) -> list[str]:
+    """The preprocess modes of ``results`` in order of appearance (``cfg.modes`` for results that predate the field)."""
+    return list(dict.fromkeys(r.get("mode", cfg.modes[0]) for r in results)) or list(cfg.modes)
 
 
 def verdict(results: list[dict[str, Any]]) -> list[str]:
@@ -427,7 +455,8 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
         for kind in r["kinds"]:
             q = r["ratio_cpu"].get(f"every10/{kind}")
             ok = q is not None and q <= TARGET_TRANSFORMER_EVERY10
-            lines.append(f"target transformer every10/{kind} <= {TARGET_TRANSFORMER_EVERY10}x: {'met' if ok else 'MISSED'} "
+            mode = f" ({r['mode']})" if "mode" in r else ""
+            lines.append(f"target transformer every10/{kind}{mode} <= {TARGET_TRANSFORMER_EVERY10}x: {'met' if ok else 'MISSED'} "
                          f"({fmt_ratio(q, 3)}x, {r['params'] / 1e6:.1f}M parameters{'' if r['params'] >= 50e6 else ', below 50M'})")
     return lines
 
@@ -438,14 +467,18 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    modes = _modes(results, cfg)
+    tag = {m: f"{m} " if len(modes) > 1 else "" for m in modes}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, sweep, xlabel in ((axes[0], "width", "width w (MLP 40→w→w→10)"), (axes[1], "batch", f"batch (MLP 40→{cfg.batch_width}×{cfg.batch_hidden}→10)")):
-        rs = [r for r in results if r["sweep"] == sweep]
-        for kind, style in (("exact", "-"), ("sketch", "--")):
-            for every, color in (("every1", "C0"), ("every10", "C1")):
-                pts = [(r["x"], r["ratio_cpu"][f"{every}/{kind}"]) for r in rs if f"{every}/{kind}" in r["ratio_cpu"]]
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{every} {kind if kind == 'exact' else f'sketch {cfg.sketch}'}")
+        for mode, marker in zip(modes, "os^"):
+            rs = [r for r in results if r["sweep"] == sweep and r.get("mode", cfg.modes[0]) == mode]
+            for kind, style in (("exact", "-"), ("sketch", "--")):
+                for every, color in (("every1", "C0"), ("every10", "C1")):
+                    pts = [(r["x"], r["ratio_cpu"][f"{every}/{kind}"]) for r in rs if f"{every}/{kind}" in r["ratio_cpu"]]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker=marker, color=color,
+                                label=f"{tag[mode]}{every} {kind if kind == 'exact' else f'sketch {cfg.sketch}'}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axhline(1.1, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
@@ -469,7 +502,7 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax = axes[3]
-    bars = [(f"{r['sweep']}\n{kind}\n{every}", r["ratio_cpu"][f"{every}/{kind}"])
+    bars = [(f"{r['sweep']}\n{tag.get(r.get('mode', ''), '')}{kind}\n{every}", r["ratio_cpu"][f"{every}/{kind}"])
             for r in results if r["sweep"] in ("conv", "transformer") for kind in r["kinds"] for every in ("every1", "every10")]
     if bars:
         ax.bar(range(len(bars)), [b[1] for b in bars], color=["C0", "C1"] * (len(bars) // 2))
@@ -477,7 +510,7 @@ def figure(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
         ax.axhline(1.1, color="grey", lw=0.8, ls=":")
         ax.set_ylabel("step time / plain step")
     ax.set_title("conv net, transformer", fontsize=9)
-    fig.suptitle(f"CRHMonitor(preprocess={cfg.mode!r}) overhead, {cfg.threads} thread(s), CPU clock, shared machine", fontsize=10)
+    fig.suptitle(f"CRHMonitor(preprocess={' / '.join(modes)}) overhead, {cfg.threads} thread(s), CPU clock, shared machine", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -499,7 +532,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     results = []
     for point in points(cfg):
-        results.append(measure(point, cfg))
+        for mode in cfg.modes:
+            results.append(measure(point, cfg, mode))
     env = environment()
     env.update(load_start=load_start, load_end=loadavg(), wall_seconds=time.perf_counter() - t0,
                command=" ".join(["python benchmarks/scaling.py", *(sys.argv[1:] if argv is None else argv)]))
@@ -509,6 +543,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _config_from_json(d: dict[str, Any]) -> dict[str, Any]:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in {f.name for f in dataclasses.fields(Config)}}
     values["gpt"] = GPTConfig(**d["gpt"])
+    if "mode" in d and "modes" not in d:  # results written before --modes
+        values["modes"] = (d["mode"],)
     return values
 
 

@@ -147,3 +147,28 @@ def test_attention_overhead_quick(capsys: pytest.CaptureFixture[str], restore_th
     assert set(rows) == {"plain", "opened", "monitor", "monitor-no-attn"}
     assert "'calls': 12" in rows["opened"]  # 3 steps (2 warm-up, 1 timed) × the four sub-layers
     assert "block.self_attn[q]" in rows["monitor"] and "self_attn" not in rows["monitor-no-attn"]
+
+
+def test_scaling_modes_kinds_idle(tmp_path: Path, restore_threads: None) -> None:
+    """``--modes`` times each mode in turn, ``--kinds`` forces the sketch where the automatic rule gives exact only,
+    ``--idle`` times a monitor whose only collected call is the warm-up step (every timed step inactive)."""
+    scaling = _load("scaling")
+    assert scaling.parse(["--mode", "raw"]).modes == ("raw",)  # the old single-mode spelling
+    assert scaling.parse([]).kinds == () and scaling.parse([]).idle is False
+    out = tmp_path / "modes.json"
+    result = scaling.main(["--quick", "--sweeps", "transformer", "--modes", "raw", "centered", "--kinds", "sketch", "--idle",
+                           "--warmup", "1", "--rounds", "1", "--big-rounds", "1", "--steps", "2", "--no-figure", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["mode"] for r in saved["results"]] == ["raw", "centered"]
+    layers = [f"blocks.{i}.{k}" for i in range(2) for k in ("qkv", "proj", "fc", "fc2")]
+    for r in saved["results"]:
+        assert r["kinds"] == ["sketch"]  # the transformer is no width point: without --kinds it is exact only
+        assert set(r["ratio_cpu"]) == {"plain", "every1/sketch", "every10/sketch", "idle/sketch"}
+        assert all(v > 0 for v in r["ratio_cpu"].values())
+        # every1: the warm-up step and the 2 timed steps; idle: the warm-up step only
+        assert r["steps_collected"]["every1/sketch"] == dict.fromkeys(layers, 3)
+        assert r["steps_collected"]["idle/sketch"] == dict.fromkeys(layers, 1)
+        assert "idle/sketch" not in r["extra_held_bytes"]  # no memory pass for it (the every1 monitor's state)
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| gpt")]
+    assert [row.split("|")[3].strip() for row in rows] == ["raw", "centered"]
+    assert len(result["verdict"]) == 2 and "every10/sketch (raw)" in result["verdict"][0]
