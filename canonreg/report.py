@@ -34,6 +34,7 @@ def layer_matrices(
     *,
     preprocess: F.Preprocess,
     direct: bool,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> dict[str, Tensor]:
     """The six matrices of one layer from its float64 running sums.
 
@@ -52,6 +53,9 @@ def layer_matrices(
     pass that divides by ``n``), and the products ``WᵀW``, ``WWᵀ``, ``W H_a Wᵀ``, ``Wᵀ G_b W`` are
     formed on the upper block triangle and mirrored (:func:`~canonreg.functional.symmetric_product`:
     about half the flops of a full product). The sums are not modified.
+
+    ``gram_dtype=torch.float32`` forms those four products (the ``O(d³)`` part) in float32 from
+    operands scaled by powers of two (:func:`_product`); the results are float64.
     """
     n = float(sums["n"])
     if not n > 0:
@@ -66,13 +70,37 @@ def layer_matrices(
     if direct:
         h_b, g_a = moment("Hb"), moment("Ga")
     else:
-        h_b = F.symmetric_product(w.T, h_a @ w.T)  # W (H_a Wᵀ)
+        h_b = _product(w.T, h_a, gram_dtype)  # W H_a Wᵀ
         if not centered and bias is not None:
             b = bias.to(torch.float64)
             wmu = w @ (sums["Ha_x"] / n)
             h_b = _symmetric(h_b.addr_(wmu, b).addr_(b, wmu).addr_(b, b))
-        g_a = F.symmetric_product(w, g_b @ w)  # Wᵀ (G_b W)
-    return {"H_a": h_a, "H_b": h_b, "G_a": g_a, "G_b": g_b, "Z_a": F.symmetric_product(w, w), "Z_b": F.symmetric_product(w.T, w.T)}
+        g_a = _product(w, g_b, gram_dtype)  # Wᵀ G_b W
+    return {"H_a": h_a, "H_b": h_b, "G_a": g_a, "G_b": g_b, "Z_a": _product(w, None, gram_dtype), "Z_b": _product(w.T, None, gram_dtype)}
+
+
+def _pow2(x: Tensor) -> float:
+    """``2^-e`` with ``max|x| = m·2^e``, ``m ∈ [0.5, 1)`` (1 for a zero or non-finite ``x``): ``max|x·2^-e| < 1``, exactly."""
+    top = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0  # max|x|, no temporary
+    return math.ldexp(1.0, -math.frexp(top)[1]) if math.isfinite(top) and top > 0 else 1.0
+
+
+def _product(a: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``aᵀ a`` (``m`` None) or ``aᵀ M a`` (``M`` symmetric), exactly symmetric, float64 (:func:`F.symmetric_product`).
+
+    In float64 from the float64 operands; with ``dtype=torch.float32`` the operands are first scaled by
+    powers of two ``s_a``, ``s_m`` (:func:`_pow2`; no float32 overflow or underflow of the entries'
+    scale, and the float64 rescaling by ``1/(s_a² s_m)`` is exact), so the only difference is float32
+    rounding in the products (relative error ~1e-7 of the result's scale).
+    """
+    if dtype == torch.float64:
+        return F.symmetric_product(a, a if m is None else m @ a)
+    sa = _pow2(a)
+    a32 = (a * sa).to(dtype)
+    if m is None:
+        return F.symmetric_product(a32, a32).to(torch.float64).mul_(1.0 / (sa * sa))
+    sm = _pow2(m)
+    return F.symmetric_product(a32, (m * sm).to(dtype) @ a32).to(torch.float64).mul_(1.0 / (sa * sa * sm))
 
 
 #: :func:`_symmetric` works on row panels of this height.
@@ -398,6 +426,7 @@ class ReportOptions:
         n_bootstrap: bootstrap resamples of each exponent interval (0: NaN intervals).
         floor: relative eigenvalue floor of the fits, in [0, 1).
         bootstrap_seed: seed of the bootstrap generator (drawn in layer, then relation order).
+        gram_dtype: dtype of the weight products (:func:`layer_matrices`).
     """
 
     exponents: bool = True
@@ -405,6 +434,7 @@ class ReportOptions:
     n_bootstrap: int = 200
     floor: float = 1e-6
     bootstrap_seed: int = 0
+    gram_dtype: torch.dtype = torch.float64
 
 
 @dataclass
@@ -461,7 +491,9 @@ def _analyse_layer(name: str, inputs: ReportInputs, options: ReportOptions, gen:
     """Matrices, α, fits, ranks and balance of one layer; adds the seconds of each part to ``clock``."""
     s = inputs.sums[name]
     t0 = time.perf_counter()
-    mats = layer_matrices(s, inputs.weights[name], inputs.biases[name], preprocess=inputs.preprocess, direct=inputs.direct)
+    mats = layer_matrices(
+        s, inputs.weights[name], inputs.biases[name], preprocess=inputs.preprocess, direct=inputs.direct, gram_dtype=options.gram_dtype
+    )
     t1 = time.perf_counter()
     out = _Layer(mats, *_alignments(mats, inputs.metric, float(s["n"]), inputs.preprocess))
     t2 = time.perf_counter()

@@ -55,6 +55,41 @@ def test_layer_matrices_match_dense_moments(mode: str, with_bias: bool, direct: 
         assert_close(m[k], m[k].T)
 
 
+@pytest.mark.parametrize("mode,direct", [("raw", False), ("centered", False), ("normalized", True)])
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])
+def test_float32_weight_products_match_float64_at_any_scale(mode: str, direct: bool, scale: float) -> None:
+    # dense float64 references; float32 products of power-of-two-scaled operands: ~1e-7 relative error,
+    # no overflow (w ~ 1e25: (w·w) ~ 1e50 > float32's 3e38) or underflow (w ~ 1e-25) at extreme scales
+    torch.manual_seed(1)
+    w = torch.randn(40, 64, dtype=torch.float64) * scale
+    ha = torch.randn(90, 64, dtype=torch.float64) * 1e3 + 7.0
+    gb = torch.randn(90, 40, dtype=torch.float64) * 1e-20
+    hb, ga = ha @ w.T, gb @ w
+    sums = _sums(ha, gb, hb, ga, mode)
+    exact = layer_matrices(sums, w, None, preprocess=mode, direct=direct)
+    fast = layer_matrices(sums, w, None, preprocess=mode, direct=direct, gram_dtype=torch.float32)
+    want = {"Z_a": w.T @ w, "Z_b": w @ w.T, "H_b": ref_moment(hb, mode), "G_a": ref_moment(ga, mode)}
+    for k, v in want.items():
+        assert fast[k].dtype == torch.float64 and bool(torch.isfinite(fast[k]).all()), k
+        assert_close(exact[k], v, rtol=1e-9, atol=0.0)
+        assert float((fast[k] - v).abs().max() / v.abs().max()) < 1e-5, k
+        assert_close(fast[k], fast[k].T, rtol=0.0, atol=0.0)
+    for k in ("H_a", "G_b"):  # moments themselves never change dtype
+        assert torch.equal(fast[k], exact[k])
+
+
+def test_compute_with_float32_grams_agrees_and_checks_its_argument() -> None:
+    case = make_case("transformer")
+    monitor = run_monitor(case, preprocess="normalized")
+    exact = monitor.compute(exponents=False, ranks=False)
+    fast = monitor.compute(exponents=False, ranks=False, gram_dtype=torch.float32)
+    for layer in exact.layers:
+        for rel, v in exact.alignment[layer].items():
+            assert fast.alignment[layer][rel] == pytest.approx(v, abs=1e-5), (layer, rel)
+    with pytest.raises(ValueError, match="`gram_dtype` to be torch.float64 or torch.float32, but got torch.float16"):
+        monitor.compute(gram_dtype=torch.float16)
+
+
 def _report(**overrides: object) -> CRHReport:
     case = make_case("mlp")
     monitor = run_monitor(case, preprocess="centered")
