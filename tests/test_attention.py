@@ -275,3 +275,34 @@ def test_hooked_before_torch_compile_the_matrices_equal_eager() -> None:
     for sub in SUBS:
         for key, value in got["eager"].matrices(f"attn[{sub}]").items():
             assert_close(got["compiled"].matrices(f"attn[{sub}]")[key], value, rtol=1e-9, atol=1e-12)
+
+
+def test_decoder_layer_with_dropout_masks_bias_kv_and_unbatched_inputs_stays_bit_identical() -> None:
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(16, 4, dim_feedforward=32, dropout=0.1, batch_first=True)
+    x, mem = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+
+    def run() -> torch.Tensor:
+        torch.manual_seed(123)  # dropout draws the same masks with and without the monitor
+        return dec(x, mem, tgt_mask=nn.Transformer.generate_square_subsequent_mask(5), memory_key_padding_mask=padding, tgt_is_causal=True)
+
+    plain = run()
+    monitor = canonreg.CRHMonitor(dec)
+    assert list(monitor.layers) == [f"{a}[{s}]" for a in ("self_attn", "multihead_attn") for s in SUBS] + ["linear1", "linear2"]
+    with monitor:
+        out = run()
+        out.square().mean().backward()
+    assert torch.equal(out, plain)
+    samples = monitor.compute(exponents=False, ranks=False).samples
+    assert samples["multihead_attn[q]"] == 15 and samples["multihead_attn[k]"] == samples["multihead_attn[v]"] == 21
+    mha = nn.MultiheadAttention(16, 4, add_bias_kv=True, add_zero_attn=True)  # seq-first, need_weights=True path
+    q, single = torch.randn(5, 3, 16), torch.randn(5, 16)
+    before = mha(q, q, q)[0]
+    monitor = canonreg.CRHMonitor(mha)
+    with monitor:
+        after = mha(q, q, q)[0]
+        (after.sum() + mha(single, single, single)[0].sum()).backward()
+    assert torch.equal(after, before)
+    assert monitor.compute(exponents=False, ranks=False).samples["[q]"] == 15 + 5  # batched + unbatched call
