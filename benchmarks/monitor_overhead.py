@@ -357,12 +357,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return sketch_error(cfg)
     global BASELINE
     BASELINE = load_baseline(cfg.baseline_rev) if cfg.baseline_rev else None
-    import canonreg.monitor as monitor_module
+    import canonreg.moments as moments_module
 
     if cfg.syrk_block > 0:  # a tuning knob: Grams wider than this are built from upper-triangle blocks
-        monitor_module._SYRK_BLOCK = cfg.syrk_block
+        moments_module._SYRK_BLOCK = cfg.syrk_block
     env = environment()
-    env["syrk_block"] = monitor_module._SYRK_BLOCK
+    env["syrk_block"] = moments_module._SYRK_BLOCK
     vmap(grad(lambda t: (t * t).sum()))(torch.ones(2, 2))  # the first torch.func call imports a lot
     g = torch.Generator().manual_seed(cfg.seed)
     rows = []

@@ -202,9 +202,9 @@ def test_transformer_attention_is_measured_as_q_k_v_out_and_out_proj_alone_is_re
 @pytest.mark.parametrize("name", ["mlp", "conv1d", "transformer"])
 def test_blocked_symmetric_gram_path(monkeypatch, name: str, preprocess: str, identities: bool) -> None:
     """Force the block-recursive upper-triangular Gram on tiny layers (it normally starts above 256 columns)."""
-    import canonreg.monitor as cm
+    import canonreg.moments as moments
 
-    monkeypatch.setattr(cm, "_SYRK_BLOCK", 2)
+    monkeypatch.setattr(moments, "_SYRK_BLOCK", 2)
     case = make_case(name)
     refs = _reference(name, True)
     report = run_monitor(case, preprocess=preprocess, identities=identities).compute(exponents=False)
