@@ -65,8 +65,8 @@ class TinyTransformer(nn.Module):
     """A small pre-norm transformer over token sequences; predicts from the last position.
 
     Attention is written with plain ``nn.Linear`` projections (q, k, v, o), each its own layer and
-    parameter (``nn.MultiheadAttention`` is measured too, as ``attn[q|k|v|out]``, but its q, k, v share
-    ``in_proj_weight``, which ``NoiseCalibrated`` leaves to the base optimizer).
+    parameter (``nn.MultiheadAttention`` is measured too, as ``attn[q|k|v|out]``, its q, k, v as rows of
+    the one ``in_proj_weight``).
     """
 
     def __init__(self, vocab: int, d_model: int = 64, heads: int = 4, layers: int = 2, d_out: int | None = None, seq_len: int = 3) -> None:

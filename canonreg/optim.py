@@ -54,7 +54,7 @@ from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms, balance_terms
 from .layers import LayerSpec, _display
-from .taps import LayerTap, matrix_view, to_weight_layout, weight_parameter
+from .taps import LayerTap, matrix_view, to_weight_layout
 
 __all__ = [
     "DecayRule",
@@ -486,6 +486,24 @@ class _Layer:
     def captured(self) -> bool:
         return self.noise_w is not None or bool(self.factors)
 
+    @property
+    def sliced(self) -> bool:
+        """``W`` is part of its parameter (MHA's q, k, v: rows of ``in_proj_weight``)."""
+        return self.tap.weight(self.module).numel() < self.weight.numel()
+
+    def flat(self, t: Tensor) -> Tensor:
+        """This layer's entries of ``t`` (shaped like the weight parameter), flattened: all of ``t`` unless sliced."""
+        return self.matrix(t).reshape(-1) if self.sliced else t.reshape(-1)
+
+    def bias_part(self, t: Tensor) -> Tensor:
+        """This layer's entries of ``t`` (shaped like the bias parameter): a view (all of ``t`` unless sliced)."""
+        b = self.tap.bias(self.module)
+        assert b is not None and self.bias is not None
+        if b.numel() == self.bias.numel():
+            return t
+        start = b.storage_offset() - self.bias.storage_offset()
+        return t[start : start + b.numel()]
+
     def add_noise(self, a: Tensor, x: Tensor, n_b: Tensor | None) -> None:
         """``N_W += aᵀ x``, ``N_b += n_b``: factored while that is cheaper, else materialised."""
         self.factors.append((a, x))
@@ -548,20 +566,21 @@ class _Layer:
 
 
 def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
-    """The parameters behind ``tap.weight(module)`` (possibly a reshaped view) and ``tap.bias(module)``.
+    """The parameters behind ``tap.weight(module)`` and ``tap.bias(module)``: whole ones, reshaped or
+    transposed views, or row slices (MHA's q, k, v in ``in_proj_weight``/``in_proj_bias``).
 
     Parameters of submodules count (MHA's ``out_proj.weight`` for the sub-layer ``attn[out]``).
     """
     own = list(module.parameters())
 
     def find(t: Tensor) -> nn.Parameter | None:
-        return next((p for p in own if p.data_ptr() == t.data_ptr() and p.numel() == t.numel()), None)
+        return next((p for p in own if _within(t, p)), None)
 
     weight = find(tap.weight(module))
     if weight is None:
         raise CanonRegError(
             f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight is not a parameter of the module "
-            "or a reshaped view of one, so NoiseCalibrated cannot tell which parameter receives the noise. "
+            "or a view of one, so NoiseCalibrated cannot tell which parameter receives the noise. "
             "Exclude it with `layers=`."
         )
     b = tap.bias(module)
@@ -571,20 +590,12 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     return weight, bias
 
 
-def _shared_parameter_reason(name: str, tap: LayerTap, module: nn.Module) -> str | None:
-    """Why NoiseCalibrated cannot take a layer whose ``W`` is a slice of a larger parameter, or None."""
-    w = tap.weight(module)
-    try:
-        p = weight_parameter(tap, module, _display(name))
-    except CanonRegError:
-        return None  # not a view of any parameter: _layer_parameters says so
-    if w.numel() == p.numel():
-        return None
-    return (
-        f"its W is rows of a parameter of shape {tuple(p.shape)} that it shares with other sub-layers (MHA's q, k, v "
-        "in in_proj_weight); NoiseCalibrated balances noise and decoupled weight decay per parameter, so it leaves "
-        "this parameter to the base optimizer (give the attention separate q/k/v nn.Linear layers to shape them)"
-    )
+def _within(t: Tensor, p: Tensor) -> bool:
+    """Whether ``t`` views elements of ``p`` only (same storage, inside ``p``'s span)."""
+    if t.untyped_storage()._cdata != p.untyped_storage()._cdata or t.numel() > p.numel():
+        return False
+    lo = t.storage_offset() - p.storage_offset()
+    return 0 <= lo and lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) < p.numel()
 
 
 def _has_memory(group: Mapping[str, Any]) -> bool:
@@ -815,10 +826,6 @@ class NoiseCalibrated(Optimizer):
         groups = self._param_groups_by_id()
         for name, target in list(capture.targets.items()):
             module = target.module
-            shared = _shared_parameter_reason(name, target.tap, module)
-            if shared is not None:
-                capture.exclude(name, shared)
-                continue
             weight, bias = _layer_parameters(name, module, target.tap)
             if not weight.requires_grad:
                 capture.exclude(name, "its weight does not require grad (frozen)")
@@ -1075,7 +1082,7 @@ class NoiseCalibrated(Optimizer):
                 assert layer.weight.grad is not None
                 layer.inject(layer.weight.grad, sigma)
                 if layer.bias is not None and layer.bias.grad is not None and layer.noise_b is not None:
-                    layer.bias.grad.add_(layer.noise_b.to(layer.bias.grad.dtype), alpha=sigma)
+                    layer.bias_part(layer.bias.grad).add_(layer.noise_b.to(layer.bias.grad.dtype), alpha=sigma)
 
     def _decay_and_base_step(self) -> None:
         """``p ← (1 − η_eff γ) p`` on the decaying parameters with a gradient, then the base optimizer's step."""
@@ -1134,7 +1141,7 @@ class NoiseCalibrated(Optimizer):
         """
         assert layer.captured
         ok = _all_finite(layer)
-        w = layer.weight.detach().reshape(-1)
+        w = layer.flat(layer.weight.detach())
         d_b = layer.noise_w.shape[0] if layer.noise_w is not None else layer.factors[0][0].shape[1]  # W's rows
         if layer.noise_w is None:
             # factored N = Aᵀ X: ‖N‖_F² = Σ (A Aᵀ) ⊙ (X Xᵀ) (k × k Grams; ≥ 0 by the Schur product theorem)
@@ -1163,7 +1170,7 @@ class NoiseCalibrated(Optimizer):
             drift, n1, g2 = terms
         else:
             eta = effective_lr(layer.group)
-            flat = grad.reshape(-1)
+            flat = layer.flat(grad)
             drift = torch.dot(w, flat) * (-eta)
             n1 = n_raw * (eta * eta)
             g2 = torch.dot(flat, flat).to(n_raw.dtype) * (eta * eta)
@@ -1245,10 +1252,10 @@ class NoiseCalibrated(Optimizer):
             # noise relative to η_eff²·noise) does not depend on it; Nesterov requires d = 0.
             beta, lr = float(group["momentum"]), float(group["lr"])
             if group.get("nesterov", False) and w.grad is not None:
-                u = (w.grad + beta * buf).reshape(-1)
+                u = layer.flat(w.grad + beta * buf)
                 coef = (1.0 - beta) ** 2 * ((1.0 + beta) ** 2 + beta**4 / (1.0 - beta * beta))
             else:
-                u = buf.reshape(-1)
+                u = layer.flat(buf)
                 coef = (1.0 - beta) ** 2 / (1.0 - beta * beta)
             u2 = torch.dot(u, u).to(torch.float64) * (lr * lr)
         return torch.stack([u2, torch.tensor(coef, dtype=torch.float64, device=dev)])

@@ -183,21 +183,31 @@ def test_alignment_loss_value_and_gradients_equal_the_twin() -> None:
     assert_close(grads["mha"]["attn.out_proj.weight"], grads["twin"]["attn.out.weight"], rtol=1e-9, atol=1e-12)
 
 
-def test_noise_wrapper_shapes_out_and_leaves_the_shared_in_proj_with_a_reason() -> None:
-    model, twin = _pair()
-    model, twin = model.float(), twin.float()
-    x, mem = (t.float() for t in _data())
-    opt = canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, layers=["attn"], noise=1.0, sketch=2, seed=0)
-    assert list(opt._layers) == ["attn[out]"]
-    assert set(opt.excluded) >= {"attn[q]", "attn[k]", "attn[v]"} and "in_proj_weight" in opt.excluded["attn[q]"]
-    ref = canonreg.NoiseCalibrated(torch.optim.SGD(twin.parameters(), lr=0.1), twin, layers=["attn.out"], noise=1.0, sketch=2, seed=0)
-    for net, o in ((model, opt), (twin, ref)):
-        net(x, mem).square().mean().backward()
-        o.step()
-        o.detach()
-    assert_close(model.attn.out_proj.weight, twin.attn.out.weight, rtol=1e-5, atol=1e-6)
-    assert_close(model.attn.in_proj_weight[:8], twin.attn.q.weight, rtol=1e-5, atol=1e-6)  # plain SGD there
-
+@pytest.mark.parametrize("base", ["sgd-momentum", "adam"])
+def test_noise_wrapper_on_q_k_v_out_equals_the_twin(base: str) -> None:
+    # q, k, v share in_proj_weight: each gets its own rows of noise, balance and (Adam) preconditioning
+    model, twin = _pair(cross="kv")
+    x, mem = _data()
+    names = {"inp": "inp", "head": "head", **{f"attn[{s}]": f"attn.{s}" for s in SUBS}}
+    opts = {}
+    for kind, net in (("mha", model), ("twin", twin)):
+        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) if base == "sgd-momentum" else torch.optim.Adam(net.parameters(), lr=1e-3)
+        opt = canonreg.NoiseCalibrated(inner, net, noise=0.5, weight_decay=1e-2, sketch=2, seed=0)
+        for _ in range(3):
+            opt.zero_grad()
+            net(x, mem).square().mean().backward()
+            opt.step()
+        opts[kind] = opt
+    assert sorted(names[n] for n in opts["mha"]._layers) == sorted(opts["twin"]._layers) and not opts["mha"].excluded
+    e = 8
+    for i, s in enumerate("qkv"):
+        assert_close(model.attn.in_proj_weight[i * e : (i + 1) * e], twin.attn.get_submodule(s).weight, rtol=1e-9, atol=1e-12)
+        assert_close(model.attn.in_proj_bias[i * e : (i + 1) * e], twin.attn.get_submodule(s).bias, rtol=1e-9, atol=1e-12)
+    assert_close(model.attn.out_proj.weight, twin.attn.out.weight, rtol=1e-9, atol=1e-12)
+    for name, ref in names.items():
+        got, want = opts["mha"].balance[name], opts["twin"].balance[ref]
+        for key, value in want.to_dict().items():
+            assert got.to_dict()[key] == pytest.approx(value, rel=1e-9, abs=1e-15), (name, key)
 
 def test_sample_mask_selects_the_same_rows_as_the_unmasked_positions() -> None:
     model, _ = _pair()
