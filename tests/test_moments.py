@@ -1,0 +1,126 @@
+"""canonreg.moments, the monitor's streaming moment math, against dense float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.testing import assert_close
+
+import canonreg.moments as mo
+
+
+def _dense(rows: list[Tensor], centered: bool, point: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(n, Σ(x − o), Σ(x − o)(x − o)ᵀ)`` in float64 with ``o`` = ``point``, else the mean (centred) or 0 (raw)."""
+    x = torch.cat(rows).double()
+    o = point if point is not None else (x.mean(0) if centered else torch.zeros(x.shape[1], dtype=torch.float64))
+    d = x - o
+    return torch.tensor(float(x.shape[0]), dtype=torch.float64), d.sum(0), d.T @ d
+
+
+@pytest.mark.parametrize("d", [3, 4, 11])
+def test_upper_gram_is_the_full_gram_once_symmetrised(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
+    """Blocks of 4 and panels of 3: widths below, at and above the block take both code paths."""
+    monkeypatch.setattr(mo, "_SYRK_BLOCK", 4)
+    monkeypatch.setattr(mo, "_SYRK_PANEL", 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, d, generator=g, dtype=torch.float64)
+    out = torch.zeros(d, d, dtype=torch.float64)
+    mo._gram_upper_(out, x)
+    mo._gram_upper_(out, x, alpha=0.5)
+    assert_close(mo._symmetrize_upper(out), 1.5 * x.T @ x, rtol=1e-14, atol=1e-14)
+    assert_close(mo._symmetrize_upper(mo._gram(x)), x.T @ x, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_streamed_moment_equals_the_float64_moment_of_all_rows(centered: bool, offset: float) -> None:
+    """40 float32 calls (two folds and a partial window) of rows ``offset + N(0, 1)``: the centred moment does not
+    cancel at the offset 1000 (float32 ``Σxxᵀ − nμμᵀ`` would keep ~3 digits there)."""
+    g = torch.Generator().manual_seed(1)
+    rows = [offset + torch.randn(int(torch.randint(1, 9, (1,), generator=g)), 5, generator=g) for _ in range(40)]
+    m = mo._Moment(centered)
+    for i, r in enumerate(rows):
+        m.add_rows(r, 1.0, None)
+        if (i + 1) % mo._FOLD_EVERY == 0:
+            m.fold()
+    m.fold()
+    got = m.about(None)
+    assert got is not None
+    n, s_x, s_xx = _dense(rows, centered)
+    assert float(m.n) == float(n)  # type: ignore[arg-type]
+    # float32 windows of power-of-two-scaled deviations: relative error of a few float32 ulp of the scale
+    assert_close(got[1], s_xx, rtol=1e-5, atol=1e-5 * float(s_xx.diagonal().max()))
+    assert_close(got[0] if m.origin is None else got[0] + n * m.origin, s_x if not centered else n * torch.cat(rows).double().mean(0),
+                 rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_reduced_calls_and_projected_calls_add_like_their_rows(centered: bool) -> None:
+    """``add_call`` of a call reduced in its forward hook, and of ``x = A z`` through ``A [Σzzᵀ] Aᵀ``, equals
+    ``add_rows`` of the same rows (float64 throughout); a centred moment about another point re-centres exactly
+    (raw moments have no origin: ``about`` returns them as they are)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    zs = [3.0 + torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(5)]
+    rows = [z @ a.T for z in zs]
+    by_rows, by_calls, by_projection = mo._Moment(centered), mo._Moment(centered), mo._Moment(centered)
+    for z, r in zip(zs, rows):
+        by_rows.add_rows(r, 1.0, None)
+        by_calls.add(by_calls.reduce(r), None)
+        by_projection.add(mo._CallMoment.projected(z, a, centered, torch.float64), None)
+    point = torch.randn(9, generator=g, dtype=torch.float64) if centered else None
+    n, s_x, s_xx = _dense(rows, centered, point)
+    for m in (by_rows, by_calls, by_projection):
+        m.fold()
+        got = m.about(point)
+        assert got is not None
+        assert_close(got[0], s_x, rtol=1e-10, atol=1e-9)
+        assert_close(got[1], s_xx, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_sketched_moment_is_the_dense_moment_times_the_probe(centered: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    probe = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    rows = [2.0 + torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(20)]
+    m = mo._Moment(centered, probe)
+    for i, r in enumerate(rows):
+        m.add(r if i % 2 else m.reduce(r), None)
+        if i == 10:
+            m.fold()
+    m.fold()
+    got = m.about(None)
+    assert got is not None
+    _, _, s_xx = _dense(rows, centered)
+    assert_close(got[1], s_xx @ probe, rtol=1e-10, atol=1e-9)
+
+
+def test_masked_contributions_add_exact_zeros() -> None:
+    """``ok = False`` (a deferred non-finite call) adds nothing, even a NaN row; ``ok = True`` adds the rows."""
+    m = mo._Moment(True)
+    bad = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    good = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    m.add_rows(bad, 1.0, torch.tensor(False))
+    m.add_rows(good, 1.0, torch.tensor(True))
+    m.fold()
+    got = m.about(None)
+    assert got is not None
+    n, _, s_xx = _dense([good], True)
+    assert float(m.n) == float(n)  # type: ignore[arg-type]
+    assert_close(got[1], s_xx)
+
+
+def test_row_norms_normalisation_and_scales() -> None:
+    """Row norms stay finite and exact for rows of 1e30 and 1e-30 (the float32 fast path falls back to float64);
+    a zero row stays zero; scales are powers of two."""
+    x = torch.tensor([[3e30, 4e30], [3e-30, 4e-30], [0.0, 0.0], [3.0, 4.0]])
+    norm2 = mo._row_norm2(x)
+    assert norm2.dtype == torch.float64
+    assert_close(norm2, x.double().square().sum(1), rtol=1e-6, atol=0.0)
+    unit = mo._normalize(x, norm2)
+    assert torch.isfinite(unit).all() and unit[2].eq(0).all()
+    assert_close(unit[[0, 1, 3]], torch.tensor([[0.6, 0.8]] * 3))
+    assert_close(mo._inverse_norm(norm2.clone()), torch.tensor([1 / 5e30, 1 / 5e-30, 0.0, 0.2], dtype=torch.float64))
+    s = mo._pow2_scale(torch.tensor([3.0, 0.0, 0.0, float("nan")]), torch.tensor([1.0, 0.3, 0.0, 1.0]))
+    assert s.tolist() == [2.0, 0.25, 1.0, 1.0]
