@@ -361,6 +361,30 @@ def test_cli_quick_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFi
     assert "0 run now, 2 already finished" in capsys.readouterr().out
 
 
+def test_cli_measure_flag_stores_the_measurement_and_bad_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import _ablate_measure
+
+    from canonreg.experiment import load_data, train_trial
+
+    cfg = grid_config(arm=["baseline"], seed=[0])
+    toml = tmp_path / "a.toml"
+    toml.write_text(_to_toml(cfg))
+    out = tmp_path / "out"
+    flags = [str(toml), "--out", str(out), "--workers", "0", "--no-progress", "--no-plots", "--measure", MEASURE]
+    assert main([*flags, "--measure-args", '{"scale": 3.0, "rows": 2}']) == 0
+    (rec,) = load_results(out / "results.jsonl").values()
+    assert rec["measure_call"] == {"function": MEASURE, "args": {"scale": 3.0, "rows": 2}}
+    trial = next(iter(run(cfg, out, plots=False, measure=MEASURE, measure_args={"scale": 3.0, "rows": 2}).configs))
+    want = _ablate_measure.weights_and_accuracy(train_trial(trial), load_data(trial), scale=3.0, rows=2)
+    assert rec["measure"]["sq_weights"] == want["sq_weights"] and len(rec["measure"]["pred"]) == 2
+    capsys.readouterr()
+    for bad, named in (("[1, 2]", "`--measure-args` to be a JSON object"), ("{scale: 1}", "`--measure-args` to be a JSON object")):
+        assert main([*flags, "--measure-args", bad]) == 2
+        assert named in capsys.readouterr().err
+    assert main([str(toml), "--out", str(tmp_path / "none"), "--measure", "no_such_module_xyz:f"]) == 2
+    assert "no_such_module_xyz" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def _to_toml(cfg: dict[str, Any]) -> str:
     """Minimal TOML writer for the test configs (tables of scalars and lists)."""
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import Sequence
 
-from .runner import Terminated, _prepare, _run_prepared
+from .runner import Terminated, _measure_call, _prepare, _run_prepared
 from .spec import BACKENDS
 
 PROG = "canonreg ablate"
@@ -20,6 +21,19 @@ def _workers_arg(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative int (0 = in this process), but got {text!r}")
+    return value
+
+
+def _json_object(flag: str, text: str | None) -> dict[str, object] | None:
+    """``text`` parsed as a JSON object (None stays None); a clear error naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Expected `{flag}` to be a JSON object such as '{{\"k\": 1}}', but got {text!r} ({e.msg})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"Expected `{flag}` to be a JSON object such as '{{\"k\": 1}}', but got {text!r}")
     return value
 
 
@@ -39,12 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="apply the config's [quick] overrides (a smoke-test-sized grid)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the figures")
+    p.add_argument(
+        "--measure", default=None, metavar="MODULE:FUNCTION",
+        help="a measurement of every trained model, run in the worker: function(trained, split, **args) -> dict (stored under 'measure')",
+    )  # fmt: skip
+    p.add_argument("--measure-args", default=None, metavar="JSON", help="keyword arguments of --measure as a JSON object")
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``canonreg ablate CONFIG [--out DIR] [--workers N] [--backend local|ray] [--resume/--no-resume] [--quick] [--debug]``.
+    """``canonreg ablate CONFIG [--out DIR] [--workers N] [--backend local|ray] [--resume/--no-resume] [--quick]
+    [--measure MODULE:FUNCTION [--measure-args JSON]] [--debug]``.
 
     Prints the Markdown summary. Exit status: 0 when every run finished; 1 when some failed (see
     ``errors.jsonl``; they are retried on the next start); 2 for a bad flag, config or output folder
@@ -62,10 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out_dir("--out", args.out, PROG)
         try:
             prepared = _prepare(args.config, out=args.out, workers=args.workers, backend=args.backend, quick=args.quick, progress=args.progress)
+            call = _measure_call(args.measure, _json_object("--measure-args", args.measure_args))
         except (ValueError, TypeError, OSError, ImportError) as e:
             raise UsageError(" ".join(str(e).split()), PROG) from e
         try:
-            result = _run_prepared(*prepared, resume=args.resume, progress=args.progress, plots=args.plots)
+            result = _run_prepared(*prepared, resume=args.resume, progress=args.progress, plots=args.plots, measure=call)
         except Terminated as e:
             print(f"{PROG}: stopped by {signal.Signals(e.signum).name}; finished runs are kept, rerun to resume", file=sys.stderr)
             return int(e.code) if isinstance(e.code, int) else 143
