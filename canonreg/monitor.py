@@ -17,8 +17,8 @@ bfloat16 models are upcast). Centred moments (``centered``, ``normalized``) neve
 from a raw second moment: a window of at most ``16`` committed calls accumulates the rows shifted by
 the window's first-call mean and divided by a power of two (so float32 products neither cancel for
 data like ``1000 + N(0, 1)`` nor overflow/underflow for scales of ``1e±30``); each window is merged
-into float64 ``(n, mean, M2)`` totals with Chan's parallel update. Row norms, the finiteness checks
-and the balance scalars are float64. ``compute()`` works in float64.
+into float64 ``(n, mean, M2)`` totals with Chan's parallel update (:mod:`canonreg.moments`). Row norms,
+the finiteness checks and the balance scalars are float64. ``compute()`` works in float64.
 
 Samples and commits: a layer call counts only once the backward pass reaches its output, so
 ``H`` and ``G`` always cover the same rows, and grad-enabled forward passes without a backward
@@ -41,7 +41,7 @@ previous backward, followed by an in-place update of the weights (an optimizer s
 RuntimeWarning asking for ``accumulation=k`` (or ``accumulation=1``). Accumulated passes without a
 weight update (a measurement loop over batches that never zeroes ``.grad``) are not flagged: each pass
 is then an ordinary batch mean. The detection is best effort (wrappers that rewrite ``.grad`` in
-place, such as DDP's all-reduce, hide it).
+place, such as DDP's all-reduce, hide it; :mod:`canonreg.grad_accumulation`).
 
 References: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (CRH/PAH); Ziyin, Wang, Li & Wu,
 arXiv:2402.07193 (noise equilibrium).
