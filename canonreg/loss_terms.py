@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import functional as CF
 from .errors import CanonRegError
-from .layers import _display
+from .layers import _display, at_least_float32
 from .loss_moments import (
     LazyRowMoment,
     SketchOperand,
@@ -38,7 +38,7 @@ from .loss_moments import (
     squared_frobenius,
 )
 from .sketch import centred_sketch, gram_sketches, rademacher_probes, sketch_pieces
-from .taps import LayerTap
+from .taps import LayerTap, take_rows
 
 #: How :class:`AlignmentLoss` evaluates the Frobenius moments: exact trace identities or Hutchinson sketches.
 Estimator = Literal["exact", "hutchinson"]
@@ -106,6 +106,81 @@ def check_relations(relations: Sequence[str] | Literal["all"]) -> tuple[str, ...
     if len(set(rels)) != len(rels):
         raise ValueError(f"Expected `relations` without duplicates, but got {list(rels)}")
     return rels
+
+
+def cat_rows(xs: list[Tensor]) -> Tensor:
+    """The rows of several calls of one layer, stacked (no copy for a single call)."""
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def check_captures(captures: Mapping[str, list[LayerCapture]], layer_names: Sequence[str], taps: Mapping[str, LayerTap], exact_g: bool) -> None:
+    """Raise if a layer did not run in the last pass, or its input, weights or (``exact_g``) output changed in
+    place since (the loss reads them when called)."""
+    for name in layer_names:
+        caps = captures.get(name)
+        if not caps:
+            raise CanonRegError(
+                f"Layer {_display(name)!r} has no hook data from the last forward pass: it did not run in a "
+                "grad-enabled call of the model (is it used in forward? was the pass under torch.no_grad()?). "
+                "Select the layers that run with `layers=`"
+            )
+        for cap in caps:
+            x = cap.inputs[0] if cap.inputs else None
+            if isinstance(x, Tensor) and x._version != cap.in_version:
+                raise CanonRegError(
+                    f"The input of layer {_display(name)!r} was modified in place after its forward pass; "
+                    "AlignmentLoss reads h_a when called. Use an out-of-place operation there"
+                )
+            if exact_g and cap.output._version != cap.out_version:
+                raise CanonRegError(
+                    f"The output of layer {_display(name)!r} was modified in place after its forward pass "
+                    "(e.g. nn.ReLU(inplace=True) right after it), so g_mode='exact' cannot differentiate the "
+                    "task loss with respect to h_b. Use an out-of-place activation or g_mode='ema'"
+                )
+            if taps[name].weight(cap.module)._version != cap.w_version:
+                raise CanonRegError(
+                    f"The weights of layer {_display(name)!r} changed since the forward pass (optimizer.step() "
+                    "before calling the loss?). Call align() after the forward pass and before the optimizer step"
+                )
+
+
+def inert_layers(terms: Terms) -> tuple[list[str], int]:
+    """The (displayed) layers none of whose terms depends on a tensor that requires grad, and the number of
+    layers with a term."""
+    acting: dict[str, bool] = {}  # layers with at least one computed term
+    for i, (name, _) in enumerate(terms.where):
+        acting[name] = acting.get(name, False) or any(p[i].requires_grad for p in terms.pieces if p)
+    for name, phi in zip(terms.flat_where, terms.flats):
+        acting[name] = acting.get(name, False) or phi.requires_grad
+    return [_display(n) for n, ok in acting.items() if not ok], len(acting)
+
+
+def task_g_rows(caps: list[LayerCapture], grads: list[Tensor]) -> Tensor:
+    """The rows of ``g_b = −∂ℓ/∂h_b`` of every call (``grads``: the task loss's gradients of the outputs), scaled
+    by their largest entry (α is scale-free; no underflow), in at least float32."""
+    gb = cat_rows([at_least_float32(take_rows(c.tap.output_rows(c.module, g), c.keep)) for c, g in zip(caps, grads)])
+    return -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)
+
+
+def ema_g_operands(
+    name: str, ema: Mapping[str, Tensor], needs_g: Sequence[str], ema_warmup: Literal["error", "skip"], *, like: Tensor
+) -> dict[str, Tensor | None]:
+    """The dense G averages of layer ``name`` (``g_mode="ema"``), scaled by their largest entry, in ``like``'s
+    device and dtype; None for a missing average with ``ema_warmup="skip"``, an error with ``"error"``."""
+    ops: dict[str, Tensor | None] = {}
+    for m in needs_g:
+        if m not in ema:
+            if ema_warmup == "error":
+                raise CanonRegError(
+                    f"g_mode='ema' needs a G average for layer {_display(name)!r}, but no backward pass has "
+                    "reached it since the loss was attached: run one backward pass first (e.g. of the task "
+                    "loss alone), pass ema_warmup='skip' to leave G terms out until then, or use g_mode='exact'"
+                )
+            ops[m] = None
+        else:
+            c = ema[m]
+            ops[m] = (c / c.abs().amax().clamp_min(torch.finfo(c.dtype).tiny)).to(like.device, like.dtype)
+    return ops
 
 
 def check_seed(seed: int | None) -> torch.Generator | None:

@@ -56,6 +56,7 @@ from .loss_moments import (
     spectral_flatness,
     squared_frobenius,
 )
+from .loss_moments import Side as Side  # re-exported: canonreg.losses.Side predates the split
 from .loss_terms import (
     ESTIMATORS,
     G_MATRICES,
@@ -63,10 +64,15 @@ from .loss_terms import (
     LayerCapture,
     Terms,
     aggregate,
+    cat_rows,
+    check_captures,
     check_relations,
     check_seed,
+    ema_g_operands,
     gram_pair_sketches,
+    inert_layers,
     is_sketched,
+    task_g_rows,
     task_gradients,
     term_pieces,
     term_values,
@@ -607,7 +613,7 @@ class AlignmentLoss(nn.Module):
                 "are not captured"
             )
         exact_g = bool(self._needs_g) and self.g_mode == "exact"
-        self._check_captures(exact_g)
+        check_captures(self._captures, self.layer_names, self._taps, exact_g)
         grads = self._exact_grads(task_loss) if exact_g else {}
         with torch.autocast(device_type=w0.device.type, enabled=False):
             terms = self._collect_terms(grads)
@@ -661,13 +667,8 @@ class AlignmentLoss(nn.Module):
         """Raise if no term can reach a parameter (frozen model); warn once naming the layers that cannot act."""
         if not torch.is_grad_enabled():
             return
-        acting: dict[str, bool] = {}  # layers with at least one computed term
-        for i, (name, _) in enumerate(terms.where):
-            acting[name] = acting.get(name, False) or any(p[i].requires_grad for p in terms.pieces if p)
-        for name, phi in zip(terms.flat_where, terms.flats):
-            acting[name] = acting.get(name, False) or phi.requires_grad
-        inert = [_display(n) for n, ok in acting.items() if not ok]
-        if len(inert) == len(acting):
+        inert, layers = inert_layers(terms)
+        if len(inert) == layers:
             raise CanonRegError(
                 f"AlignmentLoss cannot act: none of its terms depends on a parameter that requires grad (selected layers "
                 f"{inert}; are their weights and every earlier layer frozen?). Unfreeze them or select trainable layers "
@@ -681,34 +682,6 @@ class AlignmentLoss(nn.Module):
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-    def _check_captures(self, exact_g: bool) -> None:
-        for name in self.layer_names:
-            caps = self._captures.get(name)
-            if not caps:
-                raise CanonRegError(
-                    f"Layer {_display(name)!r} has no hook data from the last forward pass: it did not run in a "
-                    "grad-enabled call of the model (is it used in forward? was the pass under torch.no_grad()?). "
-                    "Select the layers that run with `layers=`"
-                )
-            for cap in caps:
-                x = cap.inputs[0] if cap.inputs else None
-                if isinstance(x, Tensor) and x._version != cap.in_version:
-                    raise CanonRegError(
-                        f"The input of layer {_display(name)!r} was modified in place after its forward pass; "
-                        "AlignmentLoss reads h_a when called. Use an out-of-place operation there"
-                    )
-                if exact_g and cap.output._version != cap.out_version:
-                    raise CanonRegError(
-                        f"The output of layer {_display(name)!r} was modified in place after its forward pass "
-                        "(e.g. nn.ReLU(inplace=True) right after it), so g_mode='exact' cannot differentiate the "
-                        "task loss with respect to h_b. Use an out-of-place activation or g_mode='ema'"
-                    )
-                if self._taps[name].weight(cap.module)._version != cap.w_version:
-                    raise CanonRegError(
-                        f"The weights of layer {_display(name)!r} changed since the forward pass (optimizer.step() "
-                        "before calling the loss?). Call align() after the forward pass and before the optimizer step"
-                    )
 
     def _exact_grads(self, task_loss: Tensor | None) -> dict[str, list[Tensor]]:
         outs = [(n, c.output) for n in self.layer_names for c in self._captures[n]]
@@ -736,9 +709,9 @@ class AlignmentLoss(nn.Module):
             ops["Z_b"] = WeightGram(w, "b", shared)
         out_rows = None
         if self._needs_out_rows:
-            out_rows = _cat([_work(c.rows_b) for c in caps if c.rows_b is not None])
+            out_rows = cat_rows([_work(c.rows_b) for c in caps if c.rows_b is not None])
         if "H_a" in needed:
-            x = _cat([_work(take_rows(c.tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
+            x = cat_rows([_work(take_rows(c.tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
             image = None
             if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None and not self._sketched(x.shape[1]):
                 bias = tap.bias(module)
@@ -747,28 +720,14 @@ class AlignmentLoss(nn.Module):
         if "H_b" in needed:
             assert out_rows is not None
             ops["H_b"] = self._rows(out_rows)
-        if self._needs_g:
-            if self.g_mode == "exact":
-                gb = _cat([_work(take_rows(c.tap.output_rows(c.module, g), c.keep)) for c, g in zip(caps, grads[name])])
-                gb = -gb / gb.detach().abs().amax().clamp_min(torch.finfo(gb.dtype).tiny)  # scale-free; no underflow
-                if "G_b" in needed:
-                    ops["G_b"] = self._rows(gb)
-                if "G_a" in needed:
-                    ops["G_a"] = self._rows(gb @ w)
-            else:
-                ema = self._ema.get(name, {})
-                for m in self._needs_g:
-                    if m not in ema:
-                        if self.ema_warmup == "error":
-                            raise CanonRegError(
-                                f"g_mode='ema' needs a G average for layer {_display(name)!r}, but no backward pass has "
-                                "reached it since the loss was attached: run one backward pass first (e.g. of the task "
-                                "loss alone), pass ema_warmup='skip' to leave G terms out until then, or use g_mode='exact'"
-                            )
-                        ops[m] = None
-                    else:
-                        c = ema[m]
-                        ops[m] = (c / c.abs().amax().clamp_min(torch.finfo(c.dtype).tiny)).to(w.device, w.dtype)
+        if self._needs_g and self.g_mode == "exact":
+            gb = task_g_rows(caps, grads[name])
+            if "G_b" in needed:
+                ops["G_b"] = self._rows(gb)
+            if "G_a" in needed:
+                ops["G_a"] = self._rows(gb @ w)
+        elif self._needs_g:
+            ops.update(ema_g_operands(name, self._ema.get(name, {}), self._needs_g, self.ema_warmup, like=w))
         return ops
 
 
@@ -782,10 +741,6 @@ def _to_loss(ref: weakref.ref[AlignmentLoss], name: str, module: nn.Module, tap:
 
 #: Module types whose output is exactly ``W h_a + b`` row by row (so ``h_a Wᵀ = h_b − b``).
 _EXACT_AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-def _cat(xs: list[Tensor]) -> Tensor:
-    return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 
 _work = at_least_float32
