@@ -1,4 +1,5 @@
-"""Tests of the randomized (Hutchinson) estimators of canonreg.losses and ``AlignmentLoss(estimator="hutchinson")``.
+"""Tests of the randomized (Hutchinson) estimators (canonreg.sketch) and ``AlignmentLoss(estimator="hutchinson")``,
+including its seeded probes (``seed=``: the loss's own generator, the global one untouched).
 
 References: dense ``d × d`` matrices (``RowMoment.dense()``, ``WᵀW``, ``WWᵀ``), ``canonreg.functional.alignment``
 and plain autograd through the dense formulas. Unbiasedness is checked with the per-probe estimates (each
@@ -8,6 +9,8 @@ errors of the exact value. Everything float64 and seeded.
 
 from __future__ import annotations
 
+import pickle
+import re
 import statistics
 
 import pytest
@@ -17,15 +20,12 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 from canonreg import functional as cf
-from canonreg.losses import (
-    AlignmentLoss,
-    LazyRowMoment,
-    WeightGram,
+from canonreg.loss_moments import LazyRowMoment, WeightGram, factored_alignment, row_moment
+from canonreg.losses import AlignmentLoss
+from canonreg.sketch import (
     centred_sketch,
-    factored_alignment,
     gram_sketches,
     rademacher_probes,
-    row_moment,
     sketch_pieces,
     sketch_product,
     sketched_alignment,
@@ -269,3 +269,115 @@ def test_module_ema_g_with_hutchinson_runs_and_is_bounded() -> None:
 def test_bad_estimator_options_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AlignmentLoss(_mlp(), **kwargs)
+
+
+# ============================================================================ seeded probes (AlignmentLoss(seed=))
+def _one_layer() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(10, 6)).double()
+
+
+def test_seeded_loss_draws_its_probes_from_its_own_generator() -> None:
+    """f-RWA of one layer (probes 4 < d_a = 10) vs the dense reference with Ω drawn from a generator of the same
+    seed: Ã = A − mean(A) (pearson), α̂ = ⟨ÃΩ, Z̃Ω⟩ / (‖ÃΩ‖ ‖Z̃Ω‖), one fresh Ω per call (the generator's next draw)."""
+    model = _one_layer()
+    x, _ = _batch()
+    gen = torch.Generator().manual_seed(123)
+    w = model[0].weight.detach()
+    dense = {"H_a": cf.second_moment(x, "normalized"), "Z_a": w.T @ w}
+    with AlignmentLoss(model, ("f-RWA",), metric="pearson", estimator="hutchinson", probes=4, seed=123) as align:
+        for _ in range(3):
+            model(x)
+            omega = torch.randint(0, 2, (10, 4), generator=gen, dtype=D64) * 2.0 - 1.0
+            u, v = ((m - m.mean()) @ omega for m in (dense["H_a"], dense["Z_a"]))
+            want = 1.0 - (u * v).sum() / (u.norm() * v.norm())
+            assert_close(align(), want)
+
+
+def test_same_seed_gives_identical_values_and_gradients_whatever_the_global_rng() -> None:
+    x, y = _batch()
+    runs = []
+    for seed, global_seed in ((5, 0), (5, 99), (6, 0)):
+        model = _mlp()
+        torch.manual_seed(global_seed)
+        vals, grads = [], []
+        with AlignmentLoss(model, "all", estimator="hutchinson", probes=8, seed=seed) as align:
+            for _ in range(3):
+                model.zero_grad()
+                task = F.cross_entropy(model(x), y)
+                val = align(task)
+                val.backward()
+                vals.append(val.detach())
+                grads.append([p.grad.clone() for p in model.parameters()])
+        runs.append((torch.stack(vals), grads))
+    (v5, g5), (v5b, g5b), (v6, _) = runs
+    assert torch.equal(v5, v5b)
+    assert all(torch.equal(a, b) for ga, gb in zip(g5, g5b) for a, b in zip(ga, gb))
+    assert not torch.equal(v5, v6)  # the seed does choose the probes
+    assert len(set(v5.tolist())) == 3  # fresh probes at every call
+
+
+def test_seeded_loss_leaves_the_global_rng_untouched() -> None:
+    x, y = _batch()
+    states = {}
+    for seed in (None, 7):
+        model = _mlp()
+        with AlignmentLoss(model, ("f-RWA", "b-RWA", "f-RGA"), estimator="hutchinson", probes=8, seed=seed) as align:
+            task = F.cross_entropy(model(x), y)
+            before = torch.get_rng_state()
+            align(task).backward()
+            states[seed] = torch.equal(before, torch.get_rng_state())
+    assert states == {None: False, 7: True}  # unseeded: the probes come from the global generator
+
+
+def test_seeded_probe_stream_round_trips_through_state_dict_and_restarts_at_reset() -> None:
+    x, _ = _batch()
+    model = _mlp()
+    with AlignmentLoss(model, ("f-RWA", "b-RWA"), estimator="hutchinson", probes=8, seed=11) as align:
+        model(x)
+        first = align().detach()
+        model(x)
+        align()
+        state = align.state_dict()
+        model(x)
+        third = align().detach()
+        align.reset()
+        model(x)
+        assert torch.equal(align().detach(), first)
+    with AlignmentLoss(model, ("f-RWA", "b-RWA"), estimator="hutchinson", probes=8, seed=11) as other:
+        other.load_state_dict(state)
+        model(x)
+        assert torch.equal(other().detach(), third)
+    with AlignmentLoss(model, ("f-RWA", "b-RWA"), estimator="hutchinson", probes=8) as unseeded:
+        with pytest.warns(RuntimeWarning, match="seed=None"):
+            unseeded.load_state_dict(state)
+        assert "probe_rng" not in unseeded.state_dict()["_extra_state"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "3"])
+def test_bad_seed_is_refused(seed: object) -> None:
+    with pytest.raises(ValueError, match=r"`seed`.*" + re.escape(repr(seed))):
+        AlignmentLoss(_mlp(), estimator="hutchinson", seed=seed)  # type: ignore[arg-type]
+
+
+def test_rademacher_probes_with_a_generator_match_a_direct_draw() -> None:
+    like = torch.zeros(1, dtype=torch.float32)
+    omega = rademacher_probes(7, 5, like=like, generator=torch.Generator().manual_seed(2))
+    want = torch.randint(0, 2, (7, 5), generator=torch.Generator().manual_seed(2)).float() * 2 - 1
+    assert omega.dtype == torch.float32 and torch.equal(omega, want)
+    with pytest.raises(TypeError, match="generator"):
+        rademacher_probes(7, 5, like=like, generator=2)  # type: ignore[arg-type]
+
+
+def test_a_pickled_copy_of_a_seeded_loss_continues_its_probe_stream() -> None:
+    x, _ = _batch()
+    model = _mlp()
+    with AlignmentLoss(model, ("f-RWA", "b-RWA"), estimator="hutchinson", probes=8, seed=4) as align:
+        model(x)
+        align()
+        clone = pickle.loads(pickle.dumps(align))
+        model(x)
+        want = align().detach()
+    with clone:
+        clone.model(x)
+        assert torch.equal(clone().detach(), want)

@@ -33,8 +33,7 @@ from torch.testing import assert_close
 import canonreg
 from canonreg import CanonRegError, CRHMonitor
 from canonreg import functional as cf
-from canonreg.losses import (
-    AlignmentLoss,
+from canonreg.loss_moments import (
     RowMoment,
     WeightGram,
     alignment_loss,
@@ -44,6 +43,7 @@ from canonreg.losses import (
     row_moment,
     squared_frobenius,
 )
+from canonreg.losses import AlignmentLoss
 
 MODES = cf.PREPROCESS_MODES
 METRICS = cf.METRICS
@@ -713,6 +713,30 @@ def test_public_functional_twins_are_exported() -> None:
         assert hasattr(L, name)
     assert isinstance(row_moment(torch.randn(3, 2)), RowMoment)
     assert canonreg.RELATIONS == cf.RELATIONS
+
+
+#: The public names of canonreg.losses before it was split into loss_moments / loss_terms / sketch.
+_LOSSES_NAMES_BEFORE_SPLIT = (
+    "AlignmentLoss", "CRH_PRESET", "ESTIMATORS", "Estimator", "crh_loss", "inner_layers", "GMode", "Side", "LazyRowMoment",
+    "MomentOperand", "RowMoment", "SketchOperand", "WeightGram", "alignment_from_moments", "alignment_loss",
+    "centred_sketch", "entry_sum", "factored_alignment", "frobenius_inner", "gram_sketches", "gram_sqnorm",
+    "rademacher_probes", "row_moment", "sketch_pieces", "sketch_product", "sketched_alignment", "spectral_flatness",
+    "squared_frobenius",
+)
+
+
+def test_every_name_of_the_unsplit_module_is_still_importable_and_is_its_owners_object() -> None:
+    import canonreg.loss_moments
+    import canonreg.losses as L
+    import canonreg.sketch
+
+    assert set(L.__all__) == set(_LOSSES_NAMES_BEFORE_SPLIT) - {"Side"}
+    for name in _LOSSES_NAMES_BEFORE_SPLIT:
+        assert hasattr(L, name), name
+    for owner in (canonreg.loss_moments, canonreg.sketch):
+        for name in owner.__all__:
+            if name in _LOSSES_NAMES_BEFORE_SPLIT:
+                assert getattr(L, name) is getattr(owner, name), name
 
 
 # ============================================================================ benchmark scripts (smoke)

@@ -20,7 +20,8 @@ from torch.testing import assert_close
 import canonreg
 from canonreg import CanonRegError, CRHMonitor
 from canonreg import functional as cf
-from canonreg.losses import CRH_PRESET, AlignmentLoss, crh_loss, inner_layers, spectral_flatness
+from canonreg.loss_moments import spectral_flatness
+from canonreg.losses import CRH_PRESET, AlignmentLoss, crh_loss, inner_layers
 
 
 def net(seed: int = 0) -> nn.Sequential:
