@@ -183,7 +183,7 @@ def ema_g_operands(
     return ops
 
 
-def check_seed(seed: int | None) -> torch.Generator | None:
+def seeded_generator(seed: int | None) -> torch.Generator | None:
     """The probe generator of ``seed`` (None: None, i.e. torch's global generator), or a clear error."""
     if seed is None:
         return None

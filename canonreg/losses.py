@@ -67,11 +67,11 @@ from .loss_terms import (
     cat_rows,
     check_captures,
     check_relations,
-    check_seed,
     ema_g_operands,
     gram_pair_sketches,
     inert_layers,
     is_sketched,
+    seeded_generator,
     task_g_rows,
     task_gradients,
     term_pieces,
@@ -299,7 +299,7 @@ class AlignmentLoss(nn.Module):
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
         check_choice("estimator", estimator, ESTIMATORS)
         self.probes = check_positive_int("probes", probes)
-        self._probe_gen = check_seed(seed)
+        self._probe_gen = seeded_generator(seed)
         self.seed = seed
         if not (isinstance(ema_decay, (int, float)) and not isinstance(ema_decay, bool) and 0 <= ema_decay < 1):
             raise ValueError(f"Expected `ema_decay` to be a float in [0, 1), but got {ema_decay!r}")
