@@ -25,7 +25,7 @@ difference to the baseline.
 
 Why the default arms: f-RWA and b-RWA together ask for ``H_a ∝ WᵀW`` and ``H_b ∝ WWᵀ``; with
 ``H_b = W H_a Wᵀ`` (raw/centred moments) this forces ``H_a`` to be flat on the row space of ``W``
-(crh-theory §4: RWA+RWA ⇒ compact ``W``). In the first layer ``H_a`` is the data covariance, which
+(theory §4: RWA+RWA ⇒ compact ``W``). In the first layer ``H_a`` is the data covariance, which
 training cannot change, so that pair cannot reach α ≈ 1 there; the ``inner`` arm leaves that layer
 out, the ``b-RWA`` arm asks for one relation everywhere.
 

@@ -370,7 +370,7 @@ def spectral_flatness(w: Tensor) -> Tensor:
     With ``λ_i`` the eigenvalues of ``Z``: ``φ = Σλ³ / sqrt(Σλ² · Σλ⁴)`` (Cauchy–Schwarz on ``λ·λ²``),
     so ``φ = 1`` exactly when the nonzero spectrum of ``Z`` is flat (``Z² = sZ``: ``W`` is a scaled partial
     isometry, of any rank), the state in which the exact identities ``H_b = W H_a Wᵀ``, ``G_a = Wᵀ G_b W``
-    make all six relations hold together (crh-theory §1, §6). Computed in float64 from ``W / max|W_ij|``. ``Z_a = WᵀW`` and ``Z_b = WWᵀ`` share
+    make all six relations hold together (theory §1, §6). Computed in float64 from ``W / max|W_ij|``. ``Z_a = WᵀW`` and ``Z_b = WWᵀ`` share
     their nonzero spectrum, so one value serves both; computed from the ``min(d_a, d_b)``-sized Gram
     ``K`` of ``W``: ``Tr Z³ = ⟨K, K²⟩``, ``‖Z‖ = ‖K‖``, ``‖Z²‖ = ‖K²‖``. NaN for ``W = 0``.
 

@@ -139,13 +139,13 @@ class AlignmentLoss(nn.Module):
     Everything is computed from the most recent grad-enabled call of ``model`` (a "pass"; a layer
     called several times in one pass contributes the rows of every call).
 
-    Why these pieces (crh-theory §1, §6): in raw/centred mode ``H_b = W H_a Wᵀ`` and
+    Why these pieces (theory §1, §6): in raw/centred mode ``H_b = W H_a Wᵀ`` and
     ``G_a = Wᵀ G_b W`` hold exactly, so all six relations hold together iff ``H_a ∝ Z_a``,
     ``G_b ∝ Z_b`` and ``Z`` has a flat nonzero spectrum — the flatness term targets that shared
     structure directly, and ``focus`` keeps the optimiser on the relation that lags instead of
     over-fitting those that already hold. ``relations="all"`` asks for all six.
 
-    Symbols → sources (crh-theory §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
+    Symbols → sources (theory §1): ``H_a``, ``H_b`` from the rows of the layer input/output of the
     current pass (differentiable: gradients reach the weights and every earlier layer); ``Z_a = WᵀW``,
     ``Z_b = WWᵀ`` from the current weights (differentiable); ``G_a``, ``G_b`` (``g = −dℓ/dh``) from
 
