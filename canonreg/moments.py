@@ -505,3 +505,20 @@ def _narrow(n: int, m: int, d: int) -> bool:
 def _inverse_norm(norm2: Tensor) -> Tensor:
     """``1/‖x_i‖`` from float64 squared norms (0 for a zero row, which stays zero)."""
     return torch.where(norm2 > 0, norm2.rsqrt(), torch.zeros_like(norm2))
+
+
+def _balance_sums(
+    gb: Tensor, gb_norm2: Tensor, ha_norm2: Tensor, wh: Tensor, scale: float, ok: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One call's float64 balance sums ``(Σ_i ‖g_b‖²‖h_a‖², Σ_i ⟨g_b, W h_a⟩)`` with ``g_b = −scale · dL/dh_b``.
+
+    ``gb``: the rows ``dL/dh_b`` (``n × d_b``), ``gb_norm2``/``ha_norm2``: their and ``h_a``'s float64 squared
+    row norms, ``wh``: the rows ``W h_a = h_b − b``. The first sum is of squared per-sample weight-gradient
+    norms (``‖g_b h_aᵀ‖² = ‖g_b‖²‖h_a‖²``); the second is one dot in the working dtype (its products stay in
+    range unless ``|g_ij h_ij| > 3e38`` in float32), summed in float64. ``ok = False`` gives exact zeros.
+    """
+    gnhn = (gb_norm2 * ha_norm2).sum() * (scale * scale)
+    gh = torch.dot(gb.reshape(-1), wh.reshape(-1)).double() * (-scale)
+    if ok is not None:
+        gnhn, gh = torch.where(ok, gnhn, 0.0), torch.where(ok, gh, 0.0)
+    return gnhn, gh

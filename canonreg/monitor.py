@@ -85,6 +85,7 @@ from .moments import (
     _FOLD_EVERY,
     _MOMENTS,
     _Accumulator,
+    _balance_sums,
     _CallMoment,
     _inverse_norm,
     _LayerState,
@@ -586,14 +587,7 @@ class CRHMonitor:
                 return
             ga = ga_norm2 = None
             if self.direct:
-                if grad_input is not None:
-                    ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
-                    if idx is not None:
-                        ga = ga[idx]
-                    ga = at_least_float32(ga)
-                else:
-                    w = tap.weight(module).detach()
-                    ga = gb @ at_least_float32(w).to(gb.dtype)
+                ga = _ga_rows(tap, module, gb, idx, grad_input)
                 ga_norm2 = _row_norm2(ga)
                 if not self._finite(name, "gradients (g_a)", call, ga_norm2.sum(), deferred):
                     return
@@ -620,13 +614,7 @@ class CRHMonitor:
             if ga is not None and ga_norm2 is not None:
                 self._add_ga(state.moments["Ga"], tap, module, gb, ga, ga_norm2, scale, ok)
             if rows_b is not None:
-                # Σ‖g_b‖²‖h_a‖² (squared per-sample weight-gradient norms, from the float64 row norms) and
-                # Σ⟨g_b, W h_a⟩ = Σ⟨g_a, h_a⟩ (one dot in the working dtype: its products g·h stay in range
-                # unless |g_ij h_ij| > 3e38 in float32), both summed in float64.
-                gnhn = (gb_norm2 * ha_norm2).sum() * (scale * scale)
-                gh = torch.dot(gb.reshape(-1), rows_b.reshape(-1)).double() * (-scale)
-                if ok is not None:
-                    gnhn, gh = torch.where(ok, gnhn, 0.0), torch.where(ok, gh, 0.0)
+                gnhn, gh = _balance_sums(gb, gb_norm2, ha_norm2, rows_b, scale, ok)
                 state.add_scalar("gnhn", gnhn)
                 state.add_scalar("gh", gh)
             state.commit(gb.shape[0])
@@ -982,6 +970,15 @@ def _balance_rows(tap: LayerTap, module: nn.Module, hb: Tensor, output: Tensor) 
     if bias is not None:
         return hb - bias.detach().to(hb.dtype)
     return hb.clone() if _shares_storage(hb, output) else hb
+
+
+def _ga_rows(tap: LayerTap, module: nn.Module, gb: Tensor, idx: Tensor | None, grad_input: Tensor | None) -> Tensor:
+    """The rows ``dL/dh_a = dL/dh_b · W`` of one call: autograd's own input gradient when the call's
+    ``F.linear`` node gave it (:meth:`CRHMonitor._grad_input_node`), else ``gb @ W`` (at least float32)."""
+    if grad_input is None:
+        return gb @ at_least_float32(tap.weight(module).detach()).to(gb.dtype)
+    ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
+    return at_least_float32(ga if idx is None else ga[idx])
 
 
 def _plain_linear(tap: LayerTap, module: nn.Module) -> bool:
