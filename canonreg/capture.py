@@ -499,17 +499,26 @@ class Capture:
             if fn is not None:
                 fn()
 
-    def _on_forward(self, layer: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+    def _ordinary(
+        self, layer: str, module: nn.Module, inputs: tuple[object, ...], output: object = None, *, recurse: bool = False
+    ) -> tuple[list[Target], Callable[[LayerCall], Backward | None]] | None:
+        """The targets of ``layer`` and the owner's ``on_call`` for a call that counts, else None
+        (a call of a copy, without grad, or untraced: counted in :attr:`CallStats.untraced`)."""
         targets = self._by_layer[layer]
         if module is not targets[0].module or not torch.is_grad_enabled():
-            return
-        if untraced_call(module, inputs, output) is not None:
+            return None
+        if untraced_call(module, inputs, output, recurse=recurse) is not None:
             for t in targets:
                 self.stats[t.name].untraced += 1
-            return
+            return None
         on_call = self._on_call()
-        if on_call is None:
+        return None if on_call is None else (targets, on_call)
+
+    def _on_forward(self, layer: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        ordinary = self._ordinary(layer, module, inputs, output)
+        if ordinary is None:
             return
+        targets, on_call = ordinary
         usable = isinstance(output, Tensor) and (output.requires_grad or not self.need_grad)
         for t in targets:
             st = self.stats[t.name]
@@ -528,16 +537,10 @@ class Capture:
         (also when the forward raises).
         """
         self._on_close(layer)  # defensive: a context left open by a forward that never closed
-        targets = self._by_layer[layer]
-        if module is not targets[0].module or not torch.is_grad_enabled():
+        ordinary = self._ordinary(layer, module, (*args, *kwargs.values()), recurse=True)
+        if ordinary is None:
             return
-        if untraced_call(module, args, recurse=True) is not None or untraced_call(module, tuple(kwargs.values())) is not None:
-            for t in targets:
-                self.stats[t.name].untraced += 1
-            return
-        on_call = self._on_call()
-        if on_call is None:
-            return
+        targets, on_call = ordinary
         subs = {t.sub: t for t in targets}
         deliver = eager_under_compile(functools.partial(self._deliver_inner, subs, on_call))  # like every hook
         ctx = self._openers[layer].open_call(module, args, kwargs, deliver)
