@@ -11,7 +11,7 @@ accumulates ``u = (x − c)/s`` (``c`` the window's first-call mean, ``s`` a pow
 merged into the totals with Chan, Golub & LeVeque's parallel update (:class:`_Moment`). Sketched moments keep
 ``s_xx P`` for a fixed ``d × m`` probe ``P`` instead (:mod:`canonreg.sketch`).
 
-Contents: the upper-triangular Gram (:func:`_gram_upper_`, :func:`_symmetrize_upper`, :func:`_gram`), the
+Contents: the upper-triangular Gram (:func:`_gram_upper_`, :func:`symmetric_from_upper`, :func:`_gram`), the
 declaration of every per-layer sum (:data:`_ACCUMULATORS`), one call reduced in its forward hook
 (:class:`_CallMoment`), the streamed moment (:class:`_Moment`), a layer's state (:class:`_LayerState`) and
 the row helpers (:func:`_row_norm2`, :func:`_normalize`, :func:`_inverse_norm`, :func:`_narrow`). Everything
@@ -49,7 +49,7 @@ def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
     matmul each, so ``1/2 + p/(2d)`` of the flops of ``xᵀx`` are spent (0.56 at ``d = 1024``; measured
     ~12% faster than halving recursively with 256-column leaves on one CPU thread). Widths up to
     ``_SYRK_BLOCK`` take one full matmul; the strictly lower blocks of ``out`` are left untouched
-    (see :func:`_symmetrize_upper`).
+    (see :func:`symmetric_from_upper`).
     """
     d = x.shape[1]
     if d <= _SYRK_BLOCK:
@@ -60,20 +60,30 @@ def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
         out[i : i + p, i:].addmm_(x[:, i : i + p].T, x[:, i:], alpha=alpha)
 
 
-def _symmetrize_upper(m: Tensor) -> Tensor:
-    """The full symmetric matrix from the upper triangle written by :func:`_gram_upper_`."""
+def symmetric_from_upper(m: Tensor, scale: float = 1.0, mean: Tensor | None = None) -> Tensor:
+    """``scale · S − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) as a new, exactly symmetric tensor, where ``S``
+    is the symmetric matrix whose upper triangle (diagonal included) is ``m``'s; ``m``'s strictly lower
+    triangle is never read (:func:`_gram_upper_` leaves lower blocks unwritten).
+
+    Block rows of ``_SYRK_BLOCK``: the diagonal block is ``triu(D) + triu(D, 1)ᵀ``, the block right of it
+    is copied and mirrored below (no temporary of ``m``'s size, cache-sized transposes). With
+    ``m = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is :func:`canonreg.functional.moment_from_sums`.
+    """
     d = m.shape[-1]
-    if d <= _SYRK_BLOCK:
-        return m
-    # Block by block (the values of triu(m) + triu(m, 1).T): no temporaries of m's size and
-    # cache-sized transposes (4× faster at d = 4608 than the whole-matrix form).
     out = torch.empty_like(m)
     for i in range(0, d, _SYRK_BLOCK):
         e = min(i + _SYRK_BLOCK, d)
         diag = m[i:e, i:e]
-        torch.add(torch.triu(diag), torch.triu(diag, 1).T, out=out[i:e, i:e])
-        out[i:e, e:] = m[i:e, e:]
-        out[e:, i:e] = m[i:e, e:].T
+        block = torch.add(torch.triu(diag), torch.triu(diag, 1).T)
+        right = m[i:e, e:] * scale if scale != 1.0 else m[i:e, e:]
+        if scale != 1.0:
+            block.mul_(scale)
+        if mean is not None:
+            block.addr_(mean[i:e], mean[i:e], alpha=-1.0)
+            right = torch.addr(right, mean[i:e], mean[e:], alpha=-1.0)
+        out[i:e, i:e] = block
+        out[i:e, e:] = right
+        out[e:, i:e] = right.T
     return out
 
 
@@ -414,12 +424,16 @@ class _Moment:
     def about(self, point: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """``(Σ(x − p), Σ(x − p)(x − p)ᵀ)`` in float64 about ``point`` (None: the totals' own origin).
 
+        Exact moments give only the upper triangle of ``Σ(x − p)(x − p)ᵀ`` (diagonal included; the lower
+        blocks of a wide Gram are not computed): read it with :func:`symmetric_from_upper`. Sketched
+        moments (``d × m``) are complete.
+
         Re-centring from the origin ``o`` (``δ = o − p``) adds ``s_x δᵀ + δ s_xᵀ + n δδᵀ``: no cancellation
         when ``p`` is the mean of a superset (the distributed reduction) since ``s_x = 0`` then.
         """
         if self.s_x is None or self.s_xx is None or self.n is None:
             return None
-        s_xx = _symmetrize_upper(self.s_xx) if self.probe is None else self.s_xx
+        s_xx = self.s_xx  # exact moments: the upper triangle is valid (symmetric_from_upper reads it)
         if point is None or self.origin is None:
             return self.s_x, s_xx
         delta = self.origin - point.to(self.origin.device)

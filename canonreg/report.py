@@ -20,6 +20,7 @@ from torch import Tensor
 from . import functional as F
 from .errors import CanonRegError, check_choice
 from .layers import _display
+from .moments import symmetric_from_upper
 from .stats import jsonable
 
 __all__ = ["CRHReport", "ReportInputs", "ReportOptions", "build_report", "layer_matrices"]
@@ -49,8 +50,8 @@ def layer_matrices(
     ``X_xx/n − (X_x/n)(X_x/n)ᵀ``, and :class:`~canonreg.CRHMonitor` passes sums about the mean
     (``X_x ≈ 0``), so that subtraction cancels nothing.
 
-    Every matrix is exactly symmetric: moments are symmetrised (``(M + Mᵀ)/2``, in the same blocked
-    pass that divides by ``n``), and the products ``WᵀW``, ``WWᵀ``, ``W H_a Wᵀ``, ``Wᵀ G_b W`` are
+    Every matrix is exactly symmetric: moments are read from the upper triangle of their sums (the
+    monitor computes only that) and mirrored, in the same blocked pass that divides by ``n``; the products ``WᵀW``, ``WWᵀ``, ``W H_a Wᵀ``, ``Wᵀ G_b W`` are
     formed on the upper block triangle and mirrored (:func:`~canonreg.functional.symmetric_product`:
     about half the flops of a full product). The sums are not modified.
 
@@ -103,28 +104,12 @@ def _product(a: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
     return F.symmetric_product(a32, (m * sm).to(dtype) @ a32).to(torch.float64).mul_(1.0 / (sa * sa * sm))
 
 
-#: :func:`_symmetric` works on row panels of this height.
-_SYM_BLOCK = 256
-
-
 def _symmetric(m: Tensor, scale: float = 1.0, mean: Tensor | None = None) -> Tensor:
-    """``scale · (M + Mᵀ)/2 − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) as a new tensor, exactly symmetric.
-
-    One pass over row panels: panel ``i`` of the upper triangle and its mirrored column panel are read
-    once and the result written to both (no temporary of ``M``'s size, a few large ops per panel). With
-    ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the moment of
+    """``scale · M − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) from the upper triangle of ``M``, exactly
+    symmetric (:func:`canonreg.moments.symmetric_from_upper`: sums from the monitor hold only their upper
+    triangle). With ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the moment of
     :func:`~canonreg.functional.moment_from_sums`."""
-    d = m.shape[0]
-    out = torch.empty_like(m)
-    half = 0.5 * scale
-    for i in range(0, d, _SYM_BLOCK):
-        e = min(i + _SYM_BLOCK, d)
-        panel = torch.add(m[i:e, i:], m[i:, i:e].T).mul_(half)
-        if mean is not None:
-            panel.addr_(mean[i:e], mean[i:], alpha=-1.0)
-        out[i:e, i:] = panel
-        out[i:, i:e] = panel.T
-    return out
+    return symmetric_from_upper(m, scale, mean)
 
 
 def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, samples: float, preprocess: str) -> str:

@@ -28,8 +28,23 @@ def test_upper_gram_is_the_full_gram_once_symmetrised(monkeypatch: pytest.Monkey
     out = torch.zeros(d, d, dtype=torch.float64)
     mo._gram_upper_(out, x)
     mo._gram_upper_(out, x, alpha=0.5)
-    assert_close(mo._symmetrize_upper(out), 1.5 * x.T @ x, rtol=1e-14, atol=1e-14)
-    assert_close(mo._symmetrize_upper(mo._gram(x)), x.T @ x, rtol=1e-14, atol=1e-14)
+    assert_close(mo.symmetric_from_upper(out), 1.5 * x.T @ x, rtol=1e-14, atol=1e-14)
+    assert_close(mo.symmetric_from_upper(mo._gram(x)), x.T @ x, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("d", [3, 4, 11])
+def test_symmetric_from_upper_reads_only_the_upper_triangle(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
+    """``scale · S − μμᵀ`` from triu(M) alone (NaN below the diagonal is never read), exactly symmetric."""
+    monkeypatch.setattr(mo, "_SYRK_BLOCK", 4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, d, generator=g, dtype=torch.float64)
+    full = x.T @ x
+    upper = torch.triu(full) + torch.tril(torch.full_like(full, float("nan")), -1)
+    mean = torch.randn(d, generator=g, dtype=torch.float64)
+    got = mo.symmetric_from_upper(upper, 0.25, mean)
+    assert_close(got, 0.25 * torch.triu(full) + 0.25 * torch.triu(full, 1).T - torch.outer(mean, mean), rtol=1e-14, atol=1e-14)
+    assert torch.equal(got, got.T)
+    assert torch.equal(mo.symmetric_from_upper(upper), torch.triu(full) + torch.triu(full, 1).T)
 
 
 @pytest.mark.parametrize("centered", [False, True])
