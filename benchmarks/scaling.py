@@ -27,8 +27,13 @@ no monitored matrix is larger than ``--exponents-max-dim``; ``report.timings`` g
 
 Timing: ``benchmarks/_harness.py`` (warm-up, interleaved rounds, rotated order, median of per-round
 ratios, CPU and wall clocks; the CPU clock is the reported one: with one thread, other processes on a
-shared machine barely disturb it). Heavy points (≳ 20 GFLOP per plain step) run ``--big-rounds``
-rounds. Extra memory (torch CPU allocation events, minus the same for ``plain``): ``held`` after building
+shared machine disturb it less, though still by about ±8% per round at a load of 1–3: an A/A control on the
+transformer, plain vs an identical copy, gave per-round ratios 0.94–1.09, median 1.005). Heavy points (≳ 20 GFLOP per
+plain step) run ``--big-rounds`` rounds. The monitor folds its float32 windows into the float64 totals every 16
+collected calls of a layer: the default ``--steps 2`` (1 warm-up + rounds × 2 collected calls) never times a fold;
+``--steps 16`` puts exactly one in every round's every1 window (the long-run every1 cost;
+``benchmarks/results/scaling_transformer_modes_fold.md``). Extra memory (torch CPU allocation events, minus the same
+for ``plain``): ``held`` after building
 the monitored copy, one collected step, ``compute()`` and another step (the steady state: float64
 totals + a float32 window); the peak of those steps and the peak during ``compute()`` in the JSON.
 
