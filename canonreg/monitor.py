@@ -468,7 +468,7 @@ class CRHMonitor:
         commit = _Commit(self, name, module, tap, pending, idx, scale, rows_b, ha_norm2, call, version, deferred)
         node = self._grad_input_node(tap, module, inputs, output)
         if node is not None:
-            # Linear on 2-D input: autograd computes dL/dh_a = dL/dh_b · W itself; reuse it.
+            # a plain Linear: autograd computes dL/dh_a = dL/dh_b · W itself (any row shape); reuse it
             grad_fn, slot = node
             grad_fn.register_hook(lambda grad_inputs, grad_outputs: commit(grad_outputs[0], grad_inputs[slot]))
         else:
@@ -536,26 +536,32 @@ class CRHMonitor:
     def _grad_input_node(
         self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: Tensor
     ) -> tuple[torch.autograd.graph.Node, int] | None:
-        """The autograd node of a plain ``F.linear`` on 2-D input and the slot of its input gradient.
+        """The autograd node of a plain ``F.linear``'s matrix product and the slot of its input gradient.
 
         ``addmm(b, x, Wᵀ)`` / ``mm(x, Wᵀ)`` compute ``dL/dx = dL/dh_b · W`` exactly when ``x`` needs a
         gradient; a post-hook on that node gets it for free, saving one matmul per step in the modes
-        that accumulate ``G_a`` directly. Anything less certain returns None (the monitor then
-        computes ``dL/dh_b · W`` itself).
+        that accumulate ``G_a`` directly. On an ``(…, d)`` input (a transformer's tokens) ``F.linear``
+        flattens the rows and views the product back: the node is the one under that view, its input
+        gradient the ``(n, d_a)`` rows in the same order. Anything less certain returns None (the monitor
+        then computes ``dL/dh_b · W`` itself).
         """
         if not self.direct or not _plain_linear(tap, module):
             return None
         x = inputs[0] if inputs else None
-        if not isinstance(x, Tensor) or x.dim() != 2 or not x.requires_grad or output.dim() != 2:
+        if not isinstance(x, Tensor) or x.dim() < 2 or not x.requires_grad or output.dim() != x.dim():
             return None
-        grad_fn = output.grad_fn
-        if grad_fn is None:
+        node = output.grad_fn
+        if node is not None and x.dim() > 2:
+            if type(node).__name__ not in ("ViewBackward0", "UnsafeViewBackward0") or len(node.next_functions) != 1:
+                return None
+            node = node.next_functions[0][0]
+        if node is None:
             return None
-        kind = type(grad_fn).__name__
+        kind = type(node).__name__
         if kind == "AddmmBackward0":
-            return grad_fn, 1
+            return node, 1
         if kind == "MmBackward0":
-            return grad_fn, 0
+            return node, 0
         return None
 
     def _commit_backward(

@@ -981,3 +981,25 @@ def test_a_dropped_monitor_takes_its_hooks_and_claim(accumulation: int | None) -
     with CRHMonitor(model) as again:  # the claim went with the dropped monitor
         model(x).square().mean().backward()
     assert again.compute().samples == {"0": 8, "2": 8}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4), (2, 3, 4), (2, 3, 1, 4)])
+def test_token_inputs_reuse_autograds_input_gradient_and_match_the_dense_g_a(shape: tuple[int, ...], bias: bool) -> None:
+    # F.linear on (…, d) rows views a 2-D product: the monitor hooks the product's node under that view
+    # (no extra dL/dh_b · W matmul) and G_a still equals the dense moment of the input gradients.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=bias)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    monitor = CRHMonitor(model, preprocess="raw", grad_scale="none", identities=False)
+    seen = []
+    real = monitor._grad_input_node
+    monitor._grad_input_node = lambda *a: seen.append(real(*a)) or seen[-1]  # type: ignore[method-assign]
+    grads = {}
+    h = model[2].register_full_backward_hook(lambda m, gi, go: grads.update(ga=gi[0].reshape(-1, 5)))
+    with monitor:
+        model(x).square().sum().backward()
+    h.remove()
+    assert seen[1] is not None and type(seen[1][0]).__name__ in ("AddmmBackward0", "MmBackward0")
+    ga = grads["ga"]
+    assert_close(monitor.compute(exponents=False, ranks=False).matrices("2")["G_a"], ga.T @ ga / ga.shape[0], rtol=1e-12, atol=1e-14)
