@@ -237,6 +237,7 @@ class _Moment:
 
     __slots__ = (
         "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx",
+        "_spare",
     )
 
     def __init__(self, centered: bool, probe: Tensor | None = None) -> None:
@@ -247,6 +248,7 @@ class _Moment:
         self.origin: Tensor | None = None
         self.s_x: Tensor | None = None
         self.s_xx: Tensor | None = None
+        self._spare: Tensor | None = None  # the last window's Σuuᵀ buffer, zeroed, for the next window
         self._clear_window()
 
     def probe_like(self, like: Tensor) -> Tensor | None:
@@ -295,7 +297,11 @@ class _Moment:
         d = like.shape[-1]  # rows (n × d) or a call's Σu (d)
         m = d if self.probe is None else self.probe.shape[1]
         self.w_x = torch.zeros(d, dtype=like.dtype, device=like.device)
-        self.w_xx = torch.zeros(d, m, dtype=like.dtype, device=like.device)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.shape == (d, m) and spare.dtype == like.dtype and spare.device == like.device:
+            self.w_xx = spare  # zeroed in place by the fold: no fresh d × m allocation (page faults) per window
+        else:
+            self.w_xx = torch.zeros(d, m, dtype=like.dtype, device=like.device)
 
     def add_rows(self, rows: Tensor, factor: float, ok: Tensor | None) -> None:
         """Add the rows ``x = factor · rows`` (working dtype, ``(n, d)``)."""
@@ -372,48 +378,86 @@ class _Moment:
             self.add_rows(item, 1.0, ok)
 
     def fold(self) -> None:
-        """Merge the window into the float64 totals (Chan's update in centred mode)."""
+        """Merge the window into the float64 totals (Chan's update in centred mode).
+
+        The first fold turns the window into the totals; later ones update the totals in row panels of
+        ``_SYRK_PANEL`` (exact moments: the upper triangle only, which is all the totals keep valid, see
+        :meth:`about`), so no float64 temporary of the totals' size is made, and the window's buffer is
+        zeroed in place for the next window.
+        """
         if self.w_xx is None or self.w_x is None or self.w_scale is None:
             return
         f64 = torch.float64
         s = self.w_scale
-        # The window buffer is dropped below, so the float64 copy may be updated in place. Totals keep
-        # the upper-block-triangular layout of the window (every update here is symmetric); about()
-        # symmetrises once, at export.
-        p_xx = self.w_xx.to(f64).mul_(s * s)
+        w_xx = self.w_xx
         p_x = self.w_x.to(f64) * s
         # a Python count unless deferred checks masked it on the device (no host-device copy, no sync)
         n_w: Tensor | float = self.w_n.to(f64) if isinstance(self.w_n, Tensor) else float(self.w_n)
         shift = None if self.w_shift is None else self.w_shift.to(f64)
         self._clear_window()
-        if self.s_xx is not None:
-            dev = self.s_xx.device
-            p_xx, p_x = p_xx.to(dev), p_x.to(dev)
-            n_w = n_w.to(dev) if isinstance(n_w, Tensor) else n_w
-            shift = None if shift is None else shift.to(dev)
+        if self.s_xx is None or self.s_x is None or self.n is None:
+            self._first_fold(w_xx.to(f64).mul_(s * s), p_x, n_w, shift)  # (a new tensor unless w_xx is float64)
+        else:
+            self._merge(w_xx, s, p_x, n_w, shift)
+        assert self.s_xx is not None
+        if w_xx.untyped_storage().data_ptr() != self.s_xx.untyped_storage().data_ptr():
+            self._spare = w_xx.zero_()
+
+    def _merge(self, w_xx: Tensor, s: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor | None) -> None:
+        """Chan's update of the totals with a window (``s²Σuuᵀ`` from ``w_xx`` panel by panel, ``sΣu = p_x``)."""
+        assert self.s_xx is not None and self.s_x is not None and self.n is not None
+        dev = self.s_xx.device
+        p_x, s = p_x.to(dev), s.to(dev)
+        n_w = n_w.to(dev) if isinstance(n_w, Tensor) else n_w
         if not self.centered:
-            if self.s_xx is None or self.s_x is None or self.n is None:
-                self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
-            else:
-                self.n, self.s_x = self.n + n_w, self.s_x + p_x
-                self.s_xx.add_(p_xx)
+            self.n, self.s_x = self.n + n_w, self.s_x + p_x
+            self._add_panels(w_xx, s, None, None)
+        else:
+            assert shift is not None and self.origin is not None
+            shift = shift.to(dev)
+            safe = _at_least_one(n_w)
+            mean_w = shift + p_x / safe
+            v = p_x / _sqrt(safe)  # M2_w = s²Σuuᵀ − v vᵀ (the window's second moment about its mean)
+            total = self.n + n_w
+            delta = mean_w - self.origin
+            frac = n_w / _at_least_one(total)
+            self.origin = self.origin + delta * frac
+            e = delta * _sqrt(self.n * frac)  # M2 += M2_w + e eᵀ,  e eᵀ = δδᵀ n n_w/(n + n_w)
+            self._add_panels(w_xx, s, v, e)
+            self.n = total
+
+    def _first_fold(self, p_xx: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor | None) -> None:
+        """The totals from the first window (float64 ``s²Σuuᵀ = p_xx``, ``sΣu = p_x``)."""
+        if not self.centered:
+            self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
             return
         assert shift is not None
         safe = _at_least_one(n_w)
-        mean_w = shift + p_x / safe
         v = p_x / _sqrt(safe)
-        m2_w = p_xx.addr_(v, self._right(v), alpha=-1.0)  # M2_w = Σuuᵀ − (Σu)(Σu)ᵀ/n_w, scaled back
-        if self.s_xx is None or self.n is None or self.origin is None:
-            self.n, self.origin, self.s_xx = n_w, mean_w, m2_w
-            self.s_x = torch.zeros_like(mean_w)
-            return
-        total = self.n + n_w
-        delta = mean_w - self.origin
-        frac = n_w / _at_least_one(total)
-        self.origin = self.origin + delta * frac
-        e = delta * _sqrt(self.n * frac)
-        self.s_xx.add_(m2_w).addr_(e, self._right(e))  # M2 += M2_w + δδᵀ n n_w/(n + n_w)
-        self.n = total
+        self.n, self.origin, self.s_xx = n_w, shift + p_x / safe, p_xx.addr_(v, self._right(v), alpha=-1.0)
+        self.s_x = torch.zeros_like(self.origin)
+
+    def _add_panels(self, w_xx: Tensor, s: Tensor, v: Tensor | None, e: Tensor | None) -> None:
+        """``s_xx += s²·w_xx − v (Pᵀv)ᵀ + e (Pᵀe)ᵀ`` (terms with None left out) in row panels.
+
+        Exact moments update the upper triangle only (``[i:i+p, i:]``); sketched ones whole rows.
+        Per entry the same float64 operations in the same order as one whole-matrix update.
+        """
+        assert self.s_xx is not None
+        dev, f64 = self.s_xx.device, torch.float64
+        rv = None if v is None else self._right(v)
+        re = None if e is None else self._right(e)
+        exact = self.probe is None
+        d = w_xx.shape[0]
+        for i in range(0, d, _SYRK_PANEL):
+            j = min(i + _SYRK_PANEL, d)
+            c = i if exact else 0
+            blk = w_xx[i:j, c:].to(dev, f64).mul_(s * s)
+            if v is not None and rv is not None:
+                blk.addr_(v[i:j], rv[c:], alpha=-1.0)
+            out = self.s_xx[i:j, c:].add_(blk)
+            if e is not None and re is not None:
+                out.addr_(e[i:j], re[c:])
 
     def total_x(self) -> Tensor | None:
         """``Σ x`` in float64 (after :meth:`fold`), None when empty."""

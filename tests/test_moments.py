@@ -139,3 +139,36 @@ def test_row_norms_normalisation_and_scales() -> None:
     assert_close(mo._inverse_norm(norm2.clone()), torch.tensor([1 / 5e30, 1 / 5e-30, 0.0, 0.2], dtype=torch.float64))
     s = mo._pow2_scale(torch.tensor([3.0, 0.0, 0.0, float("nan")]), torch.tensor([1.0, 0.3, 0.0, 1.0]))
     assert s.tolist() == [2.0, 0.25, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("sketched", [False, True])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_folds_in_row_panels_reuse_the_window_and_match_the_dense_moment(
+    monkeypatch: pytest.MonkeyPatch, centered: bool, sketched: bool, dtype: torch.dtype
+) -> None:
+    """Panels of 3 rows over d = 11 (ragged last panel), four windows: the totals' upper triangle (exact) or
+    whole sketch equals the dense float64 moment; each later window reuses the zeroed buffer of the last."""
+    monkeypatch.setattr(mo, "_SYRK_PANEL", 3)
+    monkeypatch.setattr(mo, "_SYRK_BLOCK", 4)
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(11, 4, generator=g, dtype=torch.float64) if sketched else None
+    rows = [(50.0 + torch.randn(5, 11, generator=g, dtype=torch.float64)).to(dtype) for _ in range(12)]
+    m = mo._Moment(centered, probe)
+    buffers = []
+    for i, r in enumerate(rows):
+        m.add_rows(r, 1.0, None)
+        if i % 3 == 0:
+            buffers.append(m.w_xx)
+        if i % 3 == 2:
+            m.fold()
+    got = m.about(None)
+    assert got is not None
+    _, _, s_xx = _dense([r.double() for r in rows], centered)
+    want = s_xx @ probe if probe is not None else torch.triu(s_xx)
+    have = got[1] if probe is not None else torch.triu(got[1])
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(have, want, rtol=tol, atol=tol * float(s_xx.abs().max()))
+    # every window after the first reuses the zeroed buffer (float64 rows: the first became the totals)
+    assert buffers[2] is buffers[1] and buffers[3] is buffers[1]
+    assert (buffers[1] is buffers[0]) == (dtype == torch.float32)
