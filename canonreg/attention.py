@@ -168,22 +168,24 @@ class MultiheadAttentionTap:
         return self._whole(module)
 
 
-def _open_attention() -> Callable[..., Any]:
+def _opened_attention() -> Callable[..., Any]:
     """``F.multi_head_attention_forward`` without its ``__torch_function__`` dispatch of the whole call.
 
     The same code object over a copy of ``torch.nn.functional``'s globals in which
     ``has_torch_function`` is False, so a mode sees the ops the body runs (``linear`` above all)
-    instead of one opaque call. Everything else the body calls is torch's own.
+    instead of one opaque call. The copy is taken at each call (a few microseconds), so the body uses
+    ``torch.nn.functional`` as it is then, including anything patched into it after canonreg was imported.
     """
     f = F.multi_head_attention_forward
     ns = dict(vars(F))
-    ns["has_torch_function"] = lambda *_args, **_kwargs: False
+    ns["has_torch_function"] = _never
     opened = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
     opened.__kwdefaults__ = f.__kwdefaults__
     return opened
 
 
-_OPENED_ATTENTION = _open_attention()
+def _never(*_args: object, **_kwargs: object) -> bool:
+    return False
 
 
 class _Spy(TorchFunctionMode):
@@ -197,7 +199,7 @@ class _Spy(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
             with self:  # (the mode is popped while its __torch_function__ runs) see the body's ops
-                return _OPENED_ATTENTION(*args, **kwargs)
+                return _opened_attention()(*args, **kwargs)
         out = func(*args, **kwargs)
         if func is F.linear and isinstance(out, Tensor):
             x = args[0] if args else kwargs.get("input")

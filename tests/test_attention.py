@@ -316,3 +316,24 @@ def test_decoder_layer_with_dropout_masks_bias_kv_and_unbatched_inputs_stays_bit
         (after.sum() + mha(single, single, single)[0].sum()).backward()
     assert torch.equal(after, before)
     assert monitor.compute(exponents=False, ranks=False).samples["[q]"] == 15 + 5  # batched + unbatched call
+
+
+def test_the_opened_attention_uses_torch_nn_functional_as_patched_after_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a library may patch torch.nn.functional after canonreg is imported: measured calls must run the patch too
+    model, _ = _pair()
+    x, mem = _data()
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def patched(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs) * 2.0  # type: ignore[arg-type]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", patched)
+    plain = model(x, mem)
+    monitor = canonreg.CRHMonitor(model)
+    with monitor:
+        measured = model(x, mem)
+        measured.sum().backward()
+    assert len(calls) == 2 and torch.equal(measured, plain)
+    assert monitor._capture.stats["attn[q]"].delivered == 1
