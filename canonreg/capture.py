@@ -411,6 +411,9 @@ class Capture:
         #: layers whose tap opens each call (``open_call``): their sub-layers' rows come from inside the forward
         self._openers: dict[str, CallOpener] = {n: tap for n, tap in layer_taps.items() if callable(getattr(tap, "open_call", None))}  # type: ignore[misc]
         self._open: dict[str, contextlib.AbstractContextManager[object]] = {}
+        #: an owner's switch between forward passes: while True, layer calls are not looked at (nor counted);
+        #: e.g. CRHMonitor(every=k) on its inactive steps
+        self.paused = False
         self._hooks = HookSet()
         self._token = object()
         self._finalizer: weakref.finalize | None = None
@@ -515,6 +518,8 @@ class Capture:
         return None if on_call is None else (targets, on_call)
 
     def _on_forward(self, layer: str, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if self.paused:
+            return
         ordinary = self._ordinary(layer, module, inputs, output)
         if ordinary is None:
             return
@@ -537,6 +542,8 @@ class Capture:
         (also when the forward raises).
         """
         self._on_close(layer)  # defensive: a context left open by a forward that never closed
+        if self.paused:
+            return
         ordinary = self._ordinary(layer, module, (*args, *kwargs.values()), recurse=True)
         if ordinary is None:
             return

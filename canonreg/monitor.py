@@ -349,6 +349,7 @@ class CRHMonitor:
         self._gen.manual_seed(self._seed)
         self._calls = 0
         self._active = True
+        self._capture.paused = False
 
     def __getstate__(self) -> dict[str, object]:
         raise TypeError("CRHMonitor holds hooks on a live model and cannot be pickled; pickle its report instead")
@@ -357,6 +358,7 @@ class CRHMonitor:
     def _on_root(self) -> None:
         """A grad-enabled forward call of the model itself (the engine's ``on_root``): the ``every`` count."""
         self._active = self._calls % self.every == 0
+        self._capture.paused = not self._active  # inactive steps: the engine skips the layer calls outright
         self._calls += 1
 
     def _scale(self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> float:
@@ -916,7 +918,8 @@ class CRHMonitor:
                 f"with substituted parameters ({stats.untraced} call(s)); such calls are not recorded"
             )
         if stats.fired == 0:
-            return "the layer never ran in a grad-enabled forward pass while the monitor was attached"
+            when = "while the monitor was attached" if self.every == 1 else f"on a collected step (every={self.every})"
+            return f"the layer never ran in a grad-enabled forward pass {when}"
         if stats.no_grad_output == stats.fired:
             return "the layer's output never required grad (frozen layer fed by inputs that need no grad?)"
         if state.skipped > 0:

@@ -1003,3 +1003,34 @@ def test_token_inputs_reuse_autograds_input_gradient_and_match_the_dense_g_a(sha
     assert seen[1] is not None and type(seen[1][0]).__name__ in ("AddmmBackward0", "MmBackward0")
     ga = grads["ga"]
     assert_close(monitor.compute(exponents=False, ranks=False).matrices("2")["G_a"], ga.T @ ga / ga.shape[0], rtol=1e-12, atol=1e-14)
+
+
+def test_inactive_steps_are_not_looked_at_and_the_missing_reason_names_every() -> None:
+    # every=3 over 7 passes: the engine delivers passes 0, 3, 6 only (inactive ones are skipped before any work)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    monitor = CRHMonitor(model, every=3)
+    with monitor:
+        for _ in range(7):
+            model(torch.randn(6, 4)).square().mean().backward()
+    stats = monitor._capture.stats["0"]
+    assert (stats.fired, stats.delivered) == (3, 3) and monitor.compute(exponents=False).steps == {"0": 3, "2": 3}
+    monitor.reset()
+    assert not monitor._capture.paused
+
+    class Sometimes(nn.Module):  # its second layer runs only on odd passes, which every=2 never collects
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.n = nn.Linear(3, 3), nn.Linear(3, 3), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.n += 1
+            return self.b(self.a(x)) if self.n % 2 == 0 else self.a(x)
+
+    net = Sometimes()
+    monitor = CRHMonitor(net, every=2, on_missing="error")
+    with monitor:
+        for _ in range(4):
+            net(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(CanonRegError, match=r"'b'.*never ran in a grad-enabled forward pass on a collected step \(every=2\)"):
+        monitor.compute()
