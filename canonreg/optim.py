@@ -54,7 +54,7 @@ from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms, balance_terms
 from .layers import LayerSpec, _display
-from .taps import LayerTap, matrix_view, to_weight_layout
+from .taps import LayerTap, matrix_view, to_weight_layout, views_within
 
 __all__ = [
     "DecayRule",
@@ -574,7 +574,7 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     own = list(module.parameters())
 
     def find(t: Tensor) -> nn.Parameter | None:
-        return next((p for p in own if _within(t, p)), None)
+        return next((p for p in own if views_within(t, p)), None)
 
     weight = find(tap.weight(module))
     if weight is None:
@@ -588,14 +588,6 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     if b is not None and bias is None:
         raise CanonRegError(f"Layer {_display(name)!r}: its tap's bias is not a parameter of the module; exclude it with `layers=`")
     return weight, bias
-
-
-def _within(t: Tensor, p: Tensor) -> bool:
-    """Whether ``t`` views elements of ``p`` only (same storage, inside ``p``'s span)."""
-    if t.untyped_storage()._cdata != p.untyped_storage()._cdata or t.numel() > p.numel():
-        return False
-    lo = t.storage_offset() - p.storage_offset()
-    return 0 <= lo and lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) < p.numel()
 
 
 def _has_memory(group: Mapping[str, Any]) -> bool:

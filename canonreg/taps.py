@@ -421,16 +421,20 @@ _UNTAPPED: tuple[tuple[type | tuple[type, ...], str], ...] = (
 )
 
 
+def views_within(t: Tensor, p: Tensor) -> bool:
+    """Whether ``t`` views elements of ``p`` only: the same storage object (not just address: meta tensors
+    all sit at 0) and every element of ``t`` inside ``p``'s span (``p`` itself, a reshape, transpose or slice)."""
+    if t.untyped_storage()._cdata != p.untyped_storage()._cdata or t.numel() > p.numel():
+        return False
+    lo = t.storage_offset() - p.storage_offset()
+    return 0 <= lo and lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) < p.numel()
+
+
 def _owning_parameter(name: str, module: nn.Module, w: Tensor) -> nn.Parameter:
     """The parameter of ``module`` (or of a submodule) whose storage ``w`` views: a whole parameter, a
     reshape or transpose of one, or a slice of one (MHA's q, k, v: row blocks of ``in_proj_weight``)."""
     for p in module.parameters():
-        # Same storage object (not just address: meta tensors all sit at 0), every element of w inside p.
-        if p.untyped_storage()._cdata != w.untyped_storage()._cdata or w.numel() > p.numel():
-            continue
-        lo = w.storage_offset() - p.storage_offset()
-        hi = lo + sum((n - 1) * st for n, st in zip(w.shape, w.stride()))
-        if 0 <= lo and hi < p.numel():
+        if views_within(w, p):
             return p
     raise CanonRegError(
         f"Layer {name!r} ({type(module).__name__}): its tap's weight is not a parameter of the module or a view "
