@@ -82,6 +82,7 @@ from .layers import (
     release_model,
     select_layers,
     strip_inert_hooks,
+    sublayer_name,
     untraced_call,
 )
 from .taps import LayerTap, active_mask, kept_rows, take_rows, tap_batch_size
@@ -101,11 +102,6 @@ def handle_nonfinite(policy: Policy, message: str, *, hint: str, consequence: st
         raise CanonRegError(f"{message}; {hint}")
     if policy == "warn":
         warnings.warn(f"{message}; {consequence}", RuntimeWarning, stacklevel=stacklevel)
-
-
-def sublayer_name(layer: str, sub: str) -> str:
-    """The name of sub-layer ``sub`` of the module named ``layer``: ``"layer[sub]"``."""
-    return f"{layer}[{sub}]"
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,11 @@ def _display(name: str) -> str:
     return name if name else "<root>"
 
 
+def sublayer_name(layer: str, sub: str) -> str:
+    """The name of sub-layer ``sub`` of the module named ``layer``: ``"layer[sub]"``."""
+    return f"{layer}[{sub}]"
+
+
 def select_layers(
     model: nn.Module,
     layers: LayerSpec,
@@ -210,7 +215,7 @@ class _Selection:
             found.check(m, _display(n))
             subs = getattr(found, "sublayers", None)
             for sub_name, sub_tap in (subs(m).items() if callable(subs) else [(None, found)]):
-                check_layer_weight(n if sub_name is None else f"{n}[{sub_name}]", m, sub_tap)
+                check_layer_weight(n if sub_name is None else sublayer_name(n, sub_name), m, sub_tap)
             out[n] = found
         return out
 
