@@ -276,9 +276,7 @@ class CRHMonitor:
         self.sketch = sketch
         self._probes = self._make_probes(sketch, seed) if sketch is not None else {}
         self._state: dict[str, _LayerState] = {}
-        self.reset()
-        self._calls = 0  # grad-enabled forward calls of the root model
-        self._active = True
+        self.reset()  # also: _calls = 0 (grad-enabled forward calls of the root model), the engine unpaused
         self._entered: list[bool] = []  # per open `with` block: was the monitor attached at entry?
 
     # ------------------------------------------------------------------ lifecycle
@@ -348,7 +346,6 @@ class CRHMonitor:
         self._capture.stats.update((n, CallStats()) for n in self._capture.stats)
         self._gen.manual_seed(self._seed)
         self._calls = 0
-        self._active = True
         self._capture.paused = False
 
     def __getstate__(self) -> dict[str, object]:
@@ -357,8 +354,8 @@ class CRHMonitor:
     # ------------------------------------------------------------------ hooks
     def _on_root(self) -> None:
         """A grad-enabled forward call of the model itself (the engine's ``on_root``): the ``every`` count."""
-        self._active = self._calls % self.every == 0
-        self._capture.paused = not self._active  # inactive steps: the engine skips the layer calls outright
+        # inactive steps (every=k): the engine skips their layer calls outright, so _on_call sees active ones only
+        self._capture.paused = self._calls % self.every != 0
         self._calls += 1
 
     def _scale(self, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> float:
@@ -422,9 +419,8 @@ class CRHMonitor:
             self._policy(name, whats[ok.index(False)], call, stacklevel=5)
 
     def _on_call(self, call: LayerCall) -> None:
-        """One delivered layer call (the engine's ``on_call``: grad-enabled, traced, output requiring grad)."""
-        if not self._active:
-            return
+        """One delivered layer call (the engine's ``on_call``: grad-enabled, traced, output requiring grad, on an
+        active step)."""
         if call.output.is_meta:
             raise CanonRegError(
                 f"Layer {_display(call.name)!r} ran on the meta device (no values to measure); detach the monitor "
