@@ -212,6 +212,13 @@ def _sqrt(v: Tensor | float) -> Tensor | float:
     return v.sqrt() if isinstance(v, Tensor) else math.sqrt(v)
 
 
+def _window_mean(p_x: Tensor, n_w: Tensor | float, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """A window's mean ``c + sΣu/n_w`` and ``v = sΣu/√n_w`` (``p_x = sΣu``; 0 rows count as 1): its second
+    moment about that mean is ``s²Σuuᵀ − v vᵀ``."""
+    safe = _at_least_one(n_w)
+    return shift + p_x / safe, p_x / _sqrt(safe)
+
+
 class _Moment:
     """Streaming second moment of the rows ``x`` of one matrix (``H_a``, ``H_b``, ``G_a`` or ``G_b``) of a layer.
 
@@ -414,10 +421,7 @@ class _Moment:
             self._add_panels(w_xx, s, None, None)
         else:
             assert shift is not None and self.origin is not None
-            shift = shift.to(dev)
-            safe = _at_least_one(n_w)
-            mean_w = shift + p_x / safe
-            v = p_x / _sqrt(safe)  # M2_w = s²Σuuᵀ − v vᵀ (the window's second moment about its mean)
+            mean_w, v = _window_mean(p_x, n_w, shift.to(dev))
             total = self.n + n_w
             delta = mean_w - self.origin
             frac = n_w / _at_least_one(total)
@@ -432,9 +436,8 @@ class _Moment:
             self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
             return
         assert shift is not None
-        safe = _at_least_one(n_w)
-        v = p_x / _sqrt(safe)
-        self.n, self.origin, self.s_xx = n_w, shift + p_x / safe, p_xx.addr_(v, self._right(v), alpha=-1.0)
+        mean_w, v = _window_mean(p_x, n_w, shift)
+        self.n, self.origin, self.s_xx = n_w, mean_w, p_xx.addr_(v, self._right(v), alpha=-1.0)
         self.s_x = torch.zeros_like(self.origin)
 
     def _add_panels(self, w_xx: Tensor, s: Tensor, v: Tensor | None, e: Tensor | None) -> None:
