@@ -561,7 +561,7 @@ class Capture:
     ) -> None:
         """One inner call of sub-layer ``sub`` (read with ``tap``, this call's tap) of an opened layer call."""
         t = subs.get(sub)
-        if t is None or t.name not in self.stats:  # a sub-layer the owner excluded
+        if t is None:  # a sub-layer the owner excluded (before attach)
             return
         st = self.stats[t.name]
         st.fired += 1

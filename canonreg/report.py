@@ -65,7 +65,7 @@ def layer_matrices(
     w = weight.to(torch.float64)
 
     def moment(key: str) -> Tensor:  # the moments of F.moment_from_sums, symmetrised
-        return _symmetric(sums[f"{key}_xx"], 1.0 / n, sums[f"{key}_x"] / n if centered else None)
+        return symmetric_from_upper(sums[f"{key}_xx"], 1.0 / n, sums[f"{key}_x"] / n if centered else None)
 
     h_a, g_b = moment("Ha"), moment("Gb")
     if direct:
@@ -75,7 +75,7 @@ def layer_matrices(
         if not centered and bias is not None:
             b = bias.to(torch.float64)
             wmu = w @ (sums["Ha_x"] / n)
-            h_b = _symmetric(h_b.addr_(wmu, b).addr_(b, wmu).addr_(b, b))
+            h_b = symmetric_from_upper(h_b.addr_(wmu, b).addr_(b, wmu).addr_(b, b))
         g_a = _product(w, g_b, gram_dtype)  # Wᵀ G_b W
     return {"H_a": h_a, "H_b": h_b, "G_a": g_a, "G_b": g_b, "Z_a": _product(w, None, gram_dtype), "Z_b": _product(w.T, None, gram_dtype)}
 
@@ -102,14 +102,6 @@ def _product(a: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
         return F.symmetric_product(a32, a32).to(torch.float64).mul_(1.0 / (sa * sa))
     sm = _pow2(m)
     return F.symmetric_product(a32, (m * sm).to(dtype) @ a32).to(torch.float64).mul_(1.0 / (sa * sa * sm))
-
-
-def _symmetric(m: Tensor, scale: float = 1.0, mean: Tensor | None = None) -> Tensor:
-    """``scale · M − μμᵀ`` (no ``μμᵀ`` when ``mean`` is None) from the upper triangle of ``M``, exactly
-    symmetric (:func:`canonreg.moments.symmetric_from_upper`: sums from the monitor hold only their upper
-    triangle). With ``M = S_xx``, ``scale = 1/n`` and ``μ = S_x/n`` it is the moment of
-    :func:`~canonreg.functional.moment_from_sums`."""
-    return symmetric_from_upper(m, scale, mean)
 
 
 def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, samples: float, preprocess: str) -> str:
