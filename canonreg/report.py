@@ -20,7 +20,7 @@ from torch import Tensor
 from . import functional as F
 from .errors import CanonRegError, check_choice
 from .layers import _display
-from .moments import symmetric_from_upper
+from .moments import _absmax, _pow2_scale, symmetric_from_upper
 from .stats import jsonable
 
 __all__ = ["CRHReport", "ReportInputs", "ReportOptions", "build_report", "layer_matrices"]
@@ -81,27 +81,27 @@ def layer_matrices(
 
 
 def _pow2(x: Tensor) -> float:
-    """``2^-e`` with ``max|x| = m·2^e``, ``m ∈ [0.5, 1)`` (1 for a zero or non-finite ``x``): ``max|x·2^-e| < 1``, exactly."""
-    top = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0  # max|x|, no temporary
-    return math.ldexp(1.0, -math.frexp(top)[1]) if math.isfinite(top) and top > 0 else 1.0
+    """A power of two near ``max|x|`` (:func:`canonreg.moments._pow2_scale`; 1 for a zero or non-finite ``x``)."""
+    top = _absmax(x)
+    return float(_pow2_scale(top, top))
 
 
 def _product(a: Tensor, m: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``aᵀ a`` (``m`` None) or ``aᵀ M a`` (``M`` symmetric), exactly symmetric, float64 (:func:`F.symmetric_product`).
 
     In float64 from the float64 operands; with ``dtype=torch.float32`` the operands are first scaled by
-    powers of two ``s_a``, ``s_m`` (:func:`_pow2`; no float32 overflow or underflow of the entries'
-    scale, and the float64 rescaling by ``1/(s_a² s_m)`` is exact), so the only difference is float32
+    powers of two ``1/s_a``, ``1/s_m`` (:func:`_pow2`; no float32 overflow or underflow of the entries'
+    scale, and the float64 rescaling by ``s_a² s_m`` is exact), so the only difference is float32
     rounding in the products (relative error ~1e-7 of the result's scale).
     """
     if dtype == torch.float64:
         return F.symmetric_product(a, a if m is None else m @ a)
     sa = _pow2(a)
-    a32 = (a * sa).to(dtype)
+    a32 = (a / sa).to(dtype)
     if m is None:
-        return F.symmetric_product(a32, a32).to(torch.float64).mul_(1.0 / (sa * sa))
+        return F.symmetric_product(a32, a32).to(torch.float64).mul_(sa * sa)
     sm = _pow2(m)
-    return F.symmetric_product(a32, (m * sm).to(dtype) @ a32).to(torch.float64).mul_(1.0 / (sa * sa * sm))
+    return F.symmetric_product(a32, (m / sm).to(dtype) @ a32).to(torch.float64).mul_(sa * sa * sm)
 
 
 def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, samples: float, preprocess: str) -> str:
