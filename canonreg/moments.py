@@ -245,6 +245,7 @@ class _Moment:
     __slots__ = (
         "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx",
         "_spare",
+        "_coef",
     )
 
     def __init__(self, centered: bool, probe: Tensor | None = None) -> None:
@@ -283,6 +284,8 @@ class _Moment:
         self.w_scale: Tensor | None = None
         self.w_x: Tensor | None = None
         self.w_xx: Tensor | None = None
+        # per window, in the rows' dtype: factor/s by factor, and −c/s (key None): computed once, not per call
+        self._coef: dict[float | None, Tensor] = {}
 
     @property
     def empty(self) -> bool:
@@ -321,9 +324,14 @@ class _Moment:
             dev = x0 - shift if shift is not None else x0
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
-        k = (factor / self.w_scale).to(rows.dtype)
+        k = self._coef.get(factor)
+        if k is None:
+            k = self._coef[factor] = (factor / self.w_scale).to(rows.dtype)
         if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
-            u = torch.addcmul((self.w_shift / self.w_scale).to(rows.dtype).neg_(), rows, k)
+            offset = self._coef.get(None)
+            if offset is None:
+                offset = self._coef[None] = (self.w_shift / self.w_scale).to(rows.dtype).neg_()
+            u = torch.addcmul(offset, rows, k)
         else:
             u = rows * k
         if ok is not None:
@@ -501,8 +509,9 @@ class _LayerState:
         self.n = 0  # committed rows (samples)
         self.steps = 0  # committed layer calls
         self.skipped = 0  # calls dropped by the non-finite policy
-        # deferred finiteness checks: (call, what was checked, device bool flags, rows) per committed call
-        self.checks: list[tuple[int, tuple[str, ...], Tensor, int]] = []
+        # deferred finiteness checks per committed call: (call, what was checked, the checked sums of
+        # squares, the call's device flag ``all finite``, rows)
+        self.checks: list[tuple[int, tuple[str, ...], Tensor, Tensor, int]] = []
 
     def add_scalar(self, key: str, value: Tensor) -> None:
         """``scalars[key] += value`` (a fresh tensor: a retained graph may commit the same value twice)."""
@@ -528,31 +537,77 @@ class _LayerState:
 #: of such a row neither overflow nor lose more than float32 rounding to underflow).
 _NORM_LO, _NORM_HI = 1e-12, 1e18
 
+#: Device types whose float32 row norms are range-checked on the host (two syncs per norm: free on the
+#: CPU; accelerators take the float64 route with no sync). ``benchmarks/launches.py`` empties it to count
+#: the accelerator route on a CPU.
+_HOST_RANGE_CHECK: tuple[str, ...] = ("cpu",)
 
-def _row_norm2(x: Tensor) -> Tensor:
-    """``‖x_i‖²`` per row in float64 (finite for every finite float32 row, even of 1e30).
+
+class RowNorms:
+    """The row norms of one call's rows ``x`` (:func:`_row_norm2`), each form made once and only if used.
+
+    Built from either ``norm``, ``‖x_i‖`` in ``x``'s float32 (the CPU route, ``checked``: every norm was
+    seen inside ``(1e-12, 1e18)`` on the host, so every entry of ``x`` is finite and no row is zero), or
+    ``root``, ``‖x_i‖`` in float64 (finite for every finite float32 row, even of 1e30). ``sq`` is
+    ``‖x_i‖²`` in float64, :meth:`total` a float64 sum that is finite exactly when every row is,
+    :meth:`norm` the norm in a given dtype (what :func:`_normalize` divides by).
+    """
+
+    __slots__ = ("_sq", "_norm", "_root", "checked")
+
+    def __init__(self, *, norm: Tensor | None = None, root: Tensor | None = None, checked: bool = False) -> None:
+        assert (norm is None) != (root is None)
+        self._sq: Tensor | None = None
+        self._norm, self._root, self.checked = norm, root, checked
+
+    @property
+    def sq(self) -> Tensor:
+        if self._sq is None:
+            if self._root is not None:
+                self._sq = self._root.square()
+            else:
+                assert self._norm is not None
+                self._sq = self._norm.to(torch.float64).square_()  # exact: a float32's square fits a float64
+        return self._sq
+
+    def total(self) -> Tensor:
+        """``Σ_i ‖x_i‖`` in float64 (NaN/inf exactly when a row holds a NaN/inf, or its norm overflows)."""
+        return self._root.sum() if self._root is not None else self.sq.sum()
+
+    def norm(self, dtype: torch.dtype) -> Tensor:
+        if self._norm is None or self._norm.dtype != dtype:
+            self._norm = self._root.to(dtype) if self._root is not None else self.sq.sqrt().to(dtype)
+        return self._norm
+
+
+def _row_norm2(x: Tensor) -> RowNorms:
+    """The row norms of ``x`` (:class:`RowNorms`).
 
     float32 CPU rows first try ``‖x_i‖`` in float32 (no float64 copy of the rows: ~6× faster); when a
     norm falls outside ``(1e-12, 1e18)`` (possible overflow or underflow, a zero row, NaN/inf) the
     float64 reduction is taken instead. The check reads two numbers on the host: free on the CPU,
-    so accelerators keep the float64 path (no sync).
+    so accelerators keep the float64 route (no sync).
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] > 0 and x.shape[1] > 0:
+    if x.dtype == torch.float32 and x.device.type in _HOST_RANGE_CHECK and x.shape[0] > 0 and x.shape[1] > 0:
         norm = torch.linalg.vector_norm(x, dim=1)
         lo, hi = torch.aminmax(norm)
         if _NORM_LO < float(lo) and float(hi) < _NORM_HI:  # False for NaN
-            return norm.to(torch.float64).square_()
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+            return RowNorms(norm=norm, checked=True)
+    return RowNorms(root=torch.linalg.vector_norm(x, dim=1, dtype=torch.float64))
 
 
-def _normalize(x: Tensor, norm2: Tensor) -> Tensor:
-    """``x_i / ‖x_i‖`` from precomputed squared norms (zero rows stay zero and still count).
+def _normalize(x: Tensor, norms: RowNorms) -> Tensor:
+    """``x_i / ‖x_i‖`` (zero rows stay zero and still count).
 
     A division by the norm (never a multiplication by its inverse): ``|x_ij| ≤ ‖x_i‖``, so nothing
-    overflows, even for rows of 1e-30 whose inverse norm would.
+    overflows, even for rows of 1e-30 whose inverse norm would. A zero norm is raised to the dtype's
+    smallest subnormal (which no other norm is below), so a zero row divides to zeros.
     """
-    norm = norm2.sqrt().to(x.dtype).unsqueeze(1)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # a zero row has zero entries: it stays zero
+    norm = norms.norm(x.dtype)
+    if not norms.checked:  # checked norms are all ≥ 1e-12
+        info = torch.finfo(x.dtype)
+        norm = norm.clamp_min(info.tiny * info.eps)
+    return x / norm.unsqueeze(1)
 
 
 def _narrow(n: int, m: int, d: int) -> bool:

@@ -84,6 +84,7 @@ from .moments import (
     _ACCUMULATORS,
     _FOLD_EVERY,
     _MOMENTS,
+    RowNorms,
     _Accumulator,
     _balance_sums,
     _CallMoment,
@@ -370,18 +371,22 @@ class CRHMonitor:
         return device.type != "cpu" if self.defer_checks is None else self.defer_checks
 
     def _finite(
-        self, name: str, what: str, call: int, total: Tensor, deferred: list[tuple[str, Tensor]] | None = None
+        self, name: str, what: str, call: int, norms: RowNorms, deferred: list[tuple[str, Tensor]] | None = None
     ) -> bool:
-        """Policy check on ``total`` = a sum of squares of the rows (finite ⇔ every entry is finite).
+        """Policy check on the rows whose :func:`_row_norm2` norms are ``norms`` (finite ⇔ every entry is finite).
 
         One reduction and one host sync instead of an elementwise ``isfinite`` over the matrices:
-        ``Σ_i ‖x_i‖² = Tr(Σ_i x_i x_iᵀ)`` is NaN/inf exactly when a row is (or its square overflows).
-        With ``deferred`` (a list) the device flag is appended there instead and no sync happens.
+        ``Σ_i ‖x_i‖`` (:meth:`RowNorms.total`) is NaN/inf exactly when a row is (or its norm overflows).
+        The immediate check reads that float64 sum on the host (no device-side ``isfinite``); with
+        ``deferred`` (a list) its device flag is appended there instead and no sync happens.
         """
-        if deferred is not None:
-            deferred.append((what, torch.isfinite(total)))
+        if norms.checked:  # every norm was seen finite on the host already
             return True
-        if bool(torch.isfinite(total)):
+        total = norms.total()
+        if deferred is not None:
+            deferred.append((what, total))
+            return True
+        if math.isfinite(float(total)):
             return True
         self._policy(name, what, call, stacklevel=4)
         return False
@@ -408,15 +413,16 @@ class CRHMonitor:
         if not state.checks:
             return
         checks, state.checks = state.checks, []
-        flags = torch.stack([f for _, _, f, _ in checks]).cpu()
+        flags = torch.stack([ok for _, _, _, ok, _ in checks]).cpu()
         if bool(flags.all()):
             return
-        for (call, whats, _, rows), ok in zip(checks, flags.tolist()):
-            if all(ok):
+        for (call, whats, totals, _, rows), ok in zip(checks, flags.tolist()):
+            if ok:
                 continue
             state.n -= rows
             state.steps -= 1
-            self._policy(name, whats[ok.index(False)], call, stacklevel=5)
+            first = torch.isfinite(totals).tolist().index(False)
+            self._policy(name, whats[first], call, stacklevel=5)
 
     def _on_call(self, call: LayerCall) -> None:
         """One delivered layer call (the engine's ``on_call``: grad-enabled, traced, output requiring grad, on an
@@ -445,7 +451,7 @@ class CRHMonitor:
                 xa = xa[idx]
             xa = at_least_float32(xa)
             ha_norm2 = _row_norm2(xa)
-            if not self._finite(name, "activations (h_a)", call, ha_norm2.sum(), deferred):
+            if not self._finite(name, "activations (h_a)", call, ha_norm2, deferred):
                 return
             ya = _normalize(xa, ha_norm2) if self.preprocess == "normalized" else xa
             pending: dict[str, Tensor | _CallMoment] = {}
@@ -457,7 +463,7 @@ class CRHMonitor:
                     hb = hb[idx]
                 if self.direct:
                     hb_norm2 = _row_norm2(hb)
-                    if not self._finite(name, "activations (h_b)", call, hb_norm2.sum(), deferred):
+                    if not self._finite(name, "activations (h_b)", call, hb_norm2, deferred):
                         return
                     pending["Hb"] = self._output_moment(name, tap, module, output, xa, hb, hb_norm2)
                 if self.track_balance:
@@ -473,7 +479,7 @@ class CRHMonitor:
             output.register_hook(lambda grad: commit(grad, None))
 
     def _output_moment(
-        self, name: str, tap: LayerTap, module: nn.Module, output: Tensor, xa: Tensor, hb: Tensor, hb_norm2: Tensor
+        self, name: str, tap: LayerTap, module: nn.Module, output: Tensor, xa: Tensor, hb: Tensor, hb_norm2: RowNorms
     ) -> Tensor | _CallMoment:
         """What a directly accumulated ``H_b`` keeps of this call until its commit.
 
@@ -489,14 +495,14 @@ class CRHMonitor:
             col = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(w)
             z = torch.cat([xa.to(torch.float64), torch.ones_like(xa[:, :1], dtype=torch.float64)], dim=1)
             if normalized:
-                z = z * _inverse_norm(hb_norm2).unsqueeze(1)
+                z = z * _inverse_norm(hb_norm2.sq).unsqueeze(1)
             return _CallMoment.projected(z, torch.cat([w, col.unsqueeze(1)], dim=1), moment.centered, hb.dtype)
         yb = _normalize(hb, hb_norm2) if normalized else hb
         fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
         return yb if fresh_small else moment.reduce(yb)
 
     def _add_ga(
-        self, moment: _Moment, tap: LayerTap, module: nn.Module, gb: Tensor, ga: Tensor, ga_norm2: Tensor, scale: float, ok: Tensor | None
+        self, moment: _Moment, tap: LayerTap, module: nn.Module, gb: Tensor, ga: Tensor, ga_norm2: RowNorms, scale: float, ok: Tensor | None
     ) -> None:
         """Add this call's ``g_a = Wᵀ g_b`` rows (``−scale·dL/dh_a``; normalized: ``−g_a/‖g_a‖``) to ``G_a``.
 
@@ -506,7 +512,7 @@ class CRHMonitor:
         normalized = self.preprocess == "normalized"
         if self.sketch is None and _plain_linear(tap, module) and _narrow(gb.shape[0], gb.shape[1], ga.shape[1]):
             w = tap.weight(module).detach().to(torch.float64)
-            z = gb.to(torch.float64) * (-_inverse_norm(ga_norm2).unsqueeze(1) if normalized else -scale)
+            z = gb.to(torch.float64) * (-_inverse_norm(ga_norm2.sq).unsqueeze(1) if normalized else -scale)
             moment.add_call(_CallMoment.projected(z, w.T, moment.centered, ga.dtype), ok)
         elif normalized:
             moment.add_rows(_normalize(ga, ga_norm2), -1.0, ok)
@@ -571,7 +577,7 @@ class CRHMonitor:
         idx: Tensor | None,
         scale: float,
         rows_b: Tensor | None,
-        ha_norm2: Tensor,
+        ha_norm2: RowNorms,
         call: int,
         version: tuple[Tensor, int] | None,
         deferred: list[tuple[str, Tensor]] | None,
@@ -587,26 +593,29 @@ class CRHMonitor:
                 gb = gb[idx]
             gb = at_least_float32(gb)
             gb_norm2 = _row_norm2(gb)
-            if not self._finite(name, "gradients (g_b)", call, gb_norm2.sum(), deferred):
+            if not self._finite(name, "gradients (g_b)", call, gb_norm2, deferred):
                 return
             ga = ga_norm2 = None
             if self.direct:
                 ga = _ga_rows(tap, module, gb, idx, grad_input)
                 ga_norm2 = _row_norm2(ga)
-                if not self._finite(name, "gradients (g_a)", call, ga_norm2.sum(), deferred):
+                if not self._finite(name, "gradients (g_a)", call, ga_norm2, deferred):
                     return
             if version is not None and version[0]._version != version[1]:
                 raise CanonRegError(
                     f"The input of layer {_display(name)!r} was modified in place between its forward pass and "
                     "the backward pass; canonreg cannot measure h_a for that call"
                 )
-            flags: tuple[tuple[str, ...], Tensor] | None = None
+            flags: tuple[tuple[str, ...], Tensor, Tensor] | None = None
             ok: Tensor | None = None
-            if deferred is not None:
+            if deferred:
                 # No host sync: a call with any non-finite row contributes exact zeros (torch.where
-                # never propagates the unselected NaN); its counts are corrected in _resolve.
-                flags = (tuple(w for w, _ in deferred), torch.stack([f for _, f in deferred]))
-                ok = flags[1].all()
+                # never propagates the unselected NaN); its counts are corrected in _resolve. The
+                # totals are sums of norms (≥ 0, NaN or +inf when a row is not finite), so one
+                # comparison of their sum flags the call.
+                totals = torch.stack([t for _, t in deferred])
+                ok = totals.sum() < math.inf
+                flags = (tuple(w for w, _ in deferred), totals, ok)
             # Everything is finite (or masked): commit the forward half and the backward half together.
             for k, v in pending.items():
                 state.moments[k].add(v, ok)
@@ -618,7 +627,7 @@ class CRHMonitor:
             if ga is not None and ga_norm2 is not None:
                 self._add_ga(state.moments["Ga"], tap, module, gb, ga, ga_norm2, scale, ok)
             if rows_b is not None:
-                gnhn, gh = _balance_sums(gb, gb_norm2, ha_norm2, rows_b, scale, ok)
+                gnhn, gh = _balance_sums(gb, gb_norm2.sq, ha_norm2.sq, rows_b, scale, ok)
                 state.add_scalar("gnhn", gnhn)
                 state.add_scalar("gh", gh)
             state.commit(gb.shape[0])

@@ -130,15 +130,31 @@ def test_row_norms_normalisation_and_scales() -> None:
     """Row norms stay finite and exact for rows of 1e30 and 1e-30 (the float32 fast path falls back to float64);
     a zero row stays zero; scales are powers of two."""
     x = torch.tensor([[3e30, 4e30], [3e-30, 4e-30], [0.0, 0.0], [3.0, 4.0]])
-    norm2 = mo._row_norm2(x)
-    assert norm2.dtype == torch.float64
+    norms = mo._row_norm2(x)
+    norm2 = norms.sq
+    assert norm2.dtype == torch.float64 and not norms.checked  # out of the float32 range: the float64 route
     assert_close(norm2, x.double().square().sum(1), rtol=1e-6, atol=0.0)
-    unit = mo._normalize(x, norm2)
+    unit = mo._normalize(x, norms)
     assert torch.isfinite(unit).all() and unit[2].eq(0).all()
     assert_close(unit[[0, 1, 3]], torch.tensor([[0.6, 0.8]] * 3))
     assert_close(mo._inverse_norm(norm2.clone()), torch.tensor([1 / 5e30, 1 / 5e-30, 0.0, 0.2], dtype=torch.float64))
     s = mo._pow2_scale(torch.tensor([3.0, 0.0, 0.0, float("nan")]), torch.tensor([1.0, 0.3, 0.0, 1.0]))
     assert s.tolist() == [2.0, 0.25, 1.0, 1.0]
+
+
+def test_float32_fast_norm_is_the_rounded_root_of_the_float64_square() -> None:
+    """The float32 CPU route hands :func:`_normalize` its own norm: it must equal the float64 route's
+    ``sqrt(‖x_i‖²)`` rounded to float32 bit for bit, so normalising is the same either way."""
+    x = torch.randn(257, 33, generator=torch.Generator().manual_seed(0)) * torch.logspace(-5, 5, 257).unsqueeze(1)
+    fast = mo._row_norm2(x)
+    assert fast.checked
+    norm = fast.norm(torch.float32)
+    norm2 = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+    assert torch.equal(fast.sq, norm.double().square())
+    assert torch.equal(norm, fast.sq.sqrt().float())
+    slow = mo.RowNorms(root=fast.sq.sqrt())  # the float64 route given the same norms
+    assert torch.equal(mo._normalize(x, fast), mo._normalize(x, slow))
+    assert_close(fast.sq, norm2, rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("sketched", [False, True])
