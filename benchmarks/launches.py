@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -71,25 +72,35 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _accelerator_route() -> None:
-    """Make this process's canonreg take its accelerator code paths on the CPU (no host range check of the
-    float32 row norms); revisions before ``moments._HOST_RANGE_CHECK`` get their float64 norm route directly."""
+@contextmanager
+def _accelerator_route() -> Iterator[None]:
+    """Within: this process's canonreg takes its accelerator code paths on the CPU (no host range check of
+    the float32 row norms); revisions before ``moments._HOST_RANGE_CHECK`` get their float64 norm route
+    directly. Restored on exit."""
     import canonreg.moments as moments
+    import canonreg.monitor as monitor
 
-    if hasattr(moments, "_HOST_RANGE_CHECK"):
+    saved = getattr(moments, "_HOST_RANGE_CHECK", None), monitor._row_norm2
+    if saved[0] is not None:
         moments._HOST_RANGE_CHECK = ()
     else:  # older revisions: their _row_norm2 returned the float64 squares of its non-CPU branch
-        import canonreg.monitor as monitor
-
-        monitor._row_norm2 = lambda x: torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()  # type: ignore[attr-defined]
+        monitor._row_norm2 = lambda x: torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+    try:
+        yield
+    finally:
+        if saved[0] is not None:
+            moments._HOST_RANGE_CHECK = saved[0]
+        monitor._row_norm2 = saved[1]
 
 
 def count(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per contender: kernels and syncs per layer-step (and the plain step's totals)."""
-    import canonreg
+    with _accelerator_route() if args.route == "accelerator" else contextlib.nullcontext():
+        return _count(args)
 
-    if args.route == "accelerator":
-        _accelerator_route()
+
+def _count(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import canonreg
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

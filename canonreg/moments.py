@@ -243,7 +243,7 @@ class _Moment:
     """
 
     __slots__ = (
-        "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_shift", "w_scale", "w_x", "w_xx",
+        "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_flagged", "w_shift", "w_scale", "w_x", "w_xx",
         "_spare",
         "_coef",
     )
@@ -279,7 +279,8 @@ class _Moment:
 
     def _clear_window(self) -> None:
         """Start an empty window (``w_n = 0``; shift, scale and partial sums opened by the next call)."""
-        self.w_n: Tensor | int = 0
+        self.w_n = 0  # rows of the calls added without a flag
+        self.w_flagged: list[tuple[Tensor, int]] = []  # (device flag, rows) of calls added under deferred checks
         self.w_shift: Tensor | None = None
         self.w_scale: Tensor | None = None
         self.w_x: Tensor | None = None
@@ -342,7 +343,7 @@ class _Moment:
         else:
             self.w_xx.addmm_(u.T, u @ probe)
         self.w_x.add_(u.sum(0))
-        self.w_n = self.w_n + (rows.shape[0] if ok is None else torch.where(ok, rows.shape[0], 0))
+        self._count(rows.shape[0], ok)
 
     def add_call(self, c: _CallMoment, ok: Tensor | None) -> None:
         """Add one call reduced in its forward hook, re-expressed in the window's coordinates.
@@ -383,7 +384,28 @@ class _Moment:
             if ok is not None:
                 s_xx = torch.where(ok, s_xx, 0.0)
             self.w_xx.add_(s_xx)
-        self.w_n = self.w_n + (c.count if ok is None else torch.where(ok, c.count, 0))
+        self._count(c.count, ok)
+
+    def _count(self, rows: int, ok: Tensor | None) -> None:
+        """Count a call's rows in the window (a flagged call's only if its device flag ``ok`` is True)."""
+        if ok is None:
+            self.w_n += rows
+        else:
+            self.w_flagged.append((ok, rows))
+
+    def _window_count(self) -> Tensor | float:
+        """The window's rows: a Python count, or a float64 device count when calls came with flags (read
+        once per window here, not per call: no host sync, a few kernels per fold)."""
+        if not self.w_flagged:
+            return float(self.w_n)
+        by_rows: dict[int, list[Tensor]] = {}
+        for ok, rows in self.w_flagged:  # usually one row count (the batch): one stack and sum per window
+            by_rows.setdefault(rows, []).append(ok)
+        total: Tensor | float = float(self.w_n)
+        for rows, oks in by_rows.items():
+            total = total + torch.stack(oks).sum(dtype=torch.float64) * rows
+        assert isinstance(total, Tensor)
+        return total
 
     def add(self, item: Tensor | _CallMoment, ok: Tensor | None) -> None:
         """Add a pending item of one call: its rows (:meth:`add_rows`) or its reduction (:meth:`add_call`)."""
@@ -406,8 +428,7 @@ class _Moment:
         s = self.w_scale
         w_xx = self.w_xx
         p_x = self.w_x.to(f64) * s
-        # a Python count unless deferred checks masked it on the device (no host-device copy, no sync)
-        n_w: Tensor | float = self.w_n.to(f64) if isinstance(self.w_n, Tensor) else float(self.w_n)
+        n_w = self._window_count()
         shift = None if self.w_shift is None else self.w_shift.to(f64)
         self._clear_window()
         if self.s_xx is None or self.s_x is None or self.n is None:

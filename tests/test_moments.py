@@ -126,6 +126,36 @@ def test_masked_contributions_add_exact_zeros() -> None:
     assert_close(got[1], s_xx)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_flagged_calls_of_several_sizes_count_like_the_good_calls_alone(centered: bool) -> None:
+    """Under deferred checks a window counts its flagged calls' rows once per fold (grouped by row count);
+    calls of 3 and 5 rows, flagged and not, some bad, reduced or not, over two windows: the count, mean
+    and second moment equal those of the good calls added alone (float64: exactly equal counts)."""
+    g = torch.Generator().manual_seed(5)
+    calls = [(1.0 + torch.randn(3 if i % 3 else 5, 4, generator=g, dtype=torch.float64), i % 4 != 2, i % 5 == 0) for i in range(11)]
+    flagged, plain = mo._Moment(centered), mo._Moment(centered)
+    for i, (rows, good, unflagged) in enumerate(calls):
+        bad = rows.clone()
+        bad[0, 0] = float("nan")
+        item = rows if good else bad
+        ok = None if unflagged and good else torch.tensor(good)
+        flagged.add(item if i % 2 else flagged.reduce(item), ok)
+        if good:
+            plain.add(rows if i % 2 else plain.reduce(rows), None)
+        if i == 6:
+            flagged.fold()
+            plain.fold()
+    flagged.fold()
+    plain.fold()
+    kept = [r for r, good, _ in calls if good]
+    n, s_x, s_xx = _dense(kept, centered)
+    assert float(flagged.n) == float(plain.n) == float(n)  # type: ignore[arg-type]
+    a, b = flagged.about(None), plain.about(None)
+    assert a is not None and b is not None
+    assert_close(a[1], b[1], rtol=1e-12, atol=1e-12)
+    assert_close(a[1], s_xx, rtol=1e-10, atol=1e-9)
+
+
 def test_row_norms_normalisation_and_scales() -> None:
     """Row norms stay finite and exact for rows of 1e30 and 1e-30 (the float32 fast path falls back to float64);
     a zero row stays zero; scales are powers of two."""
