@@ -15,8 +15,8 @@ Contenders: a plain step, then ``CRHMonitor(preprocess=mode, defer_checks=defer)
 ``defer_checks`` in ``False`` (checks in the hook, the CPU default) and ``True`` (the accelerator path: no
 sync in the hooks). Counted over ``--steps`` steps after two warm-up steps (folds included, every
 16 calls); printed per layer and step, the plain step's own count for scale. ``--route accelerator``
-(default) counts the code path a GPU takes: canonreg's CPU-only shortcut (float32 row norms whose
-range is read on the host, 2 syncs per norm, :data:`canonreg.moments._HOST_RANGE_CHECK`) is switched
+(default) counts the code path a GPU takes: canonreg's CPU route (:data:`canonreg.moments._CPU_ROUTE`:
+Grams in row panels, float32 row norms whose range is read on the host, 2 syncs per norm) is switched
 off in this process; ``--route cpu`` counts what the CPU runs.
 
 ``--baseline-rev REV`` counts the same contenders with canonreg from git revision ``REV`` (extracted
@@ -24,6 +24,7 @@ to a temporary folder, run in a subprocess) in the same run, for before/after ta
 
     python benchmarks/launches.py
     python benchmarks/launches.py --width 1024 --batch 512 --baseline-rev HEAD~3
+    python benchmarks/launches.py --device cuda --width 1024 --batch 512      # on a GPU: its own route
 """
 
 from __future__ import annotations
@@ -74,28 +75,29 @@ class OpCount(TorchDispatchMode):
 
 @contextmanager
 def _accelerator_route() -> Iterator[None]:
-    """Within: this process's canonreg takes its accelerator code paths on the CPU (no host range check of
-    the float32 row norms); revisions before ``moments._HOST_RANGE_CHECK`` get their float64 norm route
-    directly. Restored on exit."""
+    """Within: this process's canonreg takes its accelerator route on the CPU (one matmul per Gram, no host
+    range check of the float32 row norms); revisions before ``moments._CPU_ROUTE`` get their float64 norm
+    route (their Grams stay panelled). Restored on exit."""
     import canonreg.moments as moments
     import canonreg.monitor as monitor
 
-    saved = getattr(moments, "_HOST_RANGE_CHECK", None), monitor._row_norm2
+    saved = getattr(moments, "_CPU_ROUTE", None), monitor._row_norm2
     if saved[0] is not None:
-        moments._HOST_RANGE_CHECK = ()
+        moments._CPU_ROUTE = ()
     else:  # older revisions: their _row_norm2 returned the float64 squares of its non-CPU branch
         monitor._row_norm2 = lambda x: torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
     try:
         yield
     finally:
         if saved[0] is not None:
-            moments._HOST_RANGE_CHECK = saved[0]
+            moments._CPU_ROUTE = saved[0]
         monitor._row_norm2 = saved[1]
 
 
 def count(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per contender: kernels and syncs per layer-step (and the plain step's totals)."""
-    with _accelerator_route() if args.route == "accelerator" else contextlib.nullcontext():
+    emulate = args.route == "accelerator" and torch.device(args.device).type == "cpu"
+    with _accelerator_route() if emulate else contextlib.nullcontext():
         return _count(args)
 
 
@@ -104,9 +106,10 @@ def _count(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, args.d_in, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    model = mlp(args.d_in, args.width, args.depth, 10)
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, args.d_in, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    model = mlp(args.d_in, args.width, args.depth, 10).to(device)
     layers = sum(isinstance(m, nn.Linear) for m in model.modules())
     step = sgd_step(model, torch.optim.SGD(model.parameters(), lr=1e-3), x, y)
     step()
@@ -177,6 +180,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--route", choices=["cpu", "accelerator"], default="accelerator",
         help="accelerator (default): canonreg's non-CPU code paths, counted on the CPU; cpu: the CPU's own",
     )
+    p.add_argument("--device", default="cpu", help="where the model runs (a GPU counts its own route; --route is then moot)")
     p.add_argument("--baseline-rev", default=None, help="also count canonreg at this git revision")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # rows for --baseline-rev's subprocess
     p.add_argument("--out", default=None, help="write the rows (and the baseline's) as JSON here")
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table.append(line)
     print(
         f"MLP {args.depth} × {args.width} (d_in {args.d_in}, batch {args.batch}), {args.steps} counted steps, "
-        f"{args.route} route, torch {torch.__version__}"
+        f"on {args.device}" + (f", {args.route} route" if torch.device(args.device).type == "cpu" else "")
+        + f", torch {torch.__version__}"
     )
     print(markdown_table(header, table))
     for r in rows[1:]:

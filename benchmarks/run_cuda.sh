@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go: the CUDA tests, then the three overhead benchmarks on the GPU.
+# The GPU checks in one go: the CUDA tests, then the overhead benchmarks and the kernel count on the GPU.
 #
 #   bash benchmarks/run_cuda.sh [OUT_DIR]     # OUT_DIR defaults to benchmarks/results
 #
@@ -19,6 +19,7 @@ python3 benchmarks/monitor_overhead.py --device cuda --widths 1024 4096 --batch 
     --naive-max-width 1024 --cnn-batch 256 --out "$out/monitor_overhead_cuda.json" 2>&1 | tee -a "$out/run_cuda.log" || status=1
 python3 benchmarks/monitor_overhead.py --device cuda --widths 4096 --batch 8192 --steps 5 --rounds 3 --no-cnn \
     --naive-max-width 0 --out "$out/monitor_overhead_cuda_b8192.json" 2>&1 | tee -a "$out/run_cuda.log" || status=1
+python3 benchmarks/launches.py --device cuda --width 1024 --batch 512 --out "$out/launches_cuda.json" 2>&1 | tee -a "$out/run_cuda.log" || status=1
 python3 benchmarks/loss_overhead.py --device cuda --rounds 20 --out "$out/loss_overhead_cuda.json" 2>&1 | tee -a "$out/run_cuda.log" || status=1
 python3 benchmarks/optim_overhead.py --device cuda --out "$out/optim_overhead_cuda.json" 2>&1 | tee -a "$out/run_cuda.log" || status=1
 exit $status

@@ -41,6 +41,17 @@ _SYRK_BLOCK = 256
 #: Row-panel height of the upper-triangular Gram (one matmul per panel).
 _SYRK_PANEL = 128
 
+#: Device types that take the CPU route, where per-step work is bound by flops and host calls are cheap:
+#: Grams built in row panels of the upper triangle (:func:`_gram_upper_`), folds in panels of
+#: ``_SYRK_PANEL`` rows, float32 row norms range-checked on the host (:func:`_row_norm2`, two reads per
+#: norm). Every other device (a GPU: bound by kernel launches and host syncs) takes the accelerator
+#: route: one matmul per Gram, folds in panels of up to ``_FOLD_PANEL_BYTES``, float64 norms with no
+#: read. ``benchmarks/launches.py`` empties it to count the accelerator route on a CPU.
+_CPU_ROUTE: tuple[str, ...] = ("cpu",)
+
+#: Float64 temporary per fold panel on the accelerator route (64 MiB: one panel up to width 2896).
+_FOLD_PANEL_BYTES = 1 << 26
+
 
 def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
     """``out += alpha · xᵀx`` on the upper block triangle only (a BLAS-free ``syrk``).
@@ -49,10 +60,11 @@ def _gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> None:
     matmul each, so ``1/2 + p/(2d)`` of the flops of ``xᵀx`` are spent (0.56 at ``d = 1024``; measured
     ~12% faster than halving recursively with 256-column leaves on one CPU thread). Widths up to
     ``_SYRK_BLOCK`` take one full matmul; the strictly lower blocks of ``out`` are left untouched
-    (see :func:`symmetric_from_upper`).
+    (see :func:`symmetric_from_upper`). Off the CPU route (:data:`_CPU_ROUTE`) the whole Gram is one
+    matmul: twice the flops, one kernel launch instead of ``d/p``; nothing reads the lower blocks.
     """
     d = x.shape[1]
-    if d <= _SYRK_BLOCK:
+    if d <= _SYRK_BLOCK or x.device.type not in _CPU_ROUTE:  # accelerators: one launch (lower blocks written too)
         out.addmm_(x.T, x, alpha=alpha)
         return
     p = max(1, min(_SYRK_PANEL, _SYRK_BLOCK))
@@ -481,8 +493,9 @@ class _Moment:
         re = None if e is None else self._right(e)
         exact = self.probe is None
         d = w_xx.shape[0]
-        for i in range(0, d, _SYRK_PANEL):
-            j = min(i + _SYRK_PANEL, d)
+        rows = _SYRK_PANEL if dev.type in _CPU_ROUTE else max(_SYRK_PANEL, _FOLD_PANEL_BYTES // (8 * w_xx.shape[1]))
+        for i in range(0, d, rows):
+            j = min(i + rows, d)
             c = i if exact else 0
             blk = w_xx[i:j, c:].to(dev, f64).mul_(s * s)
             if v is not None and rv is not None:
@@ -558,11 +571,6 @@ class _LayerState:
 #: of such a row neither overflow nor lose more than float32 rounding to underflow).
 _NORM_LO, _NORM_HI = 1e-12, 1e18
 
-#: Device types whose float32 row norms are range-checked on the host (two syncs per norm: free on the
-#: CPU; accelerators take the float64 route with no sync). ``benchmarks/launches.py`` empties it to count
-#: the accelerator route on a CPU.
-_HOST_RANGE_CHECK: tuple[str, ...] = ("cpu",)
-
 
 class RowNorms:
     """The row norms of one call's rows ``x`` (:func:`_row_norm2`), each form made once and only if used.
@@ -609,7 +617,7 @@ def _row_norm2(x: Tensor) -> RowNorms:
     float64 reduction is taken instead. The check reads two numbers on the host: free on the CPU,
     so accelerators keep the float64 route (no sync).
     """
-    if x.dtype == torch.float32 and x.device.type in _HOST_RANGE_CHECK and x.shape[0] > 0 and x.shape[1] > 0:
+    if x.dtype == torch.float32 and x.device.type in _CPU_ROUTE and x.shape[0] > 0 and x.shape[1] > 0:
         norm = torch.linalg.vector_norm(x, dim=1)
         lo, hi = torch.aminmax(norm)
         if _NORM_LO < float(lo) and float(hi) < _NORM_HI:  # False for NaN

@@ -188,5 +188,5 @@ def test_launches_counts_kernels_and_syncs_and_restores_the_cpu_route(capsys: py
         assert rows[f"monitor {mode}, defer_checks=False"]["syncs"] == checks
         assert rows[f"monitor {mode}, defer_checks=True"]["syncs"] == 1 / 16  # one flag read per 16 calls
         assert rows[f"monitor {mode}, defer_checks=True"]["kernels"] > 0
-    assert moments._HOST_RANGE_CHECK == ("cpu",)
+    assert moments._CPU_ROUTE == ("cpu",)
     assert "accelerator route" in capsys.readouterr().out

@@ -214,6 +214,29 @@ def test_blocked_symmetric_gram_path(monkeypatch, name: str, preprocess: str, id
             assert_close(v, expected[k], msg=lambda m, k=k: f"{layer} {k}: {m}")
 
 
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("preprocess,identities", [("raw", True), ("centered", False), ("normalized", True)])
+@pytest.mark.parametrize("name", ["mlp", "conv1d", "transformer"])
+def test_accelerator_route_on_the_cpu(monkeypatch, name: str, preprocess: str, identities: bool, defer: bool) -> None:
+    """The route a GPU takes (``moments._CPU_ROUTE`` empty: one matmul per Gram, float64 norms with no host
+    read, folds in panels of up to ``_FOLD_PANEL_BYTES``), run on the CPU with blocks of 2 columns, fold
+    panels of 3 rows and a fold after every call: the same six matrices as the dense reference."""
+    import canonreg.moments as moments
+
+    monkeypatch.setattr(moments, "_CPU_ROUTE", ())
+    monkeypatch.setattr(moments, "_SYRK_BLOCK", 2)
+    monkeypatch.setattr(moments, "_SYRK_PANEL", 3)
+    monkeypatch.setattr(moments, "_FOLD_PANEL_BYTES", 8 * 3 * 4)  # 3 rows of 4 float64 columns at most
+    monkeypatch.setattr(moments, "_FOLD_EVERY", 1)
+    case = make_case(name)
+    refs = _reference(name, True)
+    report = run_monitor(case, preprocess=preprocess, identities=identities, defer_checks=defer).compute(exponents=False)
+    for layer in case.layers:
+        expected = ref_matrices(refs[layer], preprocess)
+        for k, v in report.matrices(layer).items():
+            assert_close(v, expected[k], msg=lambda m, k=k: f"{layer} {k}: {m}")
+
+
 def test_wide_layer_beyond_block_size() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 270), nn.Tanh(), nn.Linear(270, 3)).double()
