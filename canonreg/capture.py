@@ -407,6 +407,7 @@ class Capture:
         #: layers whose tap opens each call (``open_call``): their sub-layers' rows come from inside the forward
         self._openers: dict[str, CallOpener] = {n: tap for n, tap in layer_taps.items() if callable(getattr(tap, "open_call", None))}  # type: ignore[misc]
         self._open: dict[str, contextlib.AbstractContextManager[object]] = {}
+        self._owners: tuple[nn.Module, ...] = ()  # the tree's parameter holders, listed at attach
         #: an owner's switch between forward passes: while True, layer calls are not looked at (nor counted);
         #: e.g. CRHMonitor(every=k) on its inactive steps
         self.paused = False
@@ -447,6 +448,8 @@ class Capture:
         try:
             strip_inert_hooks(self.model)
             if self._on_root_fn() is not None:
+                # the parameter holders of the tree, listed once: the root check runs on every forward call
+                self._owners = tuple(m for m in self.model.modules() if m._parameters)
                 self._hooks.add(self.model.register_forward_pre_hook(_Hook(self, "", "root")))
             for layer, module in self.modules.items():
                 if layer in self._openers:
@@ -493,7 +496,7 @@ class Capture:
 
     # ------------------------------------------------------------------ the hooks
     def _on_root(self, module: nn.Module, inputs: tuple[object, ...]) -> None:
-        if module is self.model and torch.is_grad_enabled() and untraced_call(module, inputs, recurse=True) is None:
+        if module is self.model and torch.is_grad_enabled() and untraced_call(module, inputs, owners=self._owners) is None:
             fn = self._on_root_fn()
             if fn is not None:
                 fn()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -283,7 +283,14 @@ def _wrapped(x: object) -> bool:
     return isinstance(x, torch.Tensor) and bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def untraced_call(module: nn.Module, inputs: tuple[object, ...], output: object = None, *, recurse: bool = False) -> str | None:
+def untraced_call(
+    module: nn.Module,
+    inputs: tuple[object, ...],
+    output: object = None,
+    *,
+    recurse: bool = False,
+    owners: tuple[nn.Module, ...] | None = None,
+) -> str | None:
     """Why a call of ``module`` must not be recorded by canonreg's hooks, or None for an ordinary call.
 
     The rule (monitor, loss and noise wrapper alike): a call is skipped when
@@ -293,10 +300,16 @@ def untraced_call(module: nn.Module, inputs: tuple[object, ...], output: object 
     * a parameter of the module (of every submodule with ``recurse``) is not an ``nn.Parameter``:
       ``torch.func.functional_call`` substituted it, and the module's own weights (which the
       measurement and the identities use) are not the ones that ran.
+
+    ``owners``: the modules whose parameters stand for the tree (those of ``module.modules()`` that hold
+    any, listed once by the caller): the same check without walking the tree on every call.
     """
     if _wrapped(output) or any(_wrapped(x) for x in inputs):
         return "a call inside a torch.func transform (vmap/grad/jvp)"
-    params = module.parameters() if recurse else module._parameters.values()
+    if owners is not None:
+        params: Iterable[object] = (p for m in owners for p in m._parameters.values())
+    else:
+        params = module.parameters() if recurse else module._parameters.values()
     if any(p is not None and not isinstance(p, nn.Parameter) for p in params):
         return "a call with substituted parameters (torch.func.functional_call)"
     return None
