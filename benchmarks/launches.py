@@ -13,7 +13,8 @@ the same count on any machine:
 Model: an MLP of ``--depth`` hidden layers of ``--width`` (+ a 10-way head), batch ``--batch``, SGD.
 Contenders: a plain step, then ``CRHMonitor(preprocess=mode, defer_checks=defer)`` for each mode and
 ``defer_checks`` in ``False`` (checks in the hook, the CPU default) and ``True`` (the accelerator path: no
-sync in the hooks). Counted over ``--steps`` steps after two warm-up steps (folds included, every
+sync in the hooks); with ``--others`` (default) also ``AlignmentLoss`` (f-RWA + b-RWA on every layer,
+exact and ``hutchinson`` with 16 probes; the double backward included) and ``NoiseCalibrated(SGD)``. Counted over ``--steps`` steps after two warm-up steps (folds included, every
 16 calls); printed per layer and step, the plain step's own count for scale. ``--route accelerator``
 (default) counts the code path a GPU takes: canonreg's CPU route (:data:`canonreg.moments._CPU_ROUTE`:
 Grams in row panels, float32 row norms whose range is read on the host, 2 syncs per norm) is switched
@@ -38,13 +39,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,23 +123,41 @@ def _count(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {"contender": "plain step", "kernels": base_k, "syncs": plain.syncs / args.steps, "per": "step"}
     ]
+
+    def added(contender: str, run: Callable[[], None]) -> None:
+        run()
+        run()
+        with OpCount() as c:
+            for _ in range(args.steps):
+                run()
+        rows.append({
+            "contender": contender,
+            "kernels": (sum(c.kernels.values()) / args.steps - base_k) / layers,
+            "syncs": (c.syncs - plain.syncs) / args.steps / layers,
+            "per": "layer-step",
+            "top": [(k, round(v / args.steps / layers, 2)) for k, v in _added(c.kernels, plain.kernels, args.steps)],
+        })
+
     for mode in args.modes:
         for defer in (False, True):
-            monitor = canonreg.CRHMonitor(model, preprocess=mode, defer_checks=defer)
-            with monitor:
-                step()
-                step()
-                with OpCount() as c:
-                    for _ in range(args.steps):
-                        step()
-            extra = sum(c.kernels.values()) / args.steps - base_k
-            rows.append({
-                "contender": f"monitor {mode}, defer_checks={defer}",
-                "kernels": extra / layers,
-                "syncs": (c.syncs / args.steps - plain.syncs / args.steps) / layers,
-                "per": "layer-step",
-                "top": [(k, round(v / args.steps / layers, 2)) for k, v in _added(c.kernels, plain.kernels, args.steps)],
-            })
+            with canonreg.CRHMonitor(model, preprocess=mode, defer_checks=defer):
+                added(f"monitor {mode}, defer_checks={defer}", step)
+    if args.others:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for label, kw in (("exact", {}), ("hutchinson, probes=16", {"estimator": "hutchinson", "probes": 16})):
+            align = canonreg.AlignmentLoss(model, relations=("f-RWA", "b-RWA"), **kw)
+
+            def loss_step(align: Any = align) -> None:
+                task = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                (task + align(task)).backward()
+                opt.step()
+
+            added(f"AlignmentLoss f-RWA + b-RWA, {label}", loss_step)
+            align.detach()
+        wrapped = canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=1e-3), model, weight_decay=1e-4, noise="auto")
+        added("NoiseCalibrated(SGD), noise='auto'", sgd_step(model, wrapped, x, y))
+        wrapped.detach()
     return rows
 
 
@@ -180,6 +200,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--route", choices=["cpu", "accelerator"], default="accelerator",
         help="accelerator (default): canonreg's non-CPU code paths, counted on the CPU; cpu: the CPU's own",
     )
+    p.add_argument("--others", action=argparse.BooleanOptionalAction, default=True,
+                   help="also count AlignmentLoss (exact, hutchinson) and NoiseCalibrated")
     p.add_argument("--device", default="cpu", help="where the model runs (a GPU counts its own route; --route is then moot)")
     p.add_argument("--baseline-rev", default=None, help="also count canonreg at this git revision")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # rows for --baseline-rev's subprocess

@@ -597,11 +597,22 @@ def _has_memory(group: Mapping[str, Any]) -> bool:
 
 
 def _all_finite(layer: _Layer) -> Tensor:
-    """A 0-dim bool tensor: the layer's weight and bias gradients are finite everywhere (no host sync)."""
-    ok = torch.isfinite(layer.weight.grad).all() if layer.weight.grad is not None else torch.ones((), dtype=torch.bool)
+    """A 0-dim bool tensor: the layer's weight and bias gradients are finite everywhere (no host sync).
+
+    ``max |g| < inf`` per gradient: one reduction (which propagates NaN) and one comparison, instead of
+    ``isfinite(g).all()``'s four passes over ``g``.
+    """
+    ok = _finite_max(layer.weight.grad) if layer.weight.grad is not None else torch.ones((), dtype=torch.bool)
     if layer.bias is not None and layer.bias.grad is not None:
-        ok = ok & torch.isfinite(layer.bias.grad).all()
+        ok = ok & _finite_max(layer.bias.grad)
     return ok
+
+
+def _finite_max(g: Tensor) -> Tensor:
+    """``max |g_ij| < inf`` as a 0-dim bool tensor (False for any NaN or inf entry; True when empty)."""
+    if g.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=g.device)
+    return torch.linalg.vector_norm(g, ord=math.inf) < math.inf
 
 
 def _output_rows(t: Tensor, d_b: int, rows: Tensor | None) -> Tensor:
