@@ -157,11 +157,13 @@ class CRHMonitor:
             hooks: every contribution is masked on the device (``torch.where``, so a non-finite call
             adds exactly nothing), and the flags are read once per ``16`` committed calls of a layer
             and in ``compute()``; the policy then acts (raise / warn / count as skipped) naming the
-            same layer and call, up to 16 calls later. Measured on an H200 (MLP 4×1024, batch 4096,
-            ``benchmarks/results/monitor_overhead_cuda_*.json``, 2 rounds): slower at every step
-            (4.75× vs 4.15× plain, centered; the cost there is kernel launches, not syncs), faster
-            with ``every=10`` (1.14× vs 1.29×); so the default stays ``False``. ``None``: deferred on
-            accelerators, immediate on the CPU.
+            same layer and call, up to 16 calls later. Measured on an H200 with the previous release
+            (MLP 4×1024, batch 4096, ``benchmarks/results/monitor_overhead_cuda_*.json``, 2 rounds):
+            slower at every step (4.75× vs 4.15× plain, centered; the cost there is kernel launches,
+            not syncs), faster with ``every=10`` (1.14× vs 1.29×); so the default stays ``False``.
+            Deferring costs ~8–13 kernels per layer call more than checking in the hook and saves its
+            2–4 syncs (``python benchmarks/launches.py``; not re-timed on a GPU). ``None``: deferred
+            on accelerators, immediate on the CPU.
         on_missing: ``"error" | "warn" | "skip"`` for requested layers that recorded no samples.
         taps: extra ``{module type: tap}`` for this monitor only.
         sync_dist: all-reduce across ``torch.distributed`` ranks in ``compute()`` (a collective call:
