@@ -100,8 +100,9 @@ def symmetric_from_upper(m: Tensor, scale: float = 1.0, mean: Tensor | None = No
 
 
 def _gram(x: Tensor) -> Tensor:
-    """A fresh upper-block-triangular Gram ``xᵀx`` (same layout as the partial sums)."""
-    if x.shape[1] <= _SYRK_BLOCK:
+    """A fresh upper-block-triangular Gram ``xᵀx`` (same layout as the partial sums; off the CPU route the
+    full Gram, one matmul)."""
+    if x.shape[1] <= _SYRK_BLOCK or x.device.type not in _CPU_ROUTE:
         return x.T @ x
     out = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     _gram_upper_(out, x)

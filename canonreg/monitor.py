@@ -614,10 +614,10 @@ class CRHMonitor:
             if deferred:
                 # No host sync: a call with any non-finite row contributes exact zeros (torch.where
                 # never propagates the unselected NaN); its counts are corrected in _resolve. The
-                # totals are sums of norms (≥ 0, NaN or +inf when a row is not finite), so one
-                # comparison of their sum flags the call.
+                # totals are sums of norms (≥ 0, NaN or +inf when a row is not finite): one
+                # comparison and one reduction flag the call.
                 totals = torch.stack([t for _, t in deferred])
-                ok = totals.sum() < math.inf
+                ok = (totals < math.inf).all()
                 flags = (tuple(w for w, _ in deferred), totals, ok)
             # Everything is finite (or masked): commit the forward half and the backward half together.
             for k, v in pending.items():
