@@ -160,7 +160,7 @@ def _pow2_scale(spread: Tensor, fallback: Tensor) -> Tensor:
     rescaling at the fold exact.
     """
     m = torch.where(spread > 0, spread, fallback).to(torch.float64)
-    m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+    m = torch.where((m > 0) & (m < math.inf), m, 1.0)  # NaN fails both comparisons
     return torch.exp2(torch.floor(torch.log2(m)))
 
 
