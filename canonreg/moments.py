@@ -579,7 +579,7 @@ class RowNorms:
     Built from either ``norm``, ``‖x_i‖`` in ``x``'s float32 (the CPU route, ``checked``: every norm was
     seen inside ``(1e-12, 1e18)`` on the host, so every entry of ``x`` is finite and no row is zero), or
     ``root``, ``‖x_i‖`` in float64 (finite for every finite float32 row, even of 1e30). ``sq`` is
-    ``‖x_i‖²`` in float64, :meth:`total` a float64 sum that is finite exactly when every row is,
+    ``‖x_i‖²`` in float64, :meth:`total` their sum (the policy check),
     :meth:`norm` the norm in a given dtype (what :func:`_normalize` divides by).
     """
 
@@ -601,8 +601,9 @@ class RowNorms:
         return self._sq
 
     def total(self) -> Tensor:
-        """``Σ_i ‖x_i‖`` in float64 (NaN/inf exactly when a row holds a NaN/inf, or its norm overflows)."""
-        return self._root.sum() if self._root is not None else self.sq.sum()
+        """``Σ_i ‖x_i‖²`` in float64: NaN/inf exactly when a row holds a NaN/inf or its squares overflow
+        float64 (float64 rows beyond ~1e154, whose float64 moments would overflow too)."""
+        return self.sq.sum()
 
     def norm(self, dtype: torch.dtype) -> Tensor:
         if self._norm is None or self._norm.dtype != dtype:

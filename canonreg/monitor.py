@@ -379,7 +379,8 @@ class CRHMonitor:
         """Policy check on the rows whose :func:`_row_norm2` norms are ``norms`` (finite ⇔ every entry is finite).
 
         One reduction and one host sync instead of an elementwise ``isfinite`` over the matrices:
-        ``Σ_i ‖x_i‖`` (:meth:`RowNorms.total`) is NaN/inf exactly when a row is (or its norm overflows).
+        ``Σ_i ‖x_i‖² = Tr(Σ_i x_i x_iᵀ)`` (:meth:`RowNorms.total`) is NaN/inf exactly when a row is (or its
+        squares overflow).
         The immediate check reads that float64 sum on the host (no device-side ``isfinite``); with
         ``deferred`` (a list) its device flag is appended there instead and no sync happens.
         """
@@ -614,7 +615,7 @@ class CRHMonitor:
             if deferred:
                 # No host sync: a call with any non-finite row contributes exact zeros (torch.where
                 # never propagates the unselected NaN); its counts are corrected in _resolve. The
-                # totals are sums of norms (≥ 0, NaN or +inf when a row is not finite): one
+                # totals are sums of squares (≥ 0, NaN or +inf when a row is not finite): one
                 # comparison and one reduction flag the call.
                 totals = torch.stack([t for _, t in deferred])
                 ok = (totals < math.inf).all()

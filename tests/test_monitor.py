@@ -709,6 +709,22 @@ def test_deferred_checks_drop_non_finite_calls_like_immediate_checks(policy: str
             torch.testing.assert_close(got.matrices(layer)[k], v, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_float64_rows_whose_squares_overflow_are_refused_not_summed_to_inf(defer: bool) -> None:
+    """float64 activations whose every row norm and every square is finite (‖x_i‖² ≈ 1e308) but whose sum of
+    squares over the 5 rows (the trace of the float64 moment) is not: the policy check, on ``Σ‖x_i‖²``,
+    refuses the call instead of letting an infinite moment through (a check on ``Σ‖x_i‖`` would not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = 5.7e153 * (1.0 + 0.01 * torch.randn(5, 3, dtype=torch.float64))
+    assert torch.isfinite(x.square().sum(1)).all() and not torch.isfinite(x.square().sum())
+    y = torch.randint(0, 2, (5,))
+    monitor = CRHMonitor(model, defer_checks=defer)
+    with pytest.raises(CanonRegError, match=r"Non-finite activations \(h_a\) in layer '0'"), monitor:
+        F.cross_entropy(model(x), y).backward()
+        monitor.compute()
+
+
 def test_deferred_error_names_layer_and_call_at_the_next_resolution() -> None:
     case = make_case("mlp")
     x, y = case.batches[0]
