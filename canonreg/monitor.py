@@ -153,7 +153,7 @@ class CRHMonitor:
         nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients; ``"warn"``
             and ``"skip"`` drop the offending layer call (counted in ``report.skipped``).
         defer_checks: where the finiteness checks of ``nonfinite`` run. ``False``: in the hook, one
-            host sync per check (the error surfaces at the very call). ``True``: no host sync in the
+            host sync per half of a layer call (the error surfaces at the very call). ``True``: no host sync in the
             hooks: every contribution is masked on the device (``torch.where``, so a non-finite call
             adds exactly nothing), and the flags are read once per ``16`` committed calls of a layer
             and in ``compute()``; the policy then acts (raise / warn / count as skipped) naming the
@@ -161,8 +161,8 @@ class CRHMonitor:
             (MLP 4×1024, batch 4096, ``benchmarks/results/monitor_overhead_cuda_*.json``, 2 rounds):
             slower at every step (4.75× vs 4.15× plain, centered; the cost there is kernel launches,
             not syncs), faster with ``every=10`` (1.14× vs 1.29×); so the default stays ``False``.
-            Deferring costs ~8–13 kernels per layer call more than checking in the hook and saves its
-            2–4 syncs (``python benchmarks/launches.py``; not re-timed on a GPU). ``None``: deferred
+            Deferring costs ~8–11 kernels per layer call more than checking in the hook and saves its
+            2 syncs (``python benchmarks/launches.py``; not re-timed on a GPU). ``None``: deferred
             on accelerators, immediate on the CPU.
         on_missing: ``"error" | "warn" | "skip"`` for requested layers that recorded no samples.
         taps: extra ``{module type: tap}`` for this monitor only.
@@ -374,26 +374,34 @@ class CRHMonitor:
         return device.type != "cpu" if self.defer_checks is None else self.defer_checks
 
     def _finite(
-        self, name: str, what: str, call: int, norms: RowNorms, deferred: list[tuple[str, Tensor]] | None = None
+        self, name: str, call: int, checks: list[tuple[str, RowNorms]], deferred: list[tuple[str, Tensor]] | None = None
     ) -> bool:
-        """Policy check on the rows whose :func:`_row_norm2` norms are ``norms`` (finite ⇔ every entry is finite).
+        """Policy check on one half of a layer call: ``checks`` names each set of rows (``"activations (h_a)"``,
+        …) with its :func:`_row_norm2` norms; True when every row is finite.
 
-        One reduction and one host sync instead of an elementwise ``isfinite`` over the matrices:
-        ``Σ_i ‖x_i‖² = Tr(Σ_i x_i x_iᵀ)`` (:meth:`RowNorms.total`) is NaN/inf exactly when a row is (or its
-        squares overflow).
-        The immediate check reads that float64 sum on the host (no device-side ``isfinite``); with
-        ``deferred`` (a list) its device flag is appended there instead and no sync happens.
+        One reduction per set and one host sync for the whole half instead of an elementwise ``isfinite``
+        over the matrices: ``Σ_i ‖x_i‖² = Tr(Σ_i x_i x_iᵀ)`` (:meth:`RowNorms.total`) is NaN/inf exactly
+        when a row is (or its squares overflow); the sets' sums are added on the device and read once
+        (each read alone only when that sum is not finite, to name the first culprit). Norms range-checked
+        on the host already are skipped. With ``deferred`` (a list) the sums are appended there instead
+        and no sync happens.
         """
-        if norms.checked:  # every norm was seen finite on the host already
+        totals = [(what, norms.total()) for what, norms in checks if not norms.checked]
+        if not totals:
             return True
-        total = norms.total()
         if deferred is not None:
-            deferred.append((what, total))
+            deferred.extend(totals)
             return True
+        total = totals[0][1]
+        for _, t in totals[1:]:
+            total = total + t
         if math.isfinite(float(total)):
             return True
-        self._policy(name, what, call, stacklevel=4)
-        return False
+        for what, t in totals:
+            if len(totals) == 1 or not math.isfinite(float(t)):
+                self._policy(name, what, call, stacklevel=4)
+                return False
+        return True  # each sum finite, only their total overflowed: every row is finite
 
     def _policy(self, name: str, what: str, call: int, stacklevel: int) -> None:
         """Act on one non-finite layer call (raise, warn, or count it as skipped)."""
@@ -455,20 +463,23 @@ class CRHMonitor:
                 xa = xa[idx]
             xa = at_least_float32(xa)
             ha_norm2 = _row_norm2(xa)
-            if not self._finite(name, "activations (h_a)", call, ha_norm2, deferred):
-                return
-            ya = _normalize(xa, ha_norm2) if self.preprocess == "normalized" else xa
-            pending: dict[str, Tensor | _CallMoment] = {}
-            pending["Ha"], version = self._input_moment(tap, module, inputs, ya, self._state[name].moments["Ha"])
-            rows_b = None
+            checks = [("activations (h_a)", ha_norm2)]
+            hb = hb_norm2 = None
             if self.direct or self.track_balance:
                 hb = at_least_float32(tap.output_rows(module, output).detach())
                 if idx is not None:
                     hb = hb[idx]
                 if self.direct:
                     hb_norm2 = _row_norm2(hb)
-                    if not self._finite(name, "activations (h_b)", call, hb_norm2, deferred):
-                        return
+                    checks.append(("activations (h_b)", hb_norm2))
+            if not self._finite(name, call, checks, deferred):
+                return
+            ya = _normalize(xa, ha_norm2) if self.preprocess == "normalized" else xa
+            pending: dict[str, Tensor | _CallMoment] = {}
+            pending["Ha"], version = self._input_moment(tap, module, inputs, ya, self._state[name].moments["Ha"])
+            rows_b = None
+            if hb is not None:
+                if hb_norm2 is not None:
                     pending["Hb"] = self._output_moment(name, tap, module, output, xa, hb, hb_norm2)
                 if self.track_balance:
                     rows_b = _balance_rows(tap, module, hb, output)
@@ -597,14 +608,14 @@ class CRHMonitor:
                 gb = gb[idx]
             gb = at_least_float32(gb)
             gb_norm2 = _row_norm2(gb)
-            if not self._finite(name, "gradients (g_b)", call, gb_norm2, deferred):
-                return
+            checks = [("gradients (g_b)", gb_norm2)]
             ga = ga_norm2 = None
             if self.direct:
                 ga = _ga_rows(tap, module, gb, idx, grad_input)
                 ga_norm2 = _row_norm2(ga)
-                if not self._finite(name, "gradients (g_a)", call, ga_norm2, deferred):
-                    return
+                checks.append(("gradients (g_a)", ga_norm2))
+            if not self._finite(name, call, checks, deferred):
+                return
             if version is not None and version[0]._version != version[1]:
                 raise CanonRegError(
                     f"The input of layer {_display(name)!r} was modified in place between its forward pass and "

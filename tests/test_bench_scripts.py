@@ -176,16 +176,16 @@ def test_scaling_modes_kinds_idle(tmp_path: Path, restore_threads: None) -> None
 
 def test_launches_counts_kernels_and_syncs_and_restores_the_cpu_route(capsys: pytest.CaptureFixture[str]) -> None:
     """Counts at the dispatcher (no timing): on the accelerator route deferred checks make no host sync in the
-    hooks (only the flag reads every 16 calls), immediate ones one per checked tensor; the CPU route's host
-    range check is switched back on afterwards."""
+    hooks (only the flag reads every 16 calls), immediate ones one per half of a layer call; the CPU route's
+    host range check is switched back on afterwards."""
     import canonreg.moments as moments
 
     launches = _load("launches")
     result = launches.main(["--width", "8", "--d-in", "6", "--batch", "4", "--depth", "1", "--steps", "16", "--modes", "raw", "normalized"])
     rows = {r["contender"]: r for r in result["rows"]}
     assert rows["plain step"]["syncs"] == 0 and rows["plain step"]["kernels"] > 0
-    for mode, checks in (("raw", 2), ("normalized", 4)):  # raw: h_a, g_b; normalized also h_b, g_a
-        assert rows[f"monitor {mode}, defer_checks=False"]["syncs"] == checks
+    for mode in ("raw", "normalized"):  # one read per half of a call: h_a (+ h_b), then g_b (+ g_a)
+        assert rows[f"monitor {mode}, defer_checks=False"]["syncs"] == 2
         assert rows[f"monitor {mode}, defer_checks=True"]["syncs"] == 1 / 16  # one flag read per 16 calls
         assert rows[f"monitor {mode}, defer_checks=True"]["kernels"] > 0
     assert moments._CPU_ROUTE == ("cpu",)

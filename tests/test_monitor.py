@@ -710,6 +710,27 @@ def test_deferred_checks_drop_non_finite_calls_like_immediate_checks(policy: str
 
 
 @pytest.mark.parametrize("defer", [False, True])
+def test_one_sync_per_half_still_names_the_set_that_is_not_finite(defer: bool) -> None:
+    """h_a and h_b are checked together (their sums added, one read): when only h_b overflows (float32
+    weights of 1e30 on inputs of 1e10) the policy names h_b, not h_a, and drops just that call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    monitor = CRHMonitor(model, preprocess="normalized", nonfinite="warn", defer_checks=defer)
+    with monitor, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            model[0].weight.mul_(1e30)
+        F.cross_entropy(model(x * 1e10), y).backward()
+        report = monitor.compute(n_bootstrap=0)
+    messages = [str(w.message) for w in caught if "Non-finite" in str(w.message)]
+    layer0 = [m for m in messages if "layer '0'" in m]  # (NaN reaches layer '2' through the overflowed h_b too)
+    assert len(layer0) == 1 and "activations (h_b) in layer '0' at forward call 2" in layer0[0], messages
+    assert report.skipped["0"] == 1 and report.samples["0"] == 5
+
+
+@pytest.mark.parametrize("defer", [False, True])
 def test_float64_rows_whose_squares_overflow_are_refused_not_summed_to_inf(defer: bool) -> None:
     """float64 activations whose every row norm and every square is finite (‖x_i‖² ≈ 1e308) but whose sum of
     squares over the 5 rows (the trace of the float64 moment) is not: the policy check, on ``Σ‖x_i‖²``,
