@@ -293,7 +293,19 @@ def test_reset_mid_window_then_more_steps_matches_a_fresh_monitor() -> None:
 
 
 # ============================================================================= 3. numerics
-def test_large_offset_centered_moments_do_not_cancel() -> None:
+@pytest.fixture(params=["cpu", "accelerator"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The numerics tests below run on both routes of the monitor's moments: the CPU's (row panels, float32
+    norms range-checked on the host) and the one a GPU takes (``moments._CPU_ROUTE`` empty: one matmul per
+    Gram, float64 norms, no host read), here on the CPU."""
+    if request.param == "accelerator":
+        import canonreg.moments as moments
+
+        monkeypatch.setattr(moments, "_CPU_ROUTE", ())
+    return str(request.param)
+
+
+def test_large_offset_centered_moments_do_not_cancel(route: str) -> None:
     """Issue 10 item 1: 20 steps of inputs 1000 + N(0, 1) in float32; H_a must be the covariance (≈ I)."""
     torch.manual_seed(1)
     m = nn.Sequential(nn.Linear(4, 4))
@@ -312,7 +324,7 @@ def test_large_offset_centered_moments_do_not_cancel() -> None:
     assert float(torch.linalg.eigvalsh(h_a).min()) > 0.8
 
 
-def test_large_offset_normalized_mode_matches_the_dense_reference() -> None:
+def test_large_offset_normalized_mode_matches_the_dense_reference(route: str) -> None:
     """Normalised rows of 1000 + N(0, 1) nearly coincide: their covariance (~1e-7) sits under a mean of 0.25."""
     torch.manual_seed(2)
     m = nn.Sequential(nn.Linear(4, 3))
@@ -325,7 +337,7 @@ def test_large_offset_normalized_mode_matches_the_dense_reference() -> None:
 
 
 @pytest.mark.parametrize("preprocess", ["centered", "normalized"])
-def test_one_sample_gives_nan_with_a_stated_reason(preprocess: str) -> None:
+def test_one_sample_gives_nan_with_a_stated_reason(preprocess: str, route: str) -> None:
     """Issue 10 item 1: one sample has a zero covariance: NaN α with a reason, NaN ranks (never PR < 1)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -363,7 +375,7 @@ def test_participation_ratios_of_a_report_lie_in_one_to_d() -> None:
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
-def test_extreme_activation_scales_in_float32(scale: float) -> None:
+def test_extreme_activation_scales_in_float32(scale: float, route: str) -> None:
     """Activations of 1e±30 in a float32 model: the old code's float32 row norms overflowed (a false
     'non-finite' error) or its products underflowed (H = 0); now H_a = scale² · Cov(z)."""
     torch.manual_seed(5)
@@ -378,7 +390,7 @@ def test_extreme_activation_scales_in_float32(scale: float) -> None:
         assert_close(report.matrices("0")["G_b"], ref_moment(rows["gb"], mode), rtol=1e-5, atol=0)
 
 
-def test_tiny_gradients_do_not_underflow() -> None:
+def test_tiny_gradients_do_not_underflow(route: str) -> None:
     """A loss scaled by 1e-30 (float32): G_b ~ 1e-60 must come out, not zero (and α unchanged)."""
     torch.manual_seed(6)
     m = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
@@ -392,7 +404,7 @@ def test_tiny_gradients_do_not_underflow() -> None:
 
 
 @pytest.mark.parametrize("preprocess", ["centered", "raw"])
-def test_wide_layer_blocked_gram_across_folds_with_offset(preprocess: str) -> None:
+def test_wide_layer_blocked_gram_across_folds_with_offset(preprocess: str, route: str) -> None:
     """d_a = 300 > the 256-column block: upper-triangular windows and totals, symmetrised once at export."""
     torch.manual_seed(14)
     m = nn.Sequential(nn.Linear(300, 2))
@@ -405,7 +417,7 @@ def test_wide_layer_blocked_gram_across_folds_with_offset(preprocess: str) -> No
     assert_close(got, want, rtol=1e-6, atol=2e-5)
 
 
-def test_float64_model_with_offset_1e6() -> None:
+def test_float64_model_with_offset_1e6(route: str) -> None:
     torch.manual_seed(7)
     m = nn.Sequential(nn.Linear(3, 2)).double()
     xs = [1e6 + torch.randn(10, 3, dtype=torch.float64) for _ in range(20)]
@@ -414,7 +426,7 @@ def test_float64_model_with_offset_1e6() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_model_with_offset(dtype: torch.dtype) -> None:
+def test_low_precision_model_with_offset(dtype: torch.dtype, route: str) -> None:
     """Half/bfloat16 activations near 100: the covariance of the actual (rounded) rows, not a cancelled one."""
     torch.manual_seed(8)
     m = nn.Sequential(nn.Linear(4, 3)).to(dtype)
@@ -423,7 +435,7 @@ def test_low_precision_model_with_offset(dtype: torch.dtype) -> None:
     assert_close(report.matrices("0")["H_a"], dense_cov(torch.cat(xs)), rtol=1e-5, atol=1e-5)
 
 
-def test_model_changing_dtype_mid_window() -> None:
+def test_model_changing_dtype_mid_window(route: str) -> None:
     torch.manual_seed(9)
     m = nn.Sequential(nn.Linear(4, 3))
     xs = [50 + torch.randn(8, 4) for _ in range(4)]
@@ -438,7 +450,7 @@ def test_model_changing_dtype_mid_window() -> None:
     assert_close(got, dense_cov(torch.cat(xs)), rtol=0, atol=1e-5)
 
 
-def test_empty_batch_adds_nothing() -> None:
+def test_empty_batch_adds_nothing(route: str) -> None:
     torch.manual_seed(10)
     m = nn.Sequential(nn.Linear(4, 3))
     x = torch.randn(8, 4)
@@ -453,7 +465,7 @@ def test_empty_batch_adds_nothing() -> None:
 
 
 @pytest.mark.parametrize("defer", [False, True])
-def test_inf_input_error_names_layer_and_call(defer: bool) -> None:
+def test_inf_input_error_names_layer_and_call(defer: bool, route: str) -> None:
     m = _mlp()
     x = torch.randn(8, 5)
     x[3, 1] = float("inf")
