@@ -135,7 +135,7 @@ def _moment_pair(moment: str, when: Literal["always", "direct"]) -> tuple[_Accum
 
 
 #: Every per-layer accumulator, in the order of the flat all-reduce buffer and of the report's sums:
-#: :class:`_LayerState` (reset) and the monitor's ``_keys``, ``_zeros_like_key``, ``_exported`` /
+#: :class:`_LayerState` (reset) and the monitor's ``_accumulators``, ``_zeros_like_key``, ``_exported`` /
 #: ``_reduced_sums`` (the reduction) and ``_global_means`` all read this one declaration.
 _ACCUMULATORS: tuple[_Accumulator, ...] = (
     _Accumulator("n", "count"),  # committed rows (samples)
@@ -258,7 +258,8 @@ class _Moment:
     __slots__ = (
         "centered", "n", "origin", "probe", "_probes", "s_x", "s_xx", "w_n", "w_flagged", "w_shift", "w_scale", "w_x", "w_xx",
         "_spare",
-        "_coef",
+        "_k",
+        "_offset",
     )
 
     def __init__(self, centered: bool, probe: Tensor | None = None) -> None:
@@ -298,8 +299,9 @@ class _Moment:
         self.w_scale: Tensor | None = None
         self.w_x: Tensor | None = None
         self.w_xx: Tensor | None = None
-        # per window, in the rows' dtype: factor/s by factor, and −c/s (key None): computed once, not per call
-        self._coef: dict[float | None, Tensor] = {}
+        # per window, in the rows' dtype, made once instead of per call: factor/s by factor, and −c/s
+        self._k: dict[float, Tensor] = {}
+        self._offset: Tensor | None = None
 
     @property
     def empty(self) -> bool:
@@ -338,14 +340,13 @@ class _Moment:
             dev = x0 - shift if shift is not None else x0
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
         assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
-        k = self._coef.get(factor)
+        k = self._k.get(factor)
         if k is None:
-            k = self._coef[factor] = (factor / self.w_scale).to(rows.dtype)
+            k = self._k[factor] = (factor / self.w_scale).to(rows.dtype)
         if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
-            offset = self._coef.get(None)
-            if offset is None:
-                offset = self._coef[None] = (self.w_shift / self.w_scale).to(rows.dtype).neg_()
-            u = torch.addcmul(offset, rows, k)
+            if self._offset is None:
+                self._offset = (self.w_shift / self.w_scale).to(rows.dtype).neg_()
+            u = torch.addcmul(self._offset, rows, k)
         else:
             u = rows * k
         if ok is not None:

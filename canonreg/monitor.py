@@ -871,10 +871,6 @@ class CRHMonitor:
         kept = {"always": True, "direct": self.direct, "balance": self.track_balance}
         return [a for a in _ACCUMULATORS if kept[a.when]]
 
-    def _keys(self) -> list[str]:
-        """The keys of the reduced sums, in all-reduce order."""
-        return [a.name for a in self._accumulators()]
-
     def _global_means(self, names: list[str], device: torch.device) -> dict[tuple[str, str], Tensor]:
         """Every centred moment's mean over all ranks (one small all-reduce of counts and ``Σx``).
 
