@@ -54,6 +54,7 @@ from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms
 from .layers import LayerSpec, _display
+from .moments import _absmax
 from .noise_control import (
     LayerBalanceState,
     balance_from_state,
@@ -388,17 +389,10 @@ def _all_finite(layer: _Layer) -> Tensor:
     ``max |g| < inf`` per gradient: one reduction (which propagates NaN) and one comparison, instead of
     ``isfinite(g).all()``'s four passes over ``g``.
     """
-    ok = _finite_max(layer.weight.grad) if layer.weight.grad is not None else torch.ones((), dtype=torch.bool)
+    ok = _absmax(layer.weight.grad) < math.inf if layer.weight.grad is not None else torch.ones((), dtype=torch.bool)
     if layer.bias is not None and layer.bias.grad is not None:
-        ok = ok & _finite_max(layer.bias.grad)
+        ok = ok & (_absmax(layer.bias.grad) < math.inf)
     return ok
-
-
-def _finite_max(g: Tensor) -> Tensor:
-    """``max |g_ij| < inf`` as a 0-dim bool tensor (False for any NaN or inf entry; True when empty)."""
-    if g.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=g.device)
-    return torch.linalg.vector_norm(g, ord=math.inf) < math.inf
 
 
 def _output_rows(t: Tensor, d_b: int, rows: Tensor | None) -> Tensor:
