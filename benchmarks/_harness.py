@@ -21,9 +21,11 @@ import dataclasses
 import gc
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -266,3 +268,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def extract_package(rev: str, dest: Path) -> Path:
+    """canonreg's package as it was at git revision ``rev`` (``git archive``), extracted to ``dest/canonreg``;
+    returns ``dest`` (put it first on a path, or import ``dest/canonreg`` under another name)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "canonreg"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest

@@ -37,7 +37,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,9 +49,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import markdown_table, mlp, sgd_step  # noqa: E402
+from _harness import extract_package, markdown_table, mlp, sgd_step  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "lift_fresh", "detach", "alias", "scalar_tensor"})
 
 
@@ -167,23 +165,18 @@ def _added(with_hooks: collections.Counter[str], plain: collections.Counter[str]
     return [(k, v) for k, v in added.most_common(8) if v > 0]
 
 
-@contextmanager
-def _checkout(rev: str) -> Iterator[Path]:
-    """canonreg's package as it was at git revision ``rev``, in a temporary folder."""
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "canonreg"], check=True, capture_output=True).stdout
-        tar = Path(tmp) / "src.tar"
-        tar.write_bytes(archive)
-        with tarfile.open(tar) as t:
-            t.extractall(tmp, filter="data")
-        yield Path(tmp)
-
-
-def count_at(rev: str, argv: list[str]) -> list[dict[str, Any]]:
-    """:func:`count` with canonreg from ``rev`` (a subprocess with that package first on the path)."""
-    with _checkout(rev) as src, tempfile.TemporaryDirectory() as out:
+def count_at(rev: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """:func:`count` of the same model and contenders with canonreg from ``rev`` (a subprocess with that
+    package first on the path)."""
+    argv = [
+        "--width", str(args.width), "--depth", str(args.depth), "--d-in", str(args.d_in), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--modes", *args.modes, "--route", args.route, "--device", args.device,
+        "--others" if args.others else "--no-others",
+    ]
+    with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as out:
+        extract_package(rev, Path(src))
         target = Path(out) / "rows.json"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
         subprocess.run([sys.executable, __file__, *argv, "--json", str(target)], check=True, env=env)
         return json.loads(target.read_text())
 
@@ -215,11 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
         return {"rows": rows}
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
-    if args.baseline_rev:
-        i = passed.index("--baseline-rev")
-        passed = passed[:i] + passed[i + 2 :]
-    before = count_at(args.baseline_rev, passed) if args.baseline_rev else None
+    before = count_at(args.baseline_rev, args) if args.baseline_rev else None
     header = ["contender", "per", "kernels", "syncs"]
     if before is not None:
         header += [f"kernels at {args.baseline_rev}", f"syncs at {args.baseline_rev}"]

@@ -64,8 +64,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-import canonreg
-from canonreg.stats import environment
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import extract_package  # noqa: E402
+
+import canonreg  # noqa: E402
+from canonreg.stats import environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"every1_max": 1.8, "every10_max": 1.1, "naive_speedup_min": 5.0, "at_width": 1024}
@@ -258,13 +261,9 @@ def _timed(step: Callable[[], None], n: int, device: torch.device) -> tuple[floa
 def load_baseline(rev: str) -> Any:
     """The ``canonreg`` package of git revision ``rev``, imported as ``canonreg_baseline`` (``git archive``)."""
     import importlib.util
-    import subprocess
     import tempfile
 
-    root = Path(__file__).resolve().parent.parent
-    tmp = Path(tempfile.mkdtemp(prefix="canonreg_baseline_"))
-    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "canonreg"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    tmp = extract_package(rev, Path(tempfile.mkdtemp(prefix="canonreg_baseline_")))
     spec = importlib.util.spec_from_file_location(
         "canonreg_baseline", tmp / "canonreg" / "__init__.py", submodule_search_locations=[str(tmp / "canonreg")]
     )
