@@ -172,15 +172,17 @@ def _absmax(x: Tensor) -> Tensor:
 class _CallMoment:
     """One call's rows reduced in its forward hook: ``u = (x − origin)/scale``, ``Σu``, ``Σuuᵀ`` (upper layout).
 
+    The origin is the call's mean in every mode (raw moments too: a float32 ``Σuuᵀ`` of rows far from 0
+    would lose their spread to rounding; the window adds the origin back in float64 at the fold).
     With a ``probe`` ``P`` (``d × m``, sketched moments) ``s_xx`` is ``(Σuuᵀ) P = uᵀ(uP)`` instead.
     A call built by :meth:`projected` keeps ``Σuuᵀ = L Rᵀ`` as its two ``d × m`` factors (``factors``; ``s_xx`` None).
     """
 
     __slots__ = ("origin", "s_x", "s_xx", "factors", "scale", "count")
 
-    def __init__(self, rows: Tensor, centered: bool, probe: Tensor | None = None) -> None:
+    def __init__(self, rows: Tensor, probe: Tensor | None = None) -> None:
         self.count = rows.shape[0]
-        self.origin = rows.mean(0) if centered and self.count > 0 else None
+        self.origin = rows.mean(0) if self.count > 0 else None
         dev = rows - self.origin if self.origin is not None else rows
         self.scale = _pow2_scale(_absmax(dev), _absmax(rows))
         u = dev * (1.0 / self.scale).to(rows.dtype)
@@ -189,17 +191,17 @@ class _CallMoment:
         self.factors: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def projected(cls, z: Tensor, a: Tensor, centered: bool, dtype: torch.dtype) -> _CallMoment:
+    def projected(cls, z: Tensor, a: Tensor, dtype: torch.dtype) -> _CallMoment:
         """The call of the rows ``x_i = A z_i`` from ``z`` (``n × m``) and ``A`` (``d × m``, ``m ≪ d``), float64.
 
-        ``Σ(x − x̄)(x − x̄)ᵀ = A [Σ(z − z̄)(z − z̄)ᵀ] Aᵀ`` (raw: ``A [Σzzᵀ] Aᵀ``): an ``m × m`` float64 Gram and
-        one ``d × m × d`` product instead of the ``n·d²/2`` Gram of the rows; the same rows re-associated,
-        so exact up to rounding (the small Gram in float64, the last product in ``dtype``).
+        ``Σ(x − x̄)(x − x̄)ᵀ = A [Σ(z − z̄)(z − z̄)ᵀ] Aᵀ``: an ``m × m`` float64 Gram and one ``d × m × d``
+        product instead of the ``n·d²/2`` Gram of the rows; the same rows re-associated, so exact up to
+        rounding (the small Gram in float64, the last product in ``dtype``).
         """
         self = cls.__new__(cls)
         z = z.to(torch.float64)
         self.count = z.shape[0]
-        zbar = z.mean(0) if centered and self.count > 0 else None
+        zbar = z.mean(0) if self.count > 0 else None
         dz = z - zbar if zbar is not None else z
         t = a @ (dz.T @ dz)  # A C
         spread = ((t * a).sum(1).amax().clamp_min(0.0) / max(self.count, 1)).sqrt()  # from diag(A C Aᵀ)
@@ -241,11 +243,13 @@ class _Moment:
 
     * a window of at most ``_FOLD_EVERY`` calls accumulates, in the working dtype,
       ``u = (x − c)/s`` with the shift ``c`` = the mean of the window's first call and a power-of-two
-      scale ``s`` (:func:`_pow2_scale`), i.e. ``Σu`` and ``Σuuᵀ``;
+      scale ``s`` (:func:`_pow2_scale`), i.e. ``Σu`` and ``Σuuᵀ`` (in every mode: a working-dtype
+      ``Σxxᵀ`` of rows far from 0 would round their spread away);
     * the fold turns the window into float64 ``(n_w, mean_w, M2_w)`` and merges it into the totals with
       Chan, Golub & LeVeque's parallel update (1979)
       ``M2 ← M2 + M2_w + δδᵀ n n_w/(n + n_w)``, ``μ ← μ + δ n_w/(n + n_w)``, ``δ = mean_w − μ``;
-      the totals then keep ``o = μ`` and ``s_x = 0``.
+      the totals then keep ``o = μ`` and ``s_x = 0``. Raw totals add the shift back in float64 instead:
+      ``Σxxᵀ ← Σxxᵀ + M2_w + n_w mean_w mean_wᵀ``, ``Σx ← Σx + n_w mean_w``.
 
     ``ok`` (a 0-d bool tensor, deferred finiteness checks) masks a whole contribution to exact zeros.
 
@@ -289,7 +293,7 @@ class _Moment:
 
     def reduce(self, rows: Tensor) -> _CallMoment:
         """One call's rows reduced now (exact or sketched like this moment)."""
-        return _CallMoment(rows, self.centered, self.probe_like(rows))
+        return _CallMoment(rows, self.probe_like(rows))
 
     def _clear_window(self) -> None:
         """Start an empty window (``w_n = 0``; shift, scale and partial sums opened by the next call)."""
@@ -313,11 +317,11 @@ class _Moment:
         if self.w_xx is not None and (self.w_xx.dtype != like.dtype or self.w_xx.device != like.device):
             self.fold()  # the model changed dtype/device mid-window
 
-    def _open(self, shift: Tensor | None, scale: Tensor, ok: Tensor | None, like: Tensor) -> None:
+    def _open(self, shift: Tensor, scale: Tensor, ok: Tensor | None, like: Tensor) -> None:
         """Open a window with shift ``c`` and scale ``s`` (neutral ``c = 0, s = 1`` where ``ok`` is False)."""
         if ok is not None:
             scale = torch.where(ok, scale, torch.ones_like(scale))
-            shift = None if shift is None else torch.where(ok, shift, 0.0)
+            shift = torch.where(ok, shift, 0.0)
         self.w_shift = shift
         self.w_scale = scale
         d = like.shape[-1]  # rows (n × d) or a call's Σu (d)
@@ -336,19 +340,16 @@ class _Moment:
         self._match(rows)
         if self.w_xx is None:
             x0 = rows * factor
-            shift = x0.mean(0) if self.centered else None
-            dev = x0 - shift if shift is not None else x0
+            shift = x0.mean(0)
+            dev = x0 - shift
             self._open(shift, _pow2_scale(_absmax(dev), _absmax(x0)), ok, rows)
-        assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
+        assert self.w_scale is not None and self.w_shift is not None and self.w_xx is not None and self.w_x is not None
         k = self._k.get(factor)
         if k is None:
             k = self._k[factor] = (factor / self.w_scale).to(rows.dtype)
-        if self.w_shift is not None:  # u = rows·factor/s − c/s in one fused pass
-            if self._offset is None:
-                self._offset = (self.w_shift / self.w_scale).to(rows.dtype).neg_()
-            u = torch.addcmul(self._offset, rows, k)
-        else:
-            u = rows * k
+        if self._offset is None:
+            self._offset = (self.w_shift / self.w_scale).to(rows.dtype).neg_()
+        u = torch.addcmul(self._offset, rows, k)  # u = rows·factor/s − c/s in one fused pass
         if ok is not None:
             u = torch.where(ok, u, 0.0)
         probe = self.probe_like(u)
@@ -443,7 +444,8 @@ class _Moment:
         w_xx = self.w_xx
         p_x = self.w_x.to(f64) * s
         n_w = self._window_count()
-        shift = None if self.w_shift is None else self.w_shift.to(f64)
+        assert self.w_shift is not None
+        shift = self.w_shift.to(f64)
         self._clear_window()
         if self.s_xx is None or self.s_x is None or self.n is None:
             self._first_fold(w_xx.to(f64).mul_(s * s), p_x, n_w, shift)  # (a new tensor unless w_xx is float64)
@@ -453,18 +455,19 @@ class _Moment:
         if w_xx.untyped_storage().data_ptr() != self.s_xx.untyped_storage().data_ptr():
             self._spare = w_xx.zero_()
 
-    def _merge(self, w_xx: Tensor, s: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor | None) -> None:
+    def _merge(self, w_xx: Tensor, s: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor) -> None:
         """Chan's update of the totals with a window (``s²Σuuᵀ`` from ``w_xx`` panel by panel, ``sΣu = p_x``)."""
         assert self.s_xx is not None and self.s_x is not None and self.n is not None
         dev = self.s_xx.device
         p_x, s = p_x.to(dev), s.to(dev)
         n_w = n_w.to(dev) if isinstance(n_w, Tensor) else n_w
-        if not self.centered:
-            self.n, self.s_x = self.n + n_w, self.s_x + p_x
-            self._add_panels(w_xx, s, None, None)
+        mean_w, v = _window_mean(p_x, n_w, shift.to(dev))
+        if not self.centered:  # Σxxᵀ += (M2_w + v vᵀ) − v vᵀ + e eᵀ with e = √n_w · mean_w
+            e = mean_w * _sqrt(_at_least_one(n_w))
+            self.n, self.s_x = self.n + n_w, self.s_x + e * _sqrt(_at_least_one(n_w))
+            self._add_panels(w_xx, s, v, e)
         else:
-            assert shift is not None and self.origin is not None
-            mean_w, v = _window_mean(p_x, n_w, shift.to(dev))
+            assert self.origin is not None
             total = self.n + n_w
             delta = mean_w - self.origin
             frac = n_w / _at_least_one(total)
@@ -473,14 +476,15 @@ class _Moment:
             self._add_panels(w_xx, s, v, e)
             self.n = total
 
-    def _first_fold(self, p_xx: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor | None) -> None:
+    def _first_fold(self, p_xx: Tensor, p_x: Tensor, n_w: Tensor | float, shift: Tensor) -> None:
         """The totals from the first window (float64 ``s²Σuuᵀ = p_xx``, ``sΣu = p_x``)."""
-        if not self.centered:
-            self.n, self.s_x, self.s_xx = n_w, p_x, p_xx
-            return
-        assert shift is not None
         mean_w, v = _window_mean(p_x, n_w, shift)
-        self.n, self.origin, self.s_xx = n_w, mean_w, p_xx.addr_(v, self._right(v), alpha=-1.0)
+        m2 = p_xx.addr_(v, self._right(v), alpha=-1.0)
+        if not self.centered:  # Σxxᵀ = M2_w + n_w mean_w mean_wᵀ
+            self.n, self.s_x = n_w, mean_w * _at_least_one(n_w)
+            self.s_xx = m2.addr_(mean_w, self._right(mean_w * _at_least_one(n_w)))
+            return
+        self.n, self.origin, self.s_xx = n_w, mean_w, m2
         self.s_x = torch.zeros_like(self.origin)
 
     def _add_panels(self, w_xx: Tensor, s: Tensor, v: Tensor | None, e: Tensor | None) -> None:

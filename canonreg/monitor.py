@@ -511,7 +511,7 @@ class CRHMonitor:
             z = torch.cat([xa.to(torch.float64), torch.ones_like(xa[:, :1], dtype=torch.float64)], dim=1)
             if normalized:
                 z = z * _inverse_norm(hb_norm2.sq).unsqueeze(1)
-            return _CallMoment.projected(z, torch.cat([w, col.unsqueeze(1)], dim=1), moment.centered, hb.dtype)
+            return _CallMoment.projected(z, torch.cat([w, col.unsqueeze(1)], dim=1), hb.dtype)
         yb = _normalize(hb, hb_norm2) if normalized else hb
         fresh_small = yb.shape[0] <= yb.shape[1] and not _shares_storage(yb, output)
         return yb if fresh_small else moment.reduce(yb)
@@ -528,7 +528,7 @@ class CRHMonitor:
         if self.sketch is None and _plain_linear(tap, module) and _narrow(gb.shape[0], gb.shape[1], ga.shape[1]):
             w = tap.weight(module).detach().to(torch.float64)
             z = gb.to(torch.float64) * (-_inverse_norm(ga_norm2.sq).unsqueeze(1) if normalized else -scale)
-            moment.add_call(_CallMoment.projected(z, w.T, moment.centered, ga.dtype), ok)
+            moment.add_call(_CallMoment.projected(z, w.T, ga.dtype), ok)
         elif normalized:
             moment.add_rows(_normalize(ga, ga_norm2), -1.0, ok)
         else:

@@ -83,7 +83,7 @@ def test_reduced_calls_and_projected_calls_add_like_their_rows(centered: bool) -
     for z, r in zip(zs, rows):
         by_rows.add_rows(r, 1.0, None)
         by_calls.add(by_calls.reduce(r), None)
-        by_projection.add(mo._CallMoment.projected(z, a, centered, torch.float64), None)
+        by_projection.add(mo._CallMoment.projected(z, a, torch.float64), None)
     point = torch.randn(9, generator=g, dtype=torch.float64) if centered else None
     n, s_x, s_xx = _dense(rows, centered, point)
     for m in (by_rows, by_calls, by_projection):

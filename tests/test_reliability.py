@@ -324,6 +324,27 @@ def test_large_offset_centered_moments_do_not_cancel(route: str) -> None:
     assert float(torch.linalg.eigvalsh(h_a).min()) > 0.8
 
 
+@pytest.mark.parametrize("identities", [True, False])
+def test_large_offset_raw_moments_keep_their_spread(identities: bool, route: str) -> None:
+    """Raw moments of float32 inputs 1e5 + N(0, 1) over 20 steps (two folds): ``E[xxᵀ] − μμᵀ`` (float64, from
+    the report) is the covariance of the rows, and α matches the dense float64 reference. A float32 window
+    ``Σxxᵀ`` (no shift) rounded the spread away: f-RGA came out 0.08 and −0.50 at offsets 1e5 and 1e6 for 0."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    xs = [1e5 + torch.randn(32, 4) for _ in range(20)]
+    report = monitor_run(m, xs, sq_loss, preprocess="raw", identities=identities)
+    rows = capture_rows(m[0], m, xs, sq_loss)
+    x64 = rows["ha"].double()
+    mu = x64.mean(0)
+    got = report.matrices("0")
+    assert_close(got["H_a"] - torch.outer(mu, mu), dense_cov(x64), rtol=0, atol=1e-4)
+    hb = rows["hb"].detach().double()  # float32 rows of ~1e5: rounded by ~1e-8 relative (identities are exact)
+    assert_close(got["H_b"], hb.T @ hb / hb.shape[0], rtol=1e-6, atol=0)
+    w64 = m[0].weight.detach().double()
+    want = cf.alignment(x64.T @ x64 / x64.shape[0], w64.T @ w64, "pearson")
+    assert abs(report.alignment["0"]["f-RWA"] - float(want)) < 1e-6
+
+
 def test_large_offset_normalized_mode_matches_the_dense_reference(route: str) -> None:
     """Normalised rows of 1000 + N(0, 1) nearly coincide: their covariance (~1e-7) sits under a mean of 0.25."""
     torch.manual_seed(2)
