@@ -82,6 +82,10 @@ def measure_crh(
         ignore_index: positions whose target equals it are no samples (token targets ``(batch, positions)``
             padded with e.g. ``-100``): each batch runs inside ``canonreg.taps.masked(y != ignore_index)``,
             so per-position layers keep the rows of real positions only (see :func:`canonreg.taps.masked`).
+            ``loss_fn`` is then a mean over the batch's real positions (as ``F.cross_entropy(...,
+            ignore_index=...)``); with ``grad_scale="batch"`` each batch's loss is multiplied by its number
+            of real positions, so every row's ``g`` is its own position's ``−∂ℓ/∂h`` whatever the batch
+            holds (the result does not depend on ``batch_size``). Batches without a real position are skipped.
 
     Returns:
         The :class:`~canonreg.CRHReport` over every sample.
@@ -104,12 +108,16 @@ def measure_crh(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise CanonRegError("measure_crh: no parameter of `model` requires grad, so no gradient reaches its layers")
-    monitor = CRHMonitor(model, layers=layers, preprocess=preprocess, metric=metric, grad_scale=grad_scale, track_balance=False)  # type: ignore[arg-type]
+    per_position = ignore_index is not None and grad_scale == "batch"  # g of each real position: loss × its count
+    monitor = CRHMonitor(
+        model, layers=layers, preprocess=preprocess, metric=metric, grad_scale="none" if per_position else grad_scale,  # type: ignore[arg-type]
+        track_balance=False,
+    )
     was_training = model.training
     try:
         model.eval()
         with monitor, torch.enable_grad():
-            seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index)
+            seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index, per_position)
         if seen == 0:
             raise CanonRegError("measure_crh: the data is empty")
         return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
@@ -143,17 +151,31 @@ def _check_no_interfering_owner(model: nn.Module) -> None:
 
 
 def _task_gradient_passes(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: LossFn, params: list[nn.Parameter], ignore_index: int | None
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: LossFn,
+    params: list[nn.Parameter],
+    ignore_index: int | None,
+    per_position: bool,
 ) -> int:
-    """One forward and one task-loss ``autograd.grad`` per batch (the monitor's hooks record; ``.grad`` untouched); the samples seen."""
+    """One forward and one task-loss ``autograd.grad`` per batch (the monitor's hooks record; ``.grad`` untouched); the samples seen.
+
+    ``per_position``: the loss (a mean over the batch's real positions) is multiplied by their number.
+    """
     seen = 0
     for xb, yb in batches:
-        with masked(yb != ignore_index) if ignore_index is not None else contextlib.nullcontext():
+        keep = None if ignore_index is None else yb != ignore_index
+        kept = None if keep is None else int(keep.sum())
+        if kept == 0:
+            continue  # only padding: no row of this batch is a sample
+        with masked(keep) if keep is not None else contextlib.nullcontext():
             loss = loss_fn(model(xb), yb)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"Expected `loss_fn` to return a scalar tensor, but got {_describe(loss)}")
         if not math.isfinite(float(loss.detach())):
             raise CanonRegError(f"measure_crh: the task loss is not finite ({float(loss.detach())}) on a batch")
+        if per_position and kept is not None:
+            loss = loss * kept
         torch.autograd.grad(loss, params, allow_unused=True)
         seen += int(xb.shape[0]) if xb.dim() > 0 else 1
     return seen

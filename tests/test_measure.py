@@ -154,3 +154,50 @@ def test_seed_renamed_bootstrap_seed(data: tuple[torch.Tensor, torch.Tensor]) ->
     assert intervals(other) != intervals(new)  # the seed reaches the bootstrap
     with pytest.raises(TypeError, match="both `seed` and its new name `bootstrap_seed`"):
         measure_crh(model, x, y, seed=3, bootstrap_seed=3)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("preprocess", ["raw", "centered"])
+def test_ignore_index_weights_every_real_position_alike_whatever_the_batch_size(preprocess: str) -> None:
+    """Sequences with 1–6 real tokens, a loss averaged over each batch's real tokens: ``G_b`` of the head is the
+    second moment of every real token's own ``onehot − softmax`` (closed form), at any ``batch_size``. (Scaling each
+    batch by its sequence count instead weighted batches by B / real tokens: α moved by up to 0.07.)"""
+    torch.manual_seed(0)
+    vocab, t, n = 7, 6, 12
+    model = nn.Sequential(nn.Embedding(vocab, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, vocab)).double()
+    x, y = torch.randint(0, vocab, (n, t)), torch.randint(0, vocab, (n, t))
+    for i in range(n):
+        y[i, i % t + 1 :] = -100
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.reshape(-1, vocab), target.reshape(-1), ignore_index=-100)
+
+    reports = [
+        measure_crh(model, x, y, loss_fn=loss, ignore_index=-100, preprocess=preprocess, batch_size=b, layers=["1", "3"])
+        for b in (n, 5, 1)
+    ]
+    with torch.no_grad():
+        keep = y.reshape(-1) != -100
+        logits = model(x).reshape(-1, vocab)[keep]
+        g = F.one_hot(y.reshape(-1)[keep], vocab).double() - logits.softmax(-1)
+    want = g.T @ g / g.shape[0]
+    if preprocess == "centered":
+        want = want - torch.outer(g.mean(0), g.mean(0))
+    for report in reports:
+        torch.testing.assert_close(report.matrices("3")["G_b"], want, rtol=1e-10, atol=1e-12)
+        for layer in ("1", "3"):
+            for rel, a in report.alignment[layer].items():
+                assert a == pytest.approx(reports[0].alignment[layer][rel], abs=1e-12)
+
+
+def test_ignore_index_skips_batches_of_padding_only() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5)).double()
+    x, y = torch.randint(0, 5, (4, 3)), torch.randint(0, 5, (4, 3))
+    y[2:] = -100  # the second batch of 2 holds padding only
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.reshape(-1, 5), target.reshape(-1))
+
+    both = measure_crh(model, x, y, loss_fn=loss, ignore_index=-100, batch_size=2, preprocess="centered")
+    first = measure_crh(model, x[:2], y[:2], loss_fn=loss, ignore_index=-100, batch_size=2, preprocess="centered")
+    torch.testing.assert_close(both.matrices("1")["G_b"], first.matrices("1")["G_b"], rtol=0, atol=0)
