@@ -228,8 +228,13 @@ def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data
     ``meta`` device (no values; materialise the model first, e.g. ``model.to_empty(device=...)``
     followed by its initialisation).
     """
-    w = tap.weight(module)
     kind = type(module).__name__
+    if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False)):
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({kind}) has uninitialised lazy parameters (their shapes are set by the first "
+            "forward pass): run one forward pass of the model (e.g. on a sample batch), then attach"
+        )
+    w = tap.weight(module)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise CanonRegError(

@@ -57,6 +57,7 @@ def measure_crh(
     n_bootstrap: int = 0,
     bootstrap_seed: int = 0,
     ignore_index: int | None = None,
+    on_missing: str | None = None,
 ) -> CRHReport:
     """The six CRH relations of ``model`` on a whole data set, with the task loss's gradient only.
 
@@ -87,6 +88,10 @@ def measure_crh(
             of real positions, so every row's ``g`` is its own position's ``−∂ℓ/∂h`` whatever the batch
             holds (the result does not depend on ``batch_size``). Batches without a real position are skipped.
 
+        on_missing: ``"error" | "warn" | "skip"`` for selected layers that no gradient reaches (e.g. a frozen
+            first layer: its output needs no grad); default ``"warn"`` (left out of the report with a warning
+            naming them and why) when ``layers`` is None, ``"error"`` for layers you named.
+
     Returns:
         The :class:`~canonreg.CRHReport` over every sample.
 
@@ -103,6 +108,8 @@ def measure_crh(
     Reference: Ziyin, Chuang, Galanti & Poggio, arXiv:2410.03006 (the measurement protocol).
     """
     _check_arguments(model, loss_fn, batch_size, preprocess, metric, exponents, n_bootstrap, ignore_index)
+    if on_missing is not None:
+        check_choice("on_missing", on_missing, ("error", "warn", "skip"))
     batches = _batches(x, y, batch_size)
     _check_no_interfering_owner(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +118,7 @@ def measure_crh(
     per_position = ignore_index is not None and grad_scale == "batch"  # g of each real position: loss × its count
     monitor = CRHMonitor(
         model, layers=layers, preprocess=preprocess, metric=metric, grad_scale="none" if per_position else grad_scale,  # type: ignore[arg-type]
-        track_balance=False,
+        track_balance=False, on_missing=on_missing or ("warn" if layers is None else "error"),  # type: ignore[arg-type]
     )
     was_training = model.training
     try:
@@ -186,10 +193,17 @@ def min_alignment(report: CRHReport, layers: Sequence[str] | None = None, relati
 
     The one-number CRH criterion: every relation of every chosen layer holds at least this well.
     """
+    for arg, value in (("layers", layers), ("relations", relations)):
+        if isinstance(value, str) or (value is not None and not isinstance(value, Iterable)):
+            raise TypeError(f"Expected `{arg}` to be a list of names (e.g. [{value!r}]), but got {_describe(value)}")
     names = report.layers if layers is None else list(layers)
     for n in names:
         if n not in report.alignment:
             raise ValueError(f"Expected `layers` to name layers of the report {report.layers}, but got {n!r}")
+    relations = list(relations)
+    for r in relations:
+        if r not in CF.RELATIONS:
+            raise ValueError(f"Expected `relations` from {list(CF.RELATIONS)}, but got {r!r}")
     vals = [float(report.alignment[n][r]) for n in names for r in relations]
     if not vals:
         raise ValueError("Expected at least one layer and one relation, but got none")

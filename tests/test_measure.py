@@ -201,3 +201,38 @@ def test_ignore_index_skips_batches_of_padding_only() -> None:
     both = measure_crh(model, x, y, loss_fn=loss, ignore_index=-100, batch_size=2, preprocess="centered")
     first = measure_crh(model, x[:2], y[:2], loss_fn=loss, ignore_index=-100, batch_size=2, preprocess="centered")
     torch.testing.assert_close(both.matrices("1")["G_b"], first.matrices("1")["G_b"], rtol=0, atol=0)
+
+
+def test_a_frozen_first_layer_is_left_out_with_a_warning_or_refused_when_named() -> None:
+    """No gradient reaches a frozen first layer (its input needs none): by default it is left out with a warning
+    naming it and why; named in ``layers`` it is an error whose advice (``on_missing``) measure_crh accepts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].requires_grad_(False)
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    with pytest.warns(RuntimeWarning, match="'0': the layer's output never required grad"):
+        report = measure_crh(model, x, y)
+    assert report.layers == ["2"]
+    with pytest.raises(CanonRegError, match="on_missing='skip'"):
+        measure_crh(model, x, y, layers=["0", "2"])
+    assert measure_crh(model, x, y, layers=["0", "2"], on_missing="skip").layers == ["2"]
+    with pytest.raises(ValueError, match="on_missing"):
+        measure_crh(model, x, y, on_missing="drop")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"relations": ["f-XYZ"]}, ValueError, "`relations` from"),
+        ({"relations": "f-RGA"}, TypeError, "`relations` to be a list"),
+        ({"layers": "0"}, TypeError, "`layers` to be a list"),
+        ({"layers": 0}, TypeError, "`layers` to be a list"),
+        ({"layers": ["9"]}, ValueError, "`layers` to name layers"),
+    ],
+)
+def test_min_alignment_names_a_bad_argument(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    report = measure_crh(model, torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    with pytest.raises(error, match=match):
+        min_alignment(report, **kwargs)  # type: ignore[arg-type]

@@ -251,6 +251,25 @@ def test_compute_twice_gives_the_same_report() -> None:
             assert torch.equal(v, b.matrices(layer)[k])
 
 
+@pytest.mark.parametrize("owner", ["monitor", "loss", "optimizer"])
+def test_uninitialised_lazy_layer_is_refused_naming_it(owner: str) -> None:
+    """An ``nn.LazyLinear`` before its first forward pass has no weight shape yet: a CanonRegError naming the
+    layer and what to do (was torch's ``ValueError: Attempted to use an uninitialized parameter``)."""
+    model = nn.Sequential(nn.LazyLinear(7), nn.Tanh(), nn.Linear(7, 3))
+    make: dict[str, Callable[[], object]] = {
+        "monitor": lambda: CRHMonitor(model),
+        "loss": lambda: canonreg.AlignmentLoss(model, relations=("f-RWA",)),
+        "optimizer": lambda: canonreg.NoiseCalibrated(torch.optim.SGD(model[2].parameters(), lr=0.1), model),
+    }
+    with pytest.raises(CanonRegError, match=r"Layer '0' \(LazyLinear\) has uninitialised lazy parameters.*run one forward pass"):
+        make[owner]()
+    model(torch.randn(2, 5))  # initialised: measured like an nn.Linear
+    if owner == "monitor":
+        with CRHMonitor(model) as monitor:
+            model(torch.randn(8, 5)).square().mean().backward()
+        assert monitor.compute(exponents=False).layers == ["0", "2"]
+
+
 def test_meta_device_model_is_refused_at_attach_naming_the_layer() -> None:
     """Issue 10 item 9: a meta-device model gets a CanonRegError at attach, not a torch error in a hook."""
     with torch.device("meta"):
