@@ -357,6 +357,9 @@ class AlignmentLoss(nn.Module):
         self._captures: dict[str, list[LayerCapture]] = {}
         self._ema: dict[str, dict[str, Tensor]] = {}
         self._ema_updates: dict[str, int] = {}
+        # g_mode="ema": each call's G rows of the last backward pass, by layer and matrix, folded into the
+        # averages together (one update per backward pass, however often the layer ran) at the next pass
+        self._pending_g: dict[str, dict[str, list[Tensor]]] = {}
         #: ``{layer: {relation: α}}`` of the last call (detached 0-d tensors; no host sync until read).
         self.last_alignment: dict[str, dict[str, Tensor]] = {}
 
@@ -450,11 +453,13 @@ class AlignmentLoss(nn.Module):
         self._captures = {}
         self._ema = {}
         self._ema_updates = {}
+        self._pending_g = {}
         self.last_alignment = {}
 
     def get_extra_state(self) -> dict[str, Any]:
         """The G moving averages, weight, call count and, with ``seed``, the probe generator's state
         (``state_dict()['_extra_state']``); configuration is not state."""
+        self._fold_pending_g()
         state: dict[str, Any] = {
             "ema": {n: {k: v.detach().cpu().clone() for k, v in d.items()} for n, d in self._ema.items()},
             "ema_updates": dict(self._ema_updates),
@@ -473,6 +478,7 @@ class AlignmentLoss(nn.Module):
             raise ValueError(f"Expected G averages for layers {list(self.layer_names)}, but the state has {sorted(unknown)}")
         self._ema = {n: {k: v.to(torch.float64).clone() for k, v in d.items()} for n, d in state["ema"].items()}
         self._ema_updates = {n: int(c) for n, c in state["ema_updates"].items()}
+        self._pending_g = {}
         self.weight = state["weight"]
         calls = state.get("calls", 0)
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
@@ -515,6 +521,7 @@ class AlignmentLoss(nn.Module):
         # a new ordinary pass (the engine leaves out torch.func transforms and substituted parameters,
         # which neither are captured nor clear the last ordinary pass: canonreg.layers.untraced_call)
         self._captures = {}
+        self._fold_pending_g()
 
     def _refuse_masked_out(self, name: str) -> None:
         raise CanonRegError(
@@ -552,12 +559,28 @@ class AlignmentLoss(nn.Module):
         return None
 
     def _on_grad(self, name: str, module: nn.Module, tap: LayerTap, batch: float, rows: Tensor) -> None:
-        """Fold the G moments of one call's gradient rows ``dL/dh_b`` into the moving averages."""
-        gb = rows * (-batch)  # g = −dℓ/dh per sample
-        new = {"G_b": CF.second_moment(gb, self.preprocess)} if "G_b" in self._needs_g else {}
+        """Keep one call's gradient rows ``g_b = −dℓ/dh_b`` (and ``g_a = g_b W``, with this step's ``W``) until
+        the pass's calls are folded together (:meth:`_fold_pending_g`)."""
+        gb = rows.detach() * (-batch)  # g = −dℓ/dh per sample
+        pending = self._pending_g.setdefault(name, {})
+        if "G_b" in self._needs_g:
+            pending.setdefault("G_b", []).append(gb)
         if "G_a" in self._needs_g:
-            ga = gb @ _work(tap.weight(module).detach())
-            new["G_a"] = CF.second_moment(ga, self.preprocess)
+            pending.setdefault("G_a", []).append(gb @ _work(tap.weight(module).detach()))
+        if len(next(iter(pending.values()))) >= len(self._captures.get(name, ())):  # every call of the pass is in
+            self._fold_pending_g(name)
+
+    def _fold_pending_g(self, only: str | None = None) -> None:
+        """Fold the pending G rows of every layer (or of layer ``only``) into its moving averages: one update
+        per layer and backward pass, with the moments of all its calls' rows together (centred and normalised
+        like ``H``). Runs when a pass's every call has its gradient, else at the next pass or loss call."""
+        names = list(self._pending_g) if only is None else [only]
+        for name in names:
+            by_matrix = self._pending_g.pop(name)
+            self._fold_g(name, {k: CF.second_moment(cat_rows(rows), self.preprocess) for k, rows in by_matrix.items()})
+
+    def _fold_g(self, name: str, new: dict[str, Tensor]) -> None:
+        """``G ← β G + (1 − β) new`` for each matrix of one backward pass of layer ``name``."""
         if not all(bool(torch.isfinite(v).all()) for v in new.values()):
             handle_nonfinite(
                 self.nonfinite,
@@ -613,6 +636,7 @@ class AlignmentLoss(nn.Module):
                 "are not captured"
             )
         exact_g = bool(self._needs_g) and self.g_mode == "exact"
+        self._fold_pending_g()  # a backward pass since the last forward pass (ema)
         check_captures(self._captures, self.layer_names, self._taps, exact_g)
         grads = self._exact_grads(task_loss) if exact_g else {}
         with torch.autocast(device_type=w0.device.type, enabled=False):

@@ -814,3 +814,58 @@ def test_crh_reach_quick_runs_and_combines_per_seed_files(tmp_path) -> None:
     assert both["summary"]["arms"]["crh:1"]["test_acc"][0] == pytest.approx(sum(accs) / 2)
     md = (tmp_path / "c.md").read_text()
     assert "| crh:1 |" in md and "Pareto front" in md and "(inner)" in md
+
+
+class _Reused(nn.Module):
+    """Layer ``r`` runs twice per forward pass (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.r, self.h = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(torch.tanh(self.r(torch.tanh(self.r(torch.tanh(self.a(x)))))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ema_folds_every_call_of_a_reused_layer_into_one_update_per_backward(mode: str) -> None:
+    """``G ← β G + (1 − β) G_pass`` with ``G_pass`` the moment of the rows of *both* calls of layer ``r`` (as ``H``
+    is), one update per backward pass; at β = 0 the loss's α equals ``g_mode="exact"`` on that batch. (Each call
+    was folded on its own: two updates per pass, β = 0 kept one call's G, α off by up to 0.09.)"""
+    torch.manual_seed(0)
+    model = _Reused().double()
+    batches = [(torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(2)]
+
+    def g_rows(x: Tensor, y: Tensor) -> Tensor:  # −B dℓ/dh_b of both calls of r, by retain_grad (no canonreg)
+        outs: list[Tensor] = []
+
+        def keep(m: nn.Module, i: object, o: Tensor) -> None:
+            o.retain_grad()
+            outs.append(o)
+
+        handle = model.r.register_forward_hook(keep)
+        F.cross_entropy(model(x), y).backward()
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        return torch.cat([-o.grad * x.shape[0] for o in outs])
+
+    want = [cf.second_moment(g_rows(x, y), mode) for x, y in batches]
+    beta = 0.6
+    align = AlignmentLoss(model, ("b-RGA",), layers=["r"], preprocess=mode, g_mode="ema", ema_decay=beta)
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+    assert align._ema_updates["r"] == 2
+    assert_close(align._ema["r"]["G_b"], beta * want[0] + (1 - beta) * want[1])
+    align.detach()
+
+    x, y = batches[1]
+    alphas = {}
+    for g_mode, kw in (("ema", {"ema_decay": 0.0}), ("exact", {})):
+        loss = AlignmentLoss(model, cf.RELATIONS, layers=["r"], preprocess=mode, g_mode=g_mode, **kw)  # type: ignore[arg-type]
+        if g_mode == "ema":
+            F.cross_entropy(model(x), y).backward()
+        loss(F.cross_entropy(model(x), y))
+        alphas[g_mode] = {k: float(v) for k, v in loss.last_alignment["r"].items()}
+        loss.detach()
+    for rel in cf.RELATIONS:
+        assert alphas["ema"][rel] == pytest.approx(alphas["exact"][rel], abs=1e-10)
