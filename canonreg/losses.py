@@ -197,6 +197,11 @@ class AlignmentLoss(nn.Module):
     ``k = 8``) against 4.7–4.9× for the exact form. ``"exact"``
     stays the default: deterministic, and as cheap on narrow layers (width ≲ 256).
 
+    Precision: the terms are formed in the weights' dtype (half precision upcast to float32), except
+    ``preprocess="raw"`` with ``metric="pearson"``, which forms them in float64 (at about twice the cost on a
+    CPU): its entry-centring subtracts pieces that grow with the rows' mean, so float32 pieces of inputs
+    ``1000 + N(0, 1)`` keep nothing of their spread. The other modes centre the rows first.
+
     Scale conventions: α is invariant to positive rescaling of either matrix, so the batch-mean
     ``1/B`` of hook gradients needs no correction and ``weight`` is not multiplied by the learning
     rate.
@@ -711,6 +716,16 @@ class AlignmentLoss(nn.Module):
         outs = [(n, c.output) for n in self.layer_names for c in self._captures[n]]
         return task_gradients(task_loss, outs, self.relations)
 
+    def _operand_dtype(self, t: Tensor) -> Tensor:
+        """The working dtype of a term's operands: at least float32; float64 for ``raw`` + ``pearson``, whose
+        entry-centring subtracts pieces that grow with the rows' mean (``‖H‖² − (1ᵀH1)²/d²`` with
+        ``H ≈ μμᵀ + C``): float32 pieces of inputs 1000 + N(0, 1) left nothing of ``C`` (α wrong or undefined)."""
+        return t.to(torch.float64) if self._float64_terms else _work(t)
+
+    @property
+    def _float64_terms(self) -> bool:
+        return self.preprocess == "raw" and self.metric == "pearson"
+
     def _sketched(self, dim: int) -> bool:
         """Whether a side of width ``dim`` is sketched (``estimator="hutchinson"`` and ``dim > probes``)."""
         return is_sketched(self.estimator, self.probes, dim)
@@ -723,7 +738,8 @@ class AlignmentLoss(nn.Module):
         caps = self._captures[name]
         tap = self._taps[name]
         module = caps[0].module
-        w = _work(tap.weight(module))
+        work = self._operand_dtype
+        w = work(tap.weight(module))
         needed = {m for r in self.relations for m in CF.RELATION_PAIRS[r]}
         ops: dict[str, SketchOperand | None] = {}
         shared: dict[str, Tensor] = {}
@@ -733,19 +749,21 @@ class AlignmentLoss(nn.Module):
             ops["Z_b"] = WeightGram(w, "b", shared)
         out_rows = None
         if self._needs_out_rows:
-            out_rows = cat_rows([_work(c.rows_b) for c in caps if c.rows_b is not None])
+            out_rows = cat_rows([work(c.rows_b) for c in caps if c.rows_b is not None])
         if "H_a" in needed:
-            x = cat_rows([_work(take_rows(c.tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
+            x = cat_rows([work(take_rows(c.tap.input_rows(c.module, c.inputs), c.keep)) for c in caps])
             image = None
-            if "f-RWA" in self.relations and type(module) in _EXACT_AFFINE and out_rows is not None and not self._sketched(x.shape[1]):
+            # h_b − b is x Wᵀ as the layer rounded it: not float64 (see _operand_dtype)
+            exact_image = type(module) in _EXACT_AFFINE and not self._float64_terms
+            if "f-RWA" in self.relations and exact_image and out_rows is not None and not self._sketched(x.shape[1]):
                 bias = tap.bias(module)
-                image = out_rows - _work(bias) if bias is not None else out_rows
+                image = out_rows - work(bias) if bias is not None else out_rows
             ops["H_a"] = self._rows(x, image)
         if "H_b" in needed:
             assert out_rows is not None
             ops["H_b"] = self._rows(out_rows)
         if self._needs_g and self.g_mode == "exact":
-            gb = task_g_rows(caps, grads[name])
+            gb = work(task_g_rows(caps, grads[name]))
             if "G_b" in needed:
                 ops["G_b"] = self._rows(gb)
             if "G_a" in needed:

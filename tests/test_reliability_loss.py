@@ -275,3 +275,23 @@ def test_focus_with_every_term_skipped_is_zero_with_finite_gradients() -> None:
     assert float(val.detach()) == 0.0
     (g,) = torch.autograd.grad(val, model[0].weight, allow_unused=True)
     assert g is None or torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_raw_pearson_on_float32_inputs_far_from_zero_matches_the_float64_reference(offset: float) -> None:
+    """``raw`` + ``pearson`` subtracts pieces that grow with the inputs' mean (``H_a ≈ μμᵀ + C``): on float32 rows
+    of ``offset + N(0, 1)`` the loss's α and its gradient in ``W`` equal a dense float64 reference (float32
+    pieces gave an undefined α at 1e3 and −0.002 for −0.089 at 1e4)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(256, 8) + offset, torch.randint(0, 4, (256,))
+    align = AlignmentLoss(m, relations=("f-RWA",), layers=["0"], preprocess="raw", metric="pearson")
+    val = align(F.cross_entropy(m(x), y))
+    (got,) = torch.autograd.grad(val, [m[0].weight])
+    align.detach()
+    w = m[0].weight.detach().double().requires_grad_(True)
+    x64 = x.double()
+    ref = 1.0 - cf.alignment(x64.T @ x64 / x.shape[0], w.T @ w, "pearson")
+    (want,) = torch.autograd.grad(ref, [w])
+    assert float(val) == pytest.approx(float(ref), abs=1e-5)  # float64 itself cancels ~1e-6 at 1e4
+    assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
