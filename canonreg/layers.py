@@ -27,13 +27,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import CanonRegError
-from .taps import LayerTap, _resolve, functional_only_children, get_tap, untapped_reason
+from .taps import LayerTap, _resolve, functional_only_children, get_tap, read_weight, untapped_reason
 
 __all__ = [
     "LayerSpec",
     "select_layers",
     "layer_roles",
     "check_layer_weight",
+    "read_weight",
     "HookSet",
     "OwnedHook",
     "inert_hook",
@@ -234,7 +235,7 @@ def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data
             f"Layer {_display(name)!r} ({kind}) has uninitialised lazy parameters (their shapes are set by the first "
             "forward pass): run one forward pass of the model (e.g. on a sample batch), then attach"
         )
-    w = tap.weight(module)
+    w = read_weight(tap, module)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
         raise CanonRegError(

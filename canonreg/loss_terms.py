@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import functional as CF
 from .errors import CanonRegError
-from .layers import _display, at_least_float32
+from .layers import _display, at_least_float32, read_weight
 from .loss_moments import (
     LazyRowMoment,
     SketchOperand,
@@ -137,7 +137,7 @@ def check_captures(captures: Mapping[str, list[LayerCapture]], layer_names: Sequ
                     "(e.g. nn.ReLU(inplace=True) right after it), so g_mode='exact' cannot differentiate the "
                     "task loss with respect to h_b. Use an out-of-place activation or g_mode='ema'"
                 )
-            if taps[name].weight(cap.module)._version != cap.w_version:
+            if read_weight(taps[name], cap.module)._version != cap.w_version:
                 raise CanonRegError(
                     f"The weights of layer {_display(name)!r} changed since the forward pass (optimizer.step() "
                     "before calling the loss?). Call align() after the forward pass and before the optimizer step"

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from . import functional as CF
 from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, check_choice, check_nonnegative, check_positive, check_positive_int
-from .layers import LayerSpec, _display, at_least_float32, layer_roles, select_layers
+from .layers import LayerSpec, _display, at_least_float32, layer_roles, read_weight, select_layers
 from .loss_moments import (
     LazyRowMoment,
     MomentOperand,
@@ -552,7 +552,7 @@ class AlignmentLoss(nn.Module):
             rows_b,
             x._version if isinstance(x, Tensor) else 0,
             output._version,
-            tap.weight(module)._version,
+            read_weight(tap, module)._version,
             tap,
             call.keep,
         )
@@ -571,7 +571,7 @@ class AlignmentLoss(nn.Module):
         if "G_b" in self._needs_g:
             pending.setdefault("G_b", []).append(gb)
         if "G_a" in self._needs_g:
-            pending.setdefault("G_a", []).append(gb @ _work(tap.weight(module).detach()))
+            pending.setdefault("G_a", []).append(gb @ _work(read_weight(tap, module).detach()))
         if len(next(iter(pending.values()))) >= len(self._captures.get(name, ())):  # every call of the pass is in
             self._fold_pending_g(name)
 
@@ -625,7 +625,7 @@ class AlignmentLoss(nn.Module):
             ValueError: ``g_mode="exact"`` with G relations and no ``task_loss``.
         """
         ref = next(iter(self._modules_by_name.values()))
-        w0 = self._taps[self.layer_names[0]].weight(ref)
+        w0 = read_weight(self._taps[self.layer_names[0]], ref)
         out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
         self.calls += 1
         scale = self._weight * (min(1.0, self.calls / self.warmup) if self.warmup else 1.0)
@@ -674,7 +674,7 @@ class AlignmentLoss(nn.Module):
                 terms.add((name, rel), wt, _dim(a) ** 2, pieces)
             flat_w = self._layer_w[name] * self.flatness
             if flat_w > 0:
-                terms.flats.append(spectral_flatness(_work(self._taps[name].weight(self._captures[name][0].module))))
+                terms.flats.append(spectral_flatness(_work(read_weight(self._taps[name], self._captures[name][0].module))))
                 terms.flat_where.append(name)
                 terms.flat_weights.append(flat_w)
         return terms
@@ -739,7 +739,7 @@ class AlignmentLoss(nn.Module):
         tap = self._taps[name]
         module = caps[0].module
         work = self._operand_dtype
-        w = work(tap.weight(module))
+        w = work(read_weight(tap, module))
         needed = {m for r in self.relations for m in CF.RELATION_PAIRS[r]}
         ops: dict[str, SketchOperand | None] = {}
         shared: dict[str, Tensor] = {}

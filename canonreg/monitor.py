@@ -80,6 +80,7 @@ from .layers import (
     all_reduce_flat,
     at_least_float32,
     check_layer_weight,
+    read_weight,
 )
 from .moments import (
     _ACCUMULATORS,
@@ -298,7 +299,7 @@ class CRHMonitor:
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for name, module in self.layers.items():
-            d_b, d_a = self._taps[name].weight(module).shape
+            d_b, d_a = read_weight(self._taps[name], module).shape
             out[name] = {"a": _sketch.probe(d_a, k, gen), "b": _sketch.probe(d_b, k, gen)}
         return out
 
@@ -505,7 +506,7 @@ class CRHMonitor:
         moment = self._state[name].moments["Hb"]
         normalized = self.preprocess == "normalized"
         if self.sketch is None and _plain_linear(tap, module) and _narrow(hb.shape[0], xa.shape[1] + 1, hb.shape[1]):
-            w = tap.weight(module).detach().to(torch.float64)
+            w = read_weight(tap, module).detach().to(torch.float64)
             bias = tap.bias(module)
             col = torch.zeros_like(w[:, 0]) if bias is None else bias.detach().to(w)
             z = torch.cat([xa.to(torch.float64), torch.ones_like(xa[:, :1], dtype=torch.float64)], dim=1)
@@ -526,7 +527,7 @@ class CRHMonitor:
         """
         normalized = self.preprocess == "normalized"
         if self.sketch is None and _plain_linear(tap, module) and _narrow(gb.shape[0], gb.shape[1], ga.shape[1]):
-            w = tap.weight(module).detach().to(torch.float64)
+            w = read_weight(tap, module).detach().to(torch.float64)
             z = gb.to(torch.float64) * (-_inverse_norm(ga_norm2.sq).unsqueeze(1) if normalized else -scale)
             moment.add_call(_CallMoment.projected(z, w.T, ga.dtype), ok)
         elif normalized:
@@ -545,7 +546,7 @@ class CRHMonitor:
         """
         x_in = inputs[0]
         if isinstance(x_in, Tensor) and _shares_storage(ya, x_in):
-            if type(tap) is LinearTap and tap.weight(module).requires_grad:
+            if type(tap) is LinearTap and read_weight(tap, module).requires_grad:
                 return ya, (x_in, x_in._version)
             return moment.reduce(ya), None
         if ya.shape[0] <= ya.shape[1]:
@@ -752,7 +753,7 @@ class CRHMonitor:
                 continue
             n = float(s["n"])
             with torch.no_grad():
-                w = self._taps[name].weight(self.layers[name]).detach()
+                w = read_weight(self._taps[name], self.layers[name]).detach()
             probes = {side: p.to(s["Ha_x"].device) for side, p in self._probes[name].items()}
             sketches = _sketch.weight_sketches(w.to(s["Ha_x"].device), probes)
             for m in _MOMENTS:
@@ -785,7 +786,7 @@ class CRHMonitor:
         biases: dict[str, Tensor | None] = {}
         with torch.no_grad():
             for n in names:
-                weights[n] = self._taps[n].weight(self.layers[n]).detach().to(device, torch.float64)
+                weights[n] = read_weight(self._taps[n], self.layers[n]).detach().to(device, torch.float64)
                 b = self._taps[n].bias(self.layers[n])
                 biases[n] = None if b is None else b.detach().to(device, torch.float64)
         return weights, biases
@@ -900,12 +901,12 @@ class CRHMonitor:
                 if m.s_xx is not None:
                     return m.s_xx.device
         for n in self.layers:
-            return self._taps[n].weight(self.layers[n]).device
+            return read_weight(self._taps[n], self.layers[n]).device
         return torch.device("cpu")
 
     def _dim(self, name: str, side: str) -> int:
         """``d_a`` (side ``"a"``) or ``d_b`` (side ``"b"``) of layer ``name``'s ``W`` (``(d_b, d_a)``)."""
-        d_b, d_a = self._taps[name].weight(self.layers[name]).shape
+        d_b, d_a = read_weight(self._taps[name], self.layers[name]).shape
         return int(d_a if side == "a" else d_b)
 
     def _zeros_like_key(self, name: str, acc: _Accumulator, device: torch.device) -> Tensor:
@@ -1009,7 +1010,7 @@ def _ga_rows(tap: LayerTap, module: nn.Module, gb: Tensor, idx: Tensor | None, g
     """The rows ``dL/dh_a = dL/dh_b · W`` of one call: autograd's own input gradient when the call's
     ``F.linear`` node gave it (:meth:`CRHMonitor._grad_input_node`), else ``gb @ W`` (at least float32)."""
     if grad_input is None:
-        return gb @ at_least_float32(tap.weight(module).detach()).to(gb.dtype)
+        return gb @ at_least_float32(read_weight(tap, module).detach()).to(gb.dtype)
     ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
     return at_least_float32(ga if idx is None else ga[idx])
 

@@ -63,7 +63,7 @@ from .noise_control import (
     ramped_target,
     update_balance_state,
 )
-from .taps import LayerTap, matrix_view, to_weight_layout, views_within
+from .taps import LayerTap, matrix_view, read_weight, to_weight_layout, views_within
 
 __all__ = [
     "DecayRule",
@@ -276,7 +276,7 @@ class _Layer:
     @property
     def sliced(self) -> bool:
         """``W`` is part of its parameter (MHA's q, k, v: rows of ``in_proj_weight``)."""
-        return self.tap.weight(self.module).numel() < self.weight.numel()
+        return read_weight(self.tap, self.module).numel() < self.weight.numel()
 
     def flat(self, t: Tensor) -> Tensor:
         """This layer's entries of ``t`` (shaped like the weight parameter), flattened: all of ``t`` unless sliced."""
@@ -328,7 +328,7 @@ class _Layer:
     def plain(self) -> bool:
         """``W`` is the parameter itself or a row-major reshape of it (Linear, Conv): row ``i`` of the
         ``(d_b, d_a)`` matrix is the parameter's row ``i``. Not so for transposed layouts (GPT-2's Conv1D)."""
-        wm = self.tap.weight(self.module)
+        wm = read_weight(self.tap, self.module)
         return wm.is_contiguous() and wm.shape[0] == self.weight.shape[0] and wm.data_ptr() == self.weight.data_ptr()
 
     def matrix(self, t: Tensor) -> Tensor:
@@ -363,7 +363,7 @@ def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.P
     def find(t: Tensor) -> nn.Parameter | None:
         return next((p for p in own if views_within(t, p)), None)
 
-    weight = find(tap.weight(module))
+    weight = find(read_weight(tap, module))
     if weight is None:
         raise CanonRegError(
             f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight is not a parameter of the module "
@@ -1010,7 +1010,7 @@ class NoiseCalibrated(Optimizer):
         dev = w.device
         if _is_adam_group(group):
             m = st.get("exp_avg")
-            d_b = layer.tap.weight(layer.module).shape[0]  # rows of W's (d_b, d_a) matrix, as in _measure
+            d_b = read_weight(layer.tap, layer.module).shape[0]  # rows of W's (d_b, d_a) matrix, as in _measure
             k = self._config.sketch or d_b
             rows = torch.randperm(d_b, generator=self._gen)[:k].to(dev) if k < d_b else None
             plain = layer.plain

@@ -80,6 +80,7 @@ __all__ = [
     "get_tap",
     "default_taps",
     "tap_batch_size",
+    "read_weight",
     "weight_matrix",
     "weight_parameter",
     "matrix_view",
@@ -442,6 +443,26 @@ def _owning_parameter(name: str, module: nn.Module, w: Tensor) -> nn.Parameter:
     )
 
 
+def read_weight(tap: LayerTap, module: nn.Module) -> torch.Tensor:
+    """``tap.weight(module)`` without a parametrization's training-mode side effects.
+
+    A parametrized weight is recomputed at every read; ``spectral_norm`` also runs a power-iteration step
+    (updating its ``_u``/``_v`` buffers) at each read in training mode, so a hook that reads ``W`` would
+    change training. Read here, the parametrizations run in eval mode: the value the layer's own forward
+    pass used (the buffers it left), differentiable as in training, and no buffer touched.
+    """
+    if not nn.utils.parametrize.is_parametrized(module):
+        return tap.weight(module)
+    plist = module.parametrizations
+    modes = [(m, m.training) for m in plist.modules()]
+    plist.train(False)
+    try:
+        return tap.weight(module)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def weight_matrix(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | None = None) -> Tensor:
     """``W`` of ``module`` as a differentiable ``(d_b, d_a)`` view (``h_b = W h_a + b``).
 
@@ -451,7 +472,7 @@ def weight_matrix(module: nn.Module, taps: dict[type[nn.Module], LayerTap] | Non
     tap = get_tap(module, taps)
     if tap is None:
         raise CanonRegError(f"{untapped_reason(module, taps)}")
-    return tap.weight(module)
+    return read_weight(tap, module)
 
 
 def weight_parameter(tap: LayerTap, module: nn.Module, name: str = "") -> nn.Parameter:
@@ -460,12 +481,12 @@ def weight_parameter(tap: LayerTap, module: nn.Module, name: str = "") -> nn.Par
     Raises:
         CanonRegError: the tap's weight is no whole parameter or view of one (e.g. computed).
     """
-    return _owning_parameter(name or type(module).__name__, module, tap.weight(module))
+    return _owning_parameter(name or type(module).__name__, module, read_weight(tap, module))
 
 
 def _weight_and_parameter(tap: LayerTap, module: nn.Module) -> tuple[Tensor, nn.Parameter]:
     """``W`` as the tap gives it and the parameter whose storage it views (for stride-derived layouts)."""
-    w = tap.weight(module)
+    w = read_weight(tap, module)
     return w, _owning_parameter(type(module).__name__, module, w)
 
 
