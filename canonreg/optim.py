@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -352,6 +353,15 @@ class _Layer:
             grad.add_(to_weight_layout(self.tap, self.module, n_w).to(grad.dtype), alpha=sigma)
 
 
+def _noise_hook(ref: weakref.ref[NoiseCalibrated], layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:
+    """A layer call's backward half (:meth:`NoiseCalibrated._on_grad`); then a redraw queued for the end of
+    this backward pass. Holds the wrapper weakly (the autograd graph must not keep it alive)."""
+    NoiseCalibrated._on_grad(layer, rows, weights, batch, delta)
+    owner = ref()
+    if owner is not None:
+        owner._queue_redraw()
+
+
 def _layer_parameters(name: str, module: nn.Module, tap: LayerTap) -> tuple[nn.Parameter, nn.Parameter | None]:
     """The parameters behind ``tap.weight(module)`` and ``tap.bias(module)``: whole ones, reshaped or
     transposed views, or row slices (MHA's q, k, v in ``in_proj_weight``/``in_proj_bias``).
@@ -590,6 +600,7 @@ class NoiseCalibrated(Optimizer):
         self._capture: Capture | None = None
         self._draws: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._device_draws: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
+        self._redraw_queued = False
         self._balance: dict[str, LayerBalanceState] = {}
         self._steps = 0
         self.skipped_steps = 0
@@ -700,13 +711,26 @@ class NoiseCalibrated(Optimizer):
 
     def _on_root_call(self) -> None:
         if torch.is_grad_enabled():
-            self._draws.clear()
-            self._device_draws.clear()
+            self._redraw()
+
+    def _redraw(self) -> None:
+        """Forget the draws: the next layer call draws fresh signs (and subset)."""
+        self._redraw_queued = False
+        self._draws.clear()
+        self._device_draws.clear()
+
+    def _queue_redraw(self) -> None:
+        """Redraw once the running backward pass ends (a loop that calls submodules, never ``model`` itself,
+        still gets fresh signs per forward/backward pass)."""
+        if not self._redraw_queued:
+            self._redraw_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._redraw)  # type: ignore[attr-defined]
 
     def _draw(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Per-sample weights ``sqrt(B/m) ε_b`` of the sketch and its subset ``R`` (None = all samples).
 
-        Drawn once per forward call of ``model`` and batch size, shared by all layers.
+        Drawn once per pass and batch size, shared by all layers: a pass begins at a grad-enabled call of
+        ``model`` and ends with the backward pass that reaches its layers.
         """
         key = (batch, device)
         if key not in self._device_draws:
@@ -739,7 +763,7 @@ class NoiseCalibrated(Optimizer):
                     "NoiseCalibrated needs sample-major rows (the batch as dim 0 of each layer input)"
                 )
             weights = weights.repeat_interleave(rows.shape[0] // picked)
-        return Backward(functools.partial(self._on_grad, layer, rows, weights.to(rows.dtype), batch), idx)
+        return Backward(functools.partial(_noise_hook, weakref.ref(self), layer, rows, weights.to(rows.dtype), batch), idx)
 
     @staticmethod
     def _on_grad(layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:

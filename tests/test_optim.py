@@ -832,3 +832,40 @@ def test_pickle_of_the_oldest_config_layout_loads_and_trains_as_before() -> None
     assert clone._config == old._config
     old.detach()
     clone.detach()
+
+
+class _EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.encoder(x)))
+
+
+def test_noise_is_redrawn_every_pass_when_the_loop_calls_submodules_only() -> None:
+    """A loop that runs ``model.head(tanh(model.encoder(x)))`` never calls ``model``: the signs are still redrawn
+    after each backward pass, so the noise has mean 0 and covariance σ² Σ_b ∇L_b ∇L_bᵀ (one draw was reused
+    forever: a fixed push, |mean| / rms = 1)."""
+    torch.manual_seed(0)
+    model = _EncoderHead().double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    per_sample = _per_sample_grads(model, x, y)
+    target = per_sample.T @ per_sample
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.0), model, noise=1.0, seed=0)
+    params = list(model.parameters())
+
+    def pass_() -> None:
+        opt.zero_grad()
+        _mean_loss(model.head(torch.tanh(model.encoder(x))), y).backward()
+
+    pass_()
+    clean = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    samples = []
+    for _ in range(600):
+        pass_()
+        opt.step()
+        samples.append(torch.cat([p.grad.reshape(-1) for p in params]) - clean)
+    xi = torch.stack(samples)
+    assert float(xi.mean(0).norm() / xi.square().mean(0).sum().sqrt()) < 0.2
+    assert _max_z(xi, target) < 5.0
