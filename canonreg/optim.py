@@ -353,6 +353,34 @@ class _Layer:
             grad.add_(to_weight_layout(self.tap, self.module, n_w).to(grad.dtype), alpha=sigma)
 
 
+def _set_group_hyperparameters(optimizer: Optimizer, hyper: Mapping[str, Any]) -> Callable[[], None]:
+    """Write the wrapper's hyperparameters into ``optimizer.defaults`` and every param group; returns the undo.
+
+    A group's own value wins where it differs from the previous default (set per group by the user); a value
+    equal to it (left by an earlier wrap of the same optimizer) or missing takes the new one.
+    """
+    saved = [(d, {k: d[k] for k in hyper if k in d}) for d in [optimizer.defaults, *optimizer.param_groups]]
+    for k, v in hyper.items():
+        old = optimizer.defaults.get(k, _UNSET)
+        optimizer.defaults[k] = v
+        for group in optimizer.param_groups:
+            if group.get(k, _UNSET) is _UNSET or (old is not _UNSET and group[k] == old):
+                group[k] = v
+
+    def restore() -> None:
+        for d, before in saved:
+            for k in hyper:
+                if k in before:
+                    d[k] = before[k]
+                else:
+                    d.pop(k, None)
+
+    return restore
+
+
+_UNSET = object()
+
+
 def _noise_hook(ref: weakref.ref[NoiseCalibrated], layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:
     """A layer call's backward half (:meth:`NoiseCalibrated._on_grad`); then a redraw queued for the end of
     this backward pass. Holds the wrapper weakly (the autograd graph must not keep it alive)."""
@@ -462,7 +490,8 @@ class NoiseCalibrated(Optimizer):
     The wrapper is a real ``torch.optim.Optimizer`` around the *instance* it is given:
     ``param_groups``, ``state`` and ``defaults`` are the base optimizer's (by reference, also after
     ``load_state_dict``); its hyperparameters live in every param group as ``nc_weight_decay``,
-    ``nc_noise`` and ``nc_target_share`` (added with ``setdefault``: per-group values win), so LR and
+    ``nc_noise`` and ``nc_target_share`` (per-group values set before wrapping win; a refused wrap leaves
+    the optimizer untouched), so LR and
     other schedulers and ``add_param_group`` work. ``state_dict()`` is the base optimizer's plus a
     ``"noise_calibrated"`` entry (noise RNG state, per-layer EMAs and controller state), so
     save/restore continues a run exactly.
@@ -573,15 +602,19 @@ class NoiseCalibrated(Optimizer):
         if decay == "layers" and model is None:
             raise ValueError("Expected `model` to be given with `decay`='layers'")
         hyper = {"nc_weight_decay": float(weight_decay), "nc_noise": noise if noise == "auto" else float(noise), "nc_target_share": float(target_share)}
-        for k, v in hyper.items():
-            optimizer.defaults.setdefault(k, v)
-            for group in optimizer.param_groups:
-                group.setdefault(k, v)
-        self._setup(optimizer, model)
-        self._check_groups()
-        self._gen.manual_seed(int(seed))
-        if model is not None:
-            self.attach()
+        restore = _set_group_hyperparameters(optimizer, hyper)
+        try:
+            self._setup(optimizer, model)
+            self._check_groups()
+            self._gen.manual_seed(int(seed))
+            if model is not None:
+                self.attach()
+        except BaseException:
+            restore()  # a refused wrap leaves the base optimizer as it was
+            capture = getattr(self, "_capture", None)
+            if capture is not None:
+                capture.detach()
+            raise
 
     # ------------------------------------------------------------------ construction helpers
     def _setup(self, optimizer: Optimizer, model: nn.Module | None) -> None:

@@ -322,3 +322,24 @@ def test_skipped_steps_survive_a_round_trip() -> None:
     opt2 = NoiseCalibrated(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), model2, weight_decay=0.01)
     opt2.load_state_dict(sd)
     assert opt2.skipped_steps == 1
+
+
+def test_a_refused_wrap_leaves_the_base_optimizer_untouched_and_a_later_wrap_takes_its_own_values() -> None:
+    """A refused construction wrote its ``nc_*`` values into the base optimizer first; the corrected wrap then
+    ran with the refused one's (``setdefault``), e.g. noise 3.0 and decay 0.5 for 0.0 and 1e-4 asked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    base = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    before = (dict(base.defaults), [dict(g) for g in base.param_groups])
+    with pytest.raises(ValueError, match="to be in `optimizer`"):
+        NoiseCalibrated(base, model, weight_decay=0.5, noise=3.0)  # layer '2' is not in the optimizer
+    assert (dict(base.defaults), [dict(g) for g in base.param_groups]) == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # no hooks left behind
+    opt = NoiseCalibrated(base, model, weight_decay=1e-4, noise=0.0, layers=["0"])
+    assert (opt.param_groups[0]["nc_weight_decay"], opt.param_groups[0]["nc_noise"]) == (1e-4, 0.0)
+    opt.detach()
+    # a later wrap of the same optimizer takes its own values; a value set on a group by hand wins
+    base.add_param_group({"params": model[2].parameters(), "nc_weight_decay": 0.25})
+    opt = NoiseCalibrated(base, model, weight_decay=2e-4, noise=0.5)
+    assert [g["nc_weight_decay"] for g in opt.param_groups] == [2e-4, 0.25]
+    assert [g["nc_noise"] for g in opt.param_groups] == [0.5, 0.5]
