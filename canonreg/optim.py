@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -533,7 +534,11 @@ class NoiseCalibrated(Optimizer):
             (formerly ``ema``; the old name still works, with a FutureWarning).
         max_noise: upper bound of σ in ``"auto"`` mode.
         track_balance: measure the balance every step (three inner products per layer; with Adam two
-            more on ``m`` rows). ``"auto"`` needs it.
+            more on ``m`` rows). ``"auto"`` needs it. Modelled in the geometry of ``torch.optim.SGD``
+            (momentum, dampening, Nesterov) and ``Adam``/``AdamW``; for other built-in preconditioned
+            optimizers (RMSprop, Adagrad, Adamax, RAdam, NAdam, ...) it is not measured (a warning says so)
+            and ``"auto"`` is refused. Optimizers from other packages are read by their groups (``betas``
+            and ``eps``: Adam, else SGD).
         grad_scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any.
         nonfinite: ``"error" | "warn" | "skip"`` for non-finite values. A non-finite *gradient* of a
             tapped layer (checked on the whole gradient, whatever the sketch) raises CanonRegError, or
@@ -593,6 +598,23 @@ class NoiseCalibrated(Optimizer):
             target_ramp=target_ramp, ramp_steps=ramp_steps, track_balance=track_balance, grad_scaler=grad_scaler,
             nonfinite=nonfinite, taps=taps, seed=seed,
         )  # fmt: skip
+        unmodelled = _unmodelled_geometry(optimizer)
+        if unmodelled is not None and noise == "auto":
+            raise ValueError(
+                f"Expected a fixed `noise` strength with {unmodelled}: noise='auto' acts on the measured balance, which "
+                "canonreg measures in SGD's and Adam's geometry (torch.optim.SGD, Adam, AdamW); "
+                f"{unmodelled}'s preconditioner is not modelled"
+            )
+        if unmodelled is not None and track_balance:
+            warnings.warn(
+                f"NoiseCalibrated: the balance terms are measured in SGD's and Adam's geometry; {unmodelled}'s "
+                "preconditioner is not modelled, so they are not measured here (balance stays empty). The noise and "
+                "the decay work as documented; pass track_balance=False to silence this",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of NoiseCalibrated(...) (through errors.renamed_arguments)
+            )
+            track_balance = False
+            self._config = replace(self._config, track_balance=False)
         if noise != 0 and model is None:
             raise ValueError(f"Expected `model` to be given with `noise`={noise!r}: the noise is built from the model's hooks")
         if noise == "auto" and not track_balance:
@@ -821,6 +843,11 @@ class NoiseCalibrated(Optimizer):
                 group.setdefault(k, self.defaults[k])
             errors.check_nonnegative(f"param_groups[{i}]['nc_weight_decay']", group["nc_weight_decay"])
             _check_noise(f"param_groups[{i}]['nc_noise']", group["nc_noise"])
+            if group["nc_noise"] == "auto" and not self._config.track_balance:
+                raise ValueError(
+                    f"Expected param_groups[{i}]['nc_noise'] to be a fixed strength: 'auto' acts on the measured balance, "
+                    "which is not tracked (track_balance=False, or an optimizer whose geometry is not modelled)"
+                )
             errors.check_positive(f"param_groups[{i}]['nc_target_share']", group["nc_target_share"])
             self._check_double_decay(i, group)
 
@@ -1246,6 +1273,23 @@ class NoiseCalibrated(Optimizer):
         self._steps = state["steps"]
         if state["attached"]:
             self.attach()
+
+
+#: Built-in optimizers whose preconditioner the balance does not model (their per-coordinate step sizes are not
+#: SGD's ``η_eff`` nor Adam's ``lr/(sqrt(v̂)+ε)``); the noise and the decay work with them as with any optimizer.
+_UNMODELLED_OPTIMIZERS = ("RMSprop", "Adagrad", "Adamax", "RAdam", "NAdam", "Adadelta", "Rprop", "ASGD", "SparseAdam", "Adafactor")
+
+
+def _unmodelled_geometry(optimizer: Optimizer) -> str | None:
+    """The name of a built-in optimizer whose geometry the balance does not model, else None (SGD, Adam, AdamW and
+    their subclasses; optimizers from elsewhere are read by their groups: ``betas`` and ``eps`` as Adam, else SGD)."""
+    if isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+        return None
+    for name in _UNMODELLED_OPTIMIZERS:
+        cls = getattr(torch.optim, name, None)
+        if isinstance(cls, type) and isinstance(optimizer, cls):
+            return name
+    return None
 
 
 def _check_base_optimizer(optimizer: object) -> None:

@@ -343,3 +343,29 @@ def test_a_refused_wrap_leaves_the_base_optimizer_untouched_and_a_later_wrap_tak
     opt = NoiseCalibrated(base, model, weight_decay=2e-4, noise=0.5)
     assert [g["nc_weight_decay"] for g in opt.param_groups] == [2e-4, 0.25]
     assert [g["nc_noise"] for g in opt.param_groups] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("base", ["RMSprop", "Adagrad", "Adamax", "RAdam", "NAdam"])
+def test_optimizers_whose_geometry_the_balance_does_not_model_say_so(base: str) -> None:
+    """The balance is modelled in SGD's and Adam's geometry. For other built-in preconditioned optimizers its
+    terms were computed in the wrong one (RMSprop: predicted Δ‖W‖² +1.0 for +5.7 measured) or never (Adamax:
+    ``noise='auto'`` silently kept σ = 0): now a warning and no balance, and ``noise='auto'`` is refused."""
+    model = _mlp()
+    make = getattr(torch.optim, base)
+    with pytest.raises(ValueError, match=f"fixed `noise` strength with {base}"):
+        NoiseCalibrated(make(model.parameters(), lr=1e-3), model, weight_decay=0.1, noise="auto")
+    with pytest.warns(RuntimeWarning, match=f"{base}'s preconditioner is not modelled"):
+        opt = NoiseCalibrated(make(model.parameters(), lr=1e-3), model, weight_decay=0.1, noise=0.5)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert opt.balance == {}
+    opt.param_groups[0]["nc_noise"] = "auto"
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['nc_noise'\] to be a fixed strength"):
+        opt._check_groups()
+    opt.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NoiseCalibrated(make(model.parameters(), lr=1e-3), model, weight_decay=0.1, track_balance=False).detach()
