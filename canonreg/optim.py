@@ -917,7 +917,7 @@ class NoiseCalibrated(Optimizer):
                 if not bool(_all_finite(layer)):  # a host sync, only on this rare path
                     self._nonfinite_gradient([layer.name])
                     return None
-                if sigma > 0:
+                if sigma > 0 and bool(g.any()):  # a zero gradient (zero_grad(set_to_none=False), layer unused): no noise due
                     raise CanonRegError(
                         f"Layer {_display(layer.name)!r} has a gradient but NoiseCalibrated captured no forward/backward "
                         "through it this step: call the model it is attached to (`opt.attach()` after `detach()`), "

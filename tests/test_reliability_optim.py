@@ -369,3 +369,32 @@ def test_optimizers_whose_geometry_the_balance_does_not_model_say_so(base: str) 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NoiseCalibrated(make(model.parameters(), lr=1e-3), model, weight_decay=0.1, track_balance=False).detach()
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head_a, self.head_b = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head_a(h) if task == "a" else self.head_b(h)
+
+
+def test_a_layer_unused_this_step_with_a_zeroed_gradient_steps_like_the_base() -> None:
+    """``zero_grad(set_to_none=False)`` leaves a zero ``.grad`` on the head a multi-task step did not use: no noise
+    is due there (it raised CanonRegError advising ``attach()``); a nonzero gradient without a capture still raises."""
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, noise=0.5)
+    x = torch.randn(16, 4)
+    for task in ("a", "b", "a"):
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(x, task), torch.randint(0, 2 if task == "a" else 3, (16,))).backward()
+        opt.step()
+    model.head_b.weight.grad.fill_(1.0)  # a gradient the wrapper never saw a backward pass for
+    opt.zero_grad(set_to_none=False)
+    model.head_b.weight.grad.fill_(1.0)
+    F.cross_entropy(model(x, "a"), torch.randint(0, 2, (16,))).backward()
+    with pytest.raises(CanonRegError, match="captured no forward/backward"):
+        opt.step()
