@@ -1207,6 +1207,7 @@ class NoiseCalibrated(Optimizer):
                 raise ValueError(
                     f"Expected `state_dict` to hold layers of this model {sorted(self._balance)}, but it has {unknown}"
                 )
+        restored = None if own is None else _own_state(own)  # all checked before anything is loaded
         self._check_state_shapes(sd)
         self.optimizer.load_state_dict(sd)
         self._check_groups()
@@ -1214,16 +1215,10 @@ class NoiseCalibrated(Optimizer):
         for layer in self._layers.values():
             layer.group = groups.get(id(layer.weight), layer.group)
             layer.clear()
-        if own is not None:
-            self._gen.set_state(own["rng_state"])
-            self._steps = int(own["steps"])
-            self.skipped_steps = int(own.get("skipped_steps", 0))
-            fields = LayerBalanceState.__dataclass_fields__
-            for name, values in own["balance"].items():
-                # fields added later (signal, growth, ...) keep their defaults when loading an older checkpoint
-                kw = {k: values[k] for k in fields if k in values}
-                kw["count"] = int(kw.get("count", 0))
-                self._balance[name] = LayerBalanceState(**kw)
+        if restored is not None:
+            rng, self._steps, self.skipped_steps, balance = restored
+            self._gen.set_state(rng)
+            self._balance.update(balance)
 
     def _check_state_shapes(self, sd: Mapping[str, Any]) -> None:
         """Refuse a base state dict saved for parameters of other shapes (issue 10, item 8).
@@ -1273,6 +1268,41 @@ class NoiseCalibrated(Optimizer):
         self._steps = state["steps"]
         if state["attached"]:
             self.attach()
+
+
+def _own_state(own: Mapping[str, Any]) -> tuple[Tensor, int, int, dict[str, LayerBalanceState]]:
+    """The wrapper's entry of a state dict, checked and parsed: ``(rng_state, steps, skipped_steps, balance)``.
+
+    Raises ValueError naming what is damaged (before :meth:`NoiseCalibrated.load_state_dict` loads anything).
+    """
+
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"Expected `state_dict['noise_calibrated']` to be NoiseCalibrated's own state, but {what}")
+
+    rng = own.get("rng_state")
+    try:
+        torch.Generator().set_state(rng)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError, ValueError):
+        raise damaged(f"its 'rng_state' is not a generator state ({type(rng).__name__})") from None
+    counts = []
+    for key, default in (("steps", None), ("skipped_steps", 0)):
+        v = own.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise damaged(f"its {key!r} is {v!r}, not a non-negative int")
+        counts.append(v)
+    fields = LayerBalanceState.__dataclass_fields__
+    balance = {}
+    for name, values in own["balance"].items():
+        if not isinstance(values, Mapping):
+            raise damaged(f"its balance of layer {name!r} is {type(values).__name__}, not a mapping")
+        # fields added later (signal, growth, ...) keep their defaults when loading an older checkpoint
+        kw = {k: values[k] for k in fields if k in values}
+        try:
+            kw["count"] = int(kw.get("count", 0))
+            balance[name] = LayerBalanceState(**kw)
+        except (TypeError, ValueError) as e:
+            raise damaged(f"its balance of layer {name!r} is not readable ({e})") from None
+    return rng, counts[0], counts[1], balance  # type: ignore[return-value]
 
 
 #: Built-in optimizers whose preconditioner the balance does not model (their per-coordinate step sizes are not

@@ -398,3 +398,32 @@ def test_a_layer_unused_this_step_with_a_zeroed_gradient_steps_like_the_base() -
     F.cross_entropy(model(x, "a"), torch.randint(0, 2, (16,))).backward()
     with pytest.raises(CanonRegError, match="captured no forward/backward"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda own: own.pop("rng_state"),
+        lambda own: own.__setitem__("rng_state", torch.zeros(3)),
+        lambda own: own.pop("steps"),
+        lambda own: own.__setitem__("steps", -1),
+        lambda own: own["balance"].__setitem__("0", 1.5),
+    ],
+    ids=["no-rng", "bad-rng", "no-steps", "negative-steps", "bad-balance"],
+)
+def test_a_damaged_wrapper_entry_is_refused_before_anything_is_loaded(damage: Callable[[dict], object]) -> None:
+    """The base optimizer's state was loaded first, then a bare KeyError/TypeError left it half-loaded."""
+    model = _mlp()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, weight_decay=1e-3, noise=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 123.0
+    damage(sd["noise_calibrated"])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['noise_calibrated'\]"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"] and after["noise_calibrated"]["steps"] == before["noise_calibrated"]["steps"]
