@@ -676,9 +676,11 @@ class NoiseCalibrated(Optimizer):
         for name, target in list(capture.targets.items()):
             module = target.module
             weight, bias = _layer_parameters(name, module, target.tap)
-            if not weight.requires_grad:
-                capture.exclude(name, "its weight does not require grad (frozen)")
+            if not weight.requires_grad and id(weight) not in groups:
+                capture.exclude(name, "its weight does not require grad (frozen) and is not in the optimizer")
                 continue
+            # a frozen layer whose parameters the optimizer holds is kept: inert while frozen (no capture,
+            # no gradient), noise and balance from the step it is unfrozen (gradual unfreezing)
             missing = [what for what, p in (("weight", weight), ("bias", bias)) if p is not None and p.requires_grad and id(p) not in groups]
             if missing:
                 raise ValueError(
@@ -802,6 +804,8 @@ class NoiseCalibrated(Optimizer):
     def _on_call(self, call: LayerCall) -> Backward | None:
         """Forward half of one layer call (:class:`~canonreg.capture.Capture`): the sketch's input rows and signs."""
         layer = self._layers[call.name]
+        if not layer.weight.requires_grad:  # frozen now
+            return None
         if not (self._config.track_balance or layer.group["nc_noise"] == "auto" or self._sigma(call.name) > 0):
             return None
         if layer.weight.grad is None:  # a new accumulation window: drop what a skipped step left behind

@@ -427,3 +427,31 @@ def test_a_damaged_wrapper_entry_is_refused_before_anything_is_loaded(damage: Ca
         opt.load_state_dict(sd)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["noise_calibrated"]["steps"] == before["noise_calibrated"]["steps"]
+
+
+def test_a_layer_unfrozen_after_wrapping_gets_noise_and_balance() -> None:
+    """Gradual unfreezing: a layer frozen when the wrapper was built (its parameters in the optimizer) is inert
+    while frozen and gets noise and balance once unfrozen (it was excluded for good at construction)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[0].requires_grad_(False)
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.01), model, noise=2.0, weight_decay=1e-2)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    w0 = model[0].weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.equal(model[0].weight, w0) and model[0].weight.grad is None  # frozen: untouched
+    model[0].requires_grad_(True)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        clean = model[0].weight.grad.clone()
+        opt.step()
+        assert not torch.equal(model[0].weight.grad, clean)  # the noise reached its gradient
+    assert "0" in opt.balance and "0" not in opt.excluded
+    opt.detach()
+    model[0].requires_grad_(False)  # frozen and left out of the optimizer: excluded, saying why
+    other = NoiseCalibrated(torch.optim.SGD(model[2].parameters(), lr=0.01), model)
+    assert other.excluded == {"0": "its weight does not require grad (frozen) and is not in the optimizer"}
