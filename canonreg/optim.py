@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -352,6 +353,21 @@ class _Layer:
             gm.add_(n_w.to(grad.dtype), alpha=sigma)
         else:
             grad.add_(to_weight_layout(self.tap, self.module, n_w).to(grad.dtype), alpha=sigma)
+
+
+def _called_by_grad_scaler(depth: int = 6) -> bool:
+    """Whether an enabled ``torch.amp.GradScaler`` is stepping the optimizer (its ``_maybe_opt_step`` within
+    ``depth`` frames; a disabled scaler calls ``step()`` directly). Reads code objects only: touching a
+    frame's ``f_locals`` would keep the caller's locals alive."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_maybe_opt_step" and code.co_filename.endswith("grad_scaler.py"):
+            return True
+    return False
 
 
 def _set_group_hyperparameters(optimizer: Optimizer, hyper: Mapping[str, Any]) -> Callable[[], None]:
@@ -886,6 +902,12 @@ class NoiseCalibrated(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
+        if self._config.grad_scaler is None and self._layers and _called_by_grad_scaler():
+            raise CanonRegError(
+                "NoiseCalibrated.step() was called by a torch.amp.GradScaler it was not given: the gradients it captured "
+                "in the backward pass carry the loss scale (the noise and the balance would be scaled by it). Pass the "
+                "scaler when building the wrapper: NoiseCalibrated(..., grad_scaler=scaler)"
+            )
         measured = self._measure_layers()
         if measured is None:  # a non-finite gradient: the step was skipped
             return loss

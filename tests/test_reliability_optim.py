@@ -455,3 +455,22 @@ def test_a_layer_unfrozen_after_wrapping_gets_noise_and_balance() -> None:
     model[0].requires_grad_(False)  # frozen and left out of the optimizer: excluded, saying why
     other = NoiseCalibrated(torch.optim.SGD(model[2].parameters(), lr=0.01), model)
     assert other.excluded == {"0": "its weight does not require grad (frozen) and is not in the optimizer"}
+
+
+def test_a_grad_scaler_the_wrapper_was_not_given_is_refused_at_its_step() -> None:
+    """``scaler.step(opt)`` without ``grad_scaler=scaler``: the captured gradients carry the loss scale, so the noise
+    was 65536× too large, silently. Now a CanonRegError saying what to pass; a disabled scaler is harmless."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for enabled in (True, False):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
+        opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.0), model, noise=1.0)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if enabled:
+            with pytest.raises(CanonRegError, match=r"grad_scaler=scaler"):
+                scaler.step(opt)
+        else:
+            scaler.step(opt)
+        opt.detach()
