@@ -474,3 +474,19 @@ def test_a_grad_scaler_the_wrapper_was_not_given_is_refused_at_its_step() -> Non
         else:
             scaler.step(opt)
         opt.detach()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": "a"}, ValueError, "`seed`"),
+        ({"seed": 1.7}, ValueError, "`seed`"),
+        ({"seed": -1}, ValueError, "`seed`"),
+        ({"track_balance": "no"}, TypeError, "`track_balance`"),
+    ],
+)
+def test_seed_and_track_balance_are_checked_by_name(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    """``seed=1.7`` was truncated and ``track_balance="no"`` read as True."""
+    model = _mlp()
+    with pytest.raises(error, match=match):
+        NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)  # type: ignore[arg-type]
