@@ -1064,7 +1064,7 @@ class NoiseCalibrated(Optimizer):
         else:
             eta = effective_lr(layer.group)
             flat = layer.flat(grad)
-            drift = torch.dot(w, flat) * (-eta)
+            drift = torch.dot(w, flat) * (eta if layer.group.get("maximize", False) else -eta)  # maximize: ascent
             n1 = n_raw * (eta * eta)
             g2 = torch.dot(flat, flat).to(n_raw.dtype) * (eta * eta)
         return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw, g2, ok])
@@ -1097,7 +1097,7 @@ class NoiseCalibrated(Optimizer):
             w_rows = _output_rows(layer.matrix(layer.weight.detach()), d_b, rows)
             g_rows = _output_rows(layer.matrix(grad), d_b, rows)
         pg = g_rows / d
-        drift = torch.dot(w_rows, pg) * (-lr * scale)
+        drift = torch.dot(w_rows, pg) * ((lr if layer.group.get("maximize", False) else -lr) * scale)  # maximize: ascent
         g2 = torch.dot(pg, pg).to(dtype) * (lr * lr * scale)
         nr = noise_rows(rows)
         q = nr / d.to(nr.dtype)
