@@ -260,7 +260,9 @@ class _Layer:
     # never build a d_b × d_a temporary (the injection is one addmm into .grad).
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
-    passes: int = 0  # backward passes through the layer since the last step (> 1: gradient accumulation)
+    passes: int = 0  # forward/backward passes through the layer since the last step (> 1: gradient accumulation)
+    seen: set[int] = field(default_factory=set)  # the passes counted (a layer called twice, or two backward
+    # passes through one graph, are one pass of one batch)
     # Keep N_W factored while that is cheaper (False: always materialise). Private: tests that compare
     # the two paths set it on each layer of a wrapper (``opt._layers[name].factored = False``).
     factored: bool = True
@@ -271,6 +273,7 @@ class _Layer:
         self.factors = []
         self.samples = 0
         self.passes = 0
+        self.seen = set()
 
     @property
     def captured(self) -> bool:
@@ -398,10 +401,12 @@ def _set_group_hyperparameters(optimizer: Optimizer, hyper: Mapping[str, Any]) -
 _UNSET = object()
 
 
-def _noise_hook(ref: weakref.ref[NoiseCalibrated], layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:
+def _noise_hook(
+    ref: weakref.ref[NoiseCalibrated], layer: _Layer, rows: Tensor, weights: Tensor, batch: int, pass_id: int, delta: Tensor
+) -> None:
     """A layer call's backward half (:meth:`NoiseCalibrated._on_grad`); then a redraw queued for the end of
     this backward pass. Holds the wrapper weakly (the autograd graph must not keep it alive)."""
-    NoiseCalibrated._on_grad(layer, rows, weights, batch, delta)
+    NoiseCalibrated._on_grad(layer, rows, weights, batch, pass_id, delta)
     owner = ref()
     if owner is not None:
         owner._queue_redraw()
@@ -672,6 +677,7 @@ class NoiseCalibrated(Optimizer):
         self._draws: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._device_draws: dict[tuple[int, torch.device], tuple[Tensor, Tensor | None]] = {}
         self._redraw_queued = False
+        self._pass = 0  # the current draw's number (counted once per layer in a step's batch)
         self._balance: dict[str, LayerBalanceState] = {}
         self._steps = 0
         self.skipped_steps = 0
@@ -789,6 +795,7 @@ class NoiseCalibrated(Optimizer):
     def _redraw(self) -> None:
         """Forget the draws: the next layer call draws fresh signs (and subset)."""
         self._redraw_queued = False
+        self._pass += 1
         self._draws.clear()
         self._device_draws.clear()
 
@@ -838,15 +845,19 @@ class NoiseCalibrated(Optimizer):
                     "NoiseCalibrated needs sample-major rows (the batch as dim 0 of each layer input)"
                 )
             weights = weights.repeat_interleave(rows.shape[0] // picked)
-        return Backward(functools.partial(_noise_hook, weakref.ref(self), layer, rows, weights.to(rows.dtype), batch), idx)
+        hook = functools.partial(_noise_hook, weakref.ref(self), layer, rows, weights.to(rows.dtype), batch, self._pass)
+        return Backward(hook, idx)
 
     @staticmethod
-    def _on_grad(layer: _Layer, rows: Tensor, weights: Tensor, batch: int, delta: Tensor) -> None:
-        """Backward half: ``N += (w ⊙ δ)ᵀ h`` with ``δ`` the call's output-gradient rows."""
+    def _on_grad(layer: _Layer, rows: Tensor, weights: Tensor, batch: int, pass_id: int, delta: Tensor) -> None:
+        """Backward half: ``N += (w ⊙ δ)ᵀ h`` with ``δ`` the call's output-gradient rows; the batch counted once
+        per pass (draw) however many calls and backward passes reach the layer within it."""
         a, n_b = noise_factors(delta, rows, weights, bias=layer.bias is not None)
         layer.add_noise(a, rows, n_b)
-        layer.samples += batch
-        layer.passes += 1
+        if pass_id not in layer.seen:
+            layer.seen.add(pass_id)
+            layer.samples += batch
+            layer.passes += 1
 
     # ------------------------------------------------------------------ step
     def _decays(self, p: Tensor) -> bool:

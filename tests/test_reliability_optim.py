@@ -510,3 +510,41 @@ def test_balance_of_a_maximizing_optimizer_adds_up_like_the_minimizing_one(base:
         states.append(opt.balance_state["2"])
     assert states[1].drift == pytest.approx(states[0].drift, rel=1e-9)
     assert states[1].net == pytest.approx(states[0].net, rel=1e-9)
+
+
+class _SharedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+def test_batch_is_counted_once_per_pass_for_a_reused_layer_or_two_backward_passes() -> None:
+    """A layer called twice in one forward pass, or two backward passes through one graph, is one batch of B
+    (it reported micro_batches 2 and batch_size 2B, which also halved the balance's SGD noise); two
+    forward/backward passes before a step (gradient accumulation) are two."""
+    torch.manual_seed(0)
+    model = _SharedLayer()
+    opt = NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=1e-2, ema_decay=0.0)  # last step's
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+    def counts() -> list[tuple[float, float]]:
+        return [(opt.balance_state[n].micro_batches, opt.balance_state[n].batch_size) for n in ("a", "b")]
+
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert counts() == [(1.0, 16.0), (1.0, 16.0)]
+    opt.zero_grad()
+    out = model(x)
+    F.cross_entropy(out, y).backward(retain_graph=True)
+    out.square().mean().backward()
+    opt.step()
+    assert counts() == [(1.0, 16.0), (1.0, 16.0)]
+    opt.zero_grad()
+    for half in (slice(0, 8), slice(8, 16)):
+        (F.cross_entropy(model(x[half]), y[half]) / 2).backward()
+    opt.step()
+    assert counts() == [(2.0, 16.0), (2.0, 16.0)]
