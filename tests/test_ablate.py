@@ -106,6 +106,11 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         ("ablation.color", "red", ValueError, "ablation.color"),
         ("plot", [{"metric": "test_acc", "factor": "weight_decay"}], ValueError, "plot[0].factor"),
         ("plot", [{"metric": "test_acc"}], ValueError, "plot[0]"),
+        ("plot", [{"metric": "test_acc", "factor": "arm"}], ValueError, "plot[0].factor"),  # failed after every run
+        ("plot", [{"metric": "erank@0", "factor": "arm"}], ValueError, "plot[0]"),
+        ("ablation.metrics", ["test_acc", "test_acc"], ValueError, "ablation.metrics"),
+        ("ablation.metrics", ["alpha@99"], ValueError, "ablation.metrics"),
+        ("ablation.metrics", ["erank@0"], ValueError, "ablation.metrics"),  # the first layer's input is the data
         ("quick.stepz", 3, ValueError, "quick.stepz"),
         ("quick.steps", 0, ValueError, "`steps`"),
         ("search", {"lr": [1]}, ValueError, "search"),
@@ -498,3 +503,9 @@ def test_package_keeps_every_public_name_and_module_entry() -> None:
     assert ablate.mean_ci is stats.mean_ci and ablate.Interval is stats.Interval and ablate.code_fingerprint is stats.code_fingerprint
     out = subprocess.run([sys.executable, "-m", "canonreg.ablate", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: canonreg ablate"), out.stderr
+
+
+def test_per_layer_metrics_of_the_grids_models_are_accepted() -> None:
+    cfg = grid_config()
+    cfg["ablation"]["metrics"] = ["alpha@0", "erank@2", "pcs95@2", "test_acc"]
+    assert ablate.load_spec(cfg).metrics == ("alpha@0", "erank@2", "pcs95@2", "test_acc")

@@ -248,6 +248,9 @@ def _validate_spec(spec: AblationSpec) -> None:
         raise ValueError(f"Expected `ablation.logs` to be one of {list(LOG_KINDS)}, but got {spec.logs!r}")
     for m in spec.metrics:
         _check_metric("ablation.metrics", m)
+    repeated = sorted({m for m in spec.metrics if spec.metrics.count(m) > 1})
+    if repeated:
+        raise ValueError(f"Expected each metric once in `ablation.metrics`, but {repeated} repeat")
     for k, v in spec.fixed:
         if k not in _FIELDS:
             raise ValueError(f"Unknown key `fixed.{k}`; expected TrialConfig fields from {sorted(_FIELDS)}")
@@ -263,21 +266,49 @@ def _validate_spec(spec: AblationSpec) -> None:
     for k, _ in spec.quick:
         if k not in _FIELDS:
             raise ValueError(f"Unknown key `quick.{k}`; expected TrialConfig fields from {sorted(_FIELDS)}")
-    spec.configs()  # validates every combination (messages name the field)
+    configs = spec.configs()  # validates every combination (messages name the field)
     factors = spec.factors
+    named = [("ablation.metrics", m) for m in spec.metrics]
     if spec.plots is not None:
         for i, p in enumerate(spec.plots):
             _check_metric(f"plot[{i}].metric", p.metric)
-            if p.factor not in factors or p.factor == "seed":
+            named.append((f"plot[{i}].metric", p.metric))
+            if p.factor not in factors or p.factor in ("arm", "seed"):
                 raise ValueError(
-                    f"Expected `plot[{i}].factor` to be a grid factor other than 'seed' ({[f for f in factors if f != 'seed']}), "
-                    f"but got {p.factor!r}"
+                    f"Expected `plot[{i}].factor` to be a grid factor other than 'arm' and 'seed' "
+                    f"({[f for f in factors if f not in ('arm', 'seed')]}), but got {p.factor!r}"
                 )
+    _check_layer_metrics(named, configs)
     if spec.quick:
         try:
             spec.with_quick()
         except (TypeError, ValueError) as e:
             raise type(e)(f"In [quick]: {e}") from None
+
+
+def _check_layer_metrics(named: Sequence[tuple[str, str]], configs: Sequence[TrialConfig]) -> None:
+    """Per-layer metrics (``alpha@<layer>``: any weight layer; ``erank@``/``pcs95@``: a hidden one, i.e. not the
+    first) name a layer of at least one of the grid's models (built from the configs, random init)."""
+    layered = [(where, m) for where, m in named if m not in STATIC_METRICS]
+    if not layered:
+        return
+    from ..experiment import build_model
+    from ..layers import select_layers
+
+    shapes: dict[tuple[Any, ...], list[str]] = {}
+    for cfg in configs:
+        key = (cfg.dataset, cfg.model, cfg.width, cfg.depth)
+        if key not in shapes:
+            shapes[key] = list(select_layers(build_model(cfg), None)[0])
+    for where, m in layered:
+        prefix = next(p for p in LAYER_METRIC_PREFIXES if m.startswith(p))
+        layer = m[len(prefix) :]
+        allowed = sorted({n for names in shapes.values() for n in (names if prefix == "alpha@" else names[1:])}, key=str)
+        if layer not in allowed:
+            raise ValueError(
+                f"Expected `{where}` to name a layer of the grid's models ({prefix}<layer> with layer in {allowed}), "
+                f"but got {m!r}"
+            )
 
 
 def _check_metric(where: str, m: Any) -> None:
