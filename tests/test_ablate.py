@@ -250,6 +250,10 @@ def test_run_summarise_plot_and_resume(tmp_path: Path, monkeypatch: pytest.Monke
     # --no-resume keeps the old file aside and runs everything.
     fresh = run(grid_config(), out, resume=False)
     assert fresh.new_runs == 4 and (out / "results.jsonl.prev").read_bytes() == after
+    # a second --no-resume keeps the first one's results too (it replaced them: finished runs were lost)
+    newer = (out / "results.jsonl").read_bytes()
+    run(grid_config(), out, resume=False)
+    assert (out / "results.jsonl.prev").read_bytes() == after and (out / "results.jsonl.prev.2").read_bytes() == newer
 
 
 def test_plots_are_written_for_numeric_factors(tmp_path: Path) -> None:
@@ -444,6 +448,11 @@ def test_measure_runs_in_the_workers_is_stored_and_kept_on_resume(tmp_path: Path
     assert other.new_runs == 2
     for rid, rec in other.records.items():
         assert rec["measure"]["sq_weights"] == pytest.approx(res.records[rid]["measure"]["sq_weights"] / 2, rel=1e-15)
+    # one line per run in results.jsonl (a line-by-line reader would count a recomputed run twice); the older
+    # records are kept in results.superseded.jsonl
+    now = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["run_id"] for r in now) == sorted(other.records) and all(r["measure_call"]["args"]["scale"] == 1.0 for r in now)
+    assert (tmp_path / "results.superseded.jsonl").read_text().splitlines() == lines
     assert run(cfg, tmp_path, plots=False).new_runs == 0
 
 

@@ -249,7 +249,8 @@ def run_ablation(
             of runs left); ``0`` runs in this process.
         backend: ``"local"`` or ``"ray"`` (default: the spec's).
         resume: skip runs already in ``results.jsonl``; ``False`` moves an existing file to
-            ``results.jsonl.prev`` and runs everything again.
+            ``results.jsonl.prev`` (``.prev.2``, ``.prev.3``, … when taken: nothing is overwritten) and runs
+            everything again.
         quick: apply the spec's ``[quick]`` overrides.
         progress: show a tqdm bar over the runs (needs tqdm).
         plots: write the figures (needs matplotlib).
@@ -340,7 +341,7 @@ def _run_prepared(
     (out_dir / "spec.json").write_text(json.dumps({"spec": spec.to_dict(), "runs": len(configs)}, indent=2))
     results_path = out_dir / "results.jsonl"
     if not resume and results_path.exists():
-        os.replace(results_path, out_dir / "results.jsonl.prev")
+        os.replace(results_path, _unused(out_dir / "results.jsonl.prev"))  # never over an earlier one
     ids = [config_id(c) for c in configs]
     finished = load_results(results_path, repair=True)
     if measure is not None:  # a run counts as finished only with this measurement
@@ -363,11 +364,22 @@ def _run_prepared(
         bar = progress_bar(len(configs), progress, initial=skipped, desc=spec.name, unit="run", dynamic_ncols=True)
         env = {**environment(), "code": code}
         new_runs = _run_jobs(spec, todo, out_dir, backend, n, env, finished, failures, bar, measure)
+    if new_runs:
+        load_results(results_path, repair=True)  # recomputed runs: their older records to results.superseded.jsonl
     records = {rid: finished[rid] for rid in ids if rid in finished}
     summary, markdown, written = write_summaries(spec, configs, list(records.values()), out_dir, plots=plots)
     return AblationResult(
         spec, out_dir, tuple(configs), records, summary, markdown, tuple(written), new_runs, skipped, failures, stale
     )
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``, … : the first name not taken."""
+    k, out = 1, path
+    while out.exists():
+        k += 1
+        out = path.with_name(f"{path.name}.{k}")
+    return out
 
 
 def _code_fingerprint() -> str:

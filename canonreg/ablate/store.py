@@ -34,7 +34,9 @@ def load_results(path: str | Path, *, repair: bool = False) -> dict[str, dict[st
     skipped with one ``RuntimeWarning`` naming the file and the line numbers; with ``repair=True``
     those lines are moved to ``results.rejected.jsonl`` beside the file (``{"line", "reason",
     "text", "at"}`` per line) and the file is rewritten atomically with the valid lines, byte for
-    byte (a missing final newline is added). Nothing is ever deleted.
+    byte (a missing final newline is added); records of a run that a later line of the same run id replaces
+    (a run recomputed, e.g. with a measurement) are moved to ``results.superseded.jsonl``, so the file
+    keeps one line per run. Nothing is ever deleted.
     """
     p = Path(path)
     if not p.exists():
@@ -55,17 +57,25 @@ def load_results(path: str | Path, *, repair: bool = False) -> dict[str, dict[st
         else:
             bad.append((i, problem, raw))
     out = {str(rec["run_id"]): rec for _, rec in good}
+    last = {str(rec["run_id"]): i for i, (_, rec) in enumerate(good)}
+    superseded = [raw for i, (raw, rec) in enumerate(good) if last[str(rec["run_id"])] != i]
     if bad:
         rejected = p.with_name(p.stem + ".rejected.jsonl")
         shown = "; ".join(f"line {n} of {str(p)!r} {why}" for n, why, _ in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         action = f"moved to {str(rejected)!r}; their runs will be recomputed" if repair else "skipped"
         warnings.warn(f"{shown}{more} ({len(bad)} damaged line(s) {action})", RuntimeWarning, stacklevel=2)
-    if repair and bad:
+    if repair and (bad or superseded):
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         for n, why, raw in bad:
             _append_line(rejected, {"line": n, "reason": why, "text": raw.decode("utf-8", errors="replace"), "at": stamp})
-        _atomic_write(p, b"".join(raw + b"\n" for raw, _ in good))
+        if superseded:  # a run recomputed (e.g. with a measurement): its older records, kept beside the file
+            with open(p.with_name(p.stem + ".superseded.jsonl"), "ab") as f:
+                f.write(b"".join(raw + b"\n" for raw in superseded))
+                f.flush()
+                os.fsync(f.fileno())
+        kept = {id(raw) for raw in superseded}
+        _atomic_write(p, b"".join(raw + b"\n" for raw, _ in good if id(raw) not in kept))
     elif repair and tail:
         with open(p, "ab") as f:  # a complete last record: only its newline was missing
             f.write(b"\n")
