@@ -294,7 +294,8 @@ class TrialConfig:
         ``noise = 0.0`` in arms without ``NoiseCalibrated``; ``loss_weight = 0.0``, ``relations = ()``
         and ``loss_metric = "cosine"`` in arms without ``AlignmentLoss`` (``loss_weight`` None → the
         arm's default in the others; ``relations = ()`` in the ``crh`` arm); ``momentum = 0.0`` for
-        Adam/AdamW (which ignore it). Two configs that train identically resolve to the same record.
+        Adam/AdamW (which ignore it); ``num_samples`` its default for ``digits`` (a fixed data set). Two
+        configs that train identically resolve to the same record.
         """
         changes: dict[str, Any] = {}
         if not self.uses_noise:
@@ -308,6 +309,8 @@ class TrialConfig:
                 changes.update(relations=(), loss_metric="cosine")  # the joint objective has its own
         if self.optimizer != "sgd":
             changes["momentum"] = 0.0
+        if self.dataset == "digits":  # a fixed set: num_samples does not act
+            changes["num_samples"] = _NUM_SAMPLES_DEFAULT
         return dataclasses.replace(self, **changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +334,9 @@ class TrialConfig:
     def replace(self, **changes: Any) -> TrialConfig:
         """``dataclasses.replace`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+_NUM_SAMPLES_DEFAULT: int = TrialConfig.__dataclass_fields__["num_samples"].default  # type: ignore[assignment]
 
 
 def _relation_names(rel: Any) -> tuple[str, ...]:

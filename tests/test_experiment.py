@@ -113,6 +113,9 @@ def test_resolved_neutralises_factors_that_do_not_act() -> None:
     assert loss.noise == 0.0 and loss.loss_weight == 3.0
     assert tiny(optimizer="adam", momentum=0.5).resolved().momentum == 0.0
     assert config_id(tiny(arm="noise", noise=0.5)) != config_id(tiny(arm="noise", noise=1.0))
+    # digits is a fixed data set: num_samples does not act there (two levels of it ran the same trial twice)
+    assert config_id(tiny(dataset="digits", num_samples=1000)) == config_id(tiny(dataset="digits", num_samples=3000))
+    assert config_id(tiny(dataset="mnist1d", num_samples=1000)) != config_id(tiny(dataset="mnist1d", num_samples=3000))
 
 
 def test_dict_round_trip_and_unknown_keys() -> None:
