@@ -426,7 +426,9 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         "weight_decay": "weight decay on weight matrices (both arms)",
     }
     for name in ("steps", "width", "depth", "batch_size", "window", "num_samples", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"{helps[name]} (default {getattr(d, name)})")
+        # flags --quick sets default to None here, so that one given explicitly (whatever its value) wins
+        default = None if name in QUICK else getattr(d, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{helps[name]} (default {getattr(d, name)})")
     for name in ("lr", "momentum", "weight_decay"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name), help=f"{helps[name]} (default {getattr(d, name):g})")
     p.add_argument("--loss-weight", type=float, default=None, help="strength of the crh arm's objective (default: the preset's, canonreg.losses.CRH_PRESET)")
@@ -529,9 +531,11 @@ def _one_line(text: str) -> str:
 
 def _demo_command(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in vars(args).items() if k not in ("command", "quick", "debug")}
-    if args.quick:
-        d = DemoConfig()
-        kw.update({k: v for k, v in QUICK.items() if kw[k] == getattr(d, k)})
+    unset = [k for k in QUICK if kw[k] is None]  # not given on the command line
+    base = QUICK if args.quick else {k: getattr(DemoConfig(), k) for k in QUICK}
+    kw.update({k: base[k] for k in unset})
+    if args.quick and "window" in unset:
+        kw["window"] = min(kw["window"], kw["steps"])  # `--quick --steps 50`: the window follows the steps
     try:
         cfg = DemoConfig(**kw)
     except (TypeError, ValueError) as e:

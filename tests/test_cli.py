@@ -205,3 +205,22 @@ def test_module_entry_point_help() -> None:
     res = subprocess.run([sys.executable, "-m", "canonreg", "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
     assert "--weight-decay" in res.stdout and "--loss-weight" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--quick"], (300, 100, 2000)),
+        (["--quick", "--steps", "2000", "--window", "500", "--num-samples", "5000"], (2000, 500, 5000)),  # = defaults: still win
+        (["--quick", "--steps", "50"], (50, 50, 2000)),  # the window follows the steps it was not given
+        ([], (DemoConfig().steps, DemoConfig().window, DemoConfig().num_samples)),
+        (["--window", "10"], (DemoConfig().steps, 10, DemoConfig().num_samples)),
+    ],
+)
+def test_demo_quick_keeps_every_flag_given_explicitly(args: list[str], want: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    import canonreg.cli as cli
+
+    seen: list[DemoConfig] = []
+    monkeypatch.setattr(cli, "run_demo", seen.append)
+    assert main(["demo", *args]) == 0
+    assert (seen[0].steps, seen[0].window, seen[0].num_samples) == want
