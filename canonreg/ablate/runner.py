@@ -322,7 +322,25 @@ def _prepare(
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise ValueError(f"Expected the output folder `out` to be a folder (created if missing), but {str(probe)!r} is a file")
-    return spec, spec.configs(), out_dir, backend, nworkers
+    configs = spec.configs()
+    _check_batch_sizes(configs)
+    return spec, configs, out_dir, backend, nworkers
+
+
+def _check_batch_sizes(configs: Sequence[TrialConfig]) -> None:
+    """``batch_size`` ≤ the training rows of each run's built-in data set (generated once here, cached for the runs)."""
+    from ..experiment import load_data
+
+    rows: dict[tuple[Any, ...], int] = {}
+    for cfg in configs:
+        key = (cfg.dataset, cfg.num_samples, cfg.data_seed)
+        if key not in rows:
+            rows[key] = int(load_data(cfg).x.shape[0])
+        if cfg.batch_size > rows[key]:
+            raise ValueError(
+                f"Expected `batch_size` <= the {rows[key]} training samples of {cfg.dataset!r}"
+                f"{f' (num_samples={cfg.num_samples})' if cfg.dataset == 'mnist1d' else ''}, but got {cfg.batch_size}"
+            )
 
 
 def _run_prepared(
