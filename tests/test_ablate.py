@@ -111,7 +111,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         ("ablation.metrics", ["test_acc", "test_acc"], ValueError, "ablation.metrics"),
         ("ablation.metrics", ["alpha@99"], ValueError, "ablation.metrics"),
         ("ablation.metrics", ["erank@0"], ValueError, "ablation.metrics"),  # the first layer's input is the data
-        ("grid.batch_size", [32, 100000], ValueError, "`batch_size` <= the 1437 training samples of 'digits'"),
+        ("fixed.batch_size", 100000, ValueError, "`batch_size` <= the 1437 training samples of 'digits'"),
         ("quick.stepz", 3, ValueError, "quick.stepz"),
         ("quick.steps", 0, ValueError, "`steps`"),
         ("search", {"lr": [1]}, ValueError, "search"),
