@@ -203,9 +203,9 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
         dtype = torch.float64  # integer/bool inputs: score them in float64
     x = x.to(dtype)
     y = y.to(dtype)
-    if metric == "pearson":
-        x = x - x.mean()
-        y = y - y.mean()
+    if metric == "pearson":  # a spread at the rounding level of the mean is none: α undefined (NaN)
+        x = _flat_to_zero(x - x.mean(), x)
+        y = _flat_to_zero(y - y.mean(), y)
     # Scale each side by its max before the products: exact in real arithmetic, and it keeps
     # tiny gradient moments (1e-20 and below) from underflowing in float32.
     sx = x.detach().abs().amax()
@@ -216,6 +216,18 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
     num = (x * y).sum()
     nan = torch.full_like(num, float("nan"))
     return torch.where(denom > 0, num / torch.where(denom > 0, denom, torch.ones_like(denom)), nan).clamp(-1.0, 1.0)
+
+
+#: Deviations from the entry mean up to this many ulps of the largest entry are rounding, not spread: a constant
+#: matrix whose mean does not round exactly (0.3·11ᵀ) centres to a tiny constant, not to 0.
+_FLAT_ULPS = 16.0
+
+
+def _flat_to_zero(centred: Tensor, raw: Tensor) -> Tensor:
+    """``centred`` (entries minus their mean), or zeros where its spread is at the rounding level of ``raw``."""
+    spread = centred.detach().abs().amax()
+    flat = spread <= _FLAT_ULPS * torch.finfo(centred.dtype).eps * raw.detach().abs().amax()
+    return torch.where(flat, torch.zeros_like(centred), centred)
 
 
 def pairwise_alignment(matrices: Sequence[Tensor], metric: Metric = "pearson") -> Tensor:
@@ -280,6 +292,11 @@ def _centred_gram(mats: Sequence[Tensor], metric: Metric) -> Tensor:
         lo, hi = torch.aminmax(f.detach())
         spread = torch.maximum(hi - c.detach(), c.detach() - lo)  # = max |f − c|: rounding is monotone
         ok = torch.isfinite(spread) & (spread > 0)
+        if metric == "pearson":  # a spread at the rounding level of the mean is none (scale 0: α NaN)
+            top = torch.maximum(hi.abs(), lo.abs())
+            flat = spread <= _FLAT_ULPS * torch.finfo(dtype).eps * top
+            scales.append(torch.where(flat, 0.0, torch.where(ok, torch.exp2(-torch.floor(torch.log2(torch.where(ok, spread, 1.0)))), 1.0)))
+            continue
         scales.append(torch.where(ok, torch.exp2(-torch.floor(torch.log2(torch.where(ok, spread, 1.0)))), 1.0))
     n, k = flats[0].numel(), len(flats)
     if torch.is_grad_enabled() and any(f.requires_grad for f in flats):

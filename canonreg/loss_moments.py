@@ -315,6 +315,10 @@ def frobenius_inner(a: MomentOperand, b: MomentOperand) -> Tensor:
     return _sum64(a * b.to(a.dtype))
 
 
+#: Centred energies ``‖A‖² − (1ᵀA1)²/N`` up to this many float64 ulps of ``‖A‖²`` are rounding: α undefined.
+_FLAT_ENERGY = 64.0
+
+
 def alignment_from_moments(
     inner: Tensor,
     sq_a: Tensor,
@@ -339,8 +343,13 @@ def alignment_from_moments(
             raise ValueError("Expected `sum_a` and `sum_b` (entry sums) with metric='pearson', but got None")
         n = numel if isinstance(numel, Tensor) else float(numel)
         inner = inner - sum_a * sum_b / n
+        raw_a, raw_b = sq_a, sq_b
         sq_a = sq_a - sum_a * sum_a / n
         sq_b = sq_b - sum_b * sum_b / n
+        # a spread at the rounding level of ‖A‖² is none (a constant matrix whose mean does not round exactly)
+        tol = _FLAT_ENERGY * torch.finfo(torch.float64).eps
+        sq_a = torch.where(sq_a > tol * raw_a, sq_a, torch.zeros_like(sq_a))
+        sq_b = torch.where(sq_b > tol * raw_b, sq_b, torch.zeros_like(sq_b))
     denom2 = sq_a * sq_b
     ok = denom2 > 0
     safe = torch.where(ok, denom2, torch.ones_like(denom2))

@@ -485,3 +485,24 @@ def test_mode_is_renamed_preprocess(preprocess: str) -> None:
     with pytest.raises(TypeError, match="both `mode` and its new name `preprocess`"):
         cf.second_moment(x, mode=preprocess, preprocess=preprocess)
     assert torch.equal(cf.second_moment(x), cf.second_moment(x, "raw"))  # the default is unchanged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1.0, 0.1, 0.3, 1e4 / 3])
+def test_pearson_of_a_constant_matrix_is_undefined_even_when_its_mean_rounds(c: float, dtype: torch.dtype) -> None:
+    """A constant matrix has no spread: Pearson α is NaN. When ``c`` is not exact in binary its mean rounds, and
+    the centred matrix was a tiny constant (α 0.0000 or rounding noise, in the monitor −0.38)."""
+    from canonreg.loss_moments import alignment_from_moments
+
+    a = torch.full((7, 7), c, dtype=dtype)
+    b = torch.randn(7, 7, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    assert math.isnan(float(cf.alignment(a, b, "pearson")))
+    s = cf.pairwise_alignment([a, b, b.T], "pearson")
+    assert math.isnan(float(s[0, 1])) and math.isnan(float(s[0, 2])) and not math.isnan(float(s[1, 2]))
+    a64, b64 = a.double(), b.double()
+    pieces = [(a64 * b64).sum(), (a64 * a64).sum(), (b64 * b64).sum(), a64.sum(), b64.sum()]
+    assert math.isnan(float(alignment_from_moments(*pieces, 49, "pearson")))
+    # a real spread, however small against the mean, is kept: α defined and equal to the float64 reference
+    spread = a64 + 1e-6 * b64
+    want = float(cf.alignment(spread - spread.mean(), b64 - b64.mean(), "cosine"))
+    assert float(cf.alignment(spread, b64, "pearson")) == pytest.approx(want, abs=1e-9)
