@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trial CPU time: {cpu_total:.0f} s in total over {len(result.records)} finished runs")
         if result.stale_runs:
             print(f"note: {len(result.stale_runs)} finished run(s) came from different canonreg code (--no-resume reruns them)")
-        print(f"wrote {result.out / 'results.jsonl'}, {result.out / 'summary.md'}, {result.out / 'summary.csv'}"
+        files = [result.out / name for name in ("results.jsonl", "errors.jsonl", "summary.md", "summary.csv")]
+        print(f"wrote {', '.join(str(f) for f in files if f.exists())}"
               + (f" and {len(result.plots)} plot(s) in {result.out / 'plots'}" if result.plots else ""))  # fmt: skip
         return 1 if result.failures else 0
 
