@@ -370,17 +370,16 @@ class _Moment:
         if c.count == 0:
             return
         self._match(c.s_x)
+        assert c.origin is not None  # every call with rows has its mean as origin
         if self.w_xx is None:
             self._open(c.origin, c.scale, ok, c.s_x)
-        assert self.w_scale is not None and self.w_xx is not None and self.w_x is not None
+        assert self.w_scale is not None and self.w_shift is not None and self.w_xx is not None and self.w_x is not None
         r = (c.scale / self.w_scale).to(c.s_x.dtype)
         s_x = c.s_x * r
-        left: list[Tensor] = []  # the shift terms s_x eᵀ + e s_xᵀ + n e eᵀ = [s_x e] [e, s_x + n e]ᵀ
-        right: list[Tensor] = []
-        if c.origin is not None and self.w_shift is not None:
-            e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_x.dtype)
-            left, right = [s_x, e], [self._right(e), self._right(s_x + e * c.count)]
-            s_x = s_x + e * c.count
+        # the shift terms s_x eᵀ + e s_xᵀ + n e eᵀ = [s_x e] [e, s_x + n e]ᵀ
+        e = ((c.origin - self.w_shift) / self.w_scale).to(c.s_x.dtype)
+        left, right = [s_x, e], [self._right(e), self._right(s_x + e * c.count)]
+        s_x = s_x + e * c.count
         if ok is not None:
             s_x = torch.where(ok, s_x, 0.0)
         self.w_x.add_(s_x)
@@ -394,8 +393,7 @@ class _Moment:
         else:
             assert c.s_xx is not None
             s_xx = c.s_xx.mul_(r * r)  # in place: a call is committed once and then dropped
-            if left:  # one pass over the d × d sums
-                s_xx.addmm_(torch.stack(left, 1), torch.stack(right))
+            s_xx.addmm_(torch.stack(left, 1), torch.stack(right))  # one pass over the d × d sums
             if ok is not None:
                 s_xx = torch.where(ok, s_xx, 0.0)
             self.w_xx.add_(s_xx)

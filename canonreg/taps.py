@@ -454,6 +454,7 @@ def read_weight(tap: LayerTap, module: nn.Module) -> torch.Tensor:
     if not nn.utils.parametrize.is_parametrized(module):
         return tap.weight(module)
     plist = module.parametrizations
+    assert isinstance(plist, nn.Module)
     modes = [(m, m.training) for m in plist.modules()]
     plist.train(False)
     try:
