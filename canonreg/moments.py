@@ -508,6 +508,24 @@ class _Moment:
             if e is not None and re is not None:
                 out.addr_(e[i:j], re[c:])
 
+    #: Deviations from the mean up to this many float64 units of roundoff of the mean are rounding (see ``about``).
+    _ROUNDING_ULPS = 16.0
+
+    def _rounding_only(self) -> bool:
+        """Whether a centred moment's spread is the float64 rounding of its merges: every
+        ``Σ(x_j − μ_j)²/n ≤ (16 ε₆₄ μ_j)²``. Rows that are all equal have zero covariance, but windows merged about
+        shifts that are not exactly their mean (40 rows of ``0.3·v``) leave ~1e-31: a finite α from rounding.
+        (A spread of the rows themselves is at least one ulp of their own dtype, far above.) One host read, at
+        ``compute()`` only."""
+        if not self.centered or self.probe is not None or self.origin is None or self.s_xx is None or self.n is None:
+            return False
+        n = float(self.n)
+        if n <= 0:
+            return False
+        var = torch.diagonal(self.s_xx) / n
+        bound = (self._ROUNDING_ULPS * torch.finfo(torch.float64).eps * self.origin) ** 2
+        return bool((var <= bound).all())
+
     def total_x(self) -> Tensor | None:
         """``Σ x`` in float64 (after :meth:`fold`), None when empty."""
         if self.s_x is None or self.n is None:
@@ -527,6 +545,8 @@ class _Moment:
         if self.s_x is None or self.s_xx is None or self.n is None:
             return None
         s_xx = self.s_xx  # exact moments: the upper triangle is valid (symmetric_from_upper reads it)
+        if self._rounding_only():
+            s_xx = torch.zeros_like(s_xx)
         if point is None or self.origin is None:
             return self.s_x, s_xx
         delta = self.origin - point.to(self.origin.device)

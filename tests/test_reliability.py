@@ -830,3 +830,25 @@ def test_spectral_norm_layer_trains_bit_identically_with_an_observer(owner: str)
     plain, observed = train(False), train(True)
     for k, v in plain.items():
         assert torch.equal(v, observed[k]), k
+
+
+@pytest.mark.parametrize("preprocess", ["centered", "normalized"])
+@pytest.mark.parametrize("c", [0.5, 0.3])
+def test_identical_inputs_have_no_covariance_even_when_their_mean_does_not_round(preprocess: str, c: float, route: str) -> None:
+    """40 identical input rows per step over 20 steps (two folds): ``Cov(h_a) = 0``, so α with ``H_a`` and its ranks
+    are undefined, with a reason. With ``c = 0.3`` the merges about shifts that are not exactly the mean left a
+    covariance of ~1e-31 that scored finite α (0.08) and a participation ratio of 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12))
+    monitor = CRHMonitor(model, preprocess=preprocess)
+    with monitor:
+        for _ in range(20):
+            x = c * torch.arange(1.0, 17.0).expand(40, 16)
+            (model(x) * torch.randn(40, 12)).sum().backward()
+    report = monitor.compute()
+    assert float(report.matrices("0")["H_a"].abs().max()) == 0.0
+    for rel in cf.RELATIONS:
+        if "H_a" in cf.RELATION_PAIRS[rel]:
+            assert math.isnan(report.alignment["0"][rel]) and "H_a" in report.nan_reasons["0"][rel]
+    assert math.isnan(report.effective_rank["0"]["H_a"]["participation"])
+    assert not math.isnan(report.alignment["0"]["b-GWA"])  # G_b and Z_b: defined
