@@ -172,7 +172,11 @@ def sketched_alignments(
             x = mp[:, :-1]
             if metric == "pearson":
                 mean = float(mp[:, -1].sum()) / (d * d)  # 1ᵀM1/d²
+                raw = x
                 x = entry_centred(x, mean, ones_omega.unsqueeze(0))  # (M − m̄ 11ᵀ)Ω
+                # a constant M (no spread) centres to rounding, not to 0: undefined (F._flat_to_zero's rule)
+                if float(torch.linalg.vector_norm(x)) <= F._FLAT_ULPS * torch.finfo(x.dtype).eps * float(torch.linalg.vector_norm(raw)):
+                    x = torch.zeros_like(x)
             cent[m] = x
         for i, pa in enumerate(names):
             for pb in names[i + 1 :]:

@@ -195,3 +195,18 @@ def test_two_simulated_ranks_reduce_the_sketches(monkeypatch: pytest.MonkeyPatch
         for layer in single.layers:
             for rel in canonreg.RELATIONS:
                 assert report.alignment[layer][rel] == pytest.approx(single.alignment[layer][rel], abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [8, 16])
+def test_sketched_pearson_of_a_constant_matrix_is_undefined(k: int) -> None:
+    """Raw ``H_a`` of identical rows is ``0.09·11ᵀ``: no spread, Pearson α undefined, as the exact monitor says.
+    Its entry-centred sketch is rounding (it scored f-RGA 0.026 / −0.023 at k = 8 / 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=False))
+    monitor = CRHMonitor(model, preprocess="raw", sketch=k)
+    with monitor:
+        (model(torch.full((40, 64), 0.3)) * torch.randn(40, 48)).sum().backward()
+    report = monitor.compute(exponents=False, ranks=False)
+    for rel in ("f-RGA", "f-RWA"):
+        assert math.isnan(report.alignment["0"][rel]) and "constant" in report.nan_reasons["0"][rel]
+    assert not math.isnan(report.alignment["0"]["b-GWA"])
