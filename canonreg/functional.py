@@ -167,7 +167,7 @@ def second_moment(x: Tensor, preprocess: Preprocess = "raw") -> Tensor:
     y = preprocess_rows(x, preprocess)
     if preprocess == "raw":
         return y.T @ y / y.shape[0]
-    yc = y - y.mean(0)
+    yc = _flat_to_zero(y - y.mean(0), y)  # identical rows: no spread, whether or not their mean rounds back
     return yc.T @ yc / y.shape[0]
 
 

@@ -295,3 +295,21 @@ def test_raw_pearson_on_float32_inputs_far_from_zero_matches_the_float64_referen
     (want,) = torch.autograd.grad(ref, [w])
     assert float(val) == pytest.approx(float(ref), abs=1e-5)  # float64 itself cancels ~1e-6 at 1e4
     assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("preprocess", ["centered", "normalized"])
+def test_identical_rows_have_no_spread_for_the_loss_either(preprocess: str, dtype: torch.dtype) -> None:
+    """Every sample with the same input row: ``H_a`` is the zero matrix, α undefined, so the default
+    ``nonfinite="error"`` raises (as the monitor reports NaN). The centred rows were ulps, not zeros: the loss
+    scored them, float32 centered f-RWA as a perfect α = 1, with no error."""
+    row = torch.tensor([[0.3, -1.7, 2.9, 0.11, 5.3]])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).to(dtype)
+    x, y = row.repeat(64, 1).to(dtype), torch.randint(0, 3, (64,))
+    for rel in ("f-RWA", "f-RGA"):
+        align = AlignmentLoss(model, relations=(rel,), layers=["0"], preprocess=preprocess)
+        with pytest.raises(CanonRegError, match="undefined"):
+            align(F.cross_entropy(model(x), y))
+        align.detach()
+    assert float(cf.second_moment(x, preprocess).abs().max()) == 0.0
