@@ -85,7 +85,7 @@ from .layers import (
     sublayer_name,
     untraced_call,
 )
-from .taps import LayerTap, active_mask, kept_rows, take_rows, tap_batch_size
+from .taps import LayerTap, active_mask, kept_rows, leading_shape, take_rows, tap_batch_size
 
 __all__ = ["Backward", "CallOpener", "CallStats", "Capture", "LayerCall", "Policy", "Target", "handle_nonfinite", "sublayer_name"]
 
@@ -576,7 +576,8 @@ class Capture:
     def _deliver(self, t: Target, st: CallStats, on_call: Callable[[LayerCall], Backward | None], inputs: tuple[object, ...], output: Tensor) -> None:
         keep = None
         if self.mask and active_mask() is not None:
-            keep = kept_rows(_display(t.name), t.tap.output_rows(t.module, output).shape[0], output.device)
+            n_rows = t.tap.output_rows(t.module, output).shape[0]
+            keep = kept_rows(_display(t.name), n_rows, output.device, lead=leading_shape(t.tap, t.module, inputs))
             if keep is not None and keep.numel() == 0:
                 st.masked_out += 1
                 refuse = self._on_masked_out()

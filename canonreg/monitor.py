@@ -98,7 +98,7 @@ from .moments import (
     _row_norm2,
 )
 from .report import CRHReport, ReportInputs, ReportOptions, build_report
-from .taps import LayerTap, LinearTap, functional_only_children, kept_rows, tap_batch_size
+from .taps import LayerTap, LinearTap, functional_only_children, kept_rows, leading_shape, tap_batch_size
 
 __all__ = ["CRHMonitor"]
 
@@ -457,7 +457,9 @@ class CRHMonitor:
         with torch.no_grad(), _no_autocast(output):
             xa = tap.input_rows(module, inputs).detach()
             # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
-            idx = kept_rows(_display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen)
+            idx = kept_rows(
+                _display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen, lead=leading_shape(tap, module, inputs)
+            )
             if idx is not None:
                 if idx.numel() == 0:
                     return  # every position of this call is masked out

@@ -586,8 +586,11 @@ def masked(mask: Tensor) -> Iterator[Tensor]:
     over the real positions only. ``mask`` is ``(batch, positions…)``, bool or 0/1 (a Hugging Face
     ``attention_mask`` as is; for token targets, ``labels != -100``). Which rows a layer call keeps:
 
-    * ``rows == mask.numel()`` (a per-position layer; rows are batch-major, as every built-in tap
-      orders them): the rows where ``mask.reshape(-1)`` is True;
+    * ``rows == mask.numel()`` (a per-position layer): the rows where ``mask.reshape(-1)`` is True; rows
+      are batch-major as the built-in taps order them, except an ``nn.Linear`` on sequence-first
+      ``(positions, batch, features)`` inputs (``nn.Transformer*`` with ``batch_first=False``), whose
+      rows take the transposed mask (told apart by shape: with as many positions as sequences the layout is
+      ambiguous and batch-major is assumed — use ``batch_first=True`` models there);
     * ``rows == mask.shape[0]`` (a per-sequence layer: a pooler, a classifier on a pooled vector): the
       sequences with at least one True position;
     * anything else (a strided convolution, a layer on another sequence length): a
@@ -617,9 +620,15 @@ def active_mask() -> Tensor | None:
     return stack[-1] if stack else None
 
 
-def _mask_rows(layer: str, n_rows: int, mask: Tensor) -> Tensor:
-    """The ``(n_rows,)`` bool keep-vector of one layer call under ``mask`` (see :func:`masked`)."""
+def _mask_rows(layer: str, n_rows: int, mask: Tensor, lead: tuple[int, ...] | None = None) -> Tensor:
+    """The ``(n_rows,)`` bool keep-vector of one layer call under ``mask`` (see :func:`masked`).
+
+    ``lead``: the leading dims the rows flatten (a Linear's ``x.shape[:-1]``), when known: a sequence-first
+    ``(positions, batch)`` call (``nn.Transformer*`` with ``batch_first=False``) takes the transposed
+    ``(batch, positions)`` mask, so each row keeps its own position's flag."""
     if n_rows == mask.numel():
+        if lead is not None and mask.dim() == 2 and lead == (mask.shape[1], mask.shape[0]) and lead != tuple(mask.shape):
+            return mask.T.reshape(-1)
         return mask.reshape(-1)
     if n_rows == mask.shape[0]:
         return mask.reshape(n_rows, -1).any(1)
@@ -638,6 +647,7 @@ def kept_rows(
     *,
     max_rows: int | None = None,
     generator: torch.Generator | None = None,
+    lead: tuple[int, ...] | None = None,
 ) -> Tensor | None:
     """Indices of the rows one layer call contributes, or None for all of them.
 
@@ -653,7 +663,7 @@ def kept_rows(
     idx = None
     n = n_rows
     if mask is not None:
-        keep = _mask_rows(layer, n_rows, mask)
+        keep = _mask_rows(layer, n_rows, mask, lead)
         if not bool(keep.all()):
             idx = keep.nonzero().reshape(-1).to(device)
             n = idx.numel()
@@ -661,6 +671,15 @@ def kept_rows(
         pick = torch.randperm(n, generator=generator)[:max_rows].to(device)
         idx = pick if idx is None else idx[pick]
     return idx
+
+
+def leading_shape(tap: LayerTap, module: nn.Module, inputs: tuple[object, ...]) -> tuple[int, ...] | None:
+    """The leading dims a :class:`LinearTap` call's rows flatten (``x.shape[:-1]`` of a ≥ 3-D input), else None
+    (other taps order their rows batch-major themselves)."""
+    if not isinstance(tap, LinearTap):
+        return None
+    x = _first_tensor(module, inputs)
+    return tuple(x.shape[:-1]) if x.dim() >= 3 else None
 
 
 def take_rows(rows: Tensor, idx: Tensor | None) -> Tensor:

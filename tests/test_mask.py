@@ -321,3 +321,33 @@ def test_gpt2_with_attention_mask_equals_its_unpadded_sequences_run_alone() -> N
     unmasked = plain.compute(exponents=False, ranks=False)
     assert unmasked.samples["lm_head"] == ids.numel()
     assert not torch.allclose(unmasked.matrices("lm_head")["H_a"], ref.matrices("lm_head")["H_a"], rtol=1e-3)
+
+
+def test_sequence_first_layers_take_the_batch_major_mask_row_by_row() -> None:
+    """``nn.TransformerEncoderLayer(batch_first=False)``: its Linear layers see ``(positions, batch, features)``
+    and flatten rows position-major, so the ``(batch, positions)`` mask is transposed for them (it was applied as
+    is: linear1/linear2 kept the wrong rows, α off by 0.11, matrices by 40%). Equal to the batch-first twin."""
+    torch.manual_seed(0)
+    first = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True).double()
+    seq = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=False).double()
+    seq.load_state_dict(first.state_dict())
+    x = torch.randn(3, 5, 8, dtype=torch.float64)  # (batch, positions, features)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    reports = []
+    for model, inp in ((first, x), (seq, x.transpose(0, 1))):
+        monitor = canonreg.CRHMonitor(model, preprocess="centered")
+        with monitor, canonreg.masked(mask):
+            out = model(inp, src_key_padding_mask=~mask)
+            (out.square().sum() if model is first else out.transpose(0, 1).square().sum()).backward()
+        reports.append(monitor.compute(exponents=False))
+    assert reports[0].layers == reports[1].layers and "linear1" in reports[0].layers
+    for layer in reports[0].layers:
+        assert reports[1].samples[layer] == 10
+        for k, v in reports[0].matrices(layer).items():
+            got = reports[1].matrices(layer)[k]
+            if k.startswith("G"):  # grad_scale="batch" reads the first dim, positions on sequence-first inputs
+                got, v = got / got.abs().max(), v / v.abs().max()
+            # the two layouts run attention in other kernels: equal to ~1e-9 of the scale (the defect was 40 %)
+            torch.testing.assert_close(got, v, rtol=0, atol=1e-8 * float(v.abs().max()))
+        for rel, a in reports[0].alignment[layer].items():
+            assert reports[1].alignment[layer][rel] == pytest.approx(a, abs=1e-8)
