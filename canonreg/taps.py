@@ -554,8 +554,9 @@ def functional_only_children(model: nn.Module) -> dict[str, str]:
 _MASKS = threading.local()
 
 
-def _mask_stack() -> list[Tensor]:
-    stack: list[Tensor] | None = getattr(_MASKS, "stack", None)
+def _mask_stack() -> list[Tensor | None]:
+    """This thread's mask stack; a None entry unmasks (an encoder–decoder's decoder, :func:`mask_from_inputs`)."""
+    stack: list[Tensor | None] | None = getattr(_MASKS, "stack", None)
     if stack is None:
         stack = _MASKS.stack = []
     return stack
@@ -692,35 +693,75 @@ def mask_from_inputs(model: nn.Module, key: str = "attention_mask") -> _Handles:
 
     For loops one cannot wrap in a ``with`` block (the Hugging Face ``Trainer``): each call
     ``model(..., attention_mask=m)`` runs as if inside ``with masked(m):``; calls without ``key`` (or
-    with ``key=None``) are unmasked. Returns a handle; ``handle.remove()`` removes both hooks. Copies
+    with ``key=None``) are unmasked. An encoder–decoder (``model.config.is_encoder_decoder``, e.g. T5,
+    BART): the mask applies to the encoder stack's positions only; the decoder's layers (another sequence)
+    run unmasked, every decoder position a sample. Returns a handle; ``handle.remove()`` removes both hooks. Copies
     of the model (deepcopy, pickle) do not carry them.
 
     Example:
         >>> handle = canonreg.taps.mask_from_inputs(model)  # doctest: +SKIP
         >>> model(input_ids=ids, attention_mask=am, labels=labels).loss.backward()  # doctest: +SKIP
     """
-    from .layers import OwnedHook  # layers imports this module
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}")
     if not isinstance(key, str) or not key:
         raise TypeError(f"Expected `key` to be a keyword-argument name, but got {key!r}")
+    stacks = _encoder_decoder(model)
+    if stacks is None:
+        return _Handles(*_mask_hooks(model, key, unmask=False))
+    # An encoder–decoder: one attention_mask belongs to the encoder's positions, never to the decoder's (another
+    # length, or the same length and other positions): the encoder stack takes the mask its call gets, the
+    # decoder stack runs unmasked (every decoder position is a sample).
+    encoder, decoder = stacks
+    return _Handles(*_mask_hooks(encoder, key, unmask=False), *_mask_hooks(decoder, key, unmask=True))
+
+
+def _encoder_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The encoder and decoder stacks of a Hugging Face encoder–decoder model (``config.is_encoder_decoder``), else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get_encoder, get_decoder = getattr(model, "get_encoder", None), getattr(model, "get_decoder", None)
+    if not (callable(get_encoder) and callable(get_decoder)):
+        return None
+    encoder, decoder = get_encoder(), get_decoder()
+    return (encoder, decoder) if isinstance(encoder, nn.Module) and isinstance(decoder, nn.Module) else None
+
+
+def _mask_hooks(module: nn.Module, key: str, *, unmask: bool) -> tuple[RemovableHandle, RemovableHandle]:
+    """Pre/post hooks: each call of ``module`` runs inside ``masked(kwargs[key])`` (``unmask``: with no mask)."""
+    from .layers import OwnedHook  # layers imports this module
+
     opened: list[contextlib.ExitStack] = []
 
     def pre(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
         stack = contextlib.ExitStack()
-        value = kwargs.get(key)
-        if value is not None:
-            stack.enter_context(masked(_as_mask(value, key)))
+        if unmask:
+            stack.enter_context(_unmasked())
+        else:
+            value = kwargs.get(key)
+            if value is not None:
+                stack.enter_context(masked(_as_mask(value, key)))
         opened.append(stack)
 
     def post(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         if opened:
             opened.pop().close()
 
-    h_pre = model.register_forward_pre_hook(OwnedHook(pre), with_kwargs=True)
-    h_post = model.register_forward_hook(OwnedHook(post), always_call=True)
-    return _Handles(h_pre, h_post)
+    return (
+        module.register_forward_pre_hook(OwnedHook(pre), with_kwargs=True),
+        module.register_forward_hook(OwnedHook(post), always_call=True),
+    )
+
+
+@contextlib.contextmanager
+def _unmasked() -> Iterator[None]:
+    """Inside, no :func:`masked` block applies (an inner scope that is not the outer mask's positions)."""
+    stack = _mask_stack()
+    stack.append(None)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 class _Handles:

@@ -637,3 +637,26 @@ def test_optuna_study_over_run_trial_with_your_model_and_data(tmp_path) -> None:
         assert t.value == r["test_acc"] and t.user_attrs["min_alpha_inner"] == r["min_alpha_inner"]
         assert r["layers"] == ["0", "2", "4"] and r["threads"] == 1
     assert study.best_value == max(r["test_acc"] for r in seen)
+
+
+def test_mask_from_inputs_on_an_encoder_decoder_masks_the_encoder_positions_only() -> None:
+    """T5 built from a config: the ``attention_mask`` is the encoder's; the decoder (another sequence, here of
+    another length) runs unmasked. The root-level mask was applied to the decoder layers too: an error for
+    another length, wrong rows (α off by 0.12) for the same length."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(cfg).double()
+    ids = torch.randint(1, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    enc_mask = (torch.arange(6)[None] < torch.tensor([6, 2, 4])[:, None]).long()
+    labels = torch.randint(1, 40, (3, 4), generator=torch.Generator().manual_seed(2))
+    monitor = canonreg.CRHMonitor(model, preprocess="centered")
+    handle = canonreg.mask_from_inputs(model)
+    with monitor:
+        model(input_ids=ids * enc_mask, attention_mask=enc_mask, labels=labels).loss.backward()
+    handle.remove()
+    report = monitor.compute(exponents=False, ranks=False)
+    assert report.samples["encoder.block.0.layer.1.DenseReluDense.wi"] == 12  # the real encoder tokens
+    assert report.samples["decoder.block.0.layer.2.DenseReluDense.wi"] == 12  # every decoder position (3 × 4)
+    assert report.samples["decoder.block.0.layer.1.EncDecAttention.q"] == 12
