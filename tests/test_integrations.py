@@ -419,6 +419,13 @@ def test_lightning_alignment_wiring_and_lr_find(tmp_path) -> None:
         CRHCallback(every_n_steps=None)
     with pytest.raises(ValueError, match="`prefix`"):
         CRHCallback(prefix="crh alpha")
+    # checked when made, not after the whole fit (measure_at_end=5 failed at the end: 'int' is not iterable)
+    with pytest.raises(TypeError, match="`measure_at_end`"):
+        CRHCallback(measure_at_end=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`align`.*\['relationz'\]"):
+        CRHCallback(every_n_steps=2, align={"relationz": ("f-RWA",)})
+    with pytest.raises(TypeError, match=r"`measure_kwargs`.*\['y'\]"):
+        CRHCallback(measure_at_end=[], measure_kwargs={"y": None})
 
 
 # ----------------------------------------------------------------------------- Hugging Face Trainer
@@ -530,6 +537,38 @@ def test_hf_callback_needs_its_trainer() -> None:
         CRHTrainerCallback(object())
     with pytest.raises(ValueError, match="`every_n_steps`"):
         CRHTrainerCallback(every_n_steps=0)
+    # keyword options are checked when the callback is made, not at the first window of a run
+    with pytest.raises(TypeError, match=r"`compute_kwargs`.*\['bogus'\]"):
+        CRHTrainerCallback(every_n_steps=2, compute_kwargs={"bogus": 1})
+    with pytest.raises(TypeError, match=r"`monitor_kwargs`.*\['layers'\]"):
+        CRHTrainerCallback(every_n_steps=2, monitor_kwargs={"layers": ["0"]})
+
+
+def test_hf_callback_removes_its_hooks_when_the_run_fails(tmp_path) -> None:
+    """A Trainer run that raises never reaches on_train_end: the hooks stayed, and a new callback on the same model
+    was refused ("a CRHMonitor is already attached")."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from canonreg.integrations.hf import CRHTrainerCallback
+
+    class Boom(transformers.TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", disable_tqdm=True, logging_steps=1000, seed=0,
+    )
+    model = _tiny_gpt2()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenData())
+    cb = CRHTrainerCallback.add_to(trainer, every_n_steps=2)
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert cb.monitor is None and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    again = transformers.Trainer(model=model, args=args, train_dataset=_TokenData())
+    CRHTrainerCallback.add_to(again, every_n_steps=2)
+    again.train()
 
 
 # ----------------------------------------------------------------------------- Conv1D vs its nn.Linear twin

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +35,7 @@ from ..layers import LayerSpec
 from ..monitor import CRHMonitor
 from ..report import CRHReport
 from ..taps import mask_from_inputs
-from .flat import _PREFIX_OK, flat_metrics
+from .flat import _PREFIX_OK, check_keywords, flat_metrics
 
 try:
     from transformers import TrainerCallback
@@ -89,6 +91,8 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         for name, value in (("monitor_kwargs", monitor_kwargs), ("compute_kwargs", compute_kwargs)):
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(f"Expected `{name}` to be a mapping of keyword arguments or None, but got {value!r}")
+        check_keywords("monitor_kwargs", monitor_kwargs, CRHMonitor.__init__, taken=("model", "layers"))
+        check_keywords("compute_kwargs", compute_kwargs, CRHMonitor.compute)
         self.every_n_steps = every_n_steps
         self.layers = layers
         self.monitor_kwargs = dict(monitor_kwargs or {})
@@ -113,6 +117,9 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
         if not callable(getattr(trainer, "log", None)) or not hasattr(trainer, "state"):
             raise TypeError(f"Expected `trainer` to be a transformers.Trainer, but got {type(trainer).__name__}")
         self._trainer = trainer
+        train = getattr(trainer, "train", None)
+        if callable(train):  # a failing run gets no on_train_end: remove the hooks on the way out
+            trainer.train = functools.partial(_train_then_release, train, weakref.ref(self))
         return self
 
     def detach(self) -> None:
@@ -154,3 +161,14 @@ class CRHTrainerCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.detach()
+
+
+def _train_then_release(train: Any, ref: weakref.ref[CRHTrainerCallback], *args: Any, **kwargs: Any) -> Any:
+    """``trainer.train(...)``; if it raises (or is interrupted), the callback's hooks are removed first."""
+    try:
+        return train(*args, **kwargs)
+    except BaseException:
+        cb = ref()
+        if cb is not None:
+            cb.detach()
+        raise

@@ -41,7 +41,7 @@ from ..measure import measure_crh
 from ..monitor import CRHMonitor
 from ..report import CRHReport
 from ..taps import mask_from_inputs
-from .flat import _PREFIX_OK, flat_metrics
+from .flat import _PREFIX_OK, check_keywords, flat_metrics
 
 try:
     import lightning.pytorch as pl
@@ -125,6 +125,11 @@ class CRHCallback(Callback):  # type: ignore[misc]
             check_positive_int("every_n_steps", every_n_steps)
         if every_n_steps is None and measure_at_end is None:
             raise ValueError("Expected `every_n_steps` or `measure_at_end` to be given, but both are None (nothing to measure)")
+        if measure_at_end is not None and not (callable(measure_at_end) or isinstance(measure_at_end, Iterable)) or isinstance(measure_at_end, (str, bytes)):
+            raise TypeError(
+                "Expected `measure_at_end` to be an iterable of batches, a callable (trainer, module) -> iterable, or "
+                f"None, but got {type(measure_at_end).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError(f"Expected `loss_fn` to be callable, but got {loss_fn!r}")
         if batch_to_xy is not None and not callable(batch_to_xy):
@@ -136,6 +141,10 @@ class CRHCallback(Callback):  # type: ignore[misc]
                             ("measure_kwargs", measure_kwargs), ("align", align)):
             if kwargs is not None and not isinstance(kwargs, Mapping):
                 raise TypeError(f"Expected `{key}` to be a mapping of keyword arguments or None, but got {kwargs!r}")
+        check_keywords("monitor_kwargs", monitor_kwargs, CRHMonitor.__init__, taken=("model", "layers"))
+        check_keywords("compute_kwargs", compute_kwargs, CRHMonitor.compute)
+        check_keywords("measure_kwargs", measure_kwargs, measure_crh, taken=("model", "x", "y", "loss_fn", "layers"))
+        check_keywords("align", align, AlignmentLoss.__init__, taken=("model",))
         self.every_n_steps = every_n_steps
         self.measure_at_end = measure_at_end
         self.loss_fn = loss_fn
