@@ -58,6 +58,7 @@ def measure_crh(
     bootstrap_seed: int = 0,
     ignore_index: int | None = None,
     on_missing: str | None = None,
+    sync_dist: bool = True,
 ) -> CRHReport:
     """The six CRH relations of ``model`` on a whole data set, with the task loss's gradient only.
 
@@ -91,6 +92,10 @@ def measure_crh(
         on_missing: ``"error" | "warn" | "skip"`` for selected layers that no gradient reaches (e.g. a frozen
             first layer: its output needs no grad); default ``"warn"`` (left out of the report with a warning
             naming them and why) when ``layers`` is None, ``"error"`` for layers you named.
+        sync_dist: under ``torch.distributed`` (initialised, more than one process) the sums are reduced over
+            the ranks, so **every rank must call** ``measure_crh`` with its own shard (an empty shard is
+            fine) and each gets the report over all the data; ``False`` measures this process's data alone
+            (e.g. the whole set on rank 0 only; a collective call there would wait for the other ranks).
 
     Returns:
         The :class:`~canonreg.CRHReport` over every sample.
@@ -110,7 +115,9 @@ def measure_crh(
     _check_arguments(model, loss_fn, batch_size, preprocess, metric, exponents, n_bootstrap, ignore_index)
     if on_missing is not None:
         check_choice("on_missing", on_missing, ("error", "warn", "skip"))
-    batches = _batches(x, y, batch_size)
+    check_bool("sync_dist", sync_dist)
+    collective = sync_dist and _distributed()
+    batches = _batches(x, y, batch_size, allow_empty=collective)
     _check_no_interfering_owner(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -119,13 +126,14 @@ def measure_crh(
     monitor = CRHMonitor(
         model, layers=layers, preprocess=preprocess, metric=metric, grad_scale="none" if per_position else grad_scale,  # type: ignore[arg-type]
         track_balance=False, on_missing=on_missing or ("warn" if layers is None else "error"),  # type: ignore[arg-type]
+        sync_dist=sync_dist,
     )
     was_training = model.training
     try:
         model.eval()
         with monitor, torch.enable_grad():
             seen = _task_gradient_passes(model, batches, loss_fn, params, ignore_index, per_position)
-        if seen == 0:
+        if seen == 0 and not collective:  # collective: compute() checks the samples of all ranks together
             raise CanonRegError("measure_crh: the data is empty")
         return monitor.compute(exponents=exponents, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
     finally:
@@ -211,7 +219,14 @@ def min_alignment(report: CRHReport, layers: Sequence[str] | None = None, relati
 
 
 # ---------------------------------------------------------------------- helpers
-def _batches(x: object, y: object, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+def _distributed() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _batches(x: object, y: object, batch_size: int, *, allow_empty: bool = False) -> Iterable[tuple[Tensor, Tensor]]:
     if isinstance(x, Tensor):
         if not isinstance(y, Tensor):
             raise TypeError(f"Expected `y` to be a tensor of targets aligned with `x`, but got {_describe(y)}")
@@ -220,6 +235,8 @@ def _batches(x: object, y: object, batch_size: int) -> Iterable[tuple[Tensor, Te
                 f"Expected `x` and `y` with the same first (sample) dimension, but got shapes {tuple(x.shape)} and {tuple(y.shape)}"
             )
         if x.shape[0] == 0:
+            if allow_empty:  # this rank's shard of a collective measurement
+                return []
             raise CanonRegError("measure_crh: the data is empty (x has 0 samples)")
         return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
     if y is not None:

@@ -461,6 +461,13 @@ def _output_rows(t: Tensor, d_b: int, rows: Tensor | None) -> Tensor:
     return (t if rows is None else t.index_select(0, rows)).reshape(-1)
 
 
+_DDP_REFUSAL = (
+    "NoiseCalibrated does not support data-parallel training yet: each rank would add noise built from its own batch "
+    "(and noise='auto' would steer each rank by its own balance), and the replicas would drift apart. Use noise=0 "
+    "(decay and balance only)"
+)
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -575,7 +582,11 @@ class NoiseCalibrated(Optimizer):
         ValueError: a negative ``weight_decay``/``noise``, an unknown ``noise`` mode, ``noise`` without
             ``model``, ``"auto"`` without weight decay, model layers whose parameters the optimizer
             does not hold, or a base param group with its own ``weight_decay > 0`` on parameters the
-            wrapper decays too (they would decay twice; AdamW's default is 0.01).
+            wrapper decays too (they would decay twice; AdamW's default is 0.01); ``noise="auto"`` with an
+            optimizer whose geometry the balance does not model (see ``track_balance``).
+        CanonRegError: ``noise`` other than 0 under ``torch.distributed`` with more than one process (here and
+            at ``step()``): each rank's noise would come from its own batch; DDP gets ``noise=0`` (decay and
+            balance) only.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
@@ -619,6 +630,8 @@ class NoiseCalibrated(Optimizer):
             target_ramp=target_ramp, ramp_steps=ramp_steps, track_balance=track_balance, grad_scaler=grad_scaler,
             nonfinite=nonfinite, taps=taps, seed=seed,
         )  # fmt: skip
+        if noise != 0 and _distributed():
+            raise CanonRegError(_DDP_REFUSAL)
         unmodelled = _unmodelled_geometry(optimizer)
         if unmodelled is not None and noise == "auto":
             raise ValueError(
@@ -961,11 +974,8 @@ class NoiseCalibrated(Optimizer):
                         "with gradients enabled"
                     )
                 continue
-            if sigma > 0 and _distributed():
-                raise CanonRegError(
-                    "NoiseCalibrated does not support data-parallel training yet: each rank would add noise built "
-                    "from its own batch and the replicas would drift apart. Use noise=0 (decay and balance only)"
-                )
+            if (sigma > 0 or layer.group["nc_noise"] == "auto") and _distributed():
+                raise CanonRegError(_DDP_REFUSAL)
             if inv_scale != 1.0:
                 layer.scale_(inv_scale)
             active.append((layer, sigma, self._measure(layer, g)))

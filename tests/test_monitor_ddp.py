@@ -60,11 +60,30 @@ def _train(name: str, preprocess: str, rank: int | None) -> dict[str, object]:
     }
 
 
+def _measure_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(30, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+
+def _measure(x: torch.Tensor, y: torch.Tensor, *, sync_dist: bool) -> dict[str, object]:
+    model = make_case("mlp").model
+    report = canonreg.measure_crh(model, x, y, batch_size=7, preprocess="centered", sync_dist=sync_dist)
+    return {"alignment": report.alignment, "samples": report.samples, "H_a": report.matrices(report.layers[0])["H_a"]}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        results = {f"{n}-{p}": _train(n, p, rank) for n, p in SCENARIOS}
+        results: dict[str, object] = {f"{n}-{p}": _train(n, p, rank) for n, p in SCENARIOS}
+        # measure_crh is collective by default: every rank calls it, here rank 1 with an empty shard
+        x, y = _measure_data()
+        shard = (x, y) if rank == 0 else (x[:0], y[:0])
+        results["measure-collective"] = _measure(*shard, sync_dist=True)
+        # sync_dist=False: rank 0 alone measures everything while rank 1 waits (a collective call would hang)
+        if rank == 0:
+            results["measure-local"] = _measure(x, y, sync_dist=False)
+        dist.barrier()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -78,6 +97,13 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, single_thread) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    want = _measure(*_measure_data(), sync_dist=False)
+    for got in (ranks[0]["measure-collective"], ranks[1]["measure-collective"], ranks[0]["measure-local"]):
+        assert got["samples"] == want["samples"]  # the data once, not once per rank
+        assert_close(got["H_a"], want["H_a"])
+        for n, rels in want["alignment"].items():
+            for r, a in rels.items():
+                assert got["alignment"][n][r] == pytest.approx(a, abs=1e-10)
     for name, preprocess in SCENARIOS:
         single = _train(name, preprocess, None)
         for got in (r[f"{name}-{preprocess}"] for r in ranks):
