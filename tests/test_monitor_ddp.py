@@ -83,6 +83,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         # sync_dist=False: rank 0 alone measures everything while rank 1 waits (a collective call would hang)
         if rank == 0:
             results["measure-local"] = _measure(x, y, sync_dist=False)
+        # NoiseCalibrated refuses noise under DDP when it is made (it raised at the first step only)
+        model = make_case("mlp").model
+        for noise in (0.5, "auto"):
+            try:
+                canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=1e-3, noise=noise)
+                results[f"nc-{noise}"] = "accepted"
+            except canonreg.CanonRegError as e:
+                results[f"nc-{noise}"] = str(e)
+        canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, weight_decay=1e-3).detach()
         dist.barrier()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -97,6 +106,8 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, single_thread) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        assert "does not support data-parallel" in r["nc-0.5"] and "does not support data-parallel" in r["nc-auto"]
     want = _measure(*_measure_data(), sync_dist=False)
     for got in (ranks[0]["measure-collective"], ranks[1]["measure-collective"], ranks[0]["measure-local"]):
         assert got["samples"] == want["samples"]  # the data once, not once per rank
