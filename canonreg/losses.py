@@ -476,18 +476,42 @@ class AlignmentLoss(nn.Module):
         return state
 
     def set_extra_state(self, state: Any) -> None:
+        """Restore :meth:`get_extra_state`; every entry is checked (G averages against this model's layer widths)
+        before anything is replaced, so a refused state leaves the loss as it was."""
         if not isinstance(state, dict) or not {"ema", "ema_updates", "weight"} <= set(state):
             raise ValueError("Expected an AlignmentLoss state with keys 'ema', 'ema_updates', 'weight'")
-        unknown = set(state["ema"]) - set(self.layer_names)
+        ema_state, updates = state["ema"], state["ema_updates"]
+        if not isinstance(ema_state, Mapping) or not isinstance(updates, Mapping):
+            raise ValueError("Expected the state's 'ema' and 'ema_updates' to be mappings by layer name")
+        unknown = set(ema_state) - set(self.layer_names)
         if unknown:
             raise ValueError(f"Expected G averages for layers {list(self.layer_names)}, but the state has {sorted(unknown)}")
-        self._ema = {n: {k: v.to(torch.float64).clone() for k, v in d.items()} for n, d in state["ema"].items()}
-        self._ema_updates = {n: int(c) for n, c in state["ema_updates"].items()}
-        self._pending_g = {}
-        self.weight = state["weight"]
+        for name, mats in ema_state.items():
+            d_b, d_a = read_weight(self._taps[name], self._modules_by_name[name]).shape
+            widths = {"G_a": d_a, "G_b": d_b}
+            if not isinstance(mats, Mapping) or not set(mats) <= set(widths):
+                raise ValueError(f"Expected the G averages of layer {name!r} to map 'G_a'/'G_b' to matrices, but got {mats!r}")
+            for k, v in mats.items():
+                if not isinstance(v, Tensor) or tuple(v.shape) != (widths[k], widths[k]):
+                    got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(
+                        f"Expected the state's {k} average of layer {name!r} to be {widths[k]} × {widths[k]} (this model's "
+                        f"width), but got {got}: a state saved for another model"
+                    )
+        for n, c in updates.items():
+            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+                raise ValueError(f"Expected the state's 'ema_updates' of layer {n!r} to be a non-negative int, but got {c!r}")
         calls = state.get("calls", 0)
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
             raise ValueError(f"Expected the state's 'calls' to be a non-negative int, but got {calls!r}")
+        rng = state.get("probe_rng")
+        if rng is not None and (not isinstance(rng, Tensor) or rng.dtype != torch.uint8):
+            raise ValueError(f"Expected the state's 'probe_rng' to be a torch.uint8 generator state, but got {rng!r}")
+        weight = check_nonnegative("weight", state["weight"])  # the constructor's rule
+        self._ema = {n: {k: v.to(torch.float64).clone() for k, v in d.items()} for n, d in ema_state.items()}
+        self._ema_updates = {n: int(c) for n, c in updates.items()}
+        self._pending_g = {}
+        self.weight = weight
         self.calls = calls
         self._load_probe_rng(state.get("probe_rng"))
 

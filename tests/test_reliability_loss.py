@@ -313,3 +313,29 @@ def test_identical_rows_have_no_spread_for_the_loss_either(preprocess: str, dtyp
             align(F.cross_entropy(model(x), y))
         align.detach()
     assert float(cf.second_moment(x, preprocess).abs().max()) == 0.0
+
+
+def test_a_state_from_another_model_or_damaged_is_refused_and_changes_nothing() -> None:
+    """G averages from a model of another width loaded silently (the next call failed on 8 × 8 vs 16 × 16, naming
+    neither the layer nor the state); a damaged state was refused only after the averages and weight were replaced."""
+    torch.manual_seed(0)
+
+    def make(width: int) -> tuple[nn.Module, AlignmentLoss]:
+        model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
+        align = AlignmentLoss(model, relations=("b-GWA", "f-RGA"), g_mode="ema", weight=1.0)
+        F.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+        return model, align
+
+    _, small = make(8)
+    _, big = make(16)
+    before = {n: {k: v.clone() for k, v in d.items()} for n, d in big._ema.items()}
+    with pytest.raises(ValueError, match=r"G_a average of layer '2' to be 16 × 16 .* but got \(8, 8\)"):
+        big.set_extra_state(small.get_extra_state())
+    damaged = big.get_extra_state()
+    damaged.update(weight=3.0, calls=-1)
+    with pytest.raises(ValueError, match="'calls'"):
+        big.set_extra_state(damaged)
+    assert big.weight == 1.0
+    for n, d in before.items():
+        for k, v in d.items():
+            assert torch.equal(big._ema[n][k], v)
