@@ -95,6 +95,14 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     return value
 
 
+def check_seed(name: str, value: Any, also: str = "") -> int:
+    """Return ``value`` if it is an int in ``[0, 2**64)`` (what ``torch.Generator.manual_seed`` takes), else raise
+    naming ``name`` (``also``: e.g. a former name, shown after it)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
+        raise ValueError(f"Expected `{name}`{also} to be an int in [0, 2**64), but got {value!r}")
+    return value
+
+
 def renamed_arguments(**renames: str) -> Callable[[F], F]:
     """Accept old keyword names of a function for one deprecation cycle: ``@renamed_arguments(old="new")``.
 

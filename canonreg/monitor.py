@@ -68,6 +68,7 @@ from .errors import (
     check_choice,
     check_nonnegative,
     check_nonnegative_int,
+    check_seed,
     check_positive,
     check_positive_int,
     renamed_arguments,
@@ -242,7 +243,7 @@ class CRHMonitor:
         check_bool("sync_dist", sync_dist)
         check_choice("nonfinite", nonfinite, ("error", "warn", "skip"))
         check_choice("on_missing", on_missing, ("error", "warn", "skip"))
-        check_nonnegative_int("seed", seed)
+        check_seed("seed", seed)
         if accumulation is not None:
             check_positive_int("accumulation", accumulation)
         if defer_checks is not None:
@@ -955,8 +956,7 @@ def _report_options(
     check_nonnegative_int("n_bootstrap", n_bootstrap)
     if not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
         raise ValueError(f"Expected `floor` (formerly `eig_floor`) to be a float in [0, 1), but got {floor!r}")
-    if not isinstance(bootstrap_seed, int) or isinstance(bootstrap_seed, bool) or bootstrap_seed < 0:
-        raise ValueError(f"Expected `bootstrap_seed` (formerly `seed`) to be a non-negative int, but got {bootstrap_seed!r}")
+    check_seed("bootstrap_seed", bootstrap_seed, " (formerly `seed`)")
     if gram_dtype not in (torch.float64, torch.float32):
         raise ValueError(f"Expected `gram_dtype` to be torch.float64 or torch.float32, but got {gram_dtype!r}")
     return ReportOptions(

@@ -1387,7 +1387,7 @@ def _check_config(c: Mapping[str, Any]) -> None:
     """The wrapper's own settings (raw :class:`WrapperConfig` values), each error naming its argument."""
     errors.check_nonnegative("target_ramp", c["target_ramp"])
     errors.check_bool("track_balance", c["track_balance"])
-    errors.check_nonnegative_int("seed", c["seed"])
+    errors.check_seed("seed", c["seed"])
     errors.check_nonnegative_int("ramp_steps", c["ramp_steps"])
     decay = c["decay"]
     if not (isinstance(decay, str) or callable(decay)):

@@ -852,3 +852,17 @@ def test_identical_inputs_have_no_covariance_even_when_their_mean_does_not_round
             assert math.isnan(report.alignment["0"][rel]) and "H_a" in report.nan_reasons["0"][rel]
     assert math.isnan(report.effective_rank["0"]["H_a"]["participation"])
     assert not math.isnan(report.alignment["0"]["b-GWA"])  # G_b and Z_b: defined
+
+
+def test_seeds_beyond_what_a_generator_takes_are_refused_by_name() -> None:
+    """``2**64`` passed the checks and failed in ``torch.Generator.manual_seed`` ("Overflow when unpacking long long")."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"`seed` to be an int in \[0, 2\*\*64\)"):
+        CRHMonitor(model, seed=2**70)
+    with pytest.raises(ValueError, match=r"`seed` to be an int in \[0, 2\*\*64\)"):
+        canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, seed=2**64)
+    monitor = CRHMonitor(model, seed=2**64 - 1)
+    with monitor:
+        model(torch.randn(8, 3)).square().mean().backward()
+    with pytest.raises(ValueError, match=r"`bootstrap_seed` \(formerly `seed`\) to be an int in \[0, 2\*\*64\)"):
+        monitor.compute(exponents=True, n_bootstrap=5, bootstrap_seed=2**64)
