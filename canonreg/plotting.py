@@ -55,22 +55,40 @@ def plot_alignment_heatmap(report: CRHReport, ax: Any = None) -> Any:
     return ax
 
 
-def plot_pair(report: CRHReport, layer: str, relation: str, ax: Any = None, *, floor: float = 1e-6) -> Any:
-    """Eigen-scatter of a relation ``A ∝ B^κ``: ``log λ_i(B)`` against ``log v_iᵀ A v_i`` with the PAH fit."""
+def plot_pair(report: CRHReport, layer: str, relation: str, ax: Any = None, *, floor: float | None = None) -> Any:
+    """Eigen-scatter of a relation ``A ∝ B^κ``: ``log λ_i(B)`` against ``log v_iᵀ A v_i`` with the PAH fit.
+
+    The points are the ones the fit used (``floor`` None: the report's fit's ``n_points`` largest eigenvalues with
+    ``v_iᵀ A v_i > 0``, i.e. its own floor; without a fit ``1e-6``); a float ``floor`` keeps ``λ_i > floor·λ_max``.
+    A layer whose matrices the report does not hold (``CRHMonitor(sketch=k)``) or are not finite gets a note.
+    """
     if relation not in RELATION_PAIRS:
         raise ValueError(f"Expected `relation` to be one of {list(RELATIONS)}, but got {relation!r}")
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
     a_name, b_name = RELATION_PAIRS[relation]
-    mats = report.matrices(layer)
+    try:
+        mats = report.matrices(layer)
+    except KeyError:
+        if layer not in report.layers:
+            raise
+        return _note(ax, f"{_display(layer)}: {relation}", "no matrices in this report (CRHMonitor(sketch=k) keeps sketches)")
+    if not all(bool(torch.isfinite(mats[m]).all()) for m in (a_name, b_name)):
+        return _note(ax, f"{_display(layer)}: {relation}", f"{a_name} or {b_name} is not finite: no spectrum to draw")
     lam, v = torch.linalg.eigh(mats[b_name])
     a_i = (v * (mats[a_name] @ v)).sum(0)  # diag(VᵀAV) with one matmul
-    keep = (lam > floor * lam.max()) & (a_i > 0)
+    fit = report.exponents.get(layer, {}).get(relation)
+    if floor is None and fit is not None and fit.n_points > 0:
+        usable = ((lam > 0) & (a_i > 0)).nonzero().reshape(-1)
+        top = usable[torch.argsort(lam[usable], descending=True)[: fit.n_points]]
+        keep = torch.zeros_like(lam, dtype=torch.bool)
+        keep[top] = True
+    else:
+        keep = (lam > (1e-6 if floor is None else floor) * lam.max()) & (a_i > 0)
     x = torch.log10(lam[keep]).numpy()
     y = torch.log10(a_i[keep]).numpy()
     ax.scatter(x, y, s=8, alpha=0.7)
-    fit = report.exponents.get(layer, {}).get(relation)
     if fit is not None and not math.isnan(fit.exponent) and len(x) > 1:
         xs = [float(x.min()), float(x.max())]
         # intercept is in natural logs: log10 a = κ log10 λ + c / ln 10
@@ -80,6 +98,14 @@ def plot_pair(report: CRHReport, layer: str, relation: str, ax: Any = None, *, f
     ax.set_xlabel(f"log10 eigenvalue of {b_name}")
     ax.set_ylabel(f"log10 vᵀ {a_name} v (v: eigenvectors of {b_name})")
     ax.set_title(f"{_display(layer)}: {relation} (α = {report.alignment[layer][relation]:.2f})")
+    return ax
+
+
+def _note(ax: Any, title: str, text: str) -> Any:
+    """An axis with a title and a centred note instead of a plot."""
+    ax.set_title(title)
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
     return ax
 
 

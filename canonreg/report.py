@@ -114,8 +114,10 @@ def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, sam
     if preprocess != "raw" and samples < 2:
         return f"only {int(samples)} sample recorded: a covariance ({preprocess} mode) needs at least 2, so every H and G is zero"
 
-    def degenerate(m: Tensor) -> bool:
-        return bool((m - m.mean()).abs().max() == 0) if metric == "pearson" else bool(m.abs().max() == 0)
+    def degenerate(m: Tensor) -> bool:  # the rule F.alignment applies (a spread at the rounding level is none)
+        if metric != "pearson":
+            return bool(m.abs().max() == 0)
+        return bool((m - m.mean()).abs().max() <= F._FLAT_ULPS * torch.finfo(m.dtype).eps * m.abs().max())
 
     bad = [nm for nm, m in pairs if degenerate(m)]
     if bad:

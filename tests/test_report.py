@@ -239,3 +239,28 @@ def test_plot_pair_scatters_the_eigen_coordinates() -> None:
     import matplotlib.pyplot as plt
 
     plt.close(ax.figure)
+
+
+def test_plot_draws_what_the_report_holds_and_the_points_the_fit_used(tmp_path) -> None:
+    """``report.plot()`` on a sketched report (no matrices) raised KeyError; on non-finite weights, an eigh error;
+    the scatter used a fixed floor of 1e-6 instead of the fit's (5 points fitted, 10 drawn)."""
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    x = torch.randn(64, 12)
+
+    def run(**kw: object) -> canonreg.CRHMonitor:
+        monitor = canonreg.CRHMonitor(model, **kw)  # type: ignore[arg-type]
+        with monitor:
+            model(x).square().mean().backward()
+        return monitor
+
+    run(sketch=4).compute(exponents=False, ranks=False).plot(tmp_path / "sketch.png")
+    report = run().compute(floor=0.3)
+    ax = canonreg.plotting.plot_pair(report, "2", "f-RWA")
+    assert len(ax.collections[0].get_offsets()) == report.exponents["2"]["f-RWA"].n_points
+    monitor = run()
+    with torch.no_grad():  # the weights went non-finite after the window was recorded: Z is not finite
+        model[2].weight[0, 0] = float("nan")
+    monitor.compute(exponents=False).plot(tmp_path / "nan.png")
+    assert (tmp_path / "sketch.png").exists() and (tmp_path / "nan.png").exists()
