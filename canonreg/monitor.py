@@ -68,9 +68,9 @@ from .errors import (
     check_choice,
     check_nonnegative,
     check_nonnegative_int,
-    check_seed,
     check_positive,
     check_positive_int,
+    check_seed,
     renamed_arguments,
 )
 from .grad_accumulation import AccumulationCheck, weight_leaf
