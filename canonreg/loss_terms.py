@@ -121,7 +121,8 @@ def check_captures(captures: Mapping[str, list[LayerCapture]], layer_names: Sequ
         if not caps:
             raise CanonRegError(
                 f"Layer {_display(name)!r} has no hook data from the last forward pass: it did not run in a "
-                "grad-enabled call of the model (is it used in forward? was the pass under torch.no_grad()?). "
+                "grad-enabled call of the model (is it used in forward? was the pass under torch.no_grad()? inside "
+                "torch.utils.checkpoint(use_reentrant=True), whose forward runs without grad: use use_reentrant=False). "
                 "Select the layers that run with `layers=`"
             )
         for cap in caps:
