@@ -201,7 +201,7 @@ class CRHReport:
         * ``"error"``: raise :class:`~canonreg.CanonRegError` naming the entries.
 
         Raises:
-            ValueError: an unknown layer, relation or ``on_nan``.
+            ValueError: an unknown layer, relation or ``on_nan``; no layer or no relation.
         """
         check_choice("on_nan", on_nan, ("warn", "omit", "propagate", "error"))
         chosen = self.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
@@ -213,6 +213,10 @@ class CRHReport:
         for r in relations:
             if r not in F.RELATIONS:
                 raise ValueError(f"Expected `relations` to contain names from {list(F.RELATIONS)}, but got {r!r}")
+        if not chosen or not relations:
+            raise ValueError(
+                f"Expected at least one layer and one relation, but got layers={list(chosen)!r} and relations={list(relations)!r}"
+            )
         entries = [(n, r, self.alignment[n][r]) for n in chosen for r in relations]
         vals = [a for _, _, a in entries if not math.isnan(a)]
         bad = [(n, r) for n, r, a in entries if math.isnan(a)]

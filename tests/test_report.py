@@ -264,3 +264,15 @@ def test_plot_draws_what_the_report_holds_and_the_points_the_fit_used(tmp_path) 
         model[2].weight[0, 0] = float("nan")
     monitor.compute(exponents=False).plot(tmp_path / "nan.png")
     assert (tmp_path / "sketch.png").exists() and (tmp_path / "nan.png").exists()
+
+
+def test_mean_alignment_of_nothing_is_refused() -> None:
+    """``layers=[]`` or ``relations=[]`` returned NaN silently (a mean over no entry)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    report = canonreg.measure_crh(model, torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    with pytest.raises(ValueError, match="at least one layer and one relation"):
+        report.mean_alignment(layers=[])
+    with pytest.raises(ValueError, match="at least one layer and one relation"):
+        report.mean_alignment(relations=[])
+    assert math.isfinite(report.mean_alignment())
