@@ -635,6 +635,19 @@ class CRHMonitor:
                 totals = torch.stack([t for _, t in deferred])
                 ok = (totals < math.inf).all()
                 flags = (tuple(w for w, _ in deferred), totals, ok)
+                added = [*pending, "Gb", *(("Ga",) if ga is not None else ())]
+                if any(state.moments[k].w_xx is None for k in added):
+                    # This call opens a window, whose shift and scale the later calls use: they must come from
+                    # finite rows. One host read per window: a good call is added unflagged; a bad one adds
+                    # nothing (the next call opens the window) and is counted out and reported by _resolve.
+                    if bool(ok):
+                        ok = None
+                    else:
+                        state.commit(gb.shape[0])
+                        state.checks.append((call, *flags, gb.shape[0]))
+                        if len(state.checks) >= _FOLD_EVERY:
+                            self._resolve(name)
+                        return
             # Everything is finite (or masked): commit the forward half and the backward half together.
             for k, v in pending.items():
                 state.moments[k].add(v, ok)

@@ -866,3 +866,27 @@ def test_seeds_beyond_what_a_generator_takes_are_refused_by_name() -> None:
         model(torch.randn(8, 3)).square().mean().backward()
     with pytest.raises(ValueError, match=r"`bootstrap_seed` \(formerly `seed`\) to be an int in \[0, 2\*\*64\)"):
         monitor.compute(exponents=True, n_bootstrap=5, bootstrap_seed=2**64)
+
+
+@pytest.mark.parametrize("preprocess", ["raw", "centered", "normalized"])
+@pytest.mark.parametrize("bad_call", [0, 16])
+def test_deferred_checks_when_a_window_opens_with_a_bad_call(preprocess: str, bad_call: int, route: str) -> None:
+    """``defer_checks=True``, ``nonfinite="skip"``: a non-finite call that opens a window (the first, or the 17th)
+    gave the window a neutral shift and scale, and the later float32 rows of 1000 + 0.01·N(0, 1) then lost their
+    spread (H_a off by 3e3 relative). Now equal to immediate checks: the bad call adds nothing, the next one opens."""
+    xs = [1000 + 0.01 * torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(24)]
+    xs[bad_call] = xs[bad_call].clone()
+    xs[bad_call][0, 0] = float("nan")
+    reports = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3))
+        monitor = CRHMonitor(model, preprocess=preprocess, defer_checks=defer, nonfinite="skip")
+        with monitor:
+            for x in xs:
+                model(x).square().mean().backward()
+        reports.append(monitor.compute(exponents=False))
+    assert reports[0].skipped["0"] == reports[1].skipped["0"] == 1
+    assert reports[0].samples == reports[1].samples
+    for k, v in reports[0].matrices("0").items():
+        assert_close(reports[1].matrices("0")[k], v, rtol=1e-9, atol=1e-12 * float(v.abs().max()))
