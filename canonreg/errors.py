@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
@@ -66,10 +67,10 @@ def check_positive(name: str, value: Any) -> float:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """Return ``value`` if it is an int >= 1 (a numpy integer too; not a bool), else raise naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
-    return value
+    return int(value)
 
 
 def check_fraction(name: str, value: Any, *, open_low: bool = True) -> float:
@@ -89,10 +90,10 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_nonnegative_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 0 (not a bool), else raise naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """Return ``value`` if it is an int >= 0 (a numpy integer too; not a bool), else raise naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
         raise ValueError(f"Expected `{name}` to be a non-negative int, but got {value!r}")
-    return value
+    return int(value)
 
 
 def check_seed(name: str, value: Any, also: str = "") -> int:

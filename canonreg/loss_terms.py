@@ -215,7 +215,11 @@ def task_gradients(task_loss: Tensor | None, outputs: list[tuple[str, Tensor]], 
     res: dict[str, list[Tensor]] = {}
     for (n, _), g in zip(outputs, gs):
         if g is None:
-            raise CanonRegError(f"`task_loss` does not depend on the output of layer {_display(n)!r}; its G is undefined")
+            raise CanonRegError(
+                f"`task_loss` does not depend on the output of layer {_display(n)!r} in the last forward pass; its G is "
+                "undefined. The loss holds the last grad-enabled pass of the model: pass the task loss of that pass "
+                "(another forward pass after the one `task_loss` came from replaces it)"
+            )
         res.setdefault(n, []).append(g)
     return res
 

@@ -651,9 +651,10 @@ class AlignmentLoss(nn.Module):
         ref = next(iter(self._modules_by_name.values()))
         w0 = read_weight(self._taps[self.layer_names[0]], ref)
         out_dtype = w0.dtype if w0.dtype in (torch.float32, torch.float64) else torch.float32
-        self.calls += 1
-        scale = self._weight * (min(1.0, self.calls / self.warmup) if self.warmup else 1.0)
+        calls = self.calls + 1  # counted when the call returns (a call that raises does not move the ramp)
+        scale = self._weight * (min(1.0, calls / self.warmup) if self.warmup else 1.0)
         if scale == 0.0:
+            self.calls = calls
             return torch.zeros((), dtype=out_dtype, device=w0.device)
         if not self.attached:
             raise CanonRegError("AlignmentLoss is detached: call .attach() (or use `with align:`) before the forward pass")
@@ -672,10 +673,13 @@ class AlignmentLoss(nn.Module):
             terms = self._collect_terms(grads)
         self.last_alignment = {}
         if not terms.where and not terms.flat_where:
+            self.calls = calls
             return torch.zeros((), dtype=out_dtype, device=w0.device)
         self._check_can_act(terms)
         vals, weights, where, self.last_alignment = term_values(terms, self.metric, self.estimator)
-        return (scale * self._aggregate(vals, weights, where)).to(out_dtype)
+        value = (scale * self._aggregate(vals, weights, where)).to(out_dtype)
+        self.calls = calls
+        return value
 
     # ------------------------------------------------------------------ terms
     def _collect_terms(self, grads: Mapping[str, list[Tensor]]) -> Terms:

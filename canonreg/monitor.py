@@ -351,6 +351,7 @@ class CRHMonitor:
         self._state = {n: _LayerState(self.preprocess != "raw", self._probes.get(n)) for n in self.layers}
         self._capture.stats.update((n, CallStats()) for n in self._capture.stats)
         self._gen.manual_seed(self._seed)
+        self._layout_checked: set[str] = set()  # layers whose tap's W was checked against their rows
         self._calls = 0
         self._capture.paused = False
 
@@ -457,6 +458,9 @@ class CRHMonitor:
         deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
         with torch.no_grad(), _no_autocast(output):
             xa = tap.input_rows(module, inputs).detach()
+            if name not in self._layout_checked:
+                _check_layout(name, tap, module, xa, output)
+                self._layout_checked.add(name)
             # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
             idx = kept_rows(
                 _display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen, lead=leading_shape(tap, module, inputs)
@@ -719,6 +723,14 @@ class CRHMonitor:
         """
         balance = self._balance_args(lr, weight_decay, batch_size)
         options = _report_options(exponents, ranks, n_bootstrap, floor, bootstrap_seed, gram_dtype)
+        if self.every > 1 and self._calls == 0 and any(s.steps > 0 for s in self._state.values()):
+            warnings.warn(
+                f"CRHMonitor(every={self.every}) counts grad-enabled calls of the model it was given, and that model was "
+                "never called (the loop called its submodules): every layer call was collected. Attach the monitor to "
+                "the module the loop calls, or call the model itself",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of compute() (through errors.renamed_arguments)
+            )
         t_start = time.perf_counter()
         names = list(self.layers)
         sums = self._reduced_sums(names)
@@ -1028,6 +1040,20 @@ def _ga_rows(tap: LayerTap, module: nn.Module, gb: Tensor, idx: Tensor | None, g
         return gb @ at_least_float32(read_weight(tap, module).detach()).to(gb.dtype)
     ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
     return at_least_float32(ga if idx is None else ga[idx])
+
+
+def _check_layout(name: str, tap: LayerTap, module: nn.Module, xa: Tensor, output: Tensor) -> None:
+    """A tap's ``W`` must be ``(d_b, d_a)`` for its rows (``h_b = W h_a + b``): checked at a layer's first call, so a
+    user tap that returns ``Wᵀ`` is refused naming the layer (not a shape error inside a hook, or ``Wᵀ`` measured
+    silently on a square layer, where only the widths of ``h_b = W h_a`` themselves can tell)."""
+    w = read_weight(tap, module)
+    d_b = tap.output_rows(module, output).shape[-1]
+    if tuple(w.shape) != (d_b, xa.shape[-1]):
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight has shape {tuple(w.shape)}, but its rows "
+            f"are h_a of width {xa.shape[-1]} and h_b of width {d_b}: the tap must return W as (d_b, d_a) = "
+            f"({d_b}, {xa.shape[-1]}) with h_b = W h_a + b (a transposed storage needs .T)"
+        )
 
 
 def _plain_linear(tap: LayerTap, module: nn.Module) -> bool:

@@ -324,6 +324,8 @@ def register_tap(module_type: type[nn.Module], tap: LayerTap) -> None:
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"Expected `module_type` to be an nn.Module subclass, but got {module_type!r}")
+    if isinstance(tap, type):
+        raise TypeError(f"Expected `tap` to be a LayerTap instance, e.g. {tap.__name__}(), but got the class {tap.__name__}")
     for meth in ("check", "input_rows", "output_rows", "weight", "bias"):
         if not callable(getattr(tap, meth, None)):
             raise TypeError(f"Expected `tap` to implement LayerTap (missing `{meth}`), but got {type(tap).__name__}")

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_case, ref_moment, reference_rows, run_monitor, two_simulated_ranks
@@ -890,3 +891,54 @@ def test_deferred_checks_when_a_window_opens_with_a_bad_call(preprocess: str, ba
     assert reports[0].samples == reports[1].samples
     for k, v in reports[0].matrices("0").items():
         assert_close(reports[1].matrices("0")[k], v, rtol=1e-9, atol=1e-12 * float(v.abs().max()))
+
+
+class _Dense(nn.Module):
+    """``y = x @ w`` with ``w`` stored ``(d_a, d_b)``."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(a, b) / a**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w
+
+
+class _DenseTap(canonreg.taps.LinearTap):
+    def __init__(self, transposed: bool) -> None:
+        self.transposed = transposed
+
+    def weight(self, module: nn.Module) -> Tensor:
+        return module.w.T if self.transposed else module.w  # type: ignore[return-value,union-attr]
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        return None
+
+
+def test_a_tap_whose_weight_is_not_d_b_by_d_a_is_refused_naming_the_layer() -> None:
+    """A user tap returning ``Wᵀ`` gave a bare shape error inside a backward hook (or at compute()); now the first
+    call names the layer and the expected shape. The right tap measures."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Dense(5, 7), nn.Tanh(), _Dense(7, 2))
+    with pytest.raises(CanonRegError, match=r"Layer '0' \(_Dense\): its tap's weight has shape \(5, 7\).*\(7, 5\)"):
+        with CRHMonitor(model, taps={_Dense: _DenseTap(transposed=False)}):
+            model(torch.randn(8, 5)).sum().backward()
+    with CRHMonitor(model, taps={_Dense: _DenseTap(transposed=True)}) as monitor:
+        model(torch.randn(8, 5)).sum().backward()
+    assert monitor.compute(exponents=False).layers == ["0", "2"]
+    with pytest.raises(TypeError, match="`tap` to be a LayerTap instance"):
+        canonreg.taps.register_tap(_Dense, _DenseTap)  # type: ignore[arg-type]
+
+
+def test_every_k_warns_when_the_model_it_counts_is_never_called() -> None:
+    """``every=5`` counts calls of the model it was given; a loop that calls its submodules collected every call."""
+    torch.manual_seed(0)
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    monitor = CRHMonitor(outer, every=5)
+    with monitor:
+        for _ in range(10):
+            outer.net(torch.randn(8, 4)).square().mean().backward()
+    with pytest.warns(RuntimeWarning, match=r"every=5.*never called"):
+        monitor.compute(exponents=False)
+    assert CRHMonitor(nn.Linear(3, 3), every=np.int64(2)).every == 2  # numpy integers are integers

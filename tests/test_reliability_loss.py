@@ -339,3 +339,20 @@ def test_a_state_from_another_model_or_damaged_is_refused_and_changes_nothing() 
     for n, d in before.items():
         for k, v in d.items():
             assert torch.equal(big._ema[n][k], v)
+
+
+def test_a_call_that_raises_does_not_move_the_warmup_ramp() -> None:
+    """``warmup=4``: a call refused before any forward pass counted as call 1, so the first call that returned a
+    value was weighted 2/4 instead of 1/4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    align = AlignmentLoss(model, relations=("f-RWA",), warmup=4)
+    with pytest.raises(CanonRegError, match="before any grad-enabled forward pass"):
+        align()
+    assert align.calls == 0
+    x = torch.randn(16, 4)
+    model(x)
+    first = float(align())
+    align.calls = 3  # the same pass with the ramp done: the unramped value
+    model(x)
+    assert first == pytest.approx(float(align()) / 4, rel=1e-6)
