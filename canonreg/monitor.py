@@ -155,9 +155,10 @@ class CRHMonitor:
         nonfinite: ``"error" | "warn" | "skip"`` for non-finite activations or gradients; ``"warn"``
             and ``"skip"`` drop the offending layer call (counted in ``report.skipped``).
         defer_checks: where the finiteness checks of ``nonfinite`` run. ``False``: in the hook, one
-            host sync per half of a layer call (the error surfaces at the very call). ``True``: no host sync in the
-            hooks: every contribution is masked on the device (``torch.where``, so a non-finite call
-            adds exactly nothing), and the flags are read once per ``16`` committed calls of a layer
+            host sync per half of a layer call (the error surfaces at the very call). ``True``: one host read
+            per ``16`` calls in the hooks (the flag of the call that opens a window, whose shift and scale the
+            window keeps); every other contribution is masked on the device (``torch.where``, so a non-finite
+            call adds exactly nothing), and the flags are read once per ``16`` committed calls of a layer
             and in ``compute()``; the policy then acts (raise / warn / count as skipped) naming the
             same layer and call, up to 16 calls later. Measured on an H200 with the previous release
             (MLP 4×1024, batch 4096, ``benchmarks/results/monitor_overhead_cuda_*.json``, 2 rounds):
