@@ -350,10 +350,11 @@ class AlignmentLoss(nn.Module):
             self.flatness > 0 and any(self._layer_w[n] > 0 for n in self.layer_names)
         ):
             raise ValueError("Expected `layer_weights` and `relation_weights` to leave at least one positive term, but all are 0")
-        needed = {m for r in rels for m in CF.RELATION_PAIRS[r]}
+        acting = [r for r in rels if self._rel_w[r] > 0]  # a relation of weight 0 needs none of its matrices
+        needed = {m for r in acting for m in CF.RELATION_PAIRS[r]}
         self._needs_g: tuple[str, ...] = tuple(m for m in G_MATRICES if m in needed)
         # output rows: for H_b, and for the free ⟨H_a, Z_a⟩ = ‖F Wᵀ‖² of exact f-RWA
-        self._needs_out_rows = "H_b" in needed or ("f-RWA" in rels and self.estimator == "exact")
+        self._needs_out_rows = "H_b" in needed or ("f-RWA" in acting and self.estimator == "exact")
 
     def _init_state(self) -> None:
         """Hooks, captures, G averages and counters of a freshly built loss."""

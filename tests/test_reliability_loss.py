@@ -356,3 +356,20 @@ def test_a_call_that_raises_does_not_move_the_warmup_ramp() -> None:
     align.calls = 3  # the same pass with the ramp done: the unramped value
     model(x)
     assert first == pytest.approx(float(align()) / 4, rel=1e-6)
+
+
+def test_g_relations_of_weight_zero_need_no_task_loss_and_no_double_backward() -> None:
+    """``relations="all"`` with the four G relations weighted 0: no G term can act, so ``align()`` needs no
+    ``task_loss`` (it demanded one and ran the double backward) and equals the H–Z relations alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(16, 4)
+    zero_g = {r: 0.0 for r in cf.RELATIONS if "G_a" in cf.RELATION_PAIRS[r] or "G_b" in cf.RELATION_PAIRS[r]}
+    align = AlignmentLoss(model, relations="all", relation_weights=zero_g)
+    assert not align.uses_g
+    model(x)
+    value = align()
+    align.detach()
+    hz = AlignmentLoss(model, relations=("f-RWA", "b-RWA"))
+    model(x)
+    assert float(value) == pytest.approx(float(hz()), rel=1e-12)
