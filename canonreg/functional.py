@@ -223,11 +223,18 @@ def alignment(a: Tensor, b: Tensor, metric: Metric = "pearson") -> Tensor:
 _FLAT_ULPS = 16.0
 
 
+def _is_flat(centred: Tensor, raw: Tensor) -> Tensor:
+    """0-d bool: the spread of ``centred`` (``raw`` minus its mean) is at the rounding level of ``raw``: no spread.
+
+    ``max|centred| ≤ 16 ε max|raw|``. The one rule for "constant" of :func:`alignment`, :func:`second_moment`,
+    the loss's row moments and the report's NaN reasons.
+    """
+    return centred.detach().abs().amax() <= _FLAT_ULPS * torch.finfo(centred.dtype).eps * raw.detach().abs().amax()
+
+
 def _flat_to_zero(centred: Tensor, raw: Tensor) -> Tensor:
     """``centred`` (entries minus their mean), or zeros where its spread is at the rounding level of ``raw``."""
-    spread = centred.detach().abs().amax()
-    flat = spread <= _FLAT_ULPS * torch.finfo(centred.dtype).eps * raw.detach().abs().amax()
-    return torch.where(flat, torch.zeros_like(centred), centred)
+    return torch.where(_is_flat(centred, raw), 0.0, centred)
 
 
 def pairwise_alignment(matrices: Sequence[Tensor], metric: Metric = "pearson") -> Tensor:
@@ -292,12 +299,10 @@ def _centred_gram(mats: Sequence[Tensor], metric: Metric) -> Tensor:
         lo, hi = torch.aminmax(f.detach())
         spread = torch.maximum(hi - c.detach(), c.detach() - lo)  # = max |f − c|: rounding is monotone
         ok = torch.isfinite(spread) & (spread > 0)
-        if metric == "pearson":  # a spread at the rounding level of the mean is none (scale 0: α NaN)
-            top = torch.maximum(hi.abs(), lo.abs())
-            flat = spread <= _FLAT_ULPS * torch.finfo(dtype).eps * top
-            scales.append(torch.where(flat, 0.0, torch.where(ok, torch.exp2(-torch.floor(torch.log2(torch.where(ok, spread, 1.0)))), 1.0)))
-            continue
-        scales.append(torch.where(ok, torch.exp2(-torch.floor(torch.log2(torch.where(ok, spread, 1.0)))), 1.0))
+        scale = torch.where(ok, torch.exp2(-torch.floor(torch.log2(torch.where(ok, spread, 1.0)))), 1.0)
+        if metric == "pearson":  # _is_flat's rule from the spread at hand: none at rounding level (scale 0: α NaN)
+            scale = torch.where(spread <= _FLAT_ULPS * torch.finfo(dtype).eps * torch.maximum(hi.abs(), lo.abs()), 0.0, scale)
+        scales.append(scale)
     n, k = flats[0].numel(), len(flats)
     if torch.is_grad_enabled() and any(f.requires_grad for f in flats):
         x = torch.stack([(f - c) * s for f, c, s in zip(flats, centres, scales)])

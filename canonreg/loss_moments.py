@@ -193,7 +193,7 @@ def row_moment(x: Tensor, preprocess: CF.Preprocess = "raw", *, image: Tensor | 
     if preprocess != "raw":
         # identical rows have no spread, but their mean need not round back to them: ulps would score an α
         centred = y - y.mean(0, keepdim=True)
-        flat = centred.detach().abs().amax() <= CF._FLAT_ULPS * torch.finfo(y.dtype).eps * y.detach().abs().amax()
+        flat = CF._is_flat(centred, y)
         y = torch.where(flat, 0.0, centred)
         img = None if img is None else torch.where(flat, 0.0, img - img.mean(0, keepdim=True))
     scale = 1.0 / math.sqrt(n)

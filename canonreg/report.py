@@ -117,7 +117,7 @@ def _nan_reason(a_name: str, a: Tensor, b_name: str, b: Tensor, metric: str, sam
     def degenerate(m: Tensor) -> bool:  # the rule F.alignment applies (a spread at the rounding level is none)
         if metric != "pearson":
             return bool(m.abs().max() == 0)
-        return bool((m - m.mean()).abs().max() <= F._FLAT_ULPS * torch.finfo(m.dtype).eps * m.abs().max())
+        return bool(F._is_flat(m - m.mean(), m))
 
     bad = [nm for nm, m in pairs if degenerate(m)]
     if bad:
