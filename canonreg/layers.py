@@ -35,6 +35,7 @@ __all__ = [
     "layer_roles",
     "check_layer_weight",
     "read_weight",
+    "world_size",
     "HookSet",
     "OwnedHook",
     "inert_hook",
@@ -470,6 +471,13 @@ def release_model(kind: str, model: nn.Module, owner: Any) -> None:
         del table[model]
 
 
+def world_size() -> int:
+    """The number of ``torch.distributed`` processes (1 without an initialised process group)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sum ``tensors`` across ranks with one all-reduce of a flat float64 buffer (copies; inputs untouched).
 
@@ -480,7 +488,7 @@ def all_reduce_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if not tensors:
         return []
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     out, i = [], 0
     for t in tensors:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import functional as CF
 from .errors import CanonRegError, check_bool, check_choice, check_nonnegative_int, check_positive_int, renamed_arguments
-from .layers import _CLAIMS, LayerSpec
+from .layers import _CLAIMS, LayerSpec, world_size
 from .monitor import CRHMonitor
 from .report import CRHReport
 from .taps import masked
@@ -116,7 +116,7 @@ def measure_crh(
     if on_missing is not None:
         check_choice("on_missing", on_missing, ("error", "warn", "skip"))
     check_bool("sync_dist", sync_dist)
-    collective = sync_dist and _distributed()
+    collective = sync_dist and world_size() > 1
     batches = _batches(x, y, batch_size, allow_empty=collective)
     _check_no_interfering_owner(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -219,13 +219,6 @@ def min_alignment(report: CRHReport, layers: Sequence[str] | None = None, relati
 
 
 # ---------------------------------------------------------------------- helpers
-def _distributed() -> bool:
-    """Whether ``torch.distributed`` is initialised with more than one process."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _batches(x: object, y: object, batch_size: int, *, allow_empty: bool = False) -> Iterable[tuple[Tensor, Tensor]]:
     if isinstance(x, Tensor):
         if not isinstance(y, Tensor):

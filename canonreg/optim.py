@@ -56,7 +56,7 @@ from . import errors
 from .capture import Backward, Capture, LayerCall, Policy, handle_nonfinite
 from .errors import CanonRegError, renamed_arguments
 from .functional import BalanceTerms
-from .layers import LayerSpec, _display
+from .layers import LayerSpec, _display, world_size
 from .moments import _absmax
 from .noise_control import (
     LayerBalanceState,
@@ -469,9 +469,8 @@ _DDP_REFUSAL = (
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """More than one ``torch.distributed`` process (a module function: tests patch it)."""
+    return world_size() > 1
 
 
 class NoiseCalibrated(Optimizer):
