@@ -77,6 +77,7 @@ from .layers import (
     OwnedHook,
     _display,
     at_least_float32,
+    check_tap_layout,
     claim_model,
     eager_under_compile,
     release_model,
@@ -574,6 +575,9 @@ class Capture:
         self._deliver(Target(t.name, t.layer, t.module, tap, t.sub), st, on_call, inputs, output)
 
     def _deliver(self, t: Target, st: CallStats, on_call: Callable[[LayerCall], Backward | None], inputs: tuple[object, ...], output: Tensor) -> None:
+        if st.delivered == 0:  # the first call: the tap's W against the rows it reads (every owner)
+            with torch.no_grad():
+                check_tap_layout(t.name, t.tap, t.module, inputs, output)
         keep = None
         if self.mask and active_mask() is not None:
             n_rows = t.tap.output_rows(t.module, output).shape[0]

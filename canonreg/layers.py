@@ -34,6 +34,7 @@ __all__ = [
     "select_layers",
     "layer_roles",
     "check_layer_weight",
+    "check_tap_layout",
     "read_weight",
     "world_size",
     "HookSet",
@@ -251,6 +252,22 @@ def check_layer_weight(name: str, module: nn.Module, tap: LayerTap, *, need_data
         raise CanonRegError(
             f"Layer {_display(name)!r} ({kind}) has its weight on the meta device (shapes only, no values): "
             "materialise the model first (e.g. model.to_empty(device='cpu') and initialise it), then attach"
+        )
+
+
+def check_tap_layout(name: str, tap: LayerTap, module: nn.Module, inputs: tuple[object, ...], output: torch.Tensor) -> None:
+    """A tap's ``W`` must be ``(d_b, d_a)`` for its rows (``h_b = W h_a + b``), checked against a call's rows (the
+    capture engine does it at each layer's first delivered call): a user tap returning ``Wᵀ`` of a non-square layer is
+    refused naming the layer, instead of a shape error inside a hook. (A square layer's ``Wᵀ`` has the right shape:
+    no check on shapes can tell it apart.)"""
+    w = read_weight(tap, module)
+    d_a = tap.input_rows(module, inputs).shape[-1]
+    d_b = tap.output_rows(module, output).shape[-1]
+    if tuple(w.shape) != (d_b, d_a):
+        raise CanonRegError(
+            f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight has shape {tuple(w.shape)}, but its rows "
+            f"are h_a of width {d_a} and h_b of width {d_b}: the tap must return W as (d_b, d_a) = ({d_b}, {d_a}) with "
+            "h_b = W h_a + b (a transposed storage needs .T)"
         )
 
 

@@ -353,7 +353,6 @@ class CRHMonitor:
         self._state = {n: _LayerState(self.preprocess != "raw", self._probes.get(n)) for n in self.layers}
         self._capture.stats.update((n, CallStats()) for n in self._capture.stats)
         self._gen.manual_seed(self._seed)
-        self._layout_checked: set[str] = set()  # layers whose tap's W was checked against their rows
         self._calls = 0
         self._capture.paused = False
 
@@ -460,9 +459,6 @@ class CRHMonitor:
         deferred: list[tuple[str, Tensor]] | None = [] if self._defer(output.device) else None
         with torch.no_grad(), _no_autocast(output):
             xa = tap.input_rows(module, inputs).detach()
-            if name not in self._layout_checked:
-                _check_layout(name, tap, module, xa, output)
-                self._layout_checked.add(name)
             # rows of the active sample mask (canonreg.taps.masked), then at most max_rows of them
             idx = kept_rows(
                 _display(name), xa.shape[0], xa.device, max_rows=self.max_rows, generator=self._gen, lead=leading_shape(tap, module, inputs)
@@ -1042,20 +1038,6 @@ def _ga_rows(tap: LayerTap, module: nn.Module, gb: Tensor, idx: Tensor | None, g
         return gb @ at_least_float32(read_weight(tap, module).detach()).to(gb.dtype)
     ga = grad_input.detach().reshape(-1, grad_input.shape[-1])
     return at_least_float32(ga if idx is None else ga[idx])
-
-
-def _check_layout(name: str, tap: LayerTap, module: nn.Module, xa: Tensor, output: Tensor) -> None:
-    """A tap's ``W`` must be ``(d_b, d_a)`` for its rows (``h_b = W h_a + b``): checked at a layer's first call, so a
-    user tap that returns ``Wᵀ`` is refused naming the layer (not a shape error inside a hook, or ``Wᵀ`` measured
-    silently on a square layer, where only the widths of ``h_b = W h_a`` themselves can tell)."""
-    w = read_weight(tap, module)
-    d_b = tap.output_rows(module, output).shape[-1]
-    if tuple(w.shape) != (d_b, xa.shape[-1]):
-        raise CanonRegError(
-            f"Layer {_display(name)!r} ({type(module).__name__}): its tap's weight has shape {tuple(w.shape)}, but its rows "
-            f"are h_a of width {xa.shape[-1]} and h_b of width {d_b}: the tap must return W as (d_b, d_a) = "
-            f"({d_b}, {xa.shape[-1]}) with h_b = W h_a + b (a transposed storage needs .T)"
-        )
 
 
 def _plain_linear(tap: LayerTap, module: nn.Module) -> bool:

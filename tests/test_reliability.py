@@ -928,6 +928,16 @@ def test_a_tap_whose_weight_is_not_d_b_by_d_a_is_refused_naming_the_layer() -> N
     assert monitor.compute(exponents=False).layers == ["0", "2"]
     with pytest.raises(TypeError, match="`tap` to be a LayerTap instance"):
         canonreg.taps.register_tap(_Dense, _DenseTap)  # type: ignore[arg-type]
+    # the capture engine checks it, so the loss and the wrapper refuse it the same way
+    wrong = {_Dense: _DenseTap(transposed=False)}
+    align = canonreg.AlignmentLoss(model, relations=("f-RWA",), taps=wrong)
+    with pytest.raises(CanonRegError, match=r"Layer '0' \(_Dense\): its tap's weight has shape \(5, 7\)"):
+        model(torch.randn(8, 5))
+    align.detach()
+    opt = canonreg.NoiseCalibrated(torch.optim.SGD(model.parameters(), lr=0.1), model, noise=0.5, taps=wrong)
+    with pytest.raises(CanonRegError, match=r"Layer '0' \(_Dense\): its tap's weight has shape \(5, 7\)"):
+        model(torch.randn(8, 5))
+    opt.detach()
 
 
 def test_every_k_warns_when_the_model_it_counts_is_never_called() -> None:
