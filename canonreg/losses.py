@@ -514,14 +514,13 @@ class AlignmentLoss(nn.Module):
         self._pending_g = {}
         self.weight = weight
         self.calls = calls
-        self._load_probe_rng(state.get("probe_rng"))
+        self._load_probe_rng(rng)
 
-    def _load_probe_rng(self, rng: Any) -> None:
-        """Restore the probe generator from a state's ``"probe_rng"`` (None: keep it as it is)."""
+    def _load_probe_rng(self, rng: Tensor | None) -> None:
+        """Restore the probe generator from a state's ``"probe_rng"`` (checked by :meth:`set_extra_state`; None: keep
+        it as it is)."""
         if rng is None:
             return
-        if not isinstance(rng, Tensor) or rng.dtype != torch.uint8:
-            raise ValueError(f"Expected the state's 'probe_rng' to be a torch.uint8 generator state, but got {rng!r}")
         if self._probe_gen is None:
             warnings.warn(
                 "AlignmentLoss.load_state_dict: the state holds a probe generator (saved with `seed`), but this loss "
