@@ -183,6 +183,11 @@ def adam_denominator(group: Mapping[str, Any], state: Mapping[str, Any], rows: T
     return (v / bc2).sqrt_().add_(float(group["eps"]))
 
 
+def _step_sign(group: Mapping[str, Any]) -> float:
+    """The sign of the base step along the gradient: −1 (descent), +1 for a ``maximize=True`` group (ascent)."""
+    return 1.0 if group.get("maximize", False) else -1.0
+
+
 def _is_adam_group(group: Mapping[str, Any]) -> bool:
     return "betas" in group and "eps" in group
 
@@ -260,9 +265,9 @@ class _Layer:
     # never build a d_b × d_a temporary (the injection is one addmm into .grad).
     factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     samples: int = 0
-    passes: int = 0  # forward/backward passes through the layer since the last step (> 1: gradient accumulation)
-    seen: set[int] = field(default_factory=set)  # the passes counted (a layer called twice, or two backward
-    # passes through one graph, are one pass of one batch)
+    # the passes (draws) through the layer since the last step: a layer called twice, or two backward passes
+    # through one graph, are one pass of one batch; more than one is gradient accumulation
+    seen: set[int] = field(default_factory=set)
     # Keep N_W factored while that is cheaper (False: always materialise). Private: tests that compare
     # the two paths set it on each layer of a wrapper (``opt._layers[name].factored = False``).
     factored: bool = True
@@ -272,7 +277,6 @@ class _Layer:
         self.noise_b = None
         self.factors = []
         self.samples = 0
-        self.passes = 0
         self.seen = set()
 
     @property
@@ -869,7 +873,6 @@ class NoiseCalibrated(Optimizer):
         if pass_id not in layer.seen:
             layer.seen.add(pass_id)
             layer.samples += batch
-            layer.passes += 1
 
     # ------------------------------------------------------------------ step
     def _decays(self, p: Tensor) -> bool:
@@ -1030,7 +1033,7 @@ class NoiseCalibrated(Optimizer):
             st = update_balance_state(
                 self._balance[layer.name], weight_sq_norm=w2, drift=drift, unit_noise=n1, unit_noise_raw=n_raw,
                 sigma=sigma, decay_rate=rate, batch_size=layer.samples, ema_decay=self._config.ema_decay, grad_sq=g2,
-                micro_batches=layer.passes,
+                micro_batches=len(layer.seen),
             )  # fmt: skip
             if group["nc_noise"] == "auto":
                 st = replace(st, log1p_sigma2=self._controller(group, st))
@@ -1084,7 +1087,7 @@ class NoiseCalibrated(Optimizer):
         else:
             eta = effective_lr(layer.group)
             flat = layer.flat(grad)
-            drift = torch.dot(w, flat) * (eta if layer.group.get("maximize", False) else -eta)  # maximize: ascent
+            drift = torch.dot(w, flat) * (_step_sign(layer.group) * eta)
             n1 = n_raw * (eta * eta)
             g2 = torch.dot(flat, flat).to(n_raw.dtype) * (eta * eta)
         return torch.stack([w2.to(n_raw.dtype), drift.to(n_raw.dtype), n1, n_raw, g2, ok])
@@ -1117,7 +1120,7 @@ class NoiseCalibrated(Optimizer):
             w_rows = _output_rows(layer.matrix(layer.weight.detach()), d_b, rows)
             g_rows = _output_rows(layer.matrix(grad), d_b, rows)
         pg = g_rows / d
-        drift = torch.dot(w_rows, pg) * ((lr if layer.group.get("maximize", False) else -lr) * scale)  # maximize: ascent
+        drift = torch.dot(w_rows, pg) * (_step_sign(layer.group) * lr * scale)
         g2 = torch.dot(pg, pg).to(dtype) * (lr * lr * scale)
         nr = noise_rows(rows)
         q = nr / d.to(nr.dtype)
