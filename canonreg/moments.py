@@ -478,9 +478,9 @@ class _Moment:
         """The totals from the first window (float64 ``s²Σuuᵀ = p_xx``, ``sΣu = p_x``)."""
         mean_w, v = _window_mean(p_x, n_w, shift)
         m2 = p_xx.addr_(v, self._right(v), alpha=-1.0)
-        if not self.centered:  # Σxxᵀ = M2_w + n_w mean_w mean_wᵀ
+        if not self.centered:  # Σxxᵀ = M2_w + n_w mean_w mean_wᵀ, Σx = n_w mean_w
             self.n, self.s_x = n_w, mean_w * _at_least_one(n_w)
-            self.s_xx = m2.addr_(mean_w, self._right(mean_w * _at_least_one(n_w)))
+            self.s_xx = m2.addr_(mean_w, self._right(self.s_x))
             return
         self.n, self.origin, self.s_xx = n_w, mean_w, m2
         self.s_x = torch.zeros_like(self.origin)
