@@ -7,10 +7,11 @@ Every check raises with the argument's name, what was expected and what was rece
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 __all__ = [
@@ -102,6 +103,20 @@ def check_seed(name: str, value: Any, also: str = "") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
         raise ValueError(f"Expected `{name}`{also} to be an int in [0, 2**64), but got {value!r}")
     return value
+
+
+def check_keywords(name: str, kwargs: Mapping[str, Any] | None, fn: Callable[..., Any], *, taken: tuple[str, ...] = ()) -> None:
+    """Raise naming ``name`` when ``kwargs`` holds a keyword ``fn`` does not take (or one in ``taken``, which the caller sets itself):
+    e.g. a callback's option dicts, checked when it is made rather than at the first window of a run."""
+    if not kwargs:
+        return
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in kwargs if k not in params or k in taken or k == "self")
+    if unknown:
+        allowed = sorted(k for k in params if k not in taken and k != "self" and params[k].kind is not inspect.Parameter.VAR_POSITIONAL)
+        raise TypeError(f"Expected `{name}` to hold keyword arguments of {fn.__qualname__} from {allowed}, but got {unknown}")
 
 
 def renamed_arguments(**renames: str) -> Callable[[F], F]:

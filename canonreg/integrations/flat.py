@@ -28,11 +28,8 @@ Values are Python floats; an undefined α stays NaN (the report's ``nan_reasons`
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
 
 from ..report import CRHReport
 
@@ -126,16 +123,3 @@ def flat_metrics(report: CRHReport, prefix: str = "crh") -> dict[str, float]:
                 out[f"{prefix}/balance/{seg}/{term}"] = float(getattr(terms, term))
     return out
 
-
-def check_keywords(name: str, kwargs: Mapping[str, Any] | None, fn: Callable[..., Any], *, taken: tuple[str, ...] = ()) -> None:
-    """Raise naming ``name`` when ``kwargs`` holds a keyword ``fn`` does not take (or one the callback sets itself):
-    at construction, not at the first window of a training run."""
-    if not kwargs:
-        return
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(k for k in kwargs if k not in params or k in taken or k == "self")
-    if unknown:
-        allowed = sorted(k for k in params if k not in taken and k != "self" and params[k].kind is not inspect.Parameter.VAR_POSITIONAL)
-        raise TypeError(f"Expected `{name}` to hold keyword arguments of {fn.__qualname__} from {allowed}, but got {unknown}")

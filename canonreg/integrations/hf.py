@@ -30,12 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CanonRegError, check_positive_int
+from ..errors import CanonRegError, check_keywords, check_positive_int
 from ..layers import LayerSpec
 from ..monitor import CRHMonitor
 from ..report import CRHReport
 from ..taps import mask_from_inputs
-from .flat import _PREFIX_OK, check_keywords, flat_metrics
+from .flat import _PREFIX_OK, flat_metrics
 
 try:
     from transformers import TrainerCallback

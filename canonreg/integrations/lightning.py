@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import CanonRegError, check_positive_int
+from ..errors import CanonRegError, check_keywords, check_positive_int
 from ..layers import LayerSpec
 from ..losses import AlignmentLoss
 from ..measure import measure_crh
 from ..monitor import CRHMonitor
 from ..report import CRHReport
 from ..taps import mask_from_inputs
-from .flat import _PREFIX_OK, check_keywords, flat_metrics
+from .flat import _PREFIX_OK, flat_metrics
 
 try:
     import lightning.pytorch as pl
